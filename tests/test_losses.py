@@ -1,0 +1,354 @@
+"""Tests for rpo/losses.py: DPO and the RPO variants, their registry and validation.
+
+Run:
+    cd /work/main && PYTHONPATH=. /work/venv/bin/python -m pytest tests/test_losses.py -q -p no:cacheprovider
+
+Expected values come from hand arithmetic (math.log / math.exp) or from plain
+per-element reference formulas written here, never from the functions under test.
+"""
+
+import math
+
+import pytest
+import torch
+
+from rpo import losses
+from rpo.losses import (
+    LOSSES,
+    TENSOR_ARGS,
+    check_hyperparameters,
+    dpo,
+    get_loss,
+    loss_hyperparameters,
+    rewards,
+    rpo,
+    rpo_mean,
+    rpo_seqmean,
+)
+
+HYPERS = {
+    "dpo": {"beta": 0.1},
+    "rpo": {"beta": 0.1, "eta": 0.5},
+    "rpo_mean": {"beta": 0.5, "alpha": 0.2},
+    "rpo_seqmean": {"beta": 0.5, "alpha": 0.2},
+}
+
+
+def batch(pc, pr, rc, rr, lc, lr, dtype=torch.float64):
+    """The six keyword arguments from Python lists."""
+    t = lambda xs: torch.tensor(xs, dtype=dtype)
+    return dict(
+        policy_chosen_logps=t(pc),
+        policy_rejected_logps=t(pr),
+        reference_chosen_logps=t(rc),
+        reference_rejected_logps=t(rr),
+        chosen_lengths=torch.tensor(lc),
+        rejected_lengths=torch.tensor(lr),
+    )
+
+
+def random_batch(n=6, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    logp = lambda: (-40.0 + 35.0 * torch.rand(n, generator=g, dtype=torch.float64)).to(dtype)
+    return dict(
+        policy_chosen_logps=logp(),
+        policy_rejected_logps=logp(),
+        reference_chosen_logps=logp(),
+        reference_rejected_logps=logp(),
+        chosen_lengths=torch.randint(3, 300, (n,), generator=g),
+        rejected_lengths=torch.randint(3, 300, (n,), generator=g),
+    )
+
+
+def softplus_neg(z):
+    """-log sigmoid(z) = log(1 + exp(-z)), evaluated without overflow."""
+    return math.log1p(math.exp(-z)) if z >= 0 else -z + math.log1p(math.exp(z))
+
+
+# --------------------------------------------------------------------------
+# values
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("beta", [0.01, 0.1, 0.5, 1.0, 7.0])
+def test_dpo_is_ln2_when_policy_equals_reference(beta):
+    b = random_batch()
+    b["reference_chosen_logps"] = b["policy_chosen_logps"].clone()
+    b["reference_rejected_logps"] = b["policy_rejected_logps"].clone()
+    out = dpo(**b, beta=beta)
+    assert out.shape == (6,)
+    torch.testing.assert_close(out, torch.full((6,), math.log(2.0), dtype=torch.float64),
+                               rtol=0, atol=1e-15)
+
+
+def test_dpo_and_rpo_at_hand_computed_points():
+    # example 0: margin = (-10 - -11) - (-12 - -11) = 1 - (-1) = 2;  beta=0.5 -> z = 1
+    #            dpo = -log sigmoid(1) = log(1 + e^-1) = 0.3132616875...
+    #            rpo = dpo + eta*beta*10 = dpo + 0.2*0.5*10 = dpo + 1.0
+    # example 1: margin = (-20 - -18) - (-15 - -16) = -2 - 1 = -3;  z = -1.5
+    #            dpo = log(1 + e^1.5) = 1.7014132779...
+    #            rpo = dpo + 0.1*20 = dpo + 2.0
+    # example 2: margin = (-3 - -3) - (-4 - -4) = 0;  z = 0;  dpo = log 2;  rpo = log 2 + 0.3
+    b = batch(pc=[-10.0, -20.0, -3.0], pr=[-12.0, -15.0, -4.0],
+              rc=[-11.0, -18.0, -3.0], rr=[-11.0, -16.0, -4.0],
+              lc=[5, 9, 2], lr=[6, 7, 3])
+    exp_dpo = [math.log(1.0 + math.exp(-1.0)), math.log(1.0 + math.exp(1.5)), math.log(2.0)]
+    exp_rpo = [exp_dpo[0] + 1.0, exp_dpo[1] + 2.0, exp_dpo[2] + 0.3]
+    torch.testing.assert_close(dpo(**b, beta=0.5), torch.tensor(exp_dpo, dtype=torch.float64),
+                               rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(rpo(**b, beta=0.5, eta=0.2), torch.tensor(exp_rpo, dtype=torch.float64),
+                               rtol=1e-13, atol=1e-13)
+    assert abs(exp_dpo[0] - 0.3132616875182228) < 1e-15
+
+
+def test_zero_weight_gives_dpo_exactly():
+    b = random_batch(seed=3)
+    ref = dpo(**b, beta=0.3)
+    assert torch.equal(rpo(**b, beta=0.3, eta=0.0), ref)
+    assert torch.equal(rpo_mean(**b, beta=0.3, alpha=0.0), ref)
+    assert torch.equal(rpo_seqmean(**b, beta=0.3, alpha=0.0), ref)
+
+
+def test_rpo_mean_batch_mean_matches_trl_token_mean():
+    # chosen NLLs 10, 20, 6 over 5 + 9 + 2 = 16 chosen tokens: token-mean 36/16 = 2.25;
+    # batch mean = mean(dpo) + alpha * 2.25, per-example sft = alpha * nll_i * 3 / 16.
+    b = batch(pc=[-10.0, -20.0, -6.0], pr=[-12.0, -15.0, -4.0],
+              rc=[-11.0, -18.0, -3.0], rr=[-11.0, -16.0, -4.0],
+              lc=[5, 9, 2], lr=[6, 7, 3])
+    beta, alpha = 0.5, 0.2
+    d = [softplus_neg(beta * ((pc - rc) - (pr - rr))) for pc, pr, rc, rr in
+         zip([-10.0, -20.0, -6.0], [-12.0, -15.0, -4.0], [-11.0, -18.0, -3.0], [-11.0, -16.0, -4.0])]
+    out = rpo_mean(**b, beta=beta, alpha=alpha)
+    expected_mean = sum(d) / 3 + alpha * (10.0 + 20.0 + 6.0) / (5 + 9 + 2)
+    assert abs(out.mean().item() - expected_mean) < 1e-13
+    expected = [d[i] + alpha * nll * 3 / 16 for i, nll in enumerate([10.0, 20.0, 6.0])]
+    torch.testing.assert_close(out, torch.tensor(expected, dtype=torch.float64), rtol=1e-13, atol=1e-13)
+    # float lengths give the same result as int lengths
+    b["chosen_lengths"] = b["chosen_lengths"].double()
+    torch.testing.assert_close(rpo_mean(**b, beta=beta, alpha=alpha), out, rtol=0, atol=0)
+
+
+def test_rpo_mean_sft_term_depends_on_batch():
+    # The documented caveat: splitting the batch changes per-example values
+    # (different token totals), so only the micro-batch mean is meaningful.
+    b = random_batch(n=4, seed=5)
+    whole = rpo_mean(**b, beta=0.5, alpha=0.2)
+    half = rpo_mean(**{k: v[:2] for k, v in b.items()}, beta=0.5, alpha=0.2)
+    assert not torch.allclose(whole[:2], half)
+
+
+def test_rpo_seqmean_closed_form():
+    # example 0: dpo(z=1) + 0.2 * 10/5 = log(1+e^-1) + 0.4
+    # example 1: dpo(z=-1.5) + 0.2 * 20/8 = log(1+e^1.5) + 0.5
+    b = batch(pc=[-10.0, -20.0], pr=[-12.0, -15.0], rc=[-11.0, -18.0], rr=[-11.0, -16.0],
+              lc=[5, 8], lr=[6, 7])
+    expected = [math.log(1.0 + math.exp(-1.0)) + 0.4, math.log(1.0 + math.exp(1.5)) + 0.5]
+    torch.testing.assert_close(rpo_seqmean(**b, beta=0.5, alpha=0.2),
+                               torch.tensor(expected, dtype=torch.float64), rtol=1e-13, atol=1e-13)
+
+
+def test_large_margins_are_stable():
+    # beta * margin = -/+ 1000: log(sigmoid) computed naively gives inf / exactly 0.
+    b = batch(pc=[-1000.0, 0.0], pr=[0.0, -1000.0], rc=[0.0, 0.0], rr=[0.0, 0.0],
+              lc=[1, 1], lr=[1, 1], dtype=torch.float32)
+    out = dpo(**b, beta=1.0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, torch.tensor([1000.0, 0.0]), rtol=1e-6, atol=1e-30)
+
+
+# --------------------------------------------------------------------------
+# plain reference implementation across dtypes
+# --------------------------------------------------------------------------
+
+def reference_loss(name, b, hp):
+    """Per-element formulas in Python floats (float64)."""
+    pc, pr, rc, rr = (b[k].double().tolist() for k in TENSOR_ARGS[:4])
+    lc = b["chosen_lengths"].double().tolist()
+    n = len(pc)
+    beta = hp["beta"]
+    d = [softplus_neg(beta * ((pc[i] - rc[i]) - (pr[i] - rr[i]))) for i in range(n)]
+    if name == "dpo":
+        return d
+    if name == "rpo":
+        return [d[i] + hp["eta"] * beta * (-pc[i]) for i in range(n)]
+    if name == "rpo_mean":
+        # batch mean of these = mean(d) + alpha * sum(-pc) / sum(lc)
+        return [d[i] + hp["alpha"] * (-pc[i]) * n / sum(lc) for i in range(n)]
+    if name == "rpo_seqmean":
+        return [d[i] + hp["alpha"] * (-pc[i] / lc[i]) for i in range(n)]
+    raise AssertionError(name)
+
+
+# (rtol, atol) per dtype: float64/float32 are near their epsilon; bfloat16 has an
+# 8-bit mantissa, and margins of ~30-nat sums lose ~0.1 nat to rounding.
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (2e-2, 5e-2),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_matches_reference_across_dtypes(name, dtype):
+    b = random_batch(n=16, seed=11, dtype=dtype)
+    hp = HYPERS[name]
+    out = get_loss(name)(**b, **hp)
+    assert out.dtype == dtype and out.shape == (16,)
+    # the reference sees the same (rounded) inputs, so only the arithmetic is compared
+    expected = torch.tensor(reference_loss(name, b, hp), dtype=torch.float64)
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=atol)
+
+
+# --------------------------------------------------------------------------
+# gradients
+# --------------------------------------------------------------------------
+
+def test_rpo_gradient_on_leaf_logps():
+    beta, eta = 0.4, 0.7
+    b = random_batch(seed=7)
+    leaves = {k: b[k].clone().requires_grad_(True) for k in TENSOR_ARGS[:4]}
+    lens = {k: b[k] for k in TENSOR_ARGS[4:]}
+    g_rpo = torch.autograd.grad(rpo(**leaves, **lens, beta=beta, eta=eta).sum(), list(leaves.values()))
+    g_dpo = torch.autograd.grad(dpo(**leaves, **lens, beta=beta).sum(), list(leaves.values()))
+    # d/d pc: extra -eta*beta per example; the other three gradients are DPO's.
+    torch.testing.assert_close(g_rpo[0], g_dpo[0] - eta * beta, rtol=1e-12, atol=1e-12)
+    for gr, gd in zip(g_rpo[1:], g_dpo[1:]):
+        torch.testing.assert_close(gr, gd, rtol=0, atol=0)
+
+
+def summed_logps(model, feats, tokens, lengths):
+    """Sum over the first `lengths[i]` positions of log softmax(model(feats))[token]."""
+    logp = torch.log_softmax(model(feats), dim=-1)                     # [B, T, V]
+    tok = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)            # [B, T]
+    mask = torch.arange(tokens.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+    return (tok * mask).sum(-1)
+
+
+def test_rpo_parameter_gradient_is_dpo_plus_eta_beta_sft():
+    torch.manual_seed(0)
+    B, T, D, V = 4, 6, 5, 11
+    beta, eta = 0.5, 0.3
+    policy = torch.nn.Linear(D, V).double()
+    reference = torch.nn.Linear(D, V).double().requires_grad_(False)
+    feats_c, feats_r = torch.randn(B, T, D, dtype=torch.float64), torch.randn(B, T, D, dtype=torch.float64)
+    tok_c, tok_r = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
+    len_c, len_r = torch.tensor([6, 3, 4, 1]), torch.tensor([2, 6, 5, 3])
+
+    def grads(objective):
+        pc = summed_logps(policy, feats_c, tok_c, len_c)
+        pr = summed_logps(policy, feats_r, tok_r, len_r)
+        with torch.no_grad():
+            rc = summed_logps(reference, feats_c, tok_c, len_c)
+            rr = summed_logps(reference, feats_r, tok_r, len_r)
+        kw = dict(policy_chosen_logps=pc, policy_rejected_logps=pr, reference_chosen_logps=rc,
+                  reference_rejected_logps=rr, chosen_lengths=len_c, rejected_lengths=len_r)
+        return torch.autograd.grad(objective(kw, pc), list(policy.parameters()))
+
+    g_rpo = grads(lambda kw, pc: rpo(**kw, beta=beta, eta=eta).mean())
+    g_dpo = grads(lambda kw, pc: dpo(**kw, beta=beta).mean())
+    g_sft = grads(lambda kw, pc: (-pc).mean())       # summed NLL of the chosen response
+    assert any(g.abs().max() > 1e-3 for g in g_sft)  # the SFT term actually moves the model
+    for gr, gd, gs in zip(g_rpo, g_dpo, g_sft):
+        torch.testing.assert_close(gr, gd + eta * beta * gs, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_gradcheck_float64(name):
+    b = random_batch(n=3, seed=13)
+    lens = {k: b[k] for k in TENSOR_ARGS[4:]}
+    inputs = tuple(b[k].clone().requires_grad_(True) for k in TENSOR_ARGS[:4])
+    fn = get_loss(name)
+
+    def f(pc, pr, rc, rr):
+        return fn(policy_chosen_logps=pc, policy_rejected_logps=pr, reference_chosen_logps=rc,
+                  reference_rejected_logps=rr, **lens, **HYPERS[name])
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_rewards_value_and_detached():
+    p = torch.tensor([-3.0, -5.0], dtype=torch.float64, requires_grad=True)
+    r = torch.tensor([-4.0, -4.5], dtype=torch.float64)
+    out = rewards(p, r, 0.5)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, torch.tensor([0.5, -0.25], dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+# --------------------------------------------------------------------------
+# registry and validation
+# --------------------------------------------------------------------------
+
+def test_registry_names_and_hyperparameters():
+    assert list(LOSSES) == ["dpo", "rpo", "rpo_mean", "rpo_seqmean"]
+    assert get_loss("rpo") is rpo
+    assert loss_hyperparameters("dpo") == ("beta",)
+    assert loss_hyperparameters("rpo") == ("beta", "eta")
+    assert loss_hyperparameters("rpo_mean") == ("beta", "alpha")
+    assert loss_hyperparameters("rpo_seqmean") == ("beta", "alpha")
+
+
+def test_get_loss_unknown_name_lists_names():
+    with pytest.raises(ValueError) as e:
+        get_loss("xyz")
+    assert str(e.value) == "unknown loss 'xyz'; expected one of: dpo, rpo, rpo_mean, rpo_seqmean"
+
+
+def test_check_hyperparameters():
+    check_hyperparameters("rpo", {"beta": 0.1, "eta": 1.0}, "config methods.rpo")  # no error
+    with pytest.raises(ValueError) as e:
+        check_hyperparameters("rpo", {"beta": 0.1}, "config methods.rpo")
+    msg = str(e.value)
+    assert msg.startswith("config methods.rpo:") and "missing hyperparameter(s): eta" in msg
+    with pytest.raises(ValueError) as e:
+        check_hyperparameters("dpo", {"beta": 0.1, "alpha": 0.2, "eta": 1}, "config methods.dpo")
+    msg = str(e.value)
+    assert msg.startswith("config methods.dpo:") and "unexpected hyperparameter(s): alpha, eta" in msg
+    assert "missing" not in msg
+    with pytest.raises(ValueError, match=r"^config methods.x: unknown loss 'nope'"):
+        check_hyperparameters("nope", {}, "config methods.x")
+    with pytest.raises(ValueError, match=r"^config methods.rpo: beta must be > 0, got 0"):
+        check_hyperparameters("rpo", {"beta": 0, "eta": 1.0}, "config methods.rpo")
+
+
+@pytest.mark.parametrize("name,hp,match", [
+    ("dpo", {"beta": 0.0}, r"beta must be > 0, got 0.0"),
+    ("dpo", {"beta": -0.1}, r"beta must be > 0, got -0.1"),
+    ("dpo", {"beta": float("nan")}, r"beta must be finite"),
+    ("rpo", {"beta": 0.1, "eta": -1.0}, r"eta must be >= 0, got -1.0"),
+    ("rpo_mean", {"beta": 0.1, "alpha": -0.5}, r"alpha must be >= 0, got -0.5"),
+    ("rpo_seqmean", {"beta": 0.1, "alpha": "0.2"}, r"alpha must be a real number"),
+])
+def test_invalid_hyperparameters(name, hp, match):
+    with pytest.raises(ValueError, match=match):
+        get_loss(name)(**random_batch(n=2), **hp)
+
+
+def test_shape_errors():
+    b = random_batch(n=4)
+    b["reference_rejected_logps"] = b["reference_rejected_logps"][:3]
+    with pytest.raises(ValueError, match=r"reference_rejected_logps has shape \(3,\); expected \(4,\)"):
+        dpo(**b, beta=0.1)
+    b = random_batch(n=4)
+    b["chosen_lengths"] = b["chosen_lengths"].reshape(2, 2)
+    with pytest.raises(ValueError, match=r"chosen_lengths must be 1-D with shape \[B\], got shape \(2, 2\)"):
+        rpo(**b, beta=0.1, eta=1.0)
+
+
+def test_lengths_and_dtype_errors():
+    b = random_batch(n=3)
+    b["chosen_lengths"] = torch.tensor([4, 0, 2])
+    for fn in (rpo_mean, rpo_seqmean):
+        with pytest.raises(ValueError, match=r"chosen_lengths must be > 0 for every example"):
+            fn(**b, beta=0.1, alpha=0.2)
+    dpo(**b, beta=0.1)  # DPO does not use the lengths
+    b = random_batch(n=3)
+    b["reference_chosen_logps"] = b["reference_chosen_logps"].float()
+    with pytest.raises(ValueError, match=r"reference_chosen_logps has dtype torch.float32; expected torch.float64"):
+        dpo(**b, beta=0.1)
+
+
+def test_losses_are_keyword_only():
+    b = random_batch(n=2)
+    with pytest.raises(TypeError):
+        losses.dpo(*[b[k] for k in TENSOR_ARGS], 0.1)

@@ -1,0 +1,27 @@
+"""Command line: `python -m eval <command> --args '<json>' [--threads N]` (see rpo/__main__.py)."""
+from __future__ import annotations
+
+import sys
+
+from rpo.__main__ import main
+
+
+def _generate_table1(**kw):
+    from eval.table1 import generate_table1_answers
+    generate_table1_answers(**kw)
+
+
+def _judge_pair(**kw):
+    from eval.table1 import judge_pair
+    judge_pair(**kw)
+
+
+def _make_table1(**kw):
+    from eval.table1 import make_table1
+    make_table1(**kw)
+
+
+COMMANDS = {"generate-table1": _generate_table1, "judge-table1": _judge_pair, "make-table1": _make_table1}
+
+if __name__ == "__main__":
+    sys.exit(main(commands=COMMANDS, prog="eval"))

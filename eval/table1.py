@@ -1,0 +1,93 @@
+"""The paper's Table 1: pairwise win rates of the trained models on held-out prompts.
+
+    generate_table1_answers   one model's answers to the held-out prompts (HF backend)
+    judge_pair                both models' answers judged prompt by prompt (one JSONL per pair)
+    make_table1               win rates with seeded bootstrap CIs -> results/table1.csv, table1.md,
+                              and the chosen log-prob figure (paper Fig. 1 right)
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from eval import figures, table
+from eval.generate import generate_answers
+from eval.judges import get_judge
+from eval.pairwise import win_rate
+
+log = logging.getLogger(__name__)
+
+
+def _read_jsonl(path) -> list[dict]:
+    from rpo.data import read_records
+    return read_records(path)
+
+
+def generate_table1_answers(*, model_name: str, ref_dir: str, policy_dir: str | None, prompts_path: str,
+                            out: str, n_prompts: int | None, max_new_tokens: int, temperature: float,
+                            top_p: float, top_k: int, batch_size: int, seed: int) -> None:
+    from rpo.models import load_tokenizer
+    from rpo.train import load_policy
+    prompts = _read_jsonl(prompts_path)
+    if n_prompts is not None:
+        prompts = prompts[:n_prompts]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = load_tokenizer(ref_dir)
+    model = load_policy(ref_dir, policy_dir or ref_dir, device=device).eval()
+    generate_answers(model, tok, [{"id": p["id"], "messages": p["messages"]} for p in prompts], out,
+                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                     batch_size=batch_size, seed=seed, model_name=model_name,
+                     desc=f"answers {model_name}")
+
+
+def judge_pair(*, model_a: str, model_b: str, answers_a: str, answers_b: str, prompts_path: str,
+               judge: dict, out: str) -> None:
+    prompts = {p["id"]: p for p in _read_jsonl(prompts_path)}
+    a = {r["id"]: r for r in _read_jsonl(answers_a)}
+    b = {r["id"]: r for r in _read_jsonl(answers_b)}
+    if set(a) != set(b):
+        raise ValueError(f"{answers_a} and {answers_b} answer different prompts: "
+                         f"{len(set(a) - set(b))} only in the first, {len(set(b) - set(a))} only in the second")
+    missing = sorted(set(a) - set(prompts))
+    if missing:
+        raise ValueError(f"{answers_a}: prompt ids not in {prompts_path}: {missing[:5]}")
+    j = get_judge(judge)
+    rows = []
+    for pid in sorted(a):
+        o, details = j.compare(prompts[pid], a[pid]["responses"][0], b[pid]["responses"][0])
+        rows.append({"id": pid, "model_a": model_a, "model_b": model_b, "outcome": o,
+                     "judge": j.name, **details})
+    from rpo.data import write_jsonl
+    write_jsonl(rows, out)
+
+
+def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dict[str, str],
+                figure: str, labels: dict[str, str], pair_order: list[list[str]], bootstrap: dict) -> None:
+    rows = []
+    for path in judgments:
+        js = _read_jsonl(path)
+        if not js:
+            raise ValueError(f"{path}: no judgments")
+        wr = win_rate([r["outcome"] for r in js], n_boot=bootstrap["n"], seed=bootstrap["seed"],
+                      ci=bootstrap["ci"])
+        rows.append(table.make_row(model_a=js[0]["model_a"], model_b=js[0]["model_b"], metric=table.WIN_RATE,
+                                   value=wr["value"], ci_low=wr["ci_low"], ci_high=wr["ci_high"],
+                                   n=wr["n"], judge=js[0]["judge"]))
+    rows = table.complete_pairs(rows)
+    table.write_table(rows, out_csv)
+    md = table.render_markdown(rows, model_labels=labels, pair_order=[tuple(p) for p in pair_order])
+    md += (f"\nWin rates in %, ties count half; [low, high] = {int(bootstrap['ci'] * 100)}% seeded "
+           f"percentile bootstrap over prompts (n_boot={bootstrap['n']}, seed={bootstrap['seed']}).\n")
+    Path(out_md).write_text(md)
+    if metrics:
+        # Paper Fig. 1 (right). Each step's batch holds other examples, so the raw batch mean of
+        # log π(y_w|x) mostly tracks response length; the change from the reference on the same
+        # examples is the comparable curve. The raw one is drawn beside it.
+        figures.plot_metric(metrics, "logratio/chosen", figure, labels=labels, smooth=3,
+                            ylabel="log π(y_w|x) − log π_ref(y_w|x)  (summed, chosen)",
+                            title="Chosen log-probability vs the reference (paper Fig. 1 right)")
+        raw = Path(figure).with_name(Path(figure).stem + "_raw.png")
+        figures.plot_logps_chosen(metrics, raw, labels=labels, smooth=3)

@@ -1,0 +1,69 @@
+"""Command line: `python -m rpo <command> --args '<json object of keyword arguments>' [--threads N]`.
+
+Every Snakemake rule calls one of these; each is also a plain function (see COMMANDS) for tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _materialise_model(source: str, out: str, dtype: str = "float32") -> None:
+    from rpo.models import materialise_model
+    materialise_model(source, out, dtype=dtype)
+
+
+def _make_data(**kw) -> None:
+    from rpo.pipeline import make_data
+    make_data(**kw)
+
+
+def _train_sft(**kw) -> None:
+    from rpo.train import train_sft
+    train_sft(**kw)
+
+
+def _reference_logps(**kw) -> None:
+    from rpo.train import reference_logps
+    reference_logps(**kw)
+
+
+def _train_preference(**kw) -> None:
+    from rpo.train import train_preference
+    train_preference(**kw)
+
+
+COMMANDS = {
+    "materialise-model": _materialise_model,
+    "make-data": _make_data,
+    "train-sft": _train_sft,
+    "reference-logps": _reference_logps,
+    "train-preference": _train_preference,
+}
+
+
+def main(argv=None, commands=COMMANDS, prog="rpo") -> int:
+    ap = argparse.ArgumentParser(prog=f"python -m {prog}")
+    ap.add_argument("command", choices=sorted(commands))
+    ap.add_argument("--args", default="{}", help="JSON object of the command's keyword arguments")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ns = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        kwargs = json.loads(ns.args)
+    except json.JSONDecodeError as e:
+        ap.error(f"--args is not valid JSON: {e}")
+    if ns.threads:
+        import torch
+        torch.set_num_threads(ns.threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(ns.threads))
+    commands[ns.command](**kwargs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Checks of a resolved config that JSON schema cannot express (called by the Snakefile at start-up)."""
+from __future__ import annotations
+
+from rpo import losses
+from rpo.models import parse_source
+
+
+def check_config(config: dict, where: str = "config") -> None:
+    """Raise ValueError naming the key when the config is inconsistent."""
+    parse_source(config["base_model"]["source"])
+    data = config["data"]
+    if data["source"] != "synthetic:verifiable":
+        for split in ("train", "test"):
+            if split not in data.get("splits", {}):
+                raise ValueError(f"{where}: data.splits.{split} is required for source {data['source']!r} "
+                                 "(a hub split name, or a file path for source 'file')")
+    for name, method in config["methods"].items():
+        try:
+            losses.get_loss(method["loss"])
+        except ValueError as e:
+            raise ValueError(f"{where}: methods.{name}.loss: {e}") from None
+        losses.check_hyperparameters(method["loss"], {k: v for k, v in method.items() if k != "loss"},
+                                     where=f"{where}: methods.{name}")
+    models = {"ref", *config["methods"]}
+    for i, (a, b) in enumerate(config["table1"]["pairs"]):
+        for m in (a, b):
+            if m not in models:
+                raise ValueError(f"{where}: table1.pairs[{i}] names model {m!r}; expected one of {sorted(models)}")
+        if a == b:
+            raise ValueError(f"{where}: table1.pairs[{i}] compares {a!r} with itself")
+    for m in config["figures"]["logps_methods"]:
+        if m not in config["methods"]:
+            raise ValueError(f"{where}: figures.logps_methods names {m!r}; expected one of {sorted(config['methods'])}")
+    for key in ("sft", "training"):
+        t = config[key]["train"] if key == "sft" else config[key]
+        if t["max_prompt_length"] >= t["max_length"]:
+            raise ValueError(f"{where}: {key}: max_prompt_length must be < max_length")
+        if t["global_batch_size"] % t["micro_batch_size"]:
+            raise ValueError(f"{where}: {key}: global_batch_size must be a multiple of micro_batch_size")

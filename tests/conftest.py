@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny randomly initialised Llama model with a byte-level BPE tokenizer and a chat
+template, written to disk the way `rpo.models.materialise_model` writes a model (built in ~1 s)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "write a short answer in lowercase letters only",
+    "The quick brown fox jumps over the lazy dog. No commas here please",
+    "hello world this is a tiny corpus for a tiny tokenizer",
+    "Answer with at least three words and end your reply with the phrase is there anything else",
+] * 20
+
+
+def build_tiny_model(path, *, seed: int = 0, layers: int = 2, hidden: int = 32):
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                  bos_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+def pair(i: int, *, chosen: str, rejected: str, prompt: str | None = None, meta: dict | None = None) -> dict:
+    return {"id": f"p{i}", "prompt": [{"role": "user", "content": prompt or f"write a short answer {i}"}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], "meta": meta or {}}
+
+
+LOWERCASE_META = {"source": "synthetic:verifiable", "instruction_id_list": ["change_case:english_lowercase"],
+                  "kwargs": [{}]}
+
+
+def tiny_pairs(n: int = 8) -> list[dict]:
+    """Pairs whose chosen answer follows 'lowercase only' and whose rejected one does not."""
+    return [pair(i, chosen=f"hello world this is answer {i}", rejected=f"HELLO World {i}",
+                 prompt=f"write a short answer in lowercase letters only {i}", meta=LOWERCASE_META)
+            for i in range(n)]
+
+
+def write_jsonl(rows, path):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path

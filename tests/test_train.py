@@ -1,0 +1,160 @@
+"""Training on a tiny random Llama the tests build: log-probs, SFT, DPO/RPO, reference cache, resume.
+
+Run: pytest tests/test_train.py -q     (about a minute on 2 CPU cores)
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_pairs, write_jsonl
+
+from rpo import train
+from rpo.batching import collate, summed_logps
+from rpo.models import load_model, load_tokenizer
+
+CFG = {"finetuning": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "top_layers": None,
+                                      "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]},
+       "learning_rate": 5e-2, "lr_scheduler": "constant", "warmup_ratio": 0.0, "epochs": 6, "max_steps": None,
+       "micro_batch_size": 4, "global_batch_size": 8, "max_length": 64, "max_prompt_length": 32,
+       "weight_decay": 0.0, "max_grad_norm": 10.0, "precision": "float32", "checkpoint_every": 2,
+       "seed": 0, "threads": 1}
+
+
+@pytest.fixture()
+def pairs_file(tmp_path):
+    return write_jsonl(tiny_pairs(8), tmp_path / "train.jsonl")
+
+
+def test_summed_logps_matches_full_softmax(tiny_model_dir):
+    tok, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
+    seqs = [([5, 6, 7], [8, 9]), ([5, 6], [10, 11, 12, 13])]
+    batch = collate(seqs, tok.pad_token_id)
+    got, n = summed_logps(model, batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp = torch.log_softmax(logits.float(), -1)
+    # log π(response | prompt) = Σ over response positions t of log p(token_t | tokens_<t)
+    want = torch.stack([sum(logp[i, t - 1, batch["input_ids"][i, t]] for t in range(len(p), len(p) + len(r)))
+                        for i, (p, r) in enumerate(seqs)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert n.tolist() == [2, 4]
+
+
+def _train(tiny_model_dir, pairs_file, tmp_path, method, cfg=CFG, tag="run"):
+    cache = tmp_path / "ref.pt"
+    if not cache.exists():
+        train.reference_logps(tiny_model_dir, pairs_file, cache, max_length=cfg["max_length"],
+                              max_prompt_length=cfg["max_prompt_length"], batch_size=4)
+    out = tmp_path / tag / "model"
+    summary = train.train_preference(ref_dir=tiny_model_dir, pairs_path=pairs_file, reference_cache=cache,
+                                     out_dir=out, ckpt_dir=tmp_path / f"ckpt-{tag}", cfg=cfg, method=method)
+    metrics = [json.loads(l) for l in (out.parent / "metrics.jsonl").read_text().splitlines()]
+    return summary, metrics, out
+
+
+def test_dpo_loss_falls_and_adapter_changes(tiny_model_dir, pairs_file, tmp_path):
+    summary, metrics, out = _train(tiny_model_dir, pairs_file, tmp_path, {"loss": "dpo", "beta": 0.5})
+    # global batch = all 8 pairs, so every step sees the same batch: the loss must fall from ln 2.
+    assert metrics[0]["loss"] == pytest.approx(0.6931, abs=2e-3)  # policy == reference at step 1
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.05
+    assert metrics[-1]["rewards/margins"] > 0
+    for key in ("loss/dpo", "loss/sft", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "lr", "grad_norm"):
+        assert key in metrics[-1]
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    from safetensors.torch import load_file
+    weights = load_file(out / "adapter_model.safetensors")
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(torch.count_nonzero(v) > 0 for v in lora_b)  # LoRA B starts at zero
+
+
+def test_rpo_sft_part_is_eta_beta_times_nll(tiny_model_dir, pairs_file, tmp_path):
+    _, metrics, _ = _train(tiny_model_dir, pairs_file, tmp_path, {"loss": "rpo", "beta": 0.5, "eta": 0.1})
+    for m in metrics:
+        # eq. 4.8: the SFT part is η·β·(−Σ log π(y_w|x)), averaged over the batch
+        assert m["loss/sft"] == pytest.approx(0.1 * 0.5 * -m["logps/chosen"], rel=1e-3)
+        assert m["loss"] == pytest.approx(m["loss/dpo"] + m["loss/sft"], abs=1e-4)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    method = {"loss": "rpo", "beta": 0.5, "eta": 0.1}
+    _, full_metrics, full_out = _train(tiny_model_dir, pairs_file, tmp_path, method, tag="full")
+
+    calls = {"n": 0}
+    real = train.losses.rewards
+
+    def dying_rewards(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 2 * 2 * 5:  # 2 micro-batches x 2 reward calls per step: die inside step 6
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train.losses, "rewards", dying_rewards)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_model_dir, pairs_file, tmp_path, method, tag="cut")
+    assert (tmp_path / "ckpt-cut" / "state.pt").is_file()
+    monkeypatch.setattr(train.losses, "rewards", real)
+    summary, metrics, out = _train(tiny_model_dir, pairs_file, tmp_path, method, tag="cut")
+    assert summary["resumed_from_step"] == 4  # checkpoints every 2 steps; step 6 never finished
+    assert [m["step"] for m in metrics] == list(range(1, 7))  # no step lost, none twice
+    from safetensors.torch import load_file
+    a, b = load_file(full_out / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert metrics[-1]["loss"] == pytest.approx(full_metrics[-1]["loss"], rel=1e-4)
+
+
+def test_checkpoint_of_another_config_is_ignored(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(train.losses, "rewards", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_model_dir, pairs_file, tmp_path, {"loss": "dpo", "beta": 0.5}, tag="x")
+    # A checkpoint from a run with eta = 0.1 must not seed a run with eta = 0.2.
+    cfg = {**CFG, "checkpoint_every": 1}
+    monkeypatch.undo()
+    calls = {"n": 0}
+    real = train.losses.rewards
+
+    def die_late(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(train.losses, "rewards", die_late)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_model_dir, pairs_file, tmp_path, {"loss": "rpo", "beta": 0.5, "eta": 0.1}, cfg=cfg, tag="y")
+    monkeypatch.setattr(train.losses, "rewards", real)
+    summary, _, _ = _train(tiny_model_dir, pairs_file, tmp_path, {"loss": "rpo", "beta": 0.5, "eta": 0.2},
+                           cfg=cfg, tag="y")
+    assert summary["resumed_from_step"] == 0
+
+
+def test_reference_cache_of_other_data_is_refused(tiny_model_dir, pairs_file, tmp_path):
+    cache = tmp_path / "ref.pt"
+    train.reference_logps(tiny_model_dir, pairs_file, cache, max_length=64, max_prompt_length=32)
+    other = write_jsonl(tiny_pairs(6), tmp_path / "other.jsonl")
+    with pytest.raises(ValueError, match="another tokenisation or data"):
+        train.train_preference(ref_dir=tiny_model_dir, pairs_path=other, reference_cache=cache,
+                               out_dir=tmp_path / "o" / "model", ckpt_dir=tmp_path / "c", cfg=CFG,
+                               method={"loss": "dpo", "beta": 0.1})
+
+
+def test_unknown_loss_fails_before_training(tiny_model_dir, pairs_file, tmp_path):
+    with pytest.raises(ValueError, match="unknown loss 'ppo'"):
+        train.train_preference(ref_dir=tiny_model_dir, pairs_path=pairs_file, reference_cache=tmp_path / "none",
+                               out_dir=tmp_path / "o" / "model", ckpt_dir=tmp_path / "c", cfg=CFG,
+                               method={"loss": "ppo", "beta": 0.1})
+
+
+def test_sft_raises_chosen_logps_and_saves_a_merged_model(tiny_model_dir, pairs_file, tmp_path):
+    cfg = {**CFG, "epochs": 5}
+    summary = train.train_sft(base_dir=tiny_model_dir, pairs_path=pairs_file, out_dir=tmp_path / "sft" / "model",
+                              ckpt_dir=tmp_path / "ckpt", cfg=cfg)
+    metrics = [json.loads(l) for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert summary["steps"] == 5
+    merged = load_model(tmp_path / "sft" / "model")  # a plain model: LoRA merged, no adapter files
+    assert not (tmp_path / "sft" / "model" / "adapter_config.json").exists()
+    base = load_model(tiny_model_dir)
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert changed

@@ -301,7 +301,7 @@ def train_sft(*, base_dir, pairs_path, out_dir, ckpt_dir, cfg: dict) -> dict:
             lp, n = summed_logps(model, batch)
         # Token-mean NLL of the micro-batch, weighted by its share of the optimizer step.
         nll = -lp.sum() / n.sum()
-        return nll * len(micro) / n_in_step, {"loss": float(nll), "logps/chosen": float(lp.mean())}
+        return nll * len(micro) / n_in_step, {"loss": float(nll.detach()), "logps/chosen": float(lp.detach().mean())}
 
     out_dir = Path(out_dir)
     info = run_loop(model=model, items=items, step_fn=step_fn, cfg=cfg, out_dir=out_dir.parent,
@@ -358,7 +358,7 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, ckpt_dir,
              "loss/sft": float((pe - dpo_part).mean()),
              "rewards/chosen": float(rc.mean()), "rewards/rejected": float(rr.mean()),
              "rewards/margins": float((rc - rr).mean()), "rewards/accuracies": float((rc > rr).float().mean()),
-             "logps/chosen": float(lp[:b].mean()), "logps/rejected": float(lp[b:].mean()),
+             "logps/chosen": float(lp[:b].detach().mean()), "logps/rejected": float(lp[b:].detach().mean()),
              # The change from the reference on the same examples: batches differ in length, so the
              # raw batch mean above moves with the batch; this one moves only with training.
              "logratio/chosen": float(rc.mean()) / beta, "logratio/rejected": float(rr.mean()) / beta}

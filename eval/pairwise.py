@@ -15,7 +15,9 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 
-_ALLOWED = (0.0, 0.5, 1.0)
+# A single verdict gives 0, 0.5 or 1; an LLM judge asked in both orders (eval.judges.llm_pairwise)
+# averages two verdicts, which adds 0.25 and 0.75 (the two orders disagree by half a point).
+_ALLOWED = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def outcome(score_a: float, score_b: float) -> float:
@@ -35,7 +37,7 @@ def _check_outcomes(outcomes: Sequence[float]) -> np.ndarray:
         # NaN fails every comparison, so it is caught here too.
         if x not in _ALLOWED:
             raise ValueError(
-                f"win_rate: outcome at index {i} is {x!r}; expected 0, 0.5 or 1"
+                f"win_rate: outcome at index {i} is {x!r}; expected 0, 0.25, 0.5, 0.75 or 1"
             )
     return arr
 

@@ -16,6 +16,10 @@ import torch
 from eval import figures, table
 from eval.generate import generate_answers
 from eval.judges import get_judge
+
+
+def get_judge_label(cfg: dict, judge) -> str:
+    return judge.name if cfg["kind"] == "gold" else f"{cfg['kind']}:{judge.model}"
 from eval.pairwise import win_rate
 
 log = logging.getLogger(__name__)
@@ -54,24 +58,37 @@ def judge_pair(*, model_a: str, model_b: str, answers_a: str, answers_b: str, pr
     missing = sorted(set(a) - set(prompts))
     if missing:
         raise ValueError(f"{answers_a}: prompt ids not in {prompts_path}: {missing[:5]}")
-    j = get_judge(judge)
-    rows = []
-    for pid in sorted(a):
-        o, details = j.compare(prompts[pid], a[pid]["responses"][0], b[pid]["responses"][0])
-        rows.append({"id": pid, "model_a": model_a, "model_b": model_b, "outcome": o,
-                     "judge": j.name, **details})
+    ids = sorted(a)
+    items = [(prompts[pid], a[pid]["responses"][0], b[pid]["responses"][0]) for pid in ids]
+    # An LLM judge is asked in both orders per prompt (position bias cancels); its calls are cached.
+    with get_judge(judge) as j:
+        results = j.compare_many(items)
+        name = get_judge_label(judge, j)
+    rows = [{"id": pid, "model_a": model_a, "model_b": model_b, "outcome": o, "judge": name, **details}
+            for pid, (o, details) in zip(ids, results)]
+    n_invalid = sum(r["outcome"] is None for r in rows)
+    if n_invalid:
+        log.warning("%s vs %s: %d of %d judgments invalid (no parsable verdict in either order); "
+                    "they stay in the judgment file and are left out of the win rate", model_a, model_b,
+                    n_invalid, len(rows))
     from rpo.data import write_jsonl
     write_jsonl(rows, out)
 
 
 def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dict[str, str],
-                figure: str, labels: dict[str, str], pair_order: list[list[str]], bootstrap: dict) -> None:
+                figure: str, labels: dict[str, str], pair_order: list[list[str]], bootstrap: dict,
+                scores: list[str] = ()) -> None:
     rows = []
+    for path in scores:  # per-model benchmark rows (MT-Bench, AlpacaEval, Arena-Hard)
+        rows += [table.make_row(**r) for r in json.loads(Path(path).read_text())]
     for path in judgments:
         js = _read_jsonl(path)
         if not js:
             raise ValueError(f"{path}: no judgments")
-        wr = win_rate([r["outcome"] for r in js], n_boot=bootstrap["n"], seed=bootstrap["seed"],
+        valid = [r["outcome"] for r in js if r["outcome"] is not None]  # None: the judge's verdicts were invalid
+        if not valid:
+            raise ValueError(f"{path}: every judgment is invalid; no win rate can be computed")
+        wr = win_rate(valid, n_boot=bootstrap["n"], seed=bootstrap["seed"],
                       ci=bootstrap["ci"])
         rows.append(table.make_row(model_a=js[0]["model_a"], model_b=js[0]["model_b"], metric=table.WIN_RATE,
                                    value=wr["value"], ci_low=wr["ci_low"], ci_high=wr["ci_high"],

@@ -250,3 +250,13 @@ def test_lc_runs_alpaca_eval_glm_on_local_precomputed_files(tmp_path):
     assert lc["win_rate"] == pytest.approx(ae.win_rate(anns)["value"])
     with pytest.raises(ValueError, match="1 missing"):
         ae.lc_win_rate(anns[1:], eval_set=ev, precomputed_dir=tmp_path)
+
+
+def test_table_row_interval_is_value_plus_minus_1_96_standard_errors():
+    from eval.alpacaeval import table_rows
+    rows = table_rows("rpo", {"value": 62.5, "standard_error": 10.0, "n": 4},
+                      {"value": float("nan"), "unavailable": "offline"}, judge="j")
+    wr = rows[0]
+    # 62.5 ± 1.96 × 10 = [42.9, 82.1]
+    assert wr["metric"] == "alpacaeval_wr" and wr["ci_low"] == pytest.approx(42.9) and wr["ci_high"] == pytest.approx(82.1)
+    assert math.isnan(rows[1]["value"])

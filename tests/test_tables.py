@@ -66,7 +66,8 @@ def test_all_ties_give_fifty_with_degenerate_ci():
 def test_win_rate_rejects_empty_and_invalid():
     with pytest.raises(ValueError, match="empty"):
         win_rate([])
-    # 0.7 is not a possible outcome; the message must point at index 2.
+    # 0.7 is not a possible outcome (one verdict: 0/0.5/1; the mean of two: also 0.25/0.75)
+    assert win_rate([0.25, 0.75], n_boot=10)["value"] == 50.0
     with pytest.raises(ValueError, match="index 2"):
         win_rate([1, 0, 0.7, 1])
     with pytest.raises(ValueError, match="index 1"):

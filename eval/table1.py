@@ -1,12 +1,13 @@
 """The paper's Table 1: pairwise win rates of the trained models on held-out prompts.
 
-    generate_table1_answers   one model's answers to the held-out prompts (HF backend)
+    generate_table1_answers   one model's answers to the held-out prompts (HF backend, or vLLM)
     judge_pair                both models' answers judged prompt by prompt (one JSONL per pair)
     make_table1               win rates with seeded bootstrap CIs -> results/table1.csv, table1.md,
                               and the chosen log-prob figure (paper Fig. 1 right)
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -30,14 +31,28 @@ def _read_jsonl(path) -> list[dict]:
     return read_records(path)
 
 
+def select_prompts(prompts: list[dict], n: int | None) -> list[dict]:
+    """`n` test prompts, the same for every model and every run: those with the smallest sha1 of their id
+    (a deterministic draw that does not follow the split's order, which is often sorted by source)."""
+    if n is None or n >= len(prompts):
+        return prompts
+    return sorted(prompts, key=lambda p: hashlib.sha1(str(p["id"]).encode()).hexdigest())[:n]
+
+
 def generate_table1_answers(*, model_name: str, ref_dir: str, policy_dir: str | None, prompts_path: str,
                             out: str, n_prompts: int | None, max_new_tokens: int, temperature: float,
-                            top_p: float, top_k: int, batch_size: int, seed: int) -> None:
+                            top_p: float, top_k: int, batch_size: int, seed: int, backend: str = "hf") -> None:
     from rpo.models import load_tokenizer
     from rpo.train import load_policy
-    prompts = _read_jsonl(prompts_path)
-    if n_prompts is not None:
-        prompts = prompts[:n_prompts]
+    prompts = select_prompts(_read_jsonl(prompts_path), n_prompts)
+    if backend == "vllm":
+        from eval.vllm_backend import generate_answers_vllm
+        generate_answers_vllm(ref_dir=ref_dir, policy_dir=policy_dir, out_path=out, max_new_tokens=max_new_tokens,
+                              prompts=[{"id": p["id"], "messages": p["messages"]} for p in prompts],
+                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, model_name=model_name)
+        return
+    if backend != "hf":
+        raise ValueError(f"table1.generation.backend: unknown backend {backend!r}; expected 'hf' or 'vllm'")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(ref_dir)
     model = load_policy(ref_dir, policy_dir or ref_dir, device=device).eval()
@@ -77,7 +92,7 @@ def judge_pair(*, model_a: str, model_b: str, answers_a: str, answers_b: str, pr
 
 def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dict[str, str],
                 figure: str, labels: dict[str, str], pair_order: list[list[str]], bootstrap: dict,
-                scores: list[str] = ()) -> None:
+                scores: list[str] = (), paper_series: str | None = None) -> None:
     rows = []
     for path in scores:  # per-model benchmark rows (MT-Bench, AlpacaEval, Arena-Hard)
         rows += [table.make_row(**r) for r in json.loads(Path(path).read_text())]
@@ -99,6 +114,10 @@ def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dic
     md += (f"\nWin rates in %, ties count half; [low, high] = {int(bootstrap['ci'] * 100)}% seeded "
            f"percentile bootstrap over prompts (n_boot={bootstrap['n']}, seed={bootstrap['seed']}).\n")
     Path(out_md).write_text(md)
+    if paper_series:
+        from eval.paper import write_comparison
+        out = Path(out_csv).parent
+        write_comparison(out_csv, paper_series, out / "paper_comparison.csv", out / "paper_comparison.md")
     if metrics:
         # Paper Fig. 1 (right). Each step's batch holds other examples, so the raw batch mean of
         # log π(y_w|x) mostly tracks response length; the change from the reference on the same

@@ -1,7 +1,7 @@
 """Checks of a resolved config that JSON schema cannot express (called by the Snakefile at start-up)."""
 from __future__ import annotations
 
-from rpo import losses
+from rpo import launch, losses
 from rpo.models import parse_source
 
 
@@ -35,5 +35,9 @@ def check_config(config: dict, where: str = "config") -> None:
         t = config[key]["train"] if key == "sft" else config[key]
         if t["max_prompt_length"] >= t["max_length"]:
             raise ValueError(f"{where}: {key}: max_prompt_length must be < max_length")
-        if t["global_batch_size"] % t["micro_batch_size"]:
-            raise ValueError(f"{where}: {key}: global_batch_size must be a multiple of micro_batch_size")
+        r = config.get("resources", {}).get(key, {"gpus": 0, "nodes": 1})
+        try:
+            launch.accumulation_steps(t["global_batch_size"], t["micro_batch_size"],
+                                      launch.world_size(r["gpus"], r["nodes"]), where=f"{where}: {key}")
+        except ValueError as e:
+            raise ValueError(f"{e} (resources.{key}: gpus={r['gpus']}, nodes={r['nodes']})") from None

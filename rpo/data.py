@@ -184,6 +184,29 @@ def prompts_of(rows: list[dict]) -> list[dict]:
 # Sources
 # ---------------------------------------------------------------------------------------------------
 
+def load_hub_split(source: str, split: str):
+    """One split of a hub dataset `hf:<owner>/<name>[@<revision>]`.
+
+    The repository is resolved through the hub cache (`snapshot_download`, which with HF_HUB_OFFLINE=1
+    uses the cached snapshot and fails clearly when there is none) and then read from that local
+    snapshot, so one code path serves online runs, offline runs on a pre-filled cache, and the tests.
+    (`datasets.load_dataset("<owner>/<name>")` itself cannot resolve a repository offline.)
+    """
+    import datasets
+    from huggingface_hub import snapshot_download
+    repo, _, revision = source[len("hf:"):].partition("@")
+    try:
+        path = snapshot_download(repo_id=repo, repo_type="dataset", revision=revision or None)
+    except Exception as e:  # offline without a cached snapshot, unknown repo, no network
+        raise DataError(f"config data.source {source!r}: cannot resolve the hub dataset ({type(e).__name__}: "
+                        f"{e}); with HF_HUB_OFFLINE=1 it must be in the hub cache "
+                        f"(huggingface-cli download {repo} --repo-type dataset)") from None
+    try:
+        return datasets.load_dataset(path, split=split)
+    except ValueError as e:
+        raise DataError(f"config data.splits: {source!r} has no split {split!r} ({e})") from None
+
+
 def load_source_splits(cfg: dict) -> tuple[dict[str, list[dict]], dict]:
     """hf:/file sources: the train and test splits, normalised, and a summary."""
     source, splits = cfg["source"], cfg["splits"]
@@ -195,9 +218,7 @@ def load_source_splits(cfg: dict) -> tuple[dict[str, list[dict]], dict]:
         if split not in splits:
             raise DataError(f"config data.splits: missing key '{split}'")
         if source.startswith("hf:"):
-            import datasets
-            name = source[len("hf:"):]
-            records = datasets.load_dataset(name, split=splits[split])
+            records = load_hub_split(source, splits[split])
             where = f"{source} split '{splits[split]}'"
         elif source == "file":
             records = read_records(splits[split])

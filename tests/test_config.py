@@ -271,8 +271,19 @@ def test_prompt_length_must_be_below_max_length(cfg, key):
 def test_global_batch_must_be_multiple_of_micro_batch(cfg):
     cfg["training"]["global_batch_size"] = 10  # micro_batch_size is 4
     validate(cfg, SCHEMA, set_default=True)
-    with pytest.raises(ValueError, match="training: global_batch_size must be a multiple of micro_batch_size"):
+    with pytest.raises(ValueError, match=r"training: global_batch_size 10 is not a multiple of micro_batch_size 4 x 1"):
         check_config(cfg)
+
+
+def test_global_batch_must_split_over_the_gpus(cfg):
+    # 4 x 3 GPUs = 12 does not divide the global batch (whatever the default global batch is, set 16)
+    cfg["training"]["global_batch_size"] = 16
+    cfg["resources"] = {"training": {"gpus": 3}}
+    validate(cfg, SCHEMA, set_default=True)
+    with pytest.raises(ValueError, match=r"micro_batch_size 4 x 3 training processes = 12.*resources.training: gpus=3"):
+        check_config(cfg)
+    cfg["resources"]["training"]["gpus"] = 2  # 16 = 4 x 2 x 2 micro-batches
+    check_config(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------

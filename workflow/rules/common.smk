@@ -18,6 +18,38 @@ def as_json(obj):
     return json.dumps(obj, sort_keys=True)
 
 
+def train_cfg(stage):
+    """A training stage's config ("sft" or "training") with the world size of its resources and the
+    gradient accumulation that keeps the configured global batch (rpo.launch, checked by the trainer)."""
+    from rpo import launch
+
+    cfg = config["sft"]["train"] if stage == "sft" else config["training"]
+    r = config["resources"][stage]
+    world = launch.world_size(r["gpus"], r["nodes"])
+    accum = launch.accumulation_steps(cfg["global_batch_size"], cfg["micro_batch_size"], world, where=stage)
+    return {**cfg, "world_size": world, "gradient_accumulation_steps": accum}
+
+
+def launcher(stage):
+    """`python -m rpo`, or `accelerate launch ... -m rpo` when the stage has several GPUs or nodes."""
+    from rpo import launch
+
+    r = config["resources"][stage]
+    return launch.launch_prefix(gpus=r["gpus"], nodes=r["nodes"], accelerate_config=r["accelerate_config"])
+
+
+def res(stage):
+    """Snakemake resources of a stage: `gpu` (the SLURM plugin's GPU request, and the local GPU profile's
+    limit), nodes, memory and runtime in minutes."""
+    r = config["resources"][stage]
+    out = {"mem_mb": r["mem_mb"], "runtime": r["runtime"]}
+    if r["gpus"]:
+        out["gpu"] = r["gpus"]
+    if r["nodes"] > 1:
+        out["nodes"] = r["nodes"]
+    return out
+
+
 def get_ref_dir():
     return f"{RESULTS}/models/sft/model" if config["sft"]["enabled"] else f"{RESULTS}/models/base"
 
@@ -41,6 +73,11 @@ BENCHMARKS = [b for b in ("mtbench", "alpacaeval", "arenahard") if config["bench
 def get_judge_label(judge):
     """How the table names a judge: kind and model (never the URL or the key)."""
     return "gold (IFEval verifiers)" if judge["kind"] == "gold" else f"{judge['kind']}:{judge['model']}"
+
+
+def bench_judge(benchmark):
+    """The judge of one benchmark: its own `judge`, or benchmarks.judge."""
+    return config["benchmarks"][benchmark]["judge"] or config["benchmarks"]["judge"]
 
 
 def bench_gen_args(benchmark, w, out, **extra):

@@ -5,6 +5,8 @@ rule materialise_base:
         args=as_json({"source": config["base_model"]["source"], "out": f"{RESULTS}/models/base",
                       "dtype": config["base_model"]["dtype"]}),
     threads: 2
+    resources:
+        **res("data"),
     log:
         "logs/materialise_base/base.log",
     shell:
@@ -23,6 +25,8 @@ rule make_data:
         args=as_json({"data_cfg": config["data"], "base_dir": f"{RESULTS}/models/base",
                       "out_dir": f"{RESULTS}/data", "seed": config["seed"]}),
     threads: config["data"]["synthetic"]["threads"]
+    resources:
+        **res("data"),
     log:
         "logs/make_data/data.log",
     shell:

@@ -17,6 +17,8 @@ rule generate_table1:
             "out": f"{RESULTS}/generations/table1/{w.model}.jsonl", "seed": config["seed"],
             **{k: v for k, v in config["table1"]["generation"].items() if k != "threads"}}),
     threads: config["table1"]["generation"]["threads"]
+    resources:
+        **res("generation"),
     log:
         "logs/generate_table1/{model}.log",
     shell:
@@ -32,6 +34,8 @@ rule generate_mtbench:
     params:
         args=lambda w: bench_gen_args("mtbench", w, f"{RESULTS}/mtbench/model_answer/{w.model}.jsonl"),
     threads: config["benchmarks"]["threads"]
+    resources:
+        **res("generation"),
     log:
         "logs/generate_mtbench/{model}.log",
     shell:
@@ -48,6 +52,8 @@ rule generate_alpacaeval:
         args=lambda w: bench_gen_args("alpacaeval", w, f"{RESULTS}/alpacaeval/{w.model}/model_outputs.json",
                                      **bench_subset("alpacaeval")),
     threads: config["benchmarks"]["threads"]
+    resources:
+        **res("generation"),
     log:
         "logs/generate_alpacaeval/{model}.log",
     shell:
@@ -66,6 +72,8 @@ rule generate_arenahard:
                                               category=config["benchmarks"]["arenahard"]["category"],
                                               **bench_subset("arenahard")),
     threads: config["benchmarks"]["threads"]
+    resources:
+        **res("generation"),
     log:
         "logs/generate_arenahard/{model}.log",
     shell:

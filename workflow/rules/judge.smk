@@ -14,13 +14,12 @@ rule judge_table1:
             "answers_b": f"{RESULTS}/generations/table1/{w.b}.jsonl",
             "prompts_path": f"{RESULTS}/data/prompts_test.jsonl", "judge": config["table1"]["judge"],
             "out": f"{RESULTS}/judgments/table1/{w.a}_vs_{w.b}.jsonl"}),
+    resources:
+        **res("judge"),
     log:
         "logs/judge_table1/{a}_vs_{b}.log",
     shell:
         "python -m eval judge-table1 --args {params.args:q} 2>&1 | tee {log}"
-
-
-BENCH_JUDGE = config["benchmarks"]["judge"]
 
 
 rule judge_mtbench:
@@ -31,9 +30,11 @@ rule judge_mtbench:
     params:
         args=lambda w: as_json({
             "model_name": w.model, "answers": f"{RESULTS}/mtbench/model_answer/{w.model}.jsonl",
-            "out": f"{RESULTS}/mtbench/model_judgment/{w.model}_single.jsonl", "judge": BENCH_JUDGE,
+            "out": f"{RESULTS}/mtbench/model_judgment/{w.model}_single.jsonl", "judge": bench_judge("mtbench"),
             "judge_max_tokens": config["benchmarks"]["mtbench"]["judge_max_tokens"]}),
-    threads: BENCH_JUDGE["n_threads"]
+    threads: bench_judge("mtbench")["n_threads"]
+    resources:
+        **res("judge"),
     log:
         "logs/judge_mtbench/{model}.log",
     shell:
@@ -48,9 +49,11 @@ rule judge_alpacaeval:
     params:
         args=lambda w: as_json({
             "outputs": f"{RESULTS}/alpacaeval/{w.model}/model_outputs.json",
-            "out": f"{RESULTS}/alpacaeval/{w.model}/annotations.json", "judge": BENCH_JUDGE,
+            "out": f"{RESULTS}/alpacaeval/{w.model}/annotations.json", "judge": bench_judge("alpacaeval"),
             "annotator_dir": f"{RESULTS}/alpacaeval/{w.model}/annotator"}),
-    threads: BENCH_JUDGE["n_threads"]
+    threads: bench_judge("alpacaeval")["n_threads"]
+    resources:
+        **res("judge"),
     log:
         "logs/judge_alpacaeval/{model}.log",
     shell:
@@ -65,13 +68,15 @@ rule judge_arenahard:
     params:
         args=lambda w: as_json({
             "model_name": w.model, "answers": f"{RESULTS}/arenahard/model_answer/{w.model}.jsonl",
-            "out": f"{RESULTS}/arenahard/model_judgment/{w.model}.jsonl", "judge": BENCH_JUDGE,
+            "out": f"{RESULTS}/arenahard/model_judgment/{w.model}.jsonl", "judge": bench_judge("arenahard"),
             "version": config["benchmarks"]["arenahard"]["version"],
             "category": config["benchmarks"]["arenahard"]["category"],
             "n_questions": config["benchmarks"]["arenahard"]["n_questions"],
             "judge_max_tokens": config["benchmarks"]["arenahard"]["judge_max_tokens"],
             **bench_subset("arenahard")}),
-    threads: BENCH_JUDGE["n_threads"]
+    threads: bench_judge("arenahard")["n_threads"]
+    resources:
+        **res("judge"),
     log:
         "logs/judge_arenahard/{model}.log",
     shell:

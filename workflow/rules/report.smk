@@ -1,7 +1,6 @@
 JUDGMENTS = [f"{RESULTS}/judgments/table1/{a}_vs_{b}.jsonl" for a, b in get_table1_pairs()]
 LOGPS_METRICS = {m: f"{RESULTS}/train/{m}/metrics.jsonl" for m in config["figures"]["logps_methods"]}
 SCORES = [f"{RESULTS}/scores/{b}/{m}.json" for b in BENCHMARKS for m in MODELS]
-BENCH_LABEL = get_judge_label(config["benchmarks"]["judge"])
 
 
 rule score_mtbench:
@@ -12,8 +11,10 @@ rule score_mtbench:
     params:
         args=lambda w: as_json({
             "model_name": w.model, "judgments": f"{RESULTS}/mtbench/model_judgment/{w.model}_single.jsonl",
-            "out": f"{RESULTS}/scores/mtbench/{w.model}.json", "judge_label": BENCH_LABEL,
+            "out": f"{RESULTS}/scores/mtbench/{w.model}.json", "judge_label": get_judge_label(bench_judge("mtbench")),
             "bootstrap": config["benchmarks"]["bootstrap"]}),
+    resources:
+        **res("cpu"),
     log:
         "logs/score_mtbench/{model}.log",
     shell:
@@ -28,8 +29,10 @@ rule score_alpacaeval:
     params:
         args=lambda w: as_json({
             "model_name": w.model, "annotations": f"{RESULTS}/alpacaeval/{w.model}/annotations.json",
-            "out": f"{RESULTS}/scores/alpacaeval/{w.model}.json", "judge_label": BENCH_LABEL,
+            "out": f"{RESULTS}/scores/alpacaeval/{w.model}.json", "judge_label": get_judge_label(bench_judge("alpacaeval")),
             "precomputed_dir": config["benchmarks"]["alpacaeval"]["precomputed_dir"]}),
+    resources:
+        **res("cpu"),
     log:
         "logs/score_alpacaeval/{model}.log",
     shell:
@@ -44,14 +47,19 @@ rule score_arenahard:
     params:
         args=lambda w: as_json({
             "model_name": w.model, "judgments": f"{RESULTS}/arenahard/model_judgment/{w.model}.jsonl",
-            "out": f"{RESULTS}/scores/arenahard/{w.model}.json", "judge_label": BENCH_LABEL,
+            "out": f"{RESULTS}/scores/arenahard/{w.model}.json", "judge_label": get_judge_label(bench_judge("arenahard")),
             "version": config["benchmarks"]["arenahard"]["version"],
             "category": config["benchmarks"]["arenahard"]["category"],
             "bootstrap": config["benchmarks"]["bootstrap"]}),
+    resources:
+        **res("cpu"),
     log:
         "logs/score_arenahard/{model}.log",
     shell:
         "python -m eval score-arenahard --args {params.args:q} 2>&1 | tee {log}"
+
+
+PAPER_SERIES = config["paper"]["series"]
 
 
 rule make_table1:
@@ -63,11 +71,16 @@ rule make_table1:
         csv=f"{RESULTS}/table1.csv",
         md=f"{RESULTS}/table1.md",
         figure=f"{RESULTS}/figures/logps_chosen.png",
+        # the paper's numbers beside ours, when the config names a paper series
+        comparison=[f"{RESULTS}/paper_comparison.csv", f"{RESULTS}/paper_comparison.md"] if PAPER_SERIES else [],
     params:
         args=as_json({"judgments": JUDGMENTS, "out_csv": f"{RESULTS}/table1.csv",
                       "out_md": f"{RESULTS}/table1.md", "metrics": LOGPS_METRICS, "scores": SCORES,
                       "figure": f"{RESULTS}/figures/logps_chosen.png", "labels": config["table1"]["labels"],
-                      "pair_order": config["table1"]["pairs"], "bootstrap": config["table1"]["bootstrap"]}),
+                      "pair_order": config["table1"]["pairs"], "bootstrap": config["table1"]["bootstrap"],
+                      "paper_series": PAPER_SERIES}),
+    resources:
+        **res("cpu"),
     log:
         "logs/make_table1/table1.log",
     shell:

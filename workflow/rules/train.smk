@@ -8,12 +8,15 @@ rule train_sft:
     params:
         args=as_json({"base_dir": f"{RESULTS}/models/base", "pairs_path": f"{RESULTS}/data/train.jsonl",
                       "out_dir": f"{RESULTS}/models/sft/model", "ckpt_dir": f"{RESULTS}/checkpoints/sft",
-                      "cfg": config["sft"]["train"]}),
+                      "cfg": train_cfg("sft")}),
+        launch=launcher("sft"),
     threads: config["sft"]["train"]["threads"]
+    resources:
+        **res("sft"),
     log:
         "logs/train_sft/sft.log",
     shell:
-        "python -m rpo train-sft --threads {threads} --args {params.args:q} 2>&1 | tee {log}"
+        "{params.launch} train-sft --threads {threads} --args {params.args:q} 2>&1 | tee {log}"
 
 
 rule reference_logps:
@@ -31,6 +34,8 @@ rule reference_logps:
                       "batch_size": config["reference"]["batch_size"],
                       "dtype": config["training"]["precision"]}),
     threads: config["reference"]["threads"]
+    resources:
+        **res("reference"),
     log:
         "logs/reference_logps/train.log",
     shell:
@@ -50,9 +55,12 @@ rule train_preference:
             "ref_dir": get_ref_dir(), "pairs_path": f"{RESULTS}/data/train.jsonl",
             "reference_cache": f"{RESULTS}/reference/train_logps.pt",
             "out_dir": f"{RESULTS}/train/{w.method}/model", "ckpt_dir": f"{RESULTS}/checkpoints/{w.method}",
-            "cfg": config["training"], "method": {"name": w.method, **config["methods"][w.method]}}),
+            "cfg": train_cfg("training"), "method": {"name": w.method, **config["methods"][w.method]}}),
+        launch=launcher("training"),
     threads: config["training"]["threads"]
+    resources:
+        **res("training"),
     log:
         "logs/train_preference/{method}.log",
     shell:
-        "python -m rpo train-preference --threads {threads} --args {params.args:q} 2>&1 | tee {log}"
+        "{params.launch} train-preference --threads {threads} --args {params.args:q} 2>&1 | tee {log}"

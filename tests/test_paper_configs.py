@@ -1,0 +1,122 @@
+"""The paper-scale configs resolve their whole DAG here (dry runs on this CPU machine): the jobs, the GPUs
+each asks for, the SLURM partitions, the launcher and the gradient accumulation that keeps the global batch
+at 128. Nothing is downloaded or trained."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM_ENV = {"RPO_SLURM_ACCOUNT": "acct42", "RPO_CPU_PARTITION": "cpuq", "RPO_GPU_PARTITION": "gpuq"}
+
+
+def dry_run(tmp_path, configfile, profile, *extra):
+    env = {**os.environ, **SLURM_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "snakemake", "-n", "-p", "--snakefile", str(REPO / "Snakefile"),
+           "--directory", str(tmp_path), "--configfile", str(REPO / configfile), "--profile",
+           str(REPO / profile), "--cores", "all", *extra, "results/table1.csv"]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout + run.stderr
+
+
+def jobs(out: str) -> list[dict]:
+    """Each job of a dry run: rule, wildcards, resources (dict) and shell command."""
+    found = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        m = re.match(r"(?:local)?rule (\w+):", block)
+        if not m:
+            continue
+        res = re.search(r"^\s+resources: (.*)$", block, re.M)
+        resources = dict(kv.split("=", 1) for kv in res.group(1).split(", ")) if res else {}
+        wc = re.search(r"^\s+wildcards: (.*)$", block, re.M)
+        output = re.search(r"^\s+output: (.*)$", block, re.M)
+        shell = re.search(r"^Shell command: (.*)$", block, re.M)
+        found.append({"rule": m.group(1), "wildcards": wc.group(1) if wc else "", "resources": resources,
+                      "output": output.group(1).split(", ") if output else [],
+                      "shell": shell.group(1) if shell else ""})
+    return found
+
+
+def args_of(job) -> dict:
+    return json.loads(re.search(r"--args '(\{.*?\})'", job["shell"]).group(1))
+
+
+@pytest.mark.parametrize("series,accum_file", [("beta", "paper-beta.yaml"), ("gemma", "paper-gemma.yaml")])
+def test_paper_config_on_slurm_resolves_the_whole_dag(tmp_path, series, accum_file):
+    out = dry_run(tmp_path, f"config/{accum_file}", "profiles/slurm")
+    js = jobs(out)
+    by_rule = {}
+    for j in js:
+        by_rule.setdefault(j["rule"], []).append(j)
+    # no SFT stage: the hub SFT model is the reference; 2 methods; 3 models x 3 benchmarks; 3 pairs
+    assert "train_sft" not in by_rule
+    assert {r: len(v) for r, v in by_rule.items()} == {
+        "materialise_base": 1, "make_data": 1, "reference_logps": 1, "train_preference": 2,
+        "generate_table1": 3, "judge_table1": 3, "make_table1": 1,
+        **{f"{s}_{b}": 3 for s in ("generate", "judge", "score") for b in ("mtbench", "alpacaeval", "arenahard")}}
+    for j in by_rule["train_preference"]:
+        r = j["resources"]
+        assert r["gpu"] == "8" and r["slurm_partition"] == "gpuq" and r["slurm_account"] == "acct42"
+        cfg = args_of(j)["cfg"]
+        # 128 = micro-batch 2 x 8 GPUs x 8 accumulation steps
+        assert (cfg["global_batch_size"], cfg["micro_batch_size"], cfg["world_size"],
+                cfg["gradient_accumulation_steps"]) == (128, 2, 8, 8)
+        assert cfg["finetuning"] == "full" and cfg["precision"] == "bfloat16" and cfg["learning_rate"] == 5e-7
+        assert j["shell"].startswith("accelerate launch --config_file config/accelerate/fsdp.yaml "
+                                     "--num_processes 8 --num_machines 1")
+    methods = {args_of(j)["method"]["name"]: args_of(j)["method"] for j in by_rule["train_preference"]}
+    beta = {"beta": 0.01, "gemma": 0.05}[series]
+    assert methods["dpo"] == {"name": "dpo", "loss": "dpo", "beta": beta}
+    assert methods["rpo"] == {"name": "rpo", "loss": "rpo", "beta": beta, "eta": 0.005}
+    for rule in ("reference_logps", "generate_table1", "generate_mtbench"):
+        assert all(j["resources"]["gpu"] == "1" and j["resources"]["slurm_partition"] == "gpuq"
+                   for j in by_rule[rule])
+    for rule in ("judge_table1", "score_mtbench", "make_table1"):  # CPU-only rules on CPU nodes
+        assert all("gpu" not in j["resources"] and j["resources"]["slurm_partition"] == "cpuq"
+                   for j in by_rule[rule])
+    gen = args_of(by_rule["generate_table1"][0])
+    assert gen["n_prompts"] == 150
+    # the paper's numbers beside ours
+    assert "results/paper_comparison.csv" in by_rule["make_table1"][0]["output"]
+    assert args_of(by_rule["make_table1"][0])["paper_series"] == series
+    judge = args_of(by_rule["judge_table1"][0])["judge"]
+    assert judge["model"] == "gpt-4-0613" and judge["api_key_env"] == "OPENAI_API_KEY"
+    assert "sk-" not in out  # only the variable's name travels
+
+
+def test_two_nodes_keep_the_global_batch(tmp_path):
+    cfg = yaml.safe_load((REPO / "config/paper-beta.yaml").read_text())
+    cfg["resources"]["training"]["nodes"] = 2  # 16 ranks: 128 = 2 x 16 x 4
+    path = tmp_path / "two-nodes.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = dry_run(tmp_path, path, "profiles/slurm")
+    train = [j for j in jobs(out) if j["rule"] == "train_preference"]
+    assert len(train) == 2
+    for j in train:
+        assert j["resources"]["nodes"] == "2" and j["resources"]["gpu"] == "8"
+        assert args_of(j)["cfg"]["world_size"] == 16 and args_of(j)["cfg"]["gradient_accumulation_steps"] == 4
+        assert j["shell"].startswith("srun --nodes 2 --ntasks-per-node 1 bash -c ")
+
+
+def test_single_gpu_config_with_the_local_gpu_profile(tmp_path):
+    out = dry_run(tmp_path, "config/single-gpu.yaml", "profiles/gpu")
+    js = jobs(out)
+    rules = [j["rule"] for j in js]
+    assert rules.count("train_sft") == 1 and rules.count("train_preference") == 2
+    for j in js:
+        if j["rule"] in ("train_sft", "train_preference"):
+            assert j["resources"]["gpu"] == "1"
+            cfg = args_of(j)["cfg"]
+            assert cfg["finetuning"] == "lora" and cfg["world_size"] == 1
+            assert cfg["gradient_accumulation_steps"] == 16  # 128 = 8 x 1 x 16
+            assert j["shell"].startswith("python -m rpo ")
+    gen = args_of(next(j for j in js if j["rule"] == "generate_table1"))
+    assert gen["backend"] == "vllm"

@@ -129,3 +129,54 @@ def plot_logps_chosen(
         ylabel="log π(y_w|x) (summed, chosen)",
         title="Chosen log-probability during training (paper Fig. 1 right)",
     )
+
+
+def plot_methods(runs: dict, rows: list[dict], out_png, *, labels: dict[str, str] | None = None,
+                 smooth: int = 3, key: str = "logratio/chosen") -> dict:
+    """The method-zoo view: per method, the chosen log-probability relative to the reference over training
+    (left) and its final win rate against Ref with its CI (right, from table1.csv rows).
+
+    Returns {"curves": {method: (steps, values)}, "win_rate_vs_ref": {method: (value, ci_low, ci_high)}};
+    a method without a win rate against ref (pair not configured) is left out of the right panel.
+    """
+    labels = labels or {}
+    curves = {}
+    for name, path in runs.items():
+        recs = [r for r in read_metrics(path) if key in r]
+        if not recs:
+            raise ValueError(f"{path}: no records with key {key!r}")
+        curves[name] = ([r["step"] for r in recs], [float(r[key]) for r in recs])
+    scores = {}
+    for r in rows:
+        if r["metric"] == "win_rate" and r["model_b"] == "ref" and r["model_a"] in runs:
+            scores[r["model_a"]] = (float(r["value"]), float(r["ci_low"]), float(r["ci_high"]))
+
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for name, (steps, values) in curves.items():
+        ys = moving_average(values, smooth) if smooth > 1 else values
+        ax.plot(steps, ys, label=labels.get(name, name))
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("log π(y_w|x) − log π_ref(y_w|x)")
+    ax.set_title("Chosen log-probability vs the reference")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    names = sorted(scores)
+    if names:
+        vals = [scores[n][0] for n in names]
+        err = [[scores[n][0] - scores[n][1] for n in names], [scores[n][2] - scores[n][0] for n in names]]
+        bx.barh(range(len(names)), vals, xerr=err, color="tab:blue", alpha=0.8, capsize=3)
+        bx.set_yticks(range(len(names)), [labels.get(n, n) for n in names])
+        bx.axvline(50.0, color="grey", linewidth=0.8)
+        for i, v in enumerate(vals):
+            bx.text(v, i, f" {v:.1f}", va="center", fontsize=8)
+    bx.set_xlabel("win rate vs Ref (%), with CI")
+    bx.set_title("Final: Table 1 win rate against Ref")
+    bx.set_xlim(0, 100)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=150)
+    return {"curves": curves, "win_rate_vs_ref": scores}

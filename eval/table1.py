@@ -92,7 +92,8 @@ def judge_pair(*, model_a: str, model_b: str, answers_a: str, answers_b: str, pr
 
 def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dict[str, str],
                 figure: str, labels: dict[str, str], pair_order: list[list[str]], bootstrap: dict,
-                scores: list[str] = (), paper_series: str | None = None) -> None:
+                scores: list[str] = (), paper_series: str | None = None, methods_metrics: dict | None = None,
+                methods_figure: str | None = None) -> None:
     rows = []
     for path in scores:  # per-model benchmark rows (MT-Bench, AlpacaEval, Arena-Hard)
         rows += [table.make_row(**r) for r in json.loads(Path(path).read_text())]
@@ -114,6 +115,9 @@ def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dic
     md += (f"\nWin rates in %, ties count half; [low, high] = {int(bootstrap['ci'] * 100)}% seeded "
            f"percentile bootstrap over prompts (n_boot={bootstrap['n']}, seed={bootstrap['seed']}).\n")
     Path(out_md).write_text(md)
+    if methods_figure and methods_metrics:
+        # every method: the chosen log-ratio over training and its final win rate against Ref
+        figures.plot_methods(methods_metrics, rows, methods_figure, labels=labels)
     if paper_series:
         from eval.paper import write_comparison
         out = Path(out_csv).parent

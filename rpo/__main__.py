@@ -36,12 +36,18 @@ def _train_preference(**kw) -> None:
     train_preference(**kw)
 
 
+def _make_soup(**kw) -> None:
+    from rpo.soup import make_soup
+    make_soup(**kw)
+
+
 COMMANDS = {
     "materialise-model": _materialise_model,
     "make-data": _make_data,
     "train-sft": _train_sft,
     "reference-logps": _reference_logps,
     "train-preference": _train_preference,
+    "make-soup": _make_soup,
 }
 
 

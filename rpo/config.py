@@ -5,6 +5,25 @@ from rpo import launch, losses
 from rpo.models import parse_source
 
 
+HPARAM_EXCLUDE = ("loss", "name", "reference")  # method keys that are not loss hyperparameters
+
+
+def resolve_methods(config: dict, where: str = "config") -> None:
+    """Fold an enabled method_zoo into `methods`, and add a (method, ref) pair to Table 1 for every method
+    that has none when table1.all_vs_ref (so every method appears as a row)."""
+    zoo = config.get("method_zoo") or {}
+    if zoo.get("enabled"):
+        clash = sorted(set(zoo.get("methods", {})) & set(config["methods"]))
+        if clash:
+            raise ValueError(f"{where}: method_zoo.methods repeats run name(s) of methods: {clash}")
+        config["methods"] = {**config["methods"], **zoo.get("methods", {})}
+    t1 = config.get("table1")
+    if t1 and t1.get("all_vs_ref", True):
+        have = {tuple(sorted(p)) for p in t1["pairs"]}
+        t1["pairs"] = list(t1["pairs"]) + [[m, "ref"] for m in sorted(config["methods"])
+                                           if tuple(sorted((m, "ref"))) not in have]
+
+
 def check_config(config: dict, where: str = "config") -> None:
     """Raise ValueError naming the key when the config is inconsistent."""
     parse_source(config["base_model"]["source"])
@@ -19,8 +38,11 @@ def check_config(config: dict, where: str = "config") -> None:
             losses.get_loss(method["loss"])
         except ValueError as e:
             raise ValueError(f"{where}: methods.{name}.loss: {e}") from None
-        losses.check_hyperparameters(method["loss"], {k: v for k, v in method.items() if k != "loss"},
+        losses.check_hyperparameters(method["loss"], {k: v for k, v in method.items() if k not in HPARAM_EXCLUDE},
                                      where=f"{where}: methods.{name}")
+        if method.get("reference", "ref") == "soup" and not config["sft"]["enabled"]:
+            raise ValueError(f"{where}: methods.{name}.reference: 'soup' averages SFT models trained here, "
+                             "so it needs sft.enabled: true")
     models = {"ref", *config["methods"]}
     for i, (a, b) in enumerate(config["table1"]["pairs"]):
         for m in (a, b):

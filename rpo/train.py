@@ -393,7 +393,7 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, ckpt_dir,
     from rpo.data import read_pairs
     loss_name = method["loss"]
     loss_fn = losses.get_loss(loss_name)
-    hparams = {k: v for k, v in method.items() if k not in ("loss", "name")}
+    hparams = {k: v for k, v in method.items() if k not in ("loss", "name", "reference")}
     losses.check_hyperparameters(loss_name, hparams, where=f"method {method.get('name', loss_name)}")
     tok = load_tokenizer(ref_dir)
     items, tok_summary = tokenize_pairs(tok, read_pairs(pairs_path), max_length=cfg["max_length"],

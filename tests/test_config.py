@@ -330,3 +330,49 @@ def test_parse_source_unknown_scheme():
 def test_parse_source_empty(bad):
     with pytest.raises(ValueError):
         parse_source(bad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# method zoo, soup reference, every method vs ref
+# ---------------------------------------------------------------------------------------------------
+
+def test_method_zoo_adds_its_methods_and_pairs_against_ref(cfg):
+    from rpo.config import resolve_methods
+    cfg["method_zoo"] = {"enabled": True, "methods": {"tmean": {"loss": "rpo_mean", "beta": 0.1, "alpha": 1.0}}}
+    validate(cfg, SCHEMA, set_default=True)
+    resolve_methods(cfg)
+    check_config(cfg)
+    assert set(cfg["methods"]) == {"dpo", "rpo", "tmean"}
+    assert ["tmean", "ref"] in cfg["table1"]["pairs"]
+    assert sum(1 for p in cfg["table1"]["pairs"] if sorted(p) == ["dpo", "ref"]) == 1  # not added twice
+
+
+def test_method_zoo_off_changes_nothing(cfg):
+    from rpo.config import resolve_methods
+    cfg["method_zoo"] = {"enabled": False, "methods": {"hinge": {"loss": "hinge", "beta": 0.1}}}
+    validate(cfg, SCHEMA, set_default=True)
+    pairs = copy.deepcopy(cfg["table1"]["pairs"])
+    resolve_methods(cfg)
+    assert set(cfg["methods"]) == {"dpo", "rpo"} and cfg["table1"]["pairs"] == pairs
+
+
+def test_method_zoo_name_clash_is_refused(cfg):
+    from rpo.config import resolve_methods
+    cfg["method_zoo"] = {"enabled": True, "methods": {"rpo": {"loss": "dpo", "beta": 0.1}}}
+    validate(cfg, SCHEMA, set_default=True)
+    with pytest.raises(ValueError, match=r"method_zoo.methods repeats run name\(s\) of methods: \['rpo'\]"):
+        resolve_methods(cfg)
+
+
+def test_soup_reference_needs_sft(cfg):
+    cfg["methods"]["rpo"]["reference"] = "soup"
+    cfg["sft"]["enabled"] = False
+    validate(cfg, SCHEMA, set_default=True)
+    with pytest.raises(ValueError, match="methods.rpo.reference: 'soup' .* needs sft.enabled: true"):
+        check_config(cfg)
+
+
+def test_unknown_reference_is_a_schema_error(cfg):
+    cfg["methods"]["rpo"]["reference"] = "stew"
+    with pytest.raises(WorkflowError, match="stew"):
+        validate(cfg, SCHEMA, set_default=True)

@@ -299,3 +299,21 @@ def test_read_metrics_malformed_line_names_line(tmp_path):
         read_metrics(path)
     path.write_text('{"step": 1, "logps/chosen": -3.0}\n\n')
     assert read_metrics(path) == [{"step": 1, "logps/chosen": -3.0}]
+
+
+def test_methods_view_curves_and_final_win_rates(tmp_path):
+    from eval import figures
+    runs = {}
+    for m, slope in (("dpo", -1.0), ("ipo", 0.5)):
+        path = tmp_path / f"{m}.jsonl"
+        path.write_text("".join(json.dumps({"step": s, "logps/chosen": -50.0, "logratio/chosen": slope * s}) + "\n"
+                                for s in range(1, 6)))
+        runs[m] = path
+    rows = [{"model_a": "dpo", "model_b": "ref", "metric": "win_rate", "value": "60", "ci_low": "50", "ci_high": "70"},
+            {"model_a": "ref", "model_b": "dpo", "metric": "win_rate", "value": "40", "ci_low": "30", "ci_high": "50"},
+            {"model_a": "dpo", "model_b": "", "metric": "mtbench", "value": "5", "ci_low": "", "ci_high": ""}]
+    out = figures.plot_methods(runs, rows, tmp_path / "methods.png", smooth=1)
+    assert (tmp_path / "methods.png").stat().st_size > 0
+    assert out["curves"]["ipo"] == ([1, 2, 3, 4, 5], [0.5, 1.0, 1.5, 2.0, 2.5])
+    # only dpo has a win rate against ref; ref's own row and the MT-Bench row are not win rates vs ref
+    assert out["win_rate_vs_ref"] == {"dpo": (60.0, 50.0, 70.0)}

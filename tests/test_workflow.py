@@ -48,10 +48,10 @@ def tiny_config(tmp: Path, eta: float = 0.5) -> Path:
     return path
 
 
-def snakemake(tmp: Path, configfile: Path, *extra: str) -> subprocess.CompletedProcess:
+def snakemake(tmp: Path, configfile: Path, *extra: str, target: str = "results/table1.csv") -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp),
-           "--configfile", str(configfile), "--cores", "2", *extra, "results/table1.csv"]
+           "--configfile", str(configfile), "--cores", "2", *extra, target]
     return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -117,4 +117,21 @@ def test_changing_eta_reruns_only_rpo_and_downstream(finished_run):
     # RPO's training, its answers, the two judgments that involve it, its benchmark jobs, and the table; the reference
     # log-probs, the SFT model and the data are not recomputed.
     bench = {f"{stage}_{b}": 1 for stage in ("generate", "judge", "score") for b in ("mtbench", "alpacaeval", "arenahard")}
-    assert counts == {"train_preference": 1, "generate_table1": 1, "judge_table1": 2, "make_table1": 1, **bench}, counts
+    # (the resolved config records eta, so it is rewritten too)
+    assert counts == {"train_preference": 1, "generate_table1": 1, "judge_table1": 2, "make_table1": 1,
+                      "resolved_config": 1, **bench}, counts
+
+
+def test_report_has_tables_figure_and_config(finished_run):
+    tmp, config = finished_run
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp),
+           "--configfile", str(config), "--cores", "1", "--report", "results/report.html"]
+    run = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    html = (tmp / "results/report.html").read_text()
+    for name in ("table1.csv", "logps_chosen.png", "config.resolved.yaml"):
+        assert name in html
+    resolved = yaml.safe_load((tmp / "results/config.resolved.yaml").read_text())
+    assert resolved["methods"]["rpo"]["loss"] == "rpo"
+    assert resolved["training"]["warmup_ratio"] == 0.1  # a schema default, filled in

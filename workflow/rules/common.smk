@@ -1,11 +1,13 @@
 import json
+from pathlib import Path
 
 from snakemake.utils import validate
 
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 
-from rpo.config import check_config  # noqa: E402  (after validation filled the defaults)
+from rpo.config import check_config, resolve_methods  # noqa: E402  (after validation filled the defaults)
 
+resolve_methods(config)
 check_config(config)
 
 RESULTS = "results"
@@ -54,6 +56,33 @@ def get_ref_dir():
     return f"{RESULTS}/models/sft/model" if config["sft"]["enabled"] else f"{RESULTS}/models/base"
 
 
+SOUP_DIR = f"{RESULTS}/models/soup/model"
+
+
+def sft_dir(seed):
+    """An SFT model trained with `seed`: the main one when the seed is sft.train.seed."""
+    main = config["sft"]["train"]["seed"]
+    return f"{RESULTS}/models/sft/model" if int(seed) == main else f"{RESULTS}/models/sft_seed{seed}/model"
+
+
+def reference_name(method):
+    """The reference a method trains against: "ref" (Table 1's Ref model) or "soup" (SALSA)."""
+    return config["methods"][method].get("reference", "ref")
+
+
+def reference_dir(name):
+    return SOUP_DIR if name == "soup" else get_ref_dir()
+
+
+def reference_cache(name):
+    return f"{RESULTS}/reference/{name}/train_logps.pt"
+
+
+def get_base_dir(model):
+    """The model a policy's LoRA adapter sits on: its reference (Ref for the "ref" model itself)."""
+    return get_ref_dir() if model == "ref" else reference_dir(reference_name(model))
+
+
 def get_policy_dir(model):
     return None if model == "ref" else f"{RESULTS}/train/{model}/model"
 
@@ -82,7 +111,7 @@ def bench_judge(benchmark):
 
 def bench_gen_args(benchmark, w, out, **extra):
     b = config["benchmarks"][benchmark]
-    return as_json({"model_name": w.model, "ref_dir": get_ref_dir(), "policy_dir": get_policy_dir(w.model),
+    return as_json({"model_name": w.model, "ref_dir": get_base_dir(w.model), "policy_dir": get_policy_dir(w.model),
                     "out": out, "n_questions": b["n_questions"], "max_new_tokens": b["max_new_tokens"],
                     "batch_size": b["batch_size"], "seed": config["seed"], **extra})
 

@@ -5,14 +5,14 @@ def _policy_input(wildcards):
 
 rule generate_table1:
     input:
-        ref=get_ref_dir(),
+        ref=lambda w: get_base_dir(w.model),
         prompts=f"{RESULTS}/data/prompts_test.jsonl",
         policy=_policy_input,
     output:
         f"{RESULTS}/generations/table1/{{model}}.jsonl",
     params:
         args=lambda w: as_json({
-            "model_name": w.model, "ref_dir": get_ref_dir(), "policy_dir": get_policy_dir(w.model),
+            "model_name": w.model, "ref_dir": get_base_dir(w.model), "policy_dir": get_policy_dir(w.model),
             "prompts_path": f"{RESULTS}/data/prompts_test.jsonl",
             "out": f"{RESULTS}/generations/table1/{w.model}.jsonl", "seed": config["seed"],
             **{k: v for k, v in config["table1"]["generation"].items() if k != "threads"}}),
@@ -27,7 +27,7 @@ rule generate_table1:
 
 rule generate_mtbench:
     input:
-        ref=get_ref_dir(),
+        ref=lambda w: get_base_dir(w.model),
         policy=_policy_input,
     output:
         f"{RESULTS}/mtbench/model_answer/{{model}}.jsonl",
@@ -44,7 +44,7 @@ rule generate_mtbench:
 
 rule generate_alpacaeval:
     input:
-        ref=get_ref_dir(),
+        ref=lambda w: get_base_dir(w.model),
         policy=_policy_input,
     output:
         f"{RESULTS}/alpacaeval/{{model}}/model_outputs.json",
@@ -62,7 +62,7 @@ rule generate_alpacaeval:
 
 rule generate_arenahard:
     input:
-        ref=get_ref_dir(),
+        ref=lambda w: get_base_dir(w.model),
         policy=_policy_input,
     output:
         f"{RESULTS}/arenahard/model_answer/{{model}}.jsonl",

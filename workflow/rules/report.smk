@@ -62,23 +62,41 @@ rule score_arenahard:
 PAPER_SERIES = config["paper"]["series"]
 
 
+rule resolved_config:
+    # The config as this run resolved it (defaults filled), for the report and for the record.
+    output:
+        report(f"{RESULTS}/config.resolved.yaml", category="Configuration", caption="../report/config.rst"),
+    params:
+        config=as_json(config),
+    localrule: True
+    run:
+        import yaml
+
+        Path(output[0]).parent.mkdir(parents=True, exist_ok=True)
+        Path(output[0]).write_text(yaml.safe_dump(json.loads(params.config), sort_keys=False))
+
+
 rule make_table1:
     input:
+        resolved_config=f"{RESULTS}/config.resolved.yaml",
         judgments=JUDGMENTS,
-        metrics=list(LOGPS_METRICS.values()),
+        metrics=sorted({*LOGPS_METRICS.values(), *(f"{RESULTS}/train/{m}/metrics.jsonl" for m in METHODS)}),
         scores=SCORES,
     output:
-        csv=f"{RESULTS}/table1.csv",
+        csv=report(f"{RESULTS}/table1.csv", category="Tables", caption="../report/table1.rst"),
         md=f"{RESULTS}/table1.md",
-        figure=f"{RESULTS}/figures/logps_chosen.png",
+        figure=report(f"{RESULTS}/figures/logps_chosen.png", category="Figures", caption="../report/figure.rst"),
+        methods=report(f"{RESULTS}/figures/methods.png", category="Figures", caption="../report/methods.rst"),
         # the paper's numbers beside ours, when the config names a paper series
-        comparison=[f"{RESULTS}/paper_comparison.csv", f"{RESULTS}/paper_comparison.md"] if PAPER_SERIES else [],
+        comparison=[report(f"{RESULTS}/paper_comparison.csv", category="Tables", caption="../report/comparison.rst"),
+                    f"{RESULTS}/paper_comparison.md"] if PAPER_SERIES else [],
     params:
         args=as_json({"judgments": JUDGMENTS, "out_csv": f"{RESULTS}/table1.csv",
                       "out_md": f"{RESULTS}/table1.md", "metrics": LOGPS_METRICS, "scores": SCORES,
                       "figure": f"{RESULTS}/figures/logps_chosen.png", "labels": config["table1"]["labels"],
                       "pair_order": config["table1"]["pairs"], "bootstrap": config["table1"]["bootstrap"],
-                      "paper_series": PAPER_SERIES}),
+                      "paper_series": PAPER_SERIES, "methods_figure": f"{RESULTS}/figures/methods.png",
+                      "methods_metrics": {m: f"{RESULTS}/train/{m}/metrics.jsonl" for m in METHODS}}),
     resources:
         **res("cpu"),
     log:

@@ -29,12 +29,25 @@ Variants (see each function):
   rpo_mean     TRL's loss_type=["sigmoid", "sft"], token-mean NLL per micro-batch;
   rpo_seqmean  the authors' Appendix-F (OpenRLHF) variant, NLL / length per sequence.
 
-The registry (LOSSES, get_loss, loss_hyperparameters, check_hyperparameters)
-lets a config validator check a method's hyperparameters before training.
+Related methods (the paper's "related methods" zoo, RELATED_LOSSES), with
+h = (pc - rc) - (pr - rr) the log-ratio margin:
+  ipo          (h_norm - 1/(2 beta))^2, h_norm from per-token log-ratios (TRL "ipo");
+  exo_pair     KL(softmax(beta [pc - rc, pr - rr]) || (1 - epsilon, epsilon)) (TRL "exo_pair");
+  hinge        max(0, 1 - beta h), RSO's hinge-norm with gamma = beta (TRL "hinge");
+  minor_dpo    -log sigmoid(beta ((pc - rc) - max(0, pr - rr)));
+  ada_dpo      min over tau in [tau0, tau_max] of -tau log sigmoid(beta h / tau) + (rho - log 2) tau.
+
+Any loss without an SFT term (dpo and the related ones) also exists as
+"<name>+sft", which adds rpo's term eta * beta * (-pc); "dpo+sft" is rpo.
+
+The registry (LOSSES, RELATED_LOSSES, get_loss, loss_hyperparameters,
+check_hyperparameters) lets a config validator check a method's
+hyperparameters before training.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Callable
@@ -64,6 +77,9 @@ def _check_hyperparameter(name: str, value) -> None:
     beta scales the implicit reward and divides the KL penalty, so it must be
     strictly positive; eta and alpha weight the SFT term and may be 0 (which
     gives back DPO) but not negative (that would reward forgetting y_chosen).
+    EXO's epsilon is a label probability whose log is taken, so 0 < epsilon < 1.
+    Ada-DPO's tau0 and tau_max bound a scale (> 0; tau_max >= tau0 is checked
+    by _check_tau_bounds) and rho is a KL radius (>= 0).
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a real number, got {value!r}")
@@ -73,6 +89,22 @@ def _check_hyperparameter(name: str, value) -> None:
         raise ValueError(f"beta must be > 0, got {value!r}")
     if name in ("eta", "alpha") and not value >= 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
+    if name == "epsilon" and not 0 < value < 1:
+        raise ValueError(
+            f"epsilon must be in (0, 1), got {value!r}: EXO's target distribution is "
+            "(1 - epsilon, epsilon) and the loss takes log(epsilon), so the paper requires "
+            "epsilon > 0 (it recommends 1e-3)"
+        )
+    if name in ("tau0", "tau_max") and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if name == "rho" and not value >= 0:
+        raise ValueError(f"rho must be >= 0 (a KL radius), got {value!r}")
+
+
+def _check_tau_bounds(tau0: float, tau_max: float) -> None:
+    """Ada-DPO's interval [tau0, tau_max] must not be empty."""
+    if not tau_max >= tau0:
+        raise ValueError(f"tau_max must be >= tau0, got tau_max={tau_max!r} < tau0={tau0!r}")
 
 
 def _check_tensors(tensors: dict[str, torch.Tensor]) -> None:
@@ -250,6 +282,246 @@ def rpo_seqmean(
 
 
 # --------------------------------------------------------------------------
+# related methods (paper.md, "Related methods"): same inputs, other objectives
+# --------------------------------------------------------------------------
+
+def _margin(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
+    # h = log-ratio(chosen) - log-ratio(rejected), the quantity DPO scales by beta
+    return (pc - rc) - (pr - rr)
+
+
+def ipo(
+    *,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Per-example IPO loss (Azar et al. 2023, "A General Theoretical Paradigm to
+    Understand Learning from Human Preferences", eq. 17), shape [B]:
+
+        (h_norm - 1 / (2 beta))^2,
+        h_norm = (pc - rc) / chosen_lengths - (pr - rr) / rejected_lengths
+
+    beta is the paper's tau (the weight of the KL term). The loss is minimised,
+    with zero gradient, at h_norm = 1 / (2 beta).
+
+    Length normalisation follows TRL's loss_type="ipo": eq. 17 is written with
+    sequence log-probabilities, but TRL divides each sequence's summed log-ratio
+    by that sequence's own number of completion tokens (a per-token average
+    within the sequence, not over the batch), so the squared loss does not grow
+    with response length; TRL reports that the IPO authors confirmed this form.
+    TRL clamps lengths to >= 1; here a length <= 0 is an error.
+    """
+    _check_hyperparameter("beta", beta)
+    _check_tensors(dict(zip(TENSOR_ARGS, (
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+        reference_rejected_logps, chosen_lengths, rejected_lengths))))
+    _check_lengths_positive("chosen_lengths", chosen_lengths)
+    _check_lengths_positive("rejected_lengths", rejected_lengths)
+    dtype = policy_chosen_logps.dtype
+    h_norm = ((policy_chosen_logps - reference_chosen_logps) * _reciprocal(chosen_lengths, dtype)
+              - (policy_rejected_logps - reference_rejected_logps) * _reciprocal(rejected_lengths, dtype))
+    return (h_norm - 1.0 / (2.0 * beta)) ** 2
+
+
+def exo_pair(
+    *,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    beta: float,
+    epsilon: float,
+) -> torch.Tensor:
+    """Per-example pairwise EXO loss (Ji et al. 2024, "Towards Efficient Exact
+    Optimization of Language Model Alignment", arXiv 2402.00856; EXO on
+    preference data with K = 2 responses, eq. 16 as TRL cites it), shape [B]:
+
+        KL(q || p) = q_c (log q_c - log(1 - epsilon)) + q_r (log q_r - log epsilon),
+        q = softmax(beta * [pc - rc, pr - rr]) = (sigmoid(beta h), sigmoid(-beta h)),
+
+    the reverse KL from the policy's implicit preference distribution q over
+    {chosen, rejected} to the label distribution p = (1 - epsilon, epsilon).
+    Equal to TRL's loss_type="exo_pair" with label_smoothing = epsilon (TRL
+    rejects 0 and suggests 1e-3). The minimum is at beta h = log((1 - epsilon) /
+    epsilon); below it the gradient is DPO's times the positive factor
+    sigmoid(beta h) * (log((1 - epsilon) / epsilon) - beta h), so as epsilon -> 0
+    EXO moves the policy in DPO's direction, as the EXO paper states.
+    """
+    _check_hyperparameter("beta", beta)
+    _check_hyperparameter("epsilon", epsilon)
+    _check_tensors(dict(zip(TENSOR_ARGS, (
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+        reference_rejected_logps, chosen_lengths, rejected_lengths))))
+    z = beta * _margin(policy_chosen_logps, policy_rejected_logps,
+                       reference_chosen_logps, reference_rejected_logps)
+    # log q from logsigmoid, so a large |z| gives q = 0 times a finite log, not 0 * log(0)
+    log_qc, log_qr = F.logsigmoid(z), F.logsigmoid(-z)
+    return (log_qc.exp() * (log_qc - math.log1p(-epsilon))
+            + log_qr.exp() * (log_qr - math.log(epsilon)))
+
+
+def hinge(
+    *,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Per-example hinge loss of RSO (Liu et al. 2023, "Statistical Rejection
+    Sampling Improves Preference Optimization", arXiv 2309.06657, the
+    "hinge-norm" loss, i.e. SLiC's hinge on the normalised likelihood), shape [B]:
+
+        max(0, 1 - gamma * h),   gamma = beta
+
+    RSO calls the scale gamma; it is exposed as `beta`, as TRL's
+    loss_type="hinge" does, so the trainer's reward metrics beta * log-ratio
+    are on the same scale. The loss is 0, with zero gradient, once gamma * h >= 1.
+    Only the loss: RSO's rejection sampling of the pairs needs a reward model.
+    """
+    _check_hyperparameter("beta", beta)
+    _check_tensors(dict(zip(TENSOR_ARGS, (
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+        reference_rejected_logps, chosen_lengths, rejected_lengths))))
+    h = _margin(policy_chosen_logps, policy_rejected_logps,
+                reference_chosen_logps, reference_rejected_logps)
+    return torch.relu(1.0 - beta * h)
+
+
+def minor_dpo(
+    *,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Per-example MinorDPO loss ("Minor DPO reject penalty to increase training
+    robustness", arXiv 2408.09834), shape [B]:
+
+        -log sigmoid(beta * ((pc - rc) - max(0, pr - rr)))
+
+    The rejected response is pushed down only while the policy gives it more
+    probability than the reference: once pr - rr <= 0 its log-ratio is
+    clamped to 0 and gets no gradient (the loss is then -log sigmoid(beta (pc - rc))).
+    Where pr - rr >= 0 it is exactly dpo.
+    """
+    _check_hyperparameter("beta", beta)
+    _check_tensors(dict(zip(TENSOR_ARGS, (
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+        reference_rejected_logps, chosen_lengths, rejected_lengths))))
+    rejected_logratio = (policy_rejected_logps - reference_rejected_logps).clamp(min=0.0)
+    return -F.logsigmoid(beta * ((policy_chosen_logps - reference_chosen_logps) - rejected_logratio))
+
+
+@functools.lru_cache(maxsize=64)
+def _ada_dpo_unit_margin(rho: float) -> float:
+    """The u > 0 with H(sigmoid(u)) = log 2 - rho (H the binary entropy in nats),
+    for 0 < rho < log 2, by bisection in float64. H(sigmoid(u)) falls from
+    log 2 at u = 0 towards 0, so the root is unique."""
+    target = math.log(2.0) - rho
+
+    def entropy(u: float) -> float:
+        # H(sigmoid(u)) = -log sigmoid(u) + u * sigmoid(-u), written for u >= 0
+        e = math.exp(-u)
+        return math.log1p(e) + u * e / (1.0 + e)
+
+    lo, hi = 0.0, 1.0
+    while entropy(hi) > target:
+        lo, hi = hi, 2.0 * hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):  # the bracket is one ulp wide
+            break
+        if entropy(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def _ada_dpo_tau(z: torch.Tensor, tau0: float, tau_max: float, rho: float) -> torch.Tensor:
+    """Per-pair minimiser over [tau0, tau_max] of -tau log sigmoid(z / tau) + (rho - log 2) tau.
+
+    Its tau-derivative is H(sigmoid(z / tau)) - log 2 + rho, increasing in tau
+    when z != 0 (strict convexity), so the minimiser is clip(|z| / u, tau0, tau_max)
+    with u from _ada_dpo_unit_margin. rho = 0 makes the derivative <= 0
+    everywhere (tau_max; at z = 0 every tau ties and tau_max is kept for
+    continuity); rho >= log 2 makes it >= 0 (tau0).
+    """
+    if rho == 0:
+        return torch.full_like(z, tau_max)
+    if rho >= math.log(2.0):
+        return torch.full_like(z, tau0)
+    return (z.abs() / _ada_dpo_unit_margin(rho)).clamp(min=tau0, max=tau_max)
+
+
+def ada_dpo(
+    *,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    beta: float,
+    tau0: float,
+    tau_max: float,
+    rho: float,
+) -> torch.Tensor:
+    """Per-example Ada-DPO loss (Hong et al. 2024, "Adaptive Preference Scaling for
+    Reinforcement Learning with Human Feedback", arXiv 2406.02764: eqs. 4 and 6
+    with DPO's reward beta * log-ratio, §3.5), shape [B]:
+
+        min over tau in [tau0, tau_max] of  -tau * log sigmoid(beta h / tau) + (rho - log 2) * tau
+
+    Each pair gets its own scale tau_i, the Lagrange multiplier of a per-pair
+    KL-constrained DRO problem (eq. 3). `rho` is that problem's KL radius, the
+    paper's rho_0 (the authors' code also calls it rho; their DPO defaults are
+    rho = 0.2, tau in [0.1, 5]); eq. 6 writes the penalty as rho' * tau with
+    rho' = rho_0 - log 2.
+
+    beta: the paper's §3.5 formula merges beta into tau and rho; keeping beta
+    inside, as the authors' DPO trainer does, makes tau0 = tau_max = 1 give
+    dpo + (rho - log 2) (a constant shift) and keeps the authors' tau bounds.
+
+    The inner problem is solved exactly per pair (see _ada_dpo_tau):
+    tau* = clip(|beta h| / u, tau0, tau_max) with H(sigmoid(u)) = log 2 - rho,
+    u found once per call by bisection. The paper (eqs. 8-9, Algorithm 1)
+    takes K projected Newton steps from tau = 1 per pair, K = 5 in the authors'
+    code; tau* is the point those steps converge to.
+
+    Gradient: tau* is computed under torch.no_grad and held fixed. By Danskin's
+    theorem the gradient of the minimum over tau is the objective's gradient at
+    tau*: d/dh = -beta * sigmoid(-beta h / tau*). The returned value includes
+    the (rho - log 2) * tau* term, which carries no gradient (the authors' code
+    leaves it out of the reported loss).
+    """
+    for name, value in (("beta", beta), ("tau0", tau0), ("tau_max", tau_max), ("rho", rho)):
+        _check_hyperparameter(name, value)
+    _check_tau_bounds(tau0, tau_max)
+    _check_tensors(dict(zip(TENSOR_ARGS, (
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+        reference_rejected_logps, chosen_lengths, rejected_lengths))))
+    z = beta * _margin(policy_chosen_logps, policy_rejected_logps,
+                       reference_chosen_logps, reference_rejected_logps)
+    with torch.no_grad():
+        tau = _ada_dpo_tau(z.detach(), tau0, tau_max, rho)
+    return -tau * F.logsigmoid(z / tau) + (rho - math.log(2.0)) * tau
+
+
+# --------------------------------------------------------------------------
 # metrics
 # --------------------------------------------------------------------------
 
@@ -275,13 +547,82 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "rpo_seqmean": rpo_seqmean,
 }
 
+# The methods named next to the paper (paper.md, "Related methods").
+RELATED_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "ipo": ipo,
+    "exo_pair": exo_pair,
+    "hinge": hinge,
+    "minor_dpo": minor_dpo,
+    "ada_dpo": ada_dpo,
+}
+
+SFT_SUFFIX = "+sft"
+# Losses without an SFT term of their own, which "<name>+sft" extends
+# (the rpo variants already have one).
+SFT_BASES: tuple[str, ...] = ("dpo", *RELATED_LOSSES)
+_WITH_SFT: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def _with_sft(base_name: str) -> Callable[..., torch.Tensor]:
+    """`base_name`'s loss plus rpo's SFT term eta * beta * (-policy_chosen_logps)
+    (paper eq. 4.8), with the base's keyword-only signature plus `eta`."""
+    base = get_loss(base_name)
+    base_sig = inspect.signature(base)
+    eta_param = inspect.Parameter("eta", inspect.Parameter.KEYWORD_ONLY, annotation="float")
+    sig = base_sig.replace(parameters=[*base_sig.parameters.values(), eta_param])
+
+    def loss_with_sft(**kwargs) -> torch.Tensor:
+        # bind() raises TypeError for a missing or unexpected keyword, as a def would
+        args = dict(sig.bind(**kwargs).arguments)
+        eta = args.pop("eta")
+        _check_hyperparameter("eta", eta)
+        # the same expression as rpo, so get_loss("dpo+sft") equals rpo exactly
+        return base(**args) + (eta * args["beta"]) * (-args["policy_chosen_logps"])
+
+    loss_with_sft.__signature__ = sig
+    loss_with_sft.__name__ = loss_with_sft.__qualname__ = f"{base.__name__}_sft"
+    loss_with_sft.__doc__ = (
+        f"Per-example {base_name!r} loss plus eta * beta * (-policy_chosen_logps), shape [B]:\n"
+        "rpo's summed-NLL SFT term on the chosen response (paper eq. 4.8).\n\n"
+        f"{base_name}: {base.__doc__}"
+    )
+    return loss_with_sft
+
 
 def get_loss(name: str) -> Callable[..., torch.Tensor]:
-    """The loss function registered under `name`; ValueError listing the names otherwise."""
-    try:
-        return LOSSES[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown loss {name!r}; expected one of: {', '.join(LOSSES)}") from None
+    """The loss function registered under `name` (a name of LOSSES or
+    RELATED_LOSSES, or "<base>+sft" for a base in SFT_BASES); ValueError
+    listing the valid names otherwise."""
+    if isinstance(name, str):
+        if name in LOSSES:
+            return LOSSES[name]
+        if name in RELATED_LOSSES:
+            return RELATED_LOSSES[name]
+        if name.endswith(SFT_SUFFIX):
+            base = name[: -len(SFT_SUFFIX)]
+            if base in SFT_BASES:
+                if name not in _WITH_SFT:
+                    _WITH_SFT[name] = _with_sft(base)
+                return _WITH_SFT[name]
+            if base in LOSSES:
+                raise ValueError(f"unknown loss {name!r}: {base!r} already has an SFT term; "
+                                 f"{SFT_SUFFIX!r} extends one of: {', '.join(SFT_BASES)}")
+    raise ValueError(
+        f"unknown loss {name!r}; expected one of: {', '.join([*LOSSES, *RELATED_LOSSES])}; "
+        f"or one of {', '.join(SFT_BASES)} with the suffix {SFT_SUFFIX!r} (e.g. 'ipo+sft')"
+    )
+
+
+def preference_part(name: str) -> str:
+    """The name of loss `name` without its SFT term: "dpo" for the rpo variants, the base of "<base>+sft",
+    and `name` itself for a loss without one (whose SFT part is then zero). The trainer logs
+    loss/sft = loss - preference part."""
+    get_loss(name)  # unknown names fail here, with the usual message
+    if name in ("rpo", "rpo_mean", "rpo_seqmean"):
+        return "dpo"
+    if name.endswith(SFT_SUFFIX):
+        return name[: -len(SFT_SUFFIX)]
+    return name
 
 
 def loss_hyperparameters(name: str) -> tuple[str, ...]:
@@ -313,8 +654,10 @@ def check_hyperparameters(name: str, params: dict, where: str) -> None:
             f"{where}: loss {name!r} " + "; ".join(parts)
             + f"; expected exactly: {', '.join(expected)}"
         )
-    for key in expected:
-        try:
+    try:
+        for key in expected:
             _check_hyperparameter(key, params[key])
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
+        if "tau0" in expected and "tau_max" in expected:
+            _check_tau_bounds(params["tau0"], params["tau_max"])
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None

@@ -256,6 +256,8 @@ def run_loop(*, model, items, step_fn, cfg: dict, out_dir, ckpt_dir, run_config:
     if main:
         _truncate_metrics(metrics_path, start)
     wrapped, opt_w = acc.prepare(model, opt) if world > 1 else (model, opt)
+    # Sharding wrappers (FSDP) may replace the parameters: clip those the prepared model holds.
+    params = [p for p in wrapped.parameters() if p.requires_grad]
 
     mb = cfg["micro_batch_size"]
     seen = [0]
@@ -409,6 +411,10 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, ckpt_dir,
     model = prepare_model(ref_dir, cfg, device)
     dpo = losses.get_loss("dpo")
     beta = hparams["beta"]
+    # The loss without its SFT term (DPO for RPO, IPO for ipo+sft, the loss itself when it has none).
+    pref_name = losses.preference_part(loss_name)
+    pref_fn = losses.get_loss(pref_name)
+    pref_hparams = {k: hparams[k] for k in losses.loss_hyperparameters(pref_name)}
 
     def step_fn(model, micro, n_in_step):
         b = len(micro)
@@ -423,11 +429,13 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, ckpt_dir,
         per_example = loss_fn(**args, **hparams)
         with torch.no_grad():
             dpo_part = dpo(**args, beta=beta)
+            pref_part = pref_fn(**args, **pref_hparams)
             rc = losses.rewards(args["policy_chosen_logps"], args["reference_chosen_logps"], beta)
             rr = losses.rewards(args["policy_rejected_logps"], args["reference_rejected_logps"], beta)
         pe = per_example.detach()
-        m = {"loss": float(pe.mean()), "loss/dpo": float(dpo_part.mean()),
-             "loss/sft": float((pe - dpo_part).mean()),
+        # loss = loss/pref + loss/sft; loss/dpo is the DPO loss of the same batch, for comparing methods
+        m = {"loss": float(pe.mean()), "loss/dpo": float(dpo_part.mean()), "loss/pref": float(pref_part.mean()),
+             "loss/sft": float((pe - pref_part).mean()),
              "rewards/chosen": float(rc.mean()), "rewards/rejected": float(rr.mean()),
              "rewards/margins": float((rc - rr).mean()), "rewards/accuracies": float((rc > rr).float().mean()),
              "logps/chosen": float(lp[:b].detach().mean()), "logps/rejected": float(lp[b:].detach().mean()),

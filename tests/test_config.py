@@ -166,13 +166,13 @@ def test_good_model_sources_accepted(cfg, source):
 # ---------------------------------------------------------------------------------------------------
 
 def test_unknown_loss_name(cfg):
-    cfg["methods"]["ipo"] = {"loss": "ipo", "beta": 0.1}
+    cfg["methods"]["kto"] = {"loss": "kto", "beta": 0.1}
     validate(cfg, SCHEMA, set_default=True)  # the schema accepts any loss string
     with pytest.raises(ValueError) as ei:
         check_config(cfg)
     msg = str(ei.value)
-    assert "methods.ipo.loss" in msg
-    assert "'ipo'" in msg
+    assert "methods.kto.loss" in msg
+    assert "'kto'" in msg
     for known in LOSSES:  # dpo, rpo, rpo_mean, rpo_seqmean
         assert known in msg
     assert {"dpo", "rpo"} <= set(LOSSES)
@@ -376,3 +376,15 @@ def test_unknown_reference_is_a_schema_error(cfg):
     cfg["methods"]["rpo"]["reference"] = "stew"
     with pytest.raises(WorkflowError, match="stew"):
         validate(cfg, SCHEMA, set_default=True)
+
+
+def test_shipped_method_zoo_is_valid_and_off(cfg):
+    from rpo.config import resolve_methods
+    assert cfg["method_zoo"]["enabled"] is False  # the quickstart keeps its time budget
+    cfg["method_zoo"]["enabled"] = True           # what a user switches on
+    validate(cfg, SCHEMA, set_default=True)
+    resolve_methods(cfg)
+    check_config(cfg)
+    zoo = {"ipo", "exo", "hinge", "minor_dpo", "ada_dpo", "ipo_sft", "rpo_soup"}
+    assert set(cfg["methods"]) == {"dpo", "rpo"} | zoo
+    assert all([m, "ref"] in cfg["table1"]["pairs"] for m in zoo)

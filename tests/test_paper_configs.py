@@ -120,3 +120,20 @@ def test_single_gpu_config_with_the_local_gpu_profile(tmp_path):
             assert j["shell"].startswith("python -m rpo ")
     gen = args_of(next(j for j in js if j["rule"] == "generate_table1"))
     assert gen["backend"] == "vllm"
+
+
+def test_quickstart_with_the_method_zoo_switched_on(tmp_path):
+    cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    cfg["method_zoo"]["enabled"] = True
+    path = tmp_path / "zoo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    js = jobs(dry_run(tmp_path, path, "profiles/default"))
+    count = {}
+    for j in js:
+        count[j["rule"]] = count.get(j["rule"], 0) + 1
+    # dpo, rpo + 7 zoo methods; one more SFT model (seed 43) and its soup; reference log-probs of Ref and soup
+    assert (count["train_preference"], count["train_sft"], count["train_sft_seed"], count["make_soup"],
+            count["reference_logps"]) == (9, 1, 1, 1, 2)
+    assert count["judge_table1"] == 3 + 7  # the paper's three pairs + each zoo method vs Ref
+    soup = next(j for j in js if j["rule"] == "train_preference" and "rpo_soup" in j["wildcards"])
+    assert args_of(soup)["ref_dir"] == "results/models/soup/model"

@@ -170,3 +170,17 @@ def test_full_finetuning_saves_a_whole_model_that_generation_loads(tiny_model_di
     # every weight matrix is trainable under full fine-tuning: the embeddings moved too
     assert not torch.equal(policy.get_input_embeddings().weight, base.get_input_embeddings().weight)
     assert len(metrics) == 2
+
+
+@pytest.mark.parametrize("method,has_sft", [({"loss": "ipo+sft", "beta": 0.5, "eta": 0.5}, True),
+                                            ({"loss": "hinge", "beta": 0.5}, False)])
+def test_related_losses_train_and_split_their_sft_part(tiny_model_dir, pairs_file, tmp_path, method, has_sft):
+    cfg = {**CFG, "epochs": 2}
+    _, metrics, out = _train(tiny_model_dir, pairs_file, tmp_path, method, cfg=cfg)
+    assert (out / "adapter_model.safetensors").is_file()
+    for m in metrics:
+        assert m["loss"] == pytest.approx(m["loss/pref"] + m["loss/sft"], abs=1e-5)
+        # the SFT part of ipo+sft is eta * beta * (-log pi(y_w)) > 0; hinge has none
+        assert (m["loss/sft"] > 0) if has_sft else (m["loss/sft"] == 0)
+    if not has_sft:  # hinge at policy == reference: max(0, 1 - 0) = 1
+        assert metrics[0]["loss/pref"] == pytest.approx(1.0, abs=1e-4)

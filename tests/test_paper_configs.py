@@ -60,7 +60,7 @@ def test_paper_config_on_slurm_resolves_the_whole_dag(tmp_path, series, accum_fi
     assert "train_sft" not in by_rule
     assert {r: len(v) for r, v in by_rule.items()} == {
         "materialise_base": 1, "make_data": 1, "reference_logps": 1, "train_preference": 2,
-        "generate_table1": 3, "judge_table1": 3, "make_table1": 1,
+        "generate_table1": 3, "judge_table1": 3, "make_table1": 1, "resolved_config": 1,
         **{f"{s}_{b}": 3 for s in ("generate", "judge", "score") for b in ("mtbench", "alpacaeval", "arenahard")}}
     for j in by_rule["train_preference"]:
         r = j["resources"]
@@ -74,8 +74,8 @@ def test_paper_config_on_slurm_resolves_the_whole_dag(tmp_path, series, accum_fi
                                      "--num_processes 8 --num_machines 1")
     methods = {args_of(j)["method"]["name"]: args_of(j)["method"] for j in by_rule["train_preference"]}
     beta = {"beta": 0.01, "gemma": 0.05}[series]
-    assert methods["dpo"] == {"name": "dpo", "loss": "dpo", "beta": beta}
-    assert methods["rpo"] == {"name": "rpo", "loss": "rpo", "beta": beta, "eta": 0.005}
+    assert methods["dpo"] == {"name": "dpo", "loss": "dpo", "beta": beta, "reference": "ref"}
+    assert methods["rpo"] == {"name": "rpo", "loss": "rpo", "beta": beta, "eta": 0.005, "reference": "ref"}
     for rule in ("reference_logps", "generate_table1", "generate_mtbench"):
         assert all(j["resources"]["gpu"] == "1" and j["resources"]["slurm_partition"] == "gpuq"
                    for j in by_rule[rule])

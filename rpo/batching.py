@@ -77,20 +77,249 @@ def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, t
     return {"input_ids": ids, "attention_mask": attn, "labels_mask": lab}
 
 
-def summed_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def summed_logps(model, batch: dict[str, torch.Tensor], *, chunk_tokens: int = 1024,
+                 share_prompts: bool = True, row_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sum of log π(response token | prefix), and response token counts.
 
-    Only positions from the earliest response start onwards go through the LM head (`logits_to_keep`):
-    prompt positions never need logits, and the fp32 logits over a 49k-49k-token vocabulary are the
-    largest tensor of the step.
+    The value is the full log-softmax's (tests/test_train.py, tests/test_benchmarks_support.py) up to
+    float rounding; how it is computed depends on the model:
+    - always: only positions from the earliest response start onwards go through the LM head
+      (`logits_to_keep`), prompt positions never need logits;
+    - a plain linear LM head (`_plain_lm_head`): for this call only, the head is swapped for one that
+      scores just the response tokens, `chunk_tokens` at a time, and keeps no [tokens, vocabulary] tensor
+      for the backward (`_TokenLogProbs`); on a 49k-token vocabulary those fp32 logits, their
+      log-softmax and its gradient were the largest tensors of the step;
+    - and sdpa or eager attention, with `share_prompts`: sequences of the batch that share a prompt (the
+      chosen and rejected sequences of a pair) become ONE row, the prompt once and then each response,
+      which attends to the prompt and to itself only, with the positions it has on its own
+      (`_share_prompts`). A response's hidden states depend only on its own causal prefix, so the result
+      is the same while the prompt is run once instead of twice and the row has no padding between the
+      two; in preference training the prompt is often half of the tokens.
     """
     ids, attn, lab = batch["input_ids"], batch["attention_mask"], batch["labels_mask"]
     first = int(lab.float().argmax(dim=1).min())  # earliest response token over the batch
     keep = ids.shape[1] - first + 1  # logits at position t predict token t+1
-    logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
-    logits = logits[:, :-1].float()
     targets = ids[:, first:]
     mask = lab[:, first:]
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    logp = logp.masked_fill(~mask, 0.0)
-    return logp.sum(dim=1), mask.sum(dim=1)
+    head = _plain_lm_head(model)
+    if head is None:
+        logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
+        logits = logits[:, :-1].float()
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        logp = logp.masked_fill(~mask, 0.0)
+        return logp.sum(dim=1), mask.sum(dim=1)
+    packed = _share_prompts(ids, lab, _attention_kind(model), row_tokens, attn) if share_prompts else None
+    if packed is None:
+        def select(hidden):  # [B, keep, H] -> the positions that predict response tokens
+            return hidden[:, :-1][mask]
+        with _scoring_head(head, select, targets[mask], chunk_tokens):
+            token_logps = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
+        rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(mask)[mask]
+    else:
+        def select(hidden):  # [G, W, H] -> the predicting positions, in packed order
+            return hidden.reshape(-1, hidden.shape[-1])[packed["predictor"]]
+        with _scoring_head(head, select, packed["target"], chunk_tokens):
+            token_logps = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
+                                position_ids=packed["position_ids"], logits_to_keep=0).logits
+        rows = packed["row"]
+    # [n response tokens] -> per sequence
+    return token_logps.new_zeros(ids.shape[0]).index_add(0, rows, token_logps), mask.sum(dim=1)
+
+
+# Causal LMs whose forward ends in exactly `logits = self.lm_head(hidden_states[:, slice])`: no logit
+# scaling or soft-capping after the head (Gemma 2/3, Cohere, Granite... have some), so the head's output
+# can be replaced by per-token log-probs. Others take the plain path.
+_PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _plain_lm_head(model):
+    """The model's LM head if it is a bias-free nn.Linear of an allow-listed architecture, unsharded and
+    not under LoRA; else None (the plain log-softmax path, always correct)."""
+    inner = _unwrap(model)
+    if not hasattr(inner, "get_output_embeddings") or not hasattr(inner, "config"):
+        return None  # e.g. FSDP-1 wrapper: keep its forward untouched
+    peft_cfg = getattr(inner, "peft_config", None)
+    if peft_cfg and any(getattr(c, "is_prompt_learning", False) for c in peft_cfg.values()):
+        return None
+    if getattr(inner.config, "model_type", None) not in _PLAIN_HEAD_MODELS:
+        return None
+    head = inner.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    if type(head.weight.data) is not torch.Tensor:  # a DTensor (FSDP-2 / tensor parallel shard)
+        return None
+    return head
+
+
+def _attention_kind(model) -> str | None:
+    """'sdpa' or 'eager' when the model takes a custom 4-D attention mask in that format, else None."""
+    kind = getattr(_unwrap(model).config, "_attn_implementation", None)
+    return kind if kind in ("sdpa", "eager") else None
+
+
+def _share_prompts(ids: torch.Tensor, lab: torch.Tensor, kind: str | None, row_tokens: int = 0,
+                   attn: torch.Tensor | None = None) -> dict | None:
+    """Pack sequences that share a prompt into one row: [prompt, response_1, response_2, ...].
+
+    Returns the packed input_ids, position_ids and 4-D attention mask, and for every response token in
+    the order of `lab`'s True entries (row-major) its target id, the flat index of the packed position
+    that predicts it, and its original row. None when nothing is shared, the mask kind is unknown, or
+    the batch is not `collate`'s layout (each row: prompt, then its response, then only padding).
+    """
+    if kind is None:
+        return None
+    lab_cpu, ids_cpu = lab.cpu(), ids.cpu()
+    n_resp = lab_cpu.sum(dim=1).tolist()
+    start = lab_cpu.float().argmax(dim=1).tolist()  # = prompt length (right-padded rows)
+    if min(n_resp) < 1 or min(start) < 1:
+        return None
+    cols = torch.arange(ids.shape[1])
+    end = torch.tensor(start) + torch.tensor(n_resp)
+    real = cols < end[:, None]
+    if not torch.equal(lab_cpu, real & (cols >= torch.tensor(start)[:, None])):
+        return None  # a response that is not one block after its prompt
+    if attn is not None and not torch.equal(attn.cpu().bool(), real):
+        return None  # padding inside or before a sequence
+    groups: dict[tuple, list[int]] = {}
+    for i in range(ids.shape[0]):
+        groups.setdefault(tuple(ids_cpu[i, :start[i]].tolist()), []).append(i)
+    if len(groups) == ids.shape[0]:
+        return None  # nothing shared: the plain layout is as good
+    # Rows of at most `row_tokens` (or the longest group): first fit, longest group first. Fewer, fuller
+    # rows waste less on padding; a row's attention costs its width squared.
+    sizes = {p: len(p) + sum(n_resp[i] for i in rows) for p, rows in groups.items()}
+    cap = max(max(sizes.values()), row_tokens)
+    fill: list[int] = []
+    place: dict[tuple, tuple[int, int]] = {}
+    for p in sorted(groups, key=lambda p: -sizes[p]):
+        r = next((r for r, used in enumerate(fill) if used + sizes[p] <= cap), None)
+        if r is None:
+            r = len(fill)
+            fill.append(0)
+        place[p] = (r, fill[r])
+        fill[r] += sizes[p]
+    width = max(fill)
+    packed_ids = torch.zeros((len(fill), width), dtype=ids.dtype)
+    positions = torch.zeros((len(fill), width), dtype=torch.long)
+    group = torch.full((len(fill), width), -1, dtype=torch.long)  # -1: padding
+    part = torch.zeros((len(fill), width), dtype=torch.long)  # 0: prompt, k: the group's k-th response
+    predictor = [0] * int(sum(n_resp))
+    offsets = [0] * ids.shape[0]  # where each row's response tokens start in the flat token order
+    acc = 0
+    for i in range(ids.shape[0]):
+        offsets[i], acc = acc, acc + n_resp[i]
+    for gi, (prompt, rows) in enumerate(groups.items()):
+        r, at = place[prompt]
+        p = len(prompt)
+        packed_ids[r, at:at + p] = torch.tensor(prompt, dtype=ids.dtype)
+        positions[r, at:at + p] = torch.arange(p)
+        group[r, at:at + sizes[prompt]] = gi
+        last_prompt = r * width + at + p - 1
+        at += p
+        for k, i in enumerate(rows, start=1):
+            n = n_resp[i]
+            packed_ids[r, at:at + n] = ids_cpu[i, start[i]:start[i] + n]
+            positions[r, at:at + n] = torch.arange(p, p + n)
+            part[r, at:at + n] = k
+            # token j of this response is predicted by the previous position of ITS sequence:
+            # the last prompt token for j = 0, else the previous response token
+            predictor[offsets[i]:offsets[i] + n] = [last_prompt] + [r * width + at + j for j in range(n - 1)]
+            at += n
+    gq, gk = group.unsqueeze(2), group.unsqueeze(1)
+    pq, pk = part.unsqueeze(2), part.unsqueeze(1)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal & (gq == gk) & (gq >= 0) & ((pk == 0) | (pk == pq))
+    allowed |= torch.eye(width, dtype=torch.bool) & (gq == -1)  # padding attends to itself: no NaN rows
+    allowed = allowed.unsqueeze(1)  # [rows, 1, W, W]
+    device = ids.device
+    if kind == "eager":  # eager attention adds the mask to the scores
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    else:
+        mask = allowed
+    return {"input_ids": packed_ids.to(device), "position_ids": positions.to(device),
+            "attention_mask": mask.to(device), "target": ids[lab], "row": lab.nonzero()[:, 0],
+            "predictor": torch.tensor(predictor, dtype=torch.long, device=device)}
+
+
+class _scoring_head:
+    """Context: `head(hidden)` returns the log-probs of `targets` at the positions `select(hidden)` picks
+    (one per target, in order) instead of the logits."""
+
+    def __init__(self, head, select, targets: torch.Tensor, chunk_tokens: int):
+        self.head, self.select, self.targets, self.chunk = head, select, targets, chunk_tokens
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        h = self.select(hidden)
+        if torch.is_grad_enabled() and (h.requires_grad or self.head.weight.requires_grad):
+            return _TokenLogProbs.apply(h, self.head.weight, self.targets, self.chunk)
+        return _token_logps(h, self.head.weight, self.targets, self.chunk)[0]
+
+    def __enter__(self):
+        self.saved = self.head.__dict__.get("forward")  # an instance-level forward someone set, if any
+        self.head.forward = self.forward
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            del self.head.forward  # back to the class's forward
+        else:
+            self.head.forward = self.saved
+        return False
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    # Under autocast the head's matmul would run in the autocast dtype: keep that, accumulate in fp32.
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
+def _token_logps(h, weight, targets, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(h @ weight.T)[targets] and the log-normaliser, `chunk` rows of logits at a time."""
+    dtype = _compute_dtype(h)
+    w = weight.to(dtype)
+    out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    lse = torch.empty_like(out)
+    with torch.autocast(h.device.type, enabled=False):
+        for s in range(0, h.shape[0], chunk):
+            z = (h[s:s + chunk].to(dtype) @ w.t()).float()
+            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
+            out[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+    return out, lse
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    """Per-token log-probs through a linear head whose backward recomputes each chunk of logits, so only
+    the hidden states and one log-normaliser per token are kept between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        out, lse = _token_logps(h, weight, targets, chunk)
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.chunk, ctx.dtype = chunk, _compute_dtype(h)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        dtype, chunk = ctx.dtype, ctx.chunk
+        w = weight.to(dtype)
+        grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], chunk):
+                hc, g = h[s:s + chunk].to(dtype), grad[s:s + chunk].float()
+                # d log p(t) / d z = onehot(t) - softmax(z), times the incoming gradient
+                dz = (hc @ w.t()).float().sub_(lse[s:s + chunk, None]).exp_().mul_(-g[:, None])
+                dz.scatter_add_(1, targets[s:s + chunk, None], g[:, None])
+                dz = dz.to(dtype)
+                if need_h:
+                    grad_h[s:s + chunk] = (dz @ w).to(h.dtype)
+                if need_w:
+                    grad_w.addmm_(dz.t().float(), hc.float())
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None

@@ -1,0 +1,294 @@
+"""Training throughput: our trainer (rpo.train.train_preference) vs TRL's DPOTrainer, same everything.
+
+    python -m benchmarks.train_throughput                       # SmolLM2-135M on CPU, ~11 min on 2 cores
+    python -m benchmarks.train_throughput --smoke               # tiny random model, seconds
+    python -m benchmarks.train_throughput --device cuda --shape 8b --steps 20   # a GPU (not run here)
+
+Both trainers get the same model weights, pairs, batches in the same order (TRL's sampler set to
+sequential over the pairs laid out in our trainer's seeded step order), sequence lengths (no pair is
+truncated by either), micro-batch, LoRA config, precision, AdamW with the same lr, betas, weight decay
+and clipping. TRL runs with `gradient_checkpointing=False` and the precision we run (its defaults are
+True and bf16), LoRA through its own `peft_config`. RPO is our `rpo_mean`, which is TRL's
+`loss_type=["sigmoid", "sft"]`, so the step-1 losses of the two trainers must agree (printed).
+
+Every run is a fresh subprocess (peak RSS is per process), and the runs are interleaved, the order
+reversed every other repeat, so that a drift in the shared machine's load hits both trainers alike.
+Our trainer is measured through `rpo.train.train_preference` itself: hooks only time-stamp its optimizer
+steps and count the forwards of the model body. Its reference log-probs come from the cache written once
+by `rpo.train.reference_logps` (timed separately, "reference pass"); TRL without
+`precompute_ref_log_probs` runs a reference forward (adapter disabled) in every step, as by default.
+
+Tokens/s counts the real (unpadded) prompt + response tokens of the chosen and rejected sequences that
+the policy processed, over the measured steps (after `--warmup` steps), divided by their wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks import common
+
+NAME = "train_throughput"
+# variant -> (trainer, loss of ours / TRL loss_type, TRL precompute_ref_log_probs)
+VARIANTS = {
+    "ours:dpo": ("ours", "dpo", False),
+    "trl:dpo": ("trl", "dpo", False),
+    "ours:rpo": ("ours", "rpo_mean", False),
+    "trl:rpo": ("trl", "rpo_mean", False),
+    "trl-precompute:dpo": ("trl", "dpo", True),
+    "trl-precompute:rpo": ("trl", "rpo_mean", True),
+}
+DEFAULT_VARIANTS = "ours:dpo,trl:dpo,ours:rpo,trl:rpo,trl-precompute:dpo"
+BETA, ALPHA = 0.1, 1.0
+
+
+def train_config(args, lengths: dict) -> dict:
+    """The quickstart's DPO/RPO training config (config/config.yaml, `training:`), sized to the run."""
+    steps = args.warmup + args.steps
+    mb = args.micro_batch
+    return {"finetuning": "lora",
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "top_layers": args.lora_top_layers,
+                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                        "gate_proj", "up_proj", "down_proj"]},
+            "learning_rate": 5e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.1, "epochs": 1,
+            "max_steps": steps, "micro_batch_size": mb, "global_batch_size": mb,
+            "max_length": lengths["max_length"], "max_prompt_length": lengths["max_prompt_length"],
+            "weight_decay": 0.0, "max_grad_norm": 1.0,
+            "precision": "bfloat16" if args.device == "cuda" else "float32",
+            "checkpoint_every": 10**9,  # neither trainer checkpoints inside the timed steps
+            "seed": 42, "threads": args.threads or torch.get_num_threads()}
+
+
+def method_of(loss: str) -> dict:
+    return {"name": loss, "loss": "dpo", "beta": BETA} if loss == "dpo" else \
+        {"name": loss, "loss": "rpo_mean", "beta": BETA, "alpha": ALPHA}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Workers (one per subprocess)
+# ---------------------------------------------------------------------------------------------------
+
+def worker_reference(spec: dict) -> dict:
+    """Our one-off reference pass (rpo.train.reference_logps), written to the cache the runs share."""
+    import time
+    from rpo import train
+    cfg = spec["cfg"]
+    t0 = time.perf_counter()
+    train.reference_logps(spec["model_dir"], spec["pairs"], spec["cache"], max_length=cfg["max_length"],
+                          max_prompt_length=cfg["max_prompt_length"], batch_size=spec["ref_batch_size"],
+                          dtype=cfg["precision"])
+    if spec["device"] == "cuda":
+        torch.cuda.synchronize()
+    return {"seconds": time.perf_counter() - t0, "peak_mib": common.peak_memory_mib(spec["device"])}
+
+
+def worker_ours(spec: dict, loss: str) -> dict:
+    from rpo import train
+    probe = common.Probe(spec["device"]).start_step_clock()
+    train.summed_logps = probe.wrap(train.summed_logps)  # observes the trainer's own calls
+    work = Path(spec["run_dir"])
+    train.train_preference(ref_dir=spec["model_dir"], pairs_path=spec["pairs"], reference_cache=spec["cache"],
+                           out_dir=work / "out" / "model", ckpt_dir=work / "ckpt", cfg=spec["cfg"],
+                           method=method_of(loss))
+    metrics = [json.loads(l) for l in (work / "out" / "metrics.jsonl").read_text().splitlines()]
+    return {"steps": probe.measured(spec["warmup"]), "n_steps": len(probe.steps),
+            "step1_loss": metrics[0]["loss"], "peak_mib": common.peak_memory_mib(spec["device"])}
+
+
+def worker_trl(spec: dict, loss: str, precompute: bool) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from rpo import train
+    from rpo.data import read_pairs
+    from rpo.models import load_model, load_tokenizer
+    cfg, device = spec["cfg"], spec["device"]
+    torch.manual_seed(cfg["seed"])
+    rows = read_pairs(spec["pairs"])
+    # Our trainer's seeded step order, laid out for TRL's sequential sampler: the same batches.
+    order = [i for step in train._schedule(len(rows), cfg, cfg["seed"]) for i in step]
+    data = Dataset.from_list([{k: rows[i][k] for k in ("prompt", "chosen", "rejected")} for i in order])
+    tok = load_tokenizer(spec["model_dir"])
+    model = load_model(spec["model_dir"], dtype="float32", device=device)
+    model.config.use_cache = False
+    probe = common.Probe(device).attach(model)
+    n_layers = model.config.num_hidden_layers
+    lora = cfg["lora"]
+    layers = list(range(n_layers - lora["top_layers"], n_layers)) if lora.get("top_layers") else None
+    peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                             target_modules=lora["target_modules"], layers_to_transform=layers,
+                             task_type="CAUSAL_LM")
+    method = method_of(loss)
+    loss_type, weights = (["sigmoid"], [1.0]) if loss == "dpo" else (["sigmoid", "sft"], [1.0, method["alpha"]])
+    args = DPOConfig(
+        output_dir=str(Path(spec["run_dir"]) / "trl"), seed=cfg["seed"], data_seed=cfg["seed"],
+        per_device_train_batch_size=cfg["micro_batch_size"],
+        gradient_accumulation_steps=cfg["global_batch_size"] // cfg["micro_batch_size"],
+        max_steps=cfg["max_steps"], learning_rate=cfg["learning_rate"], lr_scheduler_type=cfg["lr_scheduler"],
+        warmup_steps=cfg["warmup_ratio"], weight_decay=cfg["weight_decay"], max_grad_norm=cfg["max_grad_norm"],
+        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch",
+        beta=method["beta"], loss_type=loss_type, loss_weights=weights,
+        max_length=cfg["max_length"], precompute_ref_log_probs=precompute,
+        precompute_ref_batch_size=spec["ref_batch_size"],
+        gradient_checkpointing=False, bf16=cfg["precision"] == "bfloat16", fp16=False,
+        use_cpu=device == "cpu", train_sampling_strategy="sequential", dataloader_num_workers=0,
+        logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True)
+    import time
+    t0 = time.perf_counter()
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                         peft_config=peft_config)
+    init_s = time.perf_counter() - t0
+    precompute_forwards = probe.reference_totals()
+    probe.start_step_clock()
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"steps": probe.measured(spec["warmup"]), "n_steps": len(probe.steps), "step1_loss": losses[0],
+            "init_seconds": init_s, "precompute_reference": precompute_forwards,
+            "peak_mib": common.peak_memory_mib(device)}
+
+
+def worker_main(spec_path: str, variant: str, result_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    if variant == "reference":
+        res = worker_reference(spec)
+    else:
+        trainer, loss, precompute = VARIANTS[variant]
+        res = worker_ours(spec, loss) if trainer == "ours" else worker_trl(spec, loss, precompute)
+    Path(result_path).write_text(json.dumps(res))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Orchestration
+# ---------------------------------------------------------------------------------------------------
+
+def run_worker(spec_path: Path, variant: str, run_dir: Path) -> dict:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = json.loads(spec_path.read_text())
+    spec["run_dir"] = str(run_dir)
+    local = run_dir / "spec.json"
+    local.write_text(json.dumps(spec))
+    result = run_dir / "result.json"
+    log = run_dir / "log.txt"
+    with log.open("w") as f:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.train_throughput", "--worker", variant,
+                               "--spec", str(local), "--result", str(result)],
+                              cwd=common.ROOT, stdout=f, stderr=subprocess.STDOUT,
+                              env={**__import__("os").environ, "TQDM_DISABLE": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{variant} failed (exit {proc.returncode}); log: {log}\n"
+                           + "\n".join(log.read_text().splitlines()[-30:]))
+    return json.loads(result.read_text())
+
+
+def summarise(variant: str, runs: list[dict]) -> dict:
+    steps = [s for r in runs for s in r["steps"]]
+    secs = [s["seconds"] for s in steps]
+    tokens = sum(s["policy_tokens"] for s in steps)
+    return {"variant": variant, "runs": len(runs), "measured_steps": len(steps),
+            "median_step_s": common.median(secs), "tokens_per_s": tokens / sum(secs),
+            "tokens_per_step": tokens / len(steps),
+            "reference_forwards_per_step": sum(s["reference_forwards"] for s in steps) / len(steps),
+            "peak_mib": max(r["peak_mib"] for r in runs), "peak_mib_runs": [r["peak_mib"] for r in runs],
+            "step1_loss": runs[0]["step1_loss"],
+            "step_seconds": [[round(s["seconds"], 4) for s in r["steps"]] for r in runs],
+            **({"init_seconds": [round(r["init_seconds"], 2) for r in runs],
+                "precompute_reference": runs[0]["precompute_reference"]} if "init_seconds" in runs[0] else {})}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.split("\n")[0])
+    common.add_common_args(ap, NAME)
+    ap.add_argument("--steps", type=int, default=6, help="measured optimizer steps per run")
+    ap.add_argument("--warmup", type=int, default=1, help="steps run before measuring (>= 1)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each variant, interleaved")
+    ap.add_argument("--micro-batch", type=int, default=4, help="pairs per micro-batch (= global batch)")
+    ap.add_argument("--lora-top-layers", type=int, default=8,
+                    help="LoRA on the top k layers (the quickstart's 8); 0 = every layer")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {sorted(VARIANTS)}")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker_main(args.spec, args.worker, args.result)
+        return 0
+    if args.smoke:
+        args.steps, args.warmup, args.repeats = min(args.steps, 2), 1, 1
+    if args.warmup < 1:
+        ap.error("--warmup must be >= 1 (a measured step needs the previous step's end as its start)")
+    args.lora_top_layers = args.lora_top_layers or None
+    variants = args.variants.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            ap.error(f"unknown variant {v!r}; expected one of {sorted(VARIANTS)}")
+    common.set_threads(args)
+    work = common.workdir(args, NAME)
+    mdir = common.model_dir(args, work)
+    lengths = common.lengths_for(args)
+    cfg = train_config(args, lengths)
+    from rpo.models import load_tokenizer
+    tok = load_tokenizer(mdir)
+    n_pairs = cfg["micro_batch_size"] * cfg["max_steps"]
+    pairs = common.write_pairs(common.make_pairs(tok, n_pairs, **lengths), work / "pairs.jsonl")
+    spec = {"model_dir": str(mdir), "pairs": str(pairs), "cache": str(work / "reference.pt"), "cfg": cfg,
+            "device": args.device, "warmup": args.warmup, "ref_batch_size": cfg["micro_batch_size"],
+            "threads": args.threads}
+    spec_path = work / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    info = common.machine(args.device)
+    print(f"model {mdir}, {n_pairs} pairs, {args.repeats} x {variants}, {args.warmup}+{args.steps} steps each; "
+          f"{info['cpu_count']} CPUs, torch {info['versions']['torch']}, trl {info['versions']['trl']}",
+          flush=True)
+
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        tmp = Path(tmp)
+        reference = run_worker(spec_path, "reference", tmp / "reference")
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
+        for rep in range(args.repeats):
+            for v in (variants if rep % 2 == 0 else variants[::-1]):
+                res = run_worker(spec_path, v, tmp / f"{v.replace(':', '_')}-{rep}")
+                runs[v].append(res)
+                print(f"  repeat {rep} {v}: median step "
+                      f"{common.median([s['seconds'] for s in res['steps']]):.3f} s, "
+                      f"peak {res['peak_mib']:.0f} MiB",
+                      flush=True)
+
+    rows = [summarise(v, runs[v]) for v in variants]
+    by = {r["variant"]: r for r in rows}
+    for r in rows:
+        trainer, loss, _ = VARIANTS[r["variant"]]
+        base = by.get("trl:" + r["variant"].split(":")[1])
+        if trainer == "ours" and base:
+            r["speedup_vs_trl"] = r["tokens_per_s"] / base["tokens_per_s"]
+            r["memory_vs_trl"] = r["peak_mib"] / base["peak_mib"]
+            r["step1_loss_diff_vs_trl"] = abs(r["step1_loss"] - base["step1_loss"])
+        pre = by.get("trl-precompute:" + r["variant"].split(":")[1])
+        if trainer == "ours" and pre:
+            r["speedup_vs_trl_precompute"] = r["tokens_per_s"] / pre["tokens_per_s"]
+            r["memory_vs_trl_precompute"] = r["peak_mib"] / pre["peak_mib"]
+    table = common.print_table(rows, ["variant", "measured_steps", "median_step_s", "tokens_per_s", "peak_mib",
+                                      "reference_forwards_per_step", "step1_loss", "speedup_vs_trl",
+                                      "memory_vs_trl", "speedup_vs_trl_precompute"])
+    print(f"our reference pass (once, shared by every method): {reference['seconds']:.2f} s, "
+          f"peak {reference['peak_mib']:.0f} MiB", flush=True)
+    out = common.write_json(common.out_path(args, NAME), {
+        "benchmark": NAME, "machine": common.finish(info), "model_dir": str(mdir), "lengths": lengths,
+        "config": cfg,
+        "methods": {"dpo": method_of("dpo"), "rpo": method_of("rpo_mean")},
+        "tokens_per_step_equal": len({round(r["tokens_per_step"], 6) for r in rows}) == 1,
+        "reference_pass": reference, "results": rows, "table": table})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""What the benchmarks rely on: the fast summed_logps paths equal the plain log-softmax, and every
+benchmark entry point runs end to end (`--smoke`, a tiny random model).
+
+Run: pytest tests/test_benchmarks_support.py -q            (about 30 s on 2 CPU cores)
+     pytest tests/test_benchmarks_support.py -q -m slow    (the two benchmarks that train, ~2 min)
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rpo.batching as batching
+from rpo.batching import collate, summed_logps
+from rpo.models import load_model
+
+# Three pairs: the chosen and rejected sequences of a pair share their prompt; prompts differ in length.
+PAIRS = [([5, 6, 7], [8, 9], [10, 11, 12, 13, 14]),
+         ([5, 6], [10, 11, 12, 13], [9]),
+         ([5, 6, 7, 8, 9, 10], [11], [12, 13])]
+
+
+def pair_batch():
+    seqs = [(p, c) for p, c, _ in PAIRS] + [(p, r) for p, _, r in PAIRS]
+    return collate(seqs, pad_id=2)
+
+
+def plain(model, batch):
+    """The reference computation: full logits, log-softmax, gather, masked sum."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    mask = batch["labels_mask"][:, 1:]
+    return logp.masked_fill(~mask, 0).sum(1), mask.sum(1)
+
+
+def value_and_grads(model, fn):
+    model.zero_grad(set_to_none=True)
+    lp, n = fn()
+    (lp * torch.arange(1, lp.shape[0] + 1)).sum().backward()  # a different weight per sequence
+    return lp.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("kw", [dict(share_prompts=False, chunk_tokens=3),  # chunked head, padded rows
+                                dict(share_prompts=True, chunk_tokens=3),  # + prompts shared, packed
+                                dict(share_prompts=True, row_tokens=64)])  # + several pairs per row
+def test_fast_summed_logps_equal_the_full_log_softmax(tiny_model_dir, attn, kw):
+    model = load_model(tiny_model_dir)
+    model.config._attn_implementation = attn
+    model.train()
+    batch = pair_batch()
+    want, n_want, g_want = value_and_grads(model, lambda: plain(model, batch))
+    got, n_got, g_got = value_and_grads(model, lambda: summed_logps(model, batch, **kw))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert n_got.tolist() == n_want.tolist() == [2, 4, 1, 5, 1, 2]
+    # every weight gets its gradient, the tied embedding / LM head included (full fine-tuning)
+    assert sorted(g_got) == sorted(g_want)
+    for k in g_want:
+        torch.testing.assert_close(g_got[k], g_want[k], rtol=1e-4, atol=1e-5)
+    with torch.inference_mode():  # the reference pass: no autograd, same values
+        torch.testing.assert_close(summed_logps(model, batch, **kw)[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prompts_are_run_once_in_one_row(tiny_model_dir):
+    batch = pair_batch()
+    packed = batching._share_prompts(batch["input_ids"], batch["labels_mask"], "sdpa")
+    # one row per pair: prompt + chosen + rejected, padded to the longest (6 + 1 + 2 = 9; 3 + 2 + 5 = 10)
+    assert packed["input_ids"].shape == (3, 10)
+    assert packed["attention_mask"].shape == (3, 1, 10, 10)
+    rows = packed["input_ids"].tolist()
+    assert [5, 6, 7, 8, 9, 10, 11, 12, 13, 14] in rows
+    # the rejected response continues from the prompt's positions, not from the chosen one's
+    r = rows.index([5, 6, 7, 8, 9, 10, 11, 12, 13, 14])
+    assert packed["position_ids"][r].tolist() == [0, 1, 2, 3, 4, 3, 4, 5, 6, 7]
+    mask = packed["attention_mask"][r, 0]
+    assert not mask[5, 3] and mask[5, 2] and mask[4, 3]  # rejected sees the prompt, not the chosen
+    # several pairs per row when allowed: 10 + 9 + 7 = 26 tokens fit in one row of 32
+    assert batching._share_prompts(batch["input_ids"], batch["labels_mask"], "sdpa", 32)["input_ids"].shape[0] == 1
+    # nothing shared (SFT batches): the plain layout
+    seqs = [(p, c) for p, c, _ in PAIRS]
+    sft = collate(seqs, 2)
+    assert batching._share_prompts(sft["input_ids"], sft["labels_mask"], "sdpa") is None
+    assert batching._share_prompts(batch["input_ids"], batch["labels_mask"], None) is None
+
+
+def test_heads_that_cannot_be_swapped_take_the_plain_path(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    model = load_model(tiny_model_dir)
+    assert batching._plain_lm_head(model) is model.lm_head
+    lora_head = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=2, target_modules=["lm_head"]))
+    assert batching._plain_lm_head(lora_head) is None  # the head's output has a LoRA term
+    model.config.model_type = "gemma2"  # logit soft-capping after the head
+    assert batching._plain_lm_head(model) is None
+    batch = pair_batch()
+    torch.testing.assert_close(summed_logps(model, batch)[0], plain(model, batch)[0], rtol=1e-5, atol=1e-5)
+    assert "forward" not in model.lm_head.__dict__  # the swap never outlives the call
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(module, tmp_path, *extra):
+    """The entry point as a user runs it: `python -m benchmarks.<module> --smoke` from the repository."""
+    out = tmp_path / f"{module}.json"
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--smoke", "--workdir",
+                           str(tmp_path / "work" / module), "--out", str(out), *extra],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.returncode, json.loads(out.read_text())
+
+
+def test_loss_parity_smoke(tmp_path):
+    rc, res = _run("loss_parity", tmp_path)
+    assert rc == 0 and res["all_pass"]
+    assert all(r["abs_diff"] <= 1e-5 and r["grad_rel_diff"] < 1e-4 for r in res["results"])
+    assert res["machine"]["cpu_count"] >= 1 and res["machine"]["versions"]["torch"]
+
+
+def test_generation_throughput_smoke(tmp_path):
+    rc, res = _run("generation_throughput", tmp_path)
+    assert rc == 0 and res["identical_text"]
+    assert [r["generator"] for r in res["results"]] == ["naive", "ours"]
+
+
+@pytest.mark.slow
+def test_train_throughput_smoke(tmp_path):
+    rc, res = _run("train_throughput", tmp_path, "--variants", "ours:dpo,trl:dpo,ours:rpo,trl:rpo")
+    assert rc == 0 and res["tokens_per_step_equal"]  # both trainers saw the same batches
+    by = {r["variant"]: r for r in res["results"]}
+    assert by["ours:dpo"]["reference_forwards_per_step"] == 0 and by["trl:dpo"]["reference_forwards_per_step"] == 1
+    # same model, data and loss: the first step's loss agrees (TRL's sigmoid+sft is our rpo_mean)
+    assert by["ours:rpo"]["step1_loss_diff_vs_trl"] < 1e-4
+    assert by["ours:dpo"]["step1_loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference
+
+
+@pytest.mark.slow
+def test_reference_reuse_smoke(tmp_path):
+    rc, res = _run("reference_reuse", tmp_path, "--modes", "ours,trl")
+    assert rc == 0 and res["ours_exactly_one_pass"]
+    by = {r["trainer"]: r for r in res["results"]}
+    assert by["ours"]["reference_passes"] == 1.0
+    assert by["trl"]["reference_passes"] == pytest.approx(4.0)  # once per method

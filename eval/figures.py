@@ -170,8 +170,8 @@ def plot_methods(runs: dict, rows: list[dict], out_png, *, labels: dict[str, str
         bx.barh(range(len(names)), vals, xerr=err, color="tab:blue", alpha=0.8, capsize=3)
         bx.set_yticks(range(len(names)), [labels.get(n, n) for n in names])
         bx.axvline(50.0, color="grey", linewidth=0.8)
-        for i, v in enumerate(vals):
-            bx.text(v, i, f" {v:.1f}", va="center", fontsize=8)
+        for i, n in enumerate(names):  # the value right of its error bar
+            bx.text(scores[n][2] + 1.0, i, f"{scores[n][0]:.1f}", va="center", fontsize=8)
     bx.set_xlabel("win rate vs Ref (%), with CI")
     bx.set_title("Final: Table 1 win rate against Ref")
     bx.set_xlim(0, 100)

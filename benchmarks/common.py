@@ -68,6 +68,13 @@ def add_common_args(ap: argparse.ArgumentParser, name: str) -> None:
                                                 f"{name}_smoke.json with --smoke)")
 
 
+def add_worker_args(ap: argparse.ArgumentParser) -> None:
+    """The hidden arguments of a benchmark's worker process (one measured run in a fresh process)."""
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
+
+
 def out_path(args, name: str) -> Path:
     if args.out:
         return Path(args.out)

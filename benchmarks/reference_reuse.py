@@ -130,9 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--lora-top-layers", type=int, default=8)
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {MODES}")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--spec", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    common.add_worker_args(ap)
     args = ap.parse_args(argv)
     if args.worker:
         worker_main(args.spec, args.worker, args.result)

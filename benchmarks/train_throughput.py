@@ -214,9 +214,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-top-layers", type=int, default=8,
                     help="LoRA on the top k layers (the quickstart's 8); 0 = every layer")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {sorted(VARIANTS)}")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--spec", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    common.add_worker_args(ap)
     args = ap.parse_args(argv)
     if args.worker:
         worker_main(args.spec, args.worker, args.result)

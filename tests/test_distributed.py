@@ -18,14 +18,12 @@ from conftest import tiny_pairs, write_jsonl
 from safetensors.torch import load_file
 
 from rpo import launch, train
+from test_train import CFG as TRAIN_CFG
 
-CFG = {"finetuning": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "top_layers": None,
-                                      "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]},
-       "learning_rate": 5e-2, "lr_scheduler": "constant", "warmup_ratio": 0.0, "epochs": 1, "max_steps": None,
-       # 9 pairs, global batch 4: steps of 4, 4 and 1 example (in the last, rank 1 has none: a zero-weight pass)
-       "micro_batch_size": 1, "global_batch_size": 4, "max_length": 64, "max_prompt_length": 32,
-       "weight_decay": 0.0, "max_grad_norm": 100.0, "precision": "float32", "checkpoint_every": 100,
-       "seed": 0, "threads": 1}
+# test_train's tiny LoRA config, with 9 pairs in global batches of 4: steps of 4, 4 and 1 example
+# (in the last, rank 1 has none: a zero-weight pass)
+CFG = {**TRAIN_CFG, "epochs": 1, "micro_batch_size": 1, "global_batch_size": 4, "max_grad_norm": 100.0,
+       "checkpoint_every": 100}
 METHOD = {"name": "rpo", "loss": "rpo", "beta": 0.5, "eta": 0.5}
 
 

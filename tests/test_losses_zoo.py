@@ -17,6 +17,7 @@ import types
 
 import pytest
 import torch
+from test_losses import random_batch  # the same seeded random log-probs as the paper losses' tests
 
 from rpo.losses import (
     LOSSES,
@@ -56,19 +57,6 @@ def batch(pc, pr, rc, rr, lc=None, lr=None, dtype=torch.float64):
         reference_rejected_logps=t(rr),
         chosen_lengths=torch.tensor(lc if lc is not None else [1] * len(pc)),
         rejected_lengths=torch.tensor(lr if lr is not None else [1] * len(pc)),
-    )
-
-
-def random_batch(n=6, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    logp = lambda: (-40.0 + 35.0 * torch.rand(n, generator=g, dtype=torch.float64)).to(dtype)
-    return dict(
-        policy_chosen_logps=logp(),
-        policy_rejected_logps=logp(),
-        reference_chosen_logps=logp(),
-        reference_rejected_logps=logp(),
-        chosen_lengths=torch.randint(3, 300, (n,), generator=g),
-        rejected_lengths=torch.randint(3, 300, (n,), generator=g),
     )
 
 

@@ -1,9 +1,9 @@
-"""Generation throughput: our batched HF sampler (eval.generate) vs one prompt at a time, greedy.
+"""Generation throughput: our batched HF sampler (rpo.sampling) vs one prompt at a time, greedy.
 
     python -m benchmarks.generation_throughput           # SmolLM2-135M, 32 IFEval prompts, ~4 min on CPU
     python -m benchmarks.generation_throughput --smoke   # tiny random model
 
-Ours is `eval.generate.generate_answers` itself (length-sorted batches, one prefill per batch, the KV
+Ours is `rpo.sampling.generate_answers` itself (length-sorted batches, one prefill per batch, the KV
 cache reused), as the Table-1 rule runs it; the baseline is `model.generate(do_sample=False)` called
 once per prompt with the same stop tokens. Both are greedy, so their answers must be the same text
 (checked, prompt by prompt). Tokens/s = new tokens up to the stop token / wall time; the two runs
@@ -52,7 +52,7 @@ def naive(model, tok, prompts, max_new_tokens: int) -> list[tuple[str, int]]:
 
 
 def ours(model, tok, prompts, max_new_tokens: int, batch_size: int, work: Path) -> list[tuple[str, int]]:
-    from eval.generate import generate_answers
+    from rpo.sampling import generate_answers
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         rows = generate_answers(model, tok, prompts, Path(tmp) / "answers.jsonl", max_new_tokens=max_new_tokens,
                                 batch_size=batch_size, temperature=0.0)

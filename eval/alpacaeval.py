@@ -98,7 +98,7 @@ def load_eval_set(path=None) -> list[dict]:
 
 
 def generation_prompts(eval_set: Sequence[dict]) -> list[dict]:
-    """Prompts for eval.generate.generate_answers: ids "alpaca_eval/<position>", one user turn each."""
+    """Prompts for rpo.sampling.generate_answers: ids "alpaca_eval/<position>", one user turn each."""
     return [{"id": f"alpaca_eval/{i}", "messages": [{"role": "user", "content": r["instruction"]}]}
             for i, r in enumerate(eval_set)]
 
@@ -106,7 +106,7 @@ def generation_prompts(eval_set: Sequence[dict]) -> list[dict]:
 def make_model_outputs(eval_set: Sequence[dict], answers, generator: str) -> list[dict]:
     """Model outputs in alpaca_eval's format, in eval-set order.
 
-    `answers`: a list aligned with `eval_set`, a {instruction: text} mapping, or eval.generate rows
+    `answers`: a list aligned with `eval_set`, a {instruction: text} mapping, or rpo.sampling rows
     (dicts with "id" = "alpaca_eval/<position>" and "responses").
     """
     if not isinstance(generator, str) or not generator.strip():

@@ -390,12 +390,12 @@ def game_requests(question: dict, model_answer: str, baseline_answer: str, *,
 
 
 def generation_prompts(questions: Sequence[dict]) -> list[dict]:
-    """Prompts for eval.generate.generate_answers: [{"id": uid, "messages": [user turn]}]."""
+    """Prompts for rpo.sampling.generate_answers: [{"id": uid, "messages": [user turn]}]."""
     return [{"id": q["uid"], "messages": [{"role": "user", "content": q["prompt"]}]} for q in questions]
 
 
 def answers_from_generations(rows: Iterable[dict]) -> dict[str, str]:
-    """{uid: first response} from eval.generate output rows."""
+    """{uid: first response} from rpo.sampling output rows."""
     return {r["id"]: r["responses"][0] for r in rows}
 
 

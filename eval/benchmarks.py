@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from eval import alpacaeval, arenahard, mtbench
-from eval.generate import generate_answers
+from rpo.sampling import generate_answers
 from eval.judges import get_judge
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def _load(model_name: str, ref_dir: str, policy_dir: str | None):
     from rpo.models import load_tokenizer
-    from rpo.train import load_policy
+    from rpo.models import load_policy
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return load_tokenizer(ref_dir), load_policy(ref_dir, policy_dir or ref_dir, device=device).eval()
 

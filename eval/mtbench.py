@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval import generate as _generate
+from rpo import sampling as _generate
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ def generate_answers(model, tok, questions: list[dict], out_path, *, model_id: s
     As in FastChat's gen_model_answer.py: the conversation is the model's own chat template; turn 2's
     prompt is [user q1, assistant <own answer 1>, user q2]; the temperature comes from the question's
     category (0 = greedy); a sampled answer uses top_k=50, top_p=1, the defaults HF `generate` applied
-    there. Generation itself is eval.generate.generate_answers (batched, seeded per batch, resumable),
+    there. Generation itself is rpo.sampling.generate_answers (batched, seeded per batch, resumable),
     once per (turn, temperature) group, into `<out_path>.work/`; that folder is kept while the run is
     unfinished so a rerun with the same settings resumes, and removed at the end.
 

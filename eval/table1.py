@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from eval import figures, table
-from eval.generate import generate_answers
+from rpo.sampling import generate_answers
 from eval.judges import get_judge
 
 
@@ -43,7 +43,7 @@ def generate_table1_answers(*, model_name: str, ref_dir: str, policy_dir: str | 
                             out: str, n_prompts: int | None, max_new_tokens: int, temperature: float,
                             top_p: float, top_k: int, batch_size: int, seed: int, backend: str = "hf") -> None:
     from rpo.models import load_tokenizer
-    from rpo.train import load_policy
+    from rpo.models import load_policy
     prompts = select_prompts(_read_jsonl(prompts_path), n_prompts)
     if backend == "vllm":
         from eval.vllm_backend import generate_answers_vllm

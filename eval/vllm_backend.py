@@ -2,7 +2,7 @@
 
 The trained LoRA adapters are served on top of the reference model without merging (vLLM's LoRARequest);
 a fully fine-tuned policy is loaded as its own model. Answers are written in exactly the format of the HF
-backend (`eval.generate.generate_answers`): one JSON row per prompt with id, model, messages, responses,
+backend (`rpo.sampling.generate_answers`): one JSON row per prompt with id, model, messages, responses,
 n_tokens and finished, so every judge and scorer reads either. The HF backend stays the default and the
 fallback (MT-Bench's two-turn answers always use it).
 """

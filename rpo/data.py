@@ -241,7 +241,7 @@ def load_source_splits(cfg: dict) -> tuple[dict[str, list[dict]], dict]:
 
 def build_synthetic(model, tok, cfg: dict, seed: int, samples_path: str | Path) -> tuple[dict, dict]:
     """synthetic:verifiable: sample responses from the base model, score with the gold, pair them."""
-    from eval.generate import generate_answers
+    from rpo.sampling import generate_answers
     from rpo import verifiable
 
     syn = cfg["synthetic"]

@@ -148,6 +148,16 @@ def load_model(model_dir: str | Path, *, dtype: str = "float32", device: str | N
     return model
 
 
+def load_policy(ref_dir, model_dir, *, dtype: str = "float32", device: str | None = None):
+    """The trained policy for generation: reference + LoRA adapter merged in memory, or a full model."""
+    model_dir = Path(model_dir)
+    if (model_dir / "adapter_config.json").is_file():
+        from peft import PeftModel  # peft loads slowly; only adapters need it
+        base = load_model(ref_dir, dtype=dtype, device=device)
+        return PeftModel.from_pretrained(base, model_dir).merge_and_unload()
+    return load_model(model_dir, dtype=dtype, device=device)
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

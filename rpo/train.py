@@ -458,13 +458,3 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, ckpt_dir,
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     acc.wait_for_everyone()
     return summary
-
-
-def load_policy(ref_dir, model_dir, *, dtype: str = "float32", device: str | None = None):
-    """The trained policy for generation: reference + LoRA adapter merged in memory, or a full model."""
-    model_dir = Path(model_dir)
-    if (model_dir / "adapter_config.json").is_file():
-        from peft import PeftModel
-        base = load_model(ref_dir, dtype=dtype, device=device)
-        return PeftModel.from_pretrained(base, model_dir).merge_and_unload()
-    return load_model(model_dir, dtype=dtype, device=device)

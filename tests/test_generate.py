@@ -1,4 +1,4 @@
-"""Answer generation (eval/generate.py) on a tiny random model: equals HF generate, resumes, is seeded.
+"""Answer generation (rpo/sampling.py) on a tiny random model: equals HF generate, resumes, is seeded.
 
 Run: pytest tests/test_generate.py -q
 """
@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from eval.generate import generate_answers
+from rpo.sampling import generate_answers
 from rpo.models import load_model, load_tokenizer
 
 PROMPTS = [{"id": f"q{i}", "messages": [{"role": "user", "content": "hello world " * (i + 1)}]} for i in range(5)]

@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from eval import generate as gen
+from rpo import sampling as gen
 from eval import mtbench
 from rpo.models import load_model, load_tokenizer
 

@@ -12,7 +12,7 @@ from conftest import tiny_pairs, write_jsonl
 
 from rpo import train
 from rpo.batching import collate, summed_logps
-from rpo.models import load_model, load_tokenizer
+from rpo.models import load_model, load_policy, load_tokenizer
 
 CFG = {"finetuning": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "top_layers": None,
                                       "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]},
@@ -165,7 +165,7 @@ def test_full_finetuning_saves_a_whole_model_that_generation_loads(tiny_model_di
     _, metrics, out = _train(tiny_model_dir, pairs_file, tmp_path, {"loss": "rpo", "beta": 0.5, "eta": 0.1},
                              cfg=cfg, tag="full-ft")
     assert not (out / "adapter_config.json").exists() and (out / "config.json").exists()
-    policy = train.load_policy(tiny_model_dir, out)
+    policy = load_policy(tiny_model_dir, out)
     base = load_model(tiny_model_dir)
     # every weight matrix is trainable under full fine-tuning: the embeddings moved too
     assert not torch.equal(policy.get_input_embeddings().weight, base.get_input_embeddings().weight)

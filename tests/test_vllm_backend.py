@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_pairs
 
 from eval import vllm_backend
-from eval.generate import generate_answers
+from rpo.sampling import generate_answers
 from eval.table1 import select_prompts
 from rpo.models import load_model, load_tokenizer
 

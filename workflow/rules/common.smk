@@ -29,7 +29,10 @@ def train_cfg(stage):
     r = config["resources"][stage]
     world = launch.world_size(r["gpus"], r["nodes"])
     accum = launch.accumulation_steps(cfg["global_batch_size"], cfg["micro_batch_size"], world, where=stage)
-    return {**cfg, "world_size": world, "gradient_accumulation_steps": accum}
+    # threads reach the job as `threads:` (--threads), not as a parameter: a thread count changes no result
+    # and must not re-run training
+    return {**{k: v for k, v in cfg.items() if k != "threads"}, "world_size": world,
+            "gradient_accumulation_steps": accum}
 
 
 def launcher(stage):
@@ -37,7 +40,7 @@ def launcher(stage):
     from rpo import launch
 
     r = config["resources"][stage]
-    return launch.launch_prefix(gpus=r["gpus"], nodes=r["nodes"], accelerate_config=r["accelerate_config"])
+    return launch.launch_prefix(gpus=r["gpus"], nodes=r["nodes"])
 
 
 def res(stage):

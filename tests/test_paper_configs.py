@@ -80,7 +80,8 @@ def test_paper_config_on_slurm_resolves_the_whole_dag(tmp_path, series, accum_fi
     for rule in ("reference_logps", "generate_table1", "generate_mtbench"):
         assert all(j["resources"]["gpu"] == "1" and j["resources"]["slurm_partition"] == "gpuq"
                    for j in by_rule[rule])
-    for rule in ("judge_table1", "score_mtbench", "make_table1"):  # CPU-only rules on CPU nodes
+    # placement follows the resources (no list of rule names): make_data asks for no GPU, so CPU nodes
+    for rule in ("make_data", "judge_table1", "score_mtbench", "make_table1"):  # CPU-only rules on CPU nodes
         assert all("gpu" not in j["resources"] and j["resources"]["slurm_partition"] == "cpuq"
                    for j in by_rule[rule])
     gen = args_of(by_rule["generate_table1"][0])

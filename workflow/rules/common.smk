@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -45,11 +46,15 @@ def launcher(stage):
 
 def res(stage):
     """Snakemake resources of a stage: `gpu` (the SLURM plugin's GPU request, and the local GPU profile's
-    limit), nodes, memory and runtime in minutes."""
+    limit), nodes, memory and runtime in minutes. Placement follows from them: a stage that asks for GPUs
+    goes to $RPO_GPU_PARTITION when that is set (profiles/slurm); every other job to the profile's default
+    partition. CPUs per task are the rule's threads."""
     r = config["resources"][stage]
     out = {"mem_mb": r["mem_mb"], "runtime": r["runtime"]}
     if r["gpus"]:
         out["gpu"] = r["gpus"]
+        if os.environ.get("RPO_GPU_PARTITION"):
+            out["slurm_partition"] = os.environ["RPO_GPU_PARTITION"]
     if r["nodes"] > 1:
         out["nodes"] = r["nodes"]
     return out

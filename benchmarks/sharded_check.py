@@ -55,7 +55,8 @@ def _run(spec: dict, tag: str, interrupt: bool) -> dict:
             raise _Interrupt
 
     kw = dict(ref_dir=spec["model_dir"], pairs_path=spec["pairs"], reference_cache=spec["cache"],
-              out_dir=work / tag / "model", ckpt_dir=work / f"ck-{tag}", cfg=spec["cfg"],
+              out_dir=work / tag / "model", metrics_path=work / tag / "metrics.jsonl",
+              summary_path=work / tag / "train_summary.json", ckpt_dir=work / f"ck-{tag}", cfg=spec["cfg"],
               method={"name": "dpo", "loss": "dpo", "beta": 0.1})
     info = {}
     if interrupt:

@@ -94,7 +94,8 @@ def worker_ours(spec: dict, loss: str) -> dict:
     train.summed_logps = probe.wrap(train.summed_logps)  # observes the trainer's own calls
     work = Path(spec["run_dir"])
     train.train_preference(ref_dir=spec["model_dir"], pairs_path=spec["pairs"], reference_cache=spec["cache"],
-                           out_dir=work / "out" / "model", ckpt_dir=work / "ckpt", cfg=spec["cfg"],
+                           out_dir=work / "out" / "model", metrics_path=work / "out" / "metrics.jsonl",
+                           summary_path=work / "out" / "train_summary.json", ckpt_dir=work / "ckpt", cfg=spec["cfg"],
                            method=method_of(loss))
     metrics = [json.loads(l) for l in (work / "out" / "metrics.jsonl").read_text().splitlines()]
     return {"steps": probe.measured(spec["warmup"]), "n_steps": len(probe.steps),

@@ -65,18 +65,18 @@ def local_micros(idx: list[int], rank: int, world: int, mb: int) -> list[tuple[l
     return micros + [(idx[:1], True)] * (n_micro - len(micros))
 
 
-def run_loop(*, model, items, step_fn, cfg: dict, out_dir, ckpt_dir, identity: dict, desc: str,
+def run_loop(*, model, items, step_fn, cfg: dict, metrics_path, ckpt_dir, identity: dict, desc: str,
              world, grad_hook=None) -> tuple[object, dict]:
     """Train `model` (as `prepare_model` made it) on `items`; returns (the trained, possibly wrapped,
-    model, a summary). Metrics and checkpoints: see rpo.checkpoint. `grad_hook(step, model)`, if
-    given, sees the synchronised gradients before each optimizer step (tests)."""
+    model, a summary) and writes the per-step metrics (JSONL) to `metrics_path` at the end. Checkpoints:
+    see rpo.checkpoint. `grad_hook(step, model)`, if given, sees the synchronised gradients before each
+    optimizer step (tests)."""
     expected = cfg.get("world_size")
     if expected is not None and expected != world.size:
         raise RuntimeError(f"the config was resolved for {expected} training processes (gradient "
                            f"accumulation computed for them) but this run has {world.size}; launch it "
                            "through the workflow (rpo.launch) or fix resources")
-    out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = Path(ckpt_dir)
     torch.manual_seed(cfg["seed"])
     if cfg.get("gradient_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -91,7 +91,7 @@ def run_loop(*, model, items, step_fn, cfg: dict, out_dir, ckpt_dir, identity: d
 
     # Metrics grow in the checkpoint directory (Snakemake deletes a rule's declared outputs before it
     # re-runs it, which would lose the steps a resumed run keeps) and are copied out when training ends.
-    metrics_path = ckpt_dir / "metrics.jsonl"
+    running = ckpt_dir / "metrics.jsonl"
     if world.main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     start = 0
@@ -100,14 +100,14 @@ def run_loop(*, model, items, step_fn, cfg: dict, out_dir, ckpt_dir, identity: d
         start = checkpoint.load(found, model=model, optimizer=opt, scheduler=sched, world=world)
         log.info("resuming from %s at step %d of %d", found, start, len(steps))
     if world.main:
-        _truncate_metrics(metrics_path, start)
+        _truncate_metrics(running, start)
 
     mb, n_total = cfg["micro_batch_size"], len(items)
     seen = [0]
     for s in steps:
         seen.append(seen[-1] + len(s))
     t0 = time.time()
-    mf = metrics_path.open("a") if world.main else nullcontext()
+    mf = running.open("a") if world.main else nullcontext()
     with mf, tqdm(total=len(steps), initial=start, desc=desc, unit="step", disable=not world.main) as bar:
         for step in range(start, len(steps)):
             idx = steps[step]
@@ -138,7 +138,8 @@ def run_loop(*, model, items, step_fn, cfg: dict, out_dir, ckpt_dir, identity: d
                 checkpoint.save(ckpt_dir, step + 1, model=model, optimizer=opt, scheduler=sched,
                                 identity=identity, world=world)
     if world.main:
-        shutil.copyfile(metrics_path, out_dir / "metrics.jsonl")
+        Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(running, metrics_path)
     dist_.barrier(world)
     return model, {"steps": len(steps), "warmup_steps": warmup, "resumed_from_step": start,
                    "world_size": world.size, "sharding": world.sharding,

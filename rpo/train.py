@@ -172,6 +172,7 @@ def _atomic_torch_save(obj, path) -> None:
 
 def _write_json(path, obj) -> None:
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
@@ -206,6 +207,7 @@ def save_trained(model, world, tok, out_dir, *, start_dir, cfg: dict, merge: boo
 
 
 def _save_model(model, tok, out_dir: Path, *, merge: bool) -> None:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if merge and hasattr(model, "merge_and_unload"):
@@ -216,10 +218,11 @@ def _save_model(model, tok, out_dir: Path, *, merge: bool) -> None:
     os.replace(tmp, out_dir)
 
 
-def _finish(model, world, tok, out_dir, ckpt_dir, summary: dict, *, start_dir, cfg, merge: bool) -> dict:
+def _finish(model, world, tok, out_dir, summary_path, ckpt_dir, summary: dict, *, start_dir, cfg,
+            merge: bool) -> dict:
     save_trained(model, world, tok, out_dir, start_dir=start_dir, cfg=cfg, merge=merge)
     if world.main:
-        _write_json(Path(out_dir).parent / "train_summary.json", summary)
+        _write_json(summary_path, summary)
     checkpoint.clear(ckpt_dir, world)
     dist_.barrier(world)
     return summary
@@ -229,7 +232,11 @@ def _finish(model, world, tok, out_dir, ckpt_dir, summary: dict, *, start_dir, c
 # SFT: imitation of the chosen responses; the merged result is the reference model
 # ---------------------------------------------------------------------------------------------------
 
-def train_sft(*, base_dir, pairs_path, out_dir, ckpt_dir, cfg: dict, grad_hook=None) -> dict:
+def train_sft(*, base_dir, pairs_path, out_dir, metrics_path, summary_path, ckpt_dir, cfg: dict,
+              grad_hook=None) -> dict:
+    """SFT on the chosen responses; writes the merged model to `out_dir`, the per-step metrics to
+    `metrics_path` and the run's summary (steps, truncation counts, the resolved config) to
+    `summary_path`; resumes from `ckpt_dir`."""
     tok = load_tokenizer(base_dir)
     items, tok_summary = tokenize_pairs(tok, read_pairs(pairs_path), max_length=cfg["max_length"],
                                         max_prompt_length=cfg["max_prompt_length"])
@@ -252,19 +259,22 @@ def train_sft(*, base_dir, pairs_path, out_dir, ckpt_dir, cfg: dict, grad_hook=N
 
     identity = {"stage": "sft", "config": _run_cfg(cfg), "base_model": _fingerprint_on_main(base_dir, world),
                 "data": fingerprint(items)}
-    out_dir = Path(out_dir)
-    model, info = run_loop(model=model, items=items, step_fn=step_fn, cfg=cfg, out_dir=out_dir.parent,
+    model, info = run_loop(model=model, items=items, step_fn=step_fn, cfg=cfg, metrics_path=metrics_path,
                            ckpt_dir=ckpt_dir, identity=identity, desc="SFT", world=world, grad_hook=grad_hook)
     summary = {**info, "tokenization": tok_summary, "config": cfg, "base_model": str(base_dir)}
-    return _finish(model, world, tok, out_dir, ckpt_dir, summary, start_dir=base_dir, cfg=cfg, merge=True)
+    return _finish(model, world, tok, out_dir, summary_path, ckpt_dir, summary, start_dir=base_dir, cfg=cfg,
+                   merge=True)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Preference optimisation (any loss of rpo.losses)
 # ---------------------------------------------------------------------------------------------------
 
-def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, ckpt_dir, cfg: dict,
-                     method: dict, grad_hook=None) -> dict:
+def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, metrics_path, summary_path, ckpt_dir,
+                     cfg: dict, method: dict, grad_hook=None) -> dict:
+    """Train the policy (LoRA adapters on `ref_dir`, or the whole model) with `method`'s loss against the
+    cached reference log-probs; writes the model to `out_dir`, the per-step metrics to `metrics_path`
+    and the run's summary to `summary_path`; resumes from `ckpt_dir`."""
     loss_name = method["loss"]
     loss_fn = losses.get_loss(loss_name)
     hparams = {k: v for k, v in method.items() if k not in ("loss", "name", "reference")}
@@ -323,10 +333,10 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, ckpt_dir,
     identity = {"stage": "preference", "config": _run_cfg(cfg), "method": method,
                 "reference_model": _fingerprint_on_main(ref_dir, world), "data": fingerprint(items),
                 "reference_logps": checkpoint.tensors_fingerprint(cache["chosen_logps"], cache["rejected_logps"])}
-    out_dir = Path(out_dir)
-    model, info = run_loop(model=model, items=items, step_fn=step_fn, cfg=cfg, out_dir=out_dir.parent,
+    model, info = run_loop(model=model, items=items, step_fn=step_fn, cfg=cfg, metrics_path=metrics_path,
                            ckpt_dir=ckpt_dir, identity=identity, desc=f"train {method.get('name', loss_name)}",
                            world=world, grad_hook=grad_hook)
     summary = {**info, "tokenization": tok_summary, "config": cfg, "method": method,
                "reference_model": str(ref_dir), "finetuning": cfg["finetuning"]}
-    return _finish(model, world, tok, out_dir, ckpt_dir, summary, start_dir=ref_dir, cfg=cfg, merge=False)
+    return _finish(model, world, tok, out_dir, summary_path, ckpt_dir, summary, start_dir=ref_dir, cfg=cfg,
+                   merge=False)

@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import build_tiny_model, tiny_pairs, write_jsonl
+from conftest import build_tiny_model, run_paths, tiny_pairs, write_jsonl
 from safetensors.torch import load_file
 
 from rpo import train
@@ -36,12 +36,12 @@ def interrupt_at(k):
 
 
 def sft(base, pairs, out, ckpt, cfg=CFG, hook=None):
-    return train.train_sft(base_dir=base, pairs_path=pairs, out_dir=out / "model", ckpt_dir=ckpt, cfg=cfg,
+    return train.train_sft(base_dir=base, pairs_path=pairs, **run_paths(out), ckpt_dir=ckpt, cfg=cfg,
                            grad_hook=hook)
 
 
 def prefs(ref, pairs, cache, out, ckpt, hook=None):
-    return train.train_preference(ref_dir=ref, pairs_path=pairs, reference_cache=cache, out_dir=out / "model",
+    return train.train_preference(ref_dir=ref, pairs_path=pairs, reference_cache=cache, **run_paths(out),
                                   ckpt_dir=ckpt, cfg=CFG, method=METHOD, grad_hook=hook)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_pairs, write_jsonl
+from conftest import run_paths, tiny_pairs, write_jsonl
 from safetensors.torch import load_file
 
 from rpo import launch, train
@@ -72,7 +72,7 @@ def test_world_size_mismatch_is_refused(tiny_model_dir, tmp_path):
     train.reference_logps(tiny_model_dir, pairs, cache, max_length=64, max_prompt_length=32, batch_size=4)
     with pytest.raises(RuntimeError, match="resolved for 8 training processes .* this run has 1"):
         train.train_preference(ref_dir=tiny_model_dir, pairs_path=pairs, reference_cache=cache,
-                               out_dir=tmp_path / "m" / "model", ckpt_dir=tmp_path / "ck",
+                               **run_paths(tmp_path / "m"), ckpt_dir=tmp_path / "ck",
                                cfg={**CFG, "world_size": 8}, method=METHOD)
 
 
@@ -100,6 +100,11 @@ def run_ranks(kwargs: dict, world: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, shell=True, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
 
 
+def paths(run_dir) -> dict:
+    """run_paths as JSON-ready strings, for the worker's command line."""
+    return {k: str(v) for k, v in run_paths(run_dir).items()}
+
+
 def ok(proc):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -123,7 +128,7 @@ def one_process(common: dict, tmp_path, tag: str, cfg: dict, *, stage="preferenc
         grads[step] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     fn = train.train_sft if stage == "sft" else train.train_preference
-    fn(**common, out_dir=tmp_path / tag / "model", ckpt_dir=tmp_path / f"ck-{tag}", cfg=cfg, grad_hook=hook)
+    fn(**common, **run_paths(tmp_path / tag), ckpt_dir=tmp_path / f"ck-{tag}", cfg=cfg, grad_hook=hook)
     return grads
 
 
@@ -154,7 +159,7 @@ TOL_2RANKS = {"rtol": 1e-4, "atol": 1e-5}
 def test_two_ddp_processes_match_one_process(prefs, tmp_path):
     dump = tmp_path / "dump"
     dump.mkdir()
-    ok(run_ranks({**prefs, "out_dir": str(tmp_path / "ddp" / "model"), "ckpt_dir": str(tmp_path / "ck-ddp"),
+    ok(run_ranks({**prefs, **paths(tmp_path / "ddp"), "ckpt_dir": str(tmp_path / "ck-ddp"),
                   "cfg": {**CFG, "world_size": 2}, "dump_dir": str(dump)}, 2))
     ddp = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
     assert ddp["world_size"] == 2 and ddp["sharding"] == "none"
@@ -187,7 +192,7 @@ def test_fsdp_shards_every_parameter_and_matches_one_process(prefs, tmp_path, fi
     cfg = {**CFG, "finetuning": finetuning, "learning_rate": 5e-2 if finetuning == "lora" else 1e-3}
     dump = tmp_path / "dump"
     dump.mkdir()
-    ok(run_ranks({**prefs, "out_dir": str(tmp_path / "fsdp" / "model"), "ckpt_dir": str(tmp_path / "ck-fsdp"),
+    ok(run_ranks({**prefs, **paths(tmp_path / "fsdp"), "ckpt_dir": str(tmp_path / "ck-fsdp"),
                   "cfg": {**cfg, "world_size": 2, "sharding": "full"}, "dump_dir": str(dump)}, 2))
     summary = json.loads((tmp_path / "fsdp" / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["sharding"] == "full"
@@ -221,7 +226,7 @@ def test_fsdp_sft_merges_the_gathered_adapter(tiny_model_dir, tmp_path):
     pairs = write_jsonl(tiny_pairs(8), tmp_path / "train.jsonl")
     common = {"base_dir": str(tiny_model_dir), "pairs_path": str(pairs)}
     cfg = {**CFG, "epochs": 2, "global_batch_size": 8, "micro_batch_size": 2}
-    ok(run_ranks({**common, "stage": "sft", "out_dir": str(tmp_path / "fsdp" / "model"),
+    ok(run_ranks({**common, "stage": "sft", **paths(tmp_path / "fsdp"),
                   "ckpt_dir": str(tmp_path / "ck-fsdp"), "cfg": {**cfg, "world_size": 2, "sharding": "full"}}, 2))
     one_process(common, tmp_path, "one", {**cfg, "world_size": 1}, stage="sft")
     assert not (tmp_path / "fsdp" / "model" / "adapter_config.json").exists()  # merged: a plain model
@@ -236,10 +241,10 @@ def _kill_and_resume(prefs, tmp_path, *, world: int, cfg: dict):
     """An uninterrupted run, and a run SIGKILLed in step 4 (after the checkpoint of step 2) then started
     again with the same command; returns the two output directories and the resumed summary."""
     cfg = {**CFG, "epochs": 2, "global_batch_size": 2, "checkpoint_every": 2, "world_size": world, **cfg}
-    clean = {**prefs, "out_dir": str(tmp_path / "clean" / "model"), "ckpt_dir": str(tmp_path / "ck-clean"),
+    clean = {**prefs, **paths(tmp_path / "clean"), "ckpt_dir": str(tmp_path / "ck-clean"),
              "cfg": cfg}
     ok(run_ranks(clean, world))
-    cut = {**prefs, "out_dir": str(tmp_path / "cut" / "model"), "ckpt_dir": str(tmp_path / "ck-cut"), "cfg": cfg}
+    cut = {**prefs, **paths(tmp_path / "cut"), "ckpt_dir": str(tmp_path / "ck-cut"), "cfg": cfg}
     killed = run_ranks({**cut, "kill_at": 3}, world)  # step index 3 = the 4th step
     assert killed.returncode != 0
     assert (tmp_path / "ck-cut" / "step-000002" / "identity.json").is_file()

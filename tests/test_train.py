@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_pairs, write_jsonl
+from conftest import run_paths, tiny_pairs, write_jsonl
 
 from rpo import train
 from rpo.batching import collate, summed_logps
@@ -48,7 +48,8 @@ def _train(tiny_model_dir, pairs_file, tmp_path, method, cfg=CFG, tag="run"):
                               max_prompt_length=cfg["max_prompt_length"], batch_size=4)
     out = tmp_path / tag / "model"
     summary = train.train_preference(ref_dir=tiny_model_dir, pairs_path=pairs_file, reference_cache=cache,
-                                     out_dir=out, ckpt_dir=tmp_path / f"ckpt-{tag}", cfg=cfg, method=method)
+                                     **run_paths(out.parent), ckpt_dir=tmp_path / f"ckpt-{tag}", cfg=cfg,
+                                     method=method)
     metrics = [json.loads(l) for l in (out.parent / "metrics.jsonl").read_text().splitlines()]
     return summary, metrics, out
 
@@ -135,20 +136,20 @@ def test_reference_cache_of_other_data_is_refused(tiny_model_dir, pairs_file, tm
     other = write_jsonl(tiny_pairs(6), tmp_path / "other.jsonl")
     with pytest.raises(ValueError, match="another tokenisation or data"):
         train.train_preference(ref_dir=tiny_model_dir, pairs_path=other, reference_cache=cache,
-                               out_dir=tmp_path / "o" / "model", ckpt_dir=tmp_path / "c", cfg=CFG,
+                               **run_paths(tmp_path / "o"), ckpt_dir=tmp_path / "c", cfg=CFG,
                                method={"loss": "dpo", "beta": 0.1})
 
 
 def test_unknown_loss_fails_before_training(tiny_model_dir, pairs_file, tmp_path):
     with pytest.raises(ValueError, match="unknown loss 'ppo'"):
         train.train_preference(ref_dir=tiny_model_dir, pairs_path=pairs_file, reference_cache=tmp_path / "none",
-                               out_dir=tmp_path / "o" / "model", ckpt_dir=tmp_path / "c", cfg=CFG,
+                               **run_paths(tmp_path / "o"), ckpt_dir=tmp_path / "c", cfg=CFG,
                                method={"loss": "ppo", "beta": 0.1})
 
 
 def test_sft_raises_chosen_logps_and_saves_a_merged_model(tiny_model_dir, pairs_file, tmp_path):
     cfg = {**CFG, "epochs": 5}
-    summary = train.train_sft(base_dir=tiny_model_dir, pairs_path=pairs_file, out_dir=tmp_path / "sft" / "model",
+    summary = train.train_sft(base_dir=tiny_model_dir, pairs_path=pairs_file, **run_paths(tmp_path / "sft"),
                               ckpt_dir=tmp_path / "ckpt", cfg=cfg)
     metrics = [json.loads(l) for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"]
@@ -225,7 +226,7 @@ def test_sft_step_is_the_token_mean_of_the_global_batch(tiny_model_dir, tmp_path
     def hook(step, model):
         got.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
 
-    train.train_sft(base_dir=tiny_model_dir, pairs_path=pairs, out_dir=tmp_path / "sft" / "model",
+    train.train_sft(base_dir=tiny_model_dir, pairs_path=pairs, **run_paths(tmp_path / "sft"),
                     ckpt_dir=tmp_path / "ck", cfg=cfg, grad_hook=hook)
     # independently: the same initial model, the full log-softmax, one backward over the whole batch
     tok = load_tokenizer(tiny_model_dir)

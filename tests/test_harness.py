@@ -232,6 +232,42 @@ def test_table_md_has_an_lm_eval_section():
     assert "lm_eval/" not in md.split("## Table 2")[1].split("## lm-evaluation-harness")[0]  # not in Table 2
 
 
+def test_make_table1_adds_the_rows_and_the_section(harness_runs, tmp_path):
+    from eval.table1 import make_table1
+    tmp = harness_runs["tmp"]
+    scores = []
+    for m in ("ref", "dpo"):
+        scores.append(str(tmp_path / f"{m}.json"))
+        harness.score_lm_eval(model_name=m, results_dir=str(tmp / "out" / m), out=scores[-1])
+    judgments = write_jsonl([{"id": f"p{i}", "model_a": "dpo", "model_b": "ref", "outcome": o, "judge": "gold"}
+                             for i, o in enumerate([1.0, 0.0, 0.5])], tmp_path / "dpo_vs_ref.jsonl")
+    make_table1(judgments=[str(judgments)], out_csv=str(tmp_path / "table1.csv"), out_md=str(tmp_path / "table1.md"),
+                metrics={}, figure=str(tmp_path / "f.png"), labels={"ref": "Ref", "dpo": "DPO"},
+                pair_order=[["dpo", "ref"]], bootstrap={"n": 10, "seed": 0, "ci": 0.95}, scores=scores)
+    csv_rows = [r for r in table.read_table(tmp_path / "table1.csv") if r["metric"].startswith("lm_eval/")]
+    assert len(csv_rows) == 8 and {r["model_a"] for r in csv_rows} == {"ref", "dpo"}  # 4 metrics x 2 models
+    assert all(r["judge"] == "lm-eval" and r["model_b"] == "" and r["n"] == 3 for r in csv_rows)
+    assert "## lm-evaluation-harness" in (tmp_path / "table1.md").read_text()
+
+
+def test_harness_model_arguments(tmp_path, tiny_model_dir):
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    assert harness.harness_model(ref_dir=str(tiny_model_dir), policy_dir=str(adapter), backend="hf", dtype="auto", seed=0) == (
+        "hf", {"pretrained": str(tiny_model_dir), "dtype": "auto", "peft": str(adapter.resolve())})
+    # a fully fine-tuned policy is its own model
+    assert harness.harness_model(ref_dir=str(tmp_path / "none"), policy_dir=str(tiny_model_dir), backend="hf",
+                                 dtype="auto", seed=0)[1] == {"pretrained": str(tiny_model_dir), "dtype": "auto"}
+    try:
+        import vllm  # noqa: F401
+    except ImportError:  # asked for and not installed: an error, never a silent switch to HF
+        with pytest.raises(RuntimeError, match="generation backend 'vllm' needs the vllm package"):
+            harness.harness_model(ref_dir=str(tiny_model_dir), policy_dir=str(adapter), backend="vllm", dtype="auto", seed=0)
+    else:
+        name, args = harness.harness_model(ref_dir=str(tiny_model_dir), policy_dir=str(adapter), backend="vllm",
+                                           dtype="auto", seed=0)
+        assert name == "vllm" and args["lora_local_path"] == str(adapter.resolve()) and args["max_lora_rank"] == 8
+
+
 # ---------------------------------------------------------------------------------------------------
 # Missing data
 # ---------------------------------------------------------------------------------------------------
@@ -303,3 +339,13 @@ def test_quickstart_dry_run_has_the_harness_jobs(tmp_path):
     assert "check_lm_eval_datasets" not in out  # no hub task offline
     for m in ("ref", "dpo", "rpo"):
         assert f"results/scores/lm_eval/{m}.json" in out.split("rule make_table1:")[1].split("\n")[1]
+
+
+def test_the_offline_ifeval_with_hub_preference_data_is_a_start_up_error(tmp_path):
+    cfg = yaml.safe_load((REPO / "config/paper-beta.yaml").read_text())
+    cfg["lm_eval"]["tasks"] = [{"name": "ifeval_heldout"}]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = snakemake(tmp_path, path, "results/table1.csv", "-n")
+    assert run.returncode != 0
+    assert "config lm_eval.tasks: 'ifeval_heldout' evaluates the held-out IFEval prompts" in run.stdout + run.stderr

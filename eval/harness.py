@@ -90,7 +90,8 @@ def make_ifeval_task(*, prompts_test: str, train: str, out_yaml: str, out_data: 
     keys = heldout_keys(prompts_test)
     missing = [k for k in keys if k not in rows]
     if missing:
-        raise ValueError(f"{prompts_test}: IFEval key(s) {missing[:5]} not in {prompts_file or verifiable.default_prompts_path()}")
+        source = prompts_file or verifiable.default_prompts_path()
+        raise ValueError(f"{prompts_test}: IFEval key(s) {missing[:5]} not in {source}")
     seen_in_train = _train_prompt_texts(train)
     kept, excluded = [], {"unsupported_offline": 0, "other": 0}
     for k in keys:

@@ -50,8 +50,10 @@ def write_split(tmp: Path) -> tuple[Path, Path]:
 
 def make_task(tmp: Path) -> dict:
     prompts, train = write_split(tmp)
-    return harness.make_ifeval_task(prompts_test=str(prompts), train=str(train), out_yaml=str(tmp / "task/ifeval_heldout.yaml"),
-                                    out_data=str(tmp / "task/ifeval_heldout.jsonl"), out_summary=str(tmp / "task/summary.json"))
+    return harness.make_ifeval_task(prompts_test=str(prompts), train=str(train),
+                                    out_yaml=str(tmp / "task/ifeval_heldout.yaml"),
+                                    out_data=str(tmp / "task/ifeval_heldout.jsonl"),
+                                    out_summary=str(tmp / "task/summary.json"))
 
 
 def make_adapter(model_dir: Path, out: Path) -> Path:
@@ -80,9 +82,10 @@ def harness_runs(tmp_path_factory):
     summary = make_task(tmp)
     common = {"tasks": [{"name": "ifeval_heldout", "num_fewshot": None}], "include_path": str(tmp / "task"),
               "limit": 3, "batch_size": 4, "max_gen_toks": 12, "seed": 0}
-    ref = harness.run_lm_eval(model_name="ref", ref_dir=str(model), policy_dir=None, out_dir=str(tmp / "out/ref"), **common)
-    pol = harness.run_lm_eval(model_name="dpo", ref_dir=str(model), policy_dir=str(adapter), out_dir=str(tmp / "out/dpo"),
+    ref = harness.run_lm_eval(model_name="ref", ref_dir=str(model), policy_dir=None, out_dir=str(tmp / "out/ref"),
                               **common)
+    pol = harness.run_lm_eval(model_name="dpo", ref_dir=str(model), policy_dir=str(adapter),
+                              out_dir=str(tmp / "out/dpo"), **common)
     return {"tmp": tmp, "model": model, "adapter": adapter, "summary": summary, "ref": ref, "dpo": pol}
 
 
@@ -157,8 +160,10 @@ def test_stage_writes_the_harness_own_files(harness_runs):
         assert len(names) == 2 and names[0].startswith("results_") and names[1].startswith("samples_ifeval_heldout_")
         assert not (tmp / "out" / f"{model}.tmp").exists()
         results = json.loads(harness.results_file(tmp / "out" / model).read_text())
-        assert results["rpo_model"] == model and results["n-samples"]["ifeval_heldout"] == {"original": 4, "effective": 3}
-        assert "<|im_start|>user" in read_samples(tmp / "out" / model)[0]["arguments"]["gen_args_0"]["arg_0"]  # chat template
+        assert results["rpo_model"] == model
+        assert results["n-samples"]["ifeval_heldout"] == {"original": 4, "effective": 3}
+        prompt = read_samples(tmp / "out" / model)[0]["arguments"]["gen_args_0"]["arg_0"]
+        assert prompt.startswith("<|im_start|>user\n")  # the model's chat template
         assert results["chat_template"] and results["model_source"] == "hf"
     # the policy is Ref plus its adapter, passed to the harness unmerged
     ref_args, dpo_args = harness_runs["ref"]["config"]["model_args"], harness_runs["dpo"]["config"]["model_args"]
@@ -223,7 +228,8 @@ def test_tidy_rows_of_filters_groups_and_missing_stderr():
 
 def test_table_md_has_an_lm_eval_section():
     rows = [table.make_row(model_a=m, metric="lm_eval/ifeval_heldout/prompt_level_strict_acc", value=v,
-                           ci_low=v - 0.1, ci_high=v + 0.1, n=8, judge="lm-eval") for m, v in (("ref", 0.25), ("rpo", 0.5))]
+                           ci_low=v - 0.1, ci_high=v + 0.1, n=8, judge="lm-eval")
+            for m, v in (("ref", 0.25), ("rpo", 0.5))]
     rows.append(table.make_row(model_a="ref", metric="mtbench", value=5.0, n=3, judge="j"))
     md = table.render_markdown(rows, model_labels={"ref": "Ref", "rpo": "RPO"})
     section = md.split("## lm-evaluation-harness")[1]
@@ -252,7 +258,8 @@ def test_make_table1_adds_the_rows_and_the_section(harness_runs, tmp_path):
 
 def test_harness_model_arguments(tmp_path, tiny_model_dir):
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
-    assert harness.harness_model(ref_dir=str(tiny_model_dir), policy_dir=str(adapter), backend="hf", dtype="auto", seed=0) == (
+    args = {"ref_dir": str(tiny_model_dir), "policy_dir": str(adapter), "dtype": "auto", "seed": 0}
+    assert harness.harness_model(backend="hf", **args) == (
         "hf", {"pretrained": str(tiny_model_dir), "dtype": "auto", "peft": str(adapter.resolve())})
     # a fully fine-tuned policy is its own model
     assert harness.harness_model(ref_dir=str(tmp_path / "none"), policy_dir=str(tiny_model_dir), backend="hf",
@@ -261,11 +268,10 @@ def test_harness_model_arguments(tmp_path, tiny_model_dir):
         import vllm  # noqa: F401
     except ImportError:  # asked for and not installed: an error, never a silent switch to HF
         with pytest.raises(RuntimeError, match="generation backend 'vllm' needs the vllm package"):
-            harness.harness_model(ref_dir=str(tiny_model_dir), policy_dir=str(adapter), backend="vllm", dtype="auto", seed=0)
+            harness.harness_model(backend="vllm", **args)
     else:
-        name, args = harness.harness_model(ref_dir=str(tiny_model_dir), policy_dir=str(adapter), backend="vllm",
-                                           dtype="auto", seed=0)
-        assert name == "vllm" and args["lora_local_path"] == str(adapter.resolve()) and args["max_lora_rank"] == 8
+        name, vllm_args = harness.harness_model(backend="vllm", **args)
+        assert name == "vllm" and vllm_args["lora_local_path"] == str(adapter.resolve())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -313,7 +319,8 @@ def test_dag_runs_the_stage_for_ref_offline(tmp_path):
     write_jsonl([pair_row(rows[k]) for k in TRAIN_KEYS], tmp_path / "train.jsonl")
     write_jsonl([pair_row(rows[k]) for k in HELDOUT], tmp_path / "test.jsonl")
     cfg = {"seed": 1, "base_model": {"source": str(model)}, "sft": {"enabled": False},
-           "data": {"source": "file", "splits": {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")}},
+           "data": {"source": "file",
+                    "splits": {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")}},
            "methods": {"dpo": {"loss": "dpo", "beta": 0.1}}, "table1": {"pairs": [["dpo", "ref"]]},
            "figures": {"logps_methods": ["dpo"]},
            "lm_eval": {"enabled": True, "limit": 2, "max_gen_toks": 4, "threads": 1}}

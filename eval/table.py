@@ -20,6 +20,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from eval.harness import LOCAL_IFEVAL, METRIC_PREFIX as LM_EVAL_PREFIX
+
 COLUMNS = ("model_a", "model_b", "metric", "value", "ci_low", "ci_high", "n", "judge")
 
 WIN_RATE = "win_rate"
@@ -261,13 +263,9 @@ def render_markdown(
 # lm-evaluation-harness rows (eval/harness.py): one line per task metric, one column per model
 # ---------------------------------------------------------------------------------------------------
 
-LM_EVAL_PREFIX = "lm_eval/"
-
-
 def _lm_eval_section(rows: list[dict], lab) -> list[str]:
     if not rows:
         return []
-    from eval.harness import LOCAL_IFEVAL
     by_cell = _index(rows, lambda r: (r["metric"], r["model_a"]), "lm_eval metric/model")
     models = _unique(r["model_a"] for r in rows)
     body = []

@@ -117,10 +117,15 @@ def bench_judge(benchmark):
     return config["benchmarks"][benchmark]["judge"] or config["benchmarks"]["judge"]
 
 
-def bench_gen_args(benchmark, w, out, **extra):
+def policy_of(input):
+    """The policy (adapter or model) directory among a generation rule's inputs; None for Ref itself."""
+    return input.policy[0] if input.policy else None
+
+
+def bench_gen_args(benchmark, w, input, output, **extra):
     b = config["benchmarks"][benchmark]
-    return as_json({"model_name": w.model, "ref_dir": get_base_dir(w.model), "policy_dir": get_policy_dir(w.model),
-                    "out": out, "n_questions": b["n_questions"], "max_new_tokens": b["max_new_tokens"],
+    return as_json({"model_name": w.model, "ref_dir": input.ref, "policy_dir": policy_of(input),
+                    "out": output[0], "n_questions": b["n_questions"], "max_new_tokens": b["max_new_tokens"],
                     "batch_size": b["batch_size"], "seed": config["seed"], **extra})
 
 

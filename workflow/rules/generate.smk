@@ -11,10 +11,9 @@ rule generate_table1:
     output:
         f"{RESULTS}/generations/table1/{{model}}.jsonl",
     params:
-        args=lambda w: as_json({
-            "model_name": w.model, "ref_dir": get_base_dir(w.model), "policy_dir": get_policy_dir(w.model),
-            "prompts_path": f"{RESULTS}/data/prompts_test.jsonl",
-            "out": f"{RESULTS}/generations/table1/{w.model}.jsonl", "seed": config["seed"],
+        args=lambda w, input, output: as_json({
+            "model_name": w.model, "ref_dir": input.ref, "policy_dir": policy_of(input),
+            "prompts_path": input.prompts, "out": output[0], "seed": config["seed"],
             **{k: v for k, v in config["table1"]["generation"].items() if k != "threads"}}),
     threads: config["table1"]["generation"]["threads"]
     resources:
@@ -32,7 +31,7 @@ rule generate_mtbench:
     output:
         f"{RESULTS}/mtbench/model_answer/{{model}}.jsonl",
     params:
-        args=lambda w: bench_gen_args("mtbench", w, f"{RESULTS}/mtbench/model_answer/{w.model}.jsonl"),
+        args=lambda w, input, output: bench_gen_args("mtbench", w, input, output),
     threads: config["benchmarks"]["threads"]
     resources:
         **res("generation"),
@@ -49,8 +48,7 @@ rule generate_alpacaeval:
     output:
         f"{RESULTS}/alpacaeval/{{model}}/model_outputs.json",
     params:
-        args=lambda w: bench_gen_args("alpacaeval", w, f"{RESULTS}/alpacaeval/{w.model}/model_outputs.json",
-                                     **bench_subset("alpacaeval")),
+        args=lambda w, input, output: bench_gen_args("alpacaeval", w, input, output, **bench_subset("alpacaeval")),
     threads: config["benchmarks"]["threads"]
     resources:
         **res("generation"),
@@ -67,10 +65,10 @@ rule generate_arenahard:
     output:
         f"{RESULTS}/arenahard/model_answer/{{model}}.jsonl",
     params:
-        args=lambda w: bench_gen_args("arenahard", w, f"{RESULTS}/arenahard/model_answer/{w.model}.jsonl",
-                                              version=config["benchmarks"]["arenahard"]["version"],
-                                              category=config["benchmarks"]["arenahard"]["category"],
-                                              **bench_subset("arenahard")),
+        args=lambda w, input, output: bench_gen_args("arenahard", w, input, output,
+                                                      version=config["benchmarks"]["arenahard"]["version"],
+                                                      category=config["benchmarks"]["arenahard"]["category"],
+                                                      **bench_subset("arenahard")),
     threads: config["benchmarks"]["threads"]
     resources:
         **res("generation"),

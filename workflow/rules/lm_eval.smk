@@ -38,10 +38,10 @@ rule make_lm_eval_ifeval:
     output:
         **LM_EVAL_IFEVAL,
     params:
-        args=as_json({"prompts_test": f"{RESULTS}/data/prompts_test.jsonl", "train": f"{RESULTS}/data/train.jsonl",
-                      "out_yaml": LM_EVAL_IFEVAL["yaml"], "out_data": LM_EVAL_IFEVAL["data"],
-                      "out_summary": LM_EVAL_IFEVAL["summary"],
-                      "prompts_file": config["data"]["synthetic"]["prompts_file"]}),
+        args=lambda w, input, output: as_json({
+            "prompts_test": input.prompts, "train": input.train, "out_yaml": output.yaml,
+            "out_data": output.data, "out_summary": output.summary,
+            "prompts_file": config["data"]["synthetic"]["prompts_file"]}),
     resources:
         **res("cpu"),
     log:
@@ -56,7 +56,7 @@ rule check_lm_eval_datasets:
     output:
         LM_EVAL_DATASETS,
     params:
-        args=as_json({"tasks": LM_EVAL_HUB, "out": LM_EVAL_DATASETS}),
+        args=lambda w, output: as_json({"tasks": LM_EVAL_HUB, "out": output[0]}),
     localrule: True
     log:
         "logs/check_lm_eval_datasets/datasets.log",
@@ -72,9 +72,9 @@ rule run_lm_eval:
     output:
         directory(f"{RESULTS}/lm_eval/{{model}}"),
     params:
-        args=lambda w: as_json({
-            "model_name": w.model, "ref_dir": get_base_dir(w.model), "policy_dir": get_policy_dir(w.model),
-            "tasks": LM_EVAL_TASKS, "out_dir": f"{RESULTS}/lm_eval/{w.model}",
+        args=lambda w, input, output: as_json({
+            "model_name": w.model, "ref_dir": input.ref, "policy_dir": policy_of(input),
+            "tasks": LM_EVAL_TASKS, "out_dir": output[0],
             "include_path": LM_EVAL_TASK_DIR if LM_EVAL_LOCAL else None,
             "backend": config["table1"]["generation"]["backend"], "seed": config["seed"],
             **{k: LM_EVAL[k] for k in ("limit", "batch_size", "max_gen_toks", "apply_chat_template",
@@ -94,8 +94,7 @@ rule score_lm_eval:
     output:
         f"{RESULTS}/scores/lm_eval/{{model}}.json",
     params:
-        args=lambda w: as_json({"model_name": w.model, "results_dir": f"{RESULTS}/lm_eval/{w.model}",
-                                "out": f"{RESULTS}/scores/lm_eval/{w.model}.json"}),
+        args=lambda w, input, output: as_json({"model_name": w.model, "results_dir": input[0], "out": output[0]}),
     resources:
         **res("cpu"),
     log:

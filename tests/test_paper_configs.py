@@ -82,13 +82,15 @@ def test_paper_config_on_slurm_resolves_the_whole_dag(tmp_path, series, accum_fi
     for rule in ("judge_table1", "score_mtbench", "make_table1"):  # CPU-only rules on CPU nodes
         assert all("gpu" not in j["resources"] and j["resources"]["slurm_partition"] == "cpuq"
                    for j in by_rule[rule])
+    # Table 1 as the authors ran it (issue 10 §1): the first 200 test prompts, greedy, 1024 new tokens
     gen = args_of(by_rule["generate_table1"][0])
-    assert gen["n_prompts"] == 150
+    assert (gen["protocol"], gen["n_prompts"], gen["temperature"], gen["max_new_tokens"]) == ("paper", 200, 0.0, 1024)
+    assert {args_of(j)["protocol"] for j in by_rule["judge_table1"]} == {"paper"}
     # the paper's numbers beside ours
     assert "results/paper_comparison.csv" in by_rule["make_table1"][0]["output"]
     assert args_of(by_rule["make_table1"][0])["paper_series"] == series
     judge = args_of(by_rule["judge_table1"][0])["judge"]
-    assert judge["model"] == "gpt-4-0613" and judge["api_key_env"] == "OPENAI_API_KEY"
+    assert judge["model"] == "gpt-4" and judge["api_key_env"] == "OPENAI_API_KEY"  # gpt_eval.py's model
     assert "sk-" not in out  # only the variable's name travels
 
 

@@ -15,6 +15,7 @@ rule generate_table1:
             "model_name": w.model, "ref_dir": get_base_dir(w.model), "policy_dir": get_policy_dir(w.model),
             "prompts_path": f"{RESULTS}/data/prompts_test.jsonl",
             "out": f"{RESULTS}/generations/table1/{w.model}.jsonl", "seed": config["seed"],
+            "protocol": config["table1"]["protocol"],  # which prompts: paper = the first n_prompts
             **{k: v for k, v in config["table1"]["generation"].items() if k != "threads"}}),
     threads: config["table1"]["generation"]["threads"]
     resources:

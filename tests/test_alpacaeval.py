@@ -217,7 +217,7 @@ def test_lc_unavailable_offline_is_nan_with_reason(tmp_path, monkeypatch):
     anns = [{"preference": 2.0}] * 3
     lc = ae.lc_win_rate(anns, precomputed_dir=tmp_path)  # an empty directory
     assert math.isnan(lc["value"]) and math.isnan(lc["standard_error"])
-    assert "df_gamed.csv" in lc["unavailable"] and "instruction_difficulty.csv" in lc["unavailable"]
+    assert "df_gamed.csv" in lc["unavailable"]  # the one file get_length_controlled_winrate needs here
     # nothing given: looks in the HF cache only (no download); this machine has no copy
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     monkeypatch.setattr("alpaca_eval.constants.DEFAULT_CACHE_DIR", str(tmp_path / "empty_cache"))
@@ -252,11 +252,33 @@ def test_lc_runs_alpaca_eval_glm_on_local_precomputed_files(tmp_path):
         ae.lc_win_rate(anns[1:], eval_set=ev, precomputed_dir=tmp_path)
 
 
-def test_table_row_interval_is_value_plus_minus_1_96_standard_errors():
-    from eval.alpacaeval import table_rows
-    rows = table_rows("rpo", {"value": 62.5, "standard_error": 10.0, "n": 4},
-                      {"value": float("nan"), "unavailable": "offline"}, judge="j")
-    wr = rows[0]
-    # 62.5 ± 1.96 × 10 = [42.9, 82.1]
-    assert wr["metric"] == "alpacaeval_wr" and wr["ci_low"] == pytest.approx(42.9) and wr["ci_high"] == pytest.approx(82.1)
+def test_win_rate_interval_stays_inside_0_100():
+    # issue 15: 12.5 at n = 4 gave [-12.0, 37.0] as value +- 1.96 SE. Per-instruction values (p - 1) x 100:
+    # 50, 0, 0, 0. A bootstrap mean of 4 draws is 0, 12.5, 25, 37.5 or 50; P(0) = (3/4)^4 = 0.32 > 0.025, so
+    # the 2.5th percentile is 0; P(50) = (1/4)^4 = 0.004 < 0.025 <= P(>= 37.5) = 0.051, so the 97.5th is 37.5.
+    wr = ae.win_rate([{"preference": p} for p in (1.5, 1.0, 1.0, 1.0)], n_boot=1000, seed=0, ci=0.95)
+    assert wr["value"] == pytest.approx(12.5) and wr["standard_error"] == pytest.approx(12.5)  # sd 25 / sqrt 4
+    assert (wr["ci_low"], wr["ci_high"]) == (0.0, 37.5)
+    rows = ae.table_rows("rpo", wr, {"value": float("nan"), "unavailable": "offline"}, judge="j")
+    assert rows[0]["metric"] == "alpacaeval_wr" and (rows[0]["ci_low"], rows[0]["ci_high"]) == (0.0, 37.5)
     assert math.isnan(rows[1]["value"])
+    same = ae.win_rate([{"preference": 2.0}] * 3)  # every value 100: a degenerate interval at 100
+    assert (same["ci_low"], same["ci_high"]) == (100.0, 100.0)
+
+
+def test_lc_required_is_fetched_through_the_hub_cache_or_stops(tmp_path, monkeypatch):
+    """check_lc_available (the run's start-up check) and locate_glm_files on a hub cache written here."""
+    import huggingface_hub.constants
+    from conftest import _hub_repo
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"lc_win_rate is 'required'.*df_gamed.csv.*tatsu-lab/alpaca_eval"):
+        ae.check_lc_available({"enabled": True, "lc_win_rate": "required", "precomputed_dir": None})
+    ae.check_lc_available({"enabled": True, "lc_win_rate": "if_available", "precomputed_dir": None})  # no check
+    snap = _hub_repo(cache, "dataset", "tatsu-lab/alpaca_eval")
+    (snap / "df_gamed.csv").write_text("model,index\n")
+    ae.check_lc_available({"enabled": True, "lc_win_rate": "required", "precomputed_dir": None})
+    files, reason = ae.locate_glm_files(fetch=True)
+    assert reason == "" and files == {"df_gamed.csv": str(snap / "df_gamed.csv")}

@@ -111,13 +111,14 @@ def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dic
                 figure: str, labels: dict[str, str], pair_order: list[list[str]], bootstrap: dict,
                 scores: list[str] = (), paper_series: str | None = None, methods_metrics: dict | None = None,
                 methods_figure: str | None = None) -> None:
-    rows = []
+    rows, protocols = [], set()
     for path in scores:  # per-model benchmark rows (MT-Bench, AlpacaEval, Arena-Hard)
         rows += [table.make_row(**r) for r in json.loads(Path(path).read_text())]
     for path in judgments:
         js = _read_jsonl(path)
         if not js:
             raise ValueError(f"{path}: no judgments")
+        protocols |= {r.get("protocol", "both_orders") for r in js}
         valid = [r["outcome"] for r in js if r["outcome"] is not None]  # None: the judge's verdicts were invalid
         if not valid:
             raise ValueError(f"{path}: every judgment is invalid; no win rate can be computed")
@@ -131,6 +132,9 @@ def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dic
     md = table.render_markdown(rows, model_labels=labels, pair_order=[tuple(p) for p in pair_order])
     md += (f"\nWin rates in %, ties count half; [low, high] = {int(bootstrap['ci'] * 100)}% seeded "
            f"percentile bootstrap over prompts (n_boot={bootstrap['n']}, seed={bootstrap['seed']}).\n")
+    if protocols - {"gold"}:
+        md += (f"Judging protocol: {', '.join(sorted(protocols))} (paper: the authors' gpt_eval.py, one order per "
+               "prompt; both_orders: each prompt in both orders); n counts the prompts with a verdict.\n")
     Path(out_md).write_text(md)
     if methods_figure and methods_metrics:
         # every method: the chosen log-ratio over training and its final win rate against Ref

@@ -304,6 +304,7 @@ def test_table1_paper_protocol_through_an_openai_judge(judge_server, tmp_path):
     t = _table(tmp_path, tmp_path / "j.jsonl")
     # (1 + 0 + 0.5 + 1) / 4 = 62.5 %, n = 4 (the skipped prompt is not counted)
     assert float(t[("m1", "m2")]["value"]) == 62.5 and t[("m1", "m2")]["n"] == "4"
+    assert "Judging protocol: paper" in (tmp_path / "t.md").read_text()
 
 
 def test_table1_both_orders_through_an_openai_judge(judge_server, tmp_path):

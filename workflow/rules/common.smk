@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -35,7 +36,10 @@ def train_cfg(stage):
     r = config["resources"][stage]
     world = launch.world_size(r["gpus"], r["nodes"])
     accum = launch.accumulation_steps(cfg["global_batch_size"], cfg["micro_batch_size"], world, where=stage)
-    return {**cfg, "world_size": world, "gradient_accumulation_steps": accum}
+    # threads reach the job as `threads:` (--threads), not as a parameter: a thread count changes no result
+    # and must not re-run training
+    return {**{k: v for k, v in cfg.items() if k != "threads"}, "world_size": world,
+            "gradient_accumulation_steps": accum}
 
 
 def launcher(stage):
@@ -43,16 +47,20 @@ def launcher(stage):
     from rpo import launch
 
     r = config["resources"][stage]
-    return launch.launch_prefix(gpus=r["gpus"], nodes=r["nodes"], accelerate_config=r["accelerate_config"])
+    return launch.launch_prefix(gpus=r["gpus"], nodes=r["nodes"])
 
 
 def res(stage):
     """Snakemake resources of a stage: `gpu` (the SLURM plugin's GPU request, and the local GPU profile's
-    limit), nodes, memory and runtime in minutes."""
+    limit), nodes, memory and runtime in minutes. Placement follows from them: a stage that asks for GPUs
+    goes to $RPO_GPU_PARTITION when that is set (profiles/slurm); every other job to the profile's default
+    partition. CPUs per task are the rule's threads."""
     r = config["resources"][stage]
     out = {"mem_mb": r["mem_mb"], "runtime": r["runtime"]}
     if r["gpus"]:
         out["gpu"] = r["gpus"]
+        if os.environ.get("RPO_GPU_PARTITION"):
+            out["slurm_partition"] = os.environ["RPO_GPU_PARTITION"]
     if r["nodes"] > 1:
         out["nodes"] = r["nodes"]
     return out

@@ -1,6 +1,6 @@
 JUDGMENTS = [f"{RESULTS}/judgments/table1/{a}_vs_{b}.jsonl" for a, b in get_table1_pairs()]
 LOGPS_METRICS = {m: f"{RESULTS}/train/{m}/metrics.jsonl" for m in config["figures"]["logps_methods"]}
-SCORES = [f"{RESULTS}/scores/{b}/{m}.json" for b in BENCHMARKS for m in MODELS]
+SCORES = [f"{RESULTS}/scores/{b}/{m}.json" for b in BENCHMARKS for m in MODELS] + LM_EVAL_SCORES  # lm_eval.smk
 
 
 rule score_mtbench:

@@ -1,3 +1,25 @@
+# Every path a training job reads or writes is named once, in its rule's input / output (the checkpoint
+# directory, deliberately not an output so that Snakemake never deletes it, in params); the arguments
+# handed to `python -m rpo` are computed from them.
+
+
+def train_args(stage_cfg, ckpt_dir, extra=None, **inputs):
+    """The `--args` of a training rule: `inputs` (argument name -> input name) and the model / metrics /
+    summary outputs, the checkpoint directory and the stage config, and `extra(wildcards)`'s keys.
+    `stage_cfg` and `ckpt_dir` may be functions of the wildcards."""
+
+    def value(x, wildcards):
+        return x(wildcards) if callable(x) else x
+
+    def args(wildcards, input, output):
+        return as_json({**{k: input[v] for k, v in inputs.items()}, "out_dir": output.model,
+                        "metrics_path": output.metrics, "summary_path": output.summary,
+                        "ckpt_dir": value(ckpt_dir, wildcards), "cfg": value(stage_cfg, wildcards),
+                        **(extra(wildcards) if extra else {})})
+
+    return args
+
+
 rule train_sft:
     input:
         base=f"{RESULTS}/models/base",
@@ -5,10 +27,9 @@ rule train_sft:
     output:
         model=directory(f"{RESULTS}/models/sft/model"),
         metrics=f"{RESULTS}/models/sft/metrics.jsonl",
+        summary=f"{RESULTS}/models/sft/train_summary.json",
     params:
-        args=as_json({"base_dir": f"{RESULTS}/models/base", "pairs_path": f"{RESULTS}/data/train.jsonl",
-                      "out_dir": f"{RESULTS}/models/sft/model", "ckpt_dir": f"{RESULTS}/checkpoints/sft",
-                      "cfg": train_cfg("sft")}),
+        args=train_args(train_cfg("sft"), f"{RESULTS}/checkpoints/sft", base_dir="base", pairs_path="train"),
         launch=launcher("sft"),
     threads: config["sft"]["train"]["threads"]
     resources:
@@ -27,13 +48,12 @@ rule train_sft_seed:
     output:
         model=directory(f"{RESULTS}/models/sft_seed{{seed}}/model"),
         metrics=f"{RESULTS}/models/sft_seed{{seed}}/metrics.jsonl",
+        summary=f"{RESULTS}/models/sft_seed{{seed}}/train_summary.json",
     wildcard_constraints:
         seed=r"\d+",
     params:
-        args=lambda w: as_json({"base_dir": f"{RESULTS}/models/base", "pairs_path": f"{RESULTS}/data/train.jsonl",
-                                "out_dir": f"{RESULTS}/models/sft_seed{w.seed}/model",
-                                "ckpt_dir": f"{RESULTS}/checkpoints/sft_seed{w.seed}",
-                                "cfg": {**train_cfg("sft"), "seed": int(w.seed)}}),
+        args=train_args(lambda w: {**train_cfg("sft"), "seed": int(w.seed)},
+                        lambda w: f"{RESULTS}/checkpoints/sft_seed{w.seed}", base_dir="base", pairs_path="train"),
         launch=launcher("sft"),
     threads: config["sft"]["train"]["threads"]
     resources:
@@ -51,7 +71,7 @@ rule make_soup:
     output:
         directory(SOUP_DIR),
     params:
-        args=as_json({"model_dirs": [sft_dir(s) for s in config["sft"]["soup_seeds"]], "out": SOUP_DIR}),
+        args=lambda w, input, output: as_json({"model_dirs": list(input), "out": output[0]}),
     resources:
         **res("cpu"),
     log:
@@ -70,12 +90,11 @@ rule reference_logps:
     wildcard_constraints:
         refname="ref|soup",
     params:
-        args=lambda w: as_json({"model_dir": reference_dir(w.refname), "pairs_path": f"{RESULTS}/data/train.jsonl",
-                                "out_path": reference_cache(w.refname),
-                                "max_length": config["training"]["max_length"],
-                                "max_prompt_length": config["training"]["max_prompt_length"],
-                                "batch_size": config["reference"]["batch_size"],
-                                "dtype": config["training"]["precision"]}),
+        args=lambda w, input, output: as_json({
+            "model_dir": input.ref, "pairs_path": input.train, "out_path": output[0],
+            "max_length": config["training"]["max_length"],
+            "max_prompt_length": config["training"]["max_prompt_length"],
+            "batch_size": config["reference"]["batch_size"], "dtype": config["training"]["precision"]}),
     threads: config["reference"]["threads"]
     resources:
         **res("reference"),
@@ -93,12 +112,11 @@ rule train_preference:
     output:
         model=directory(f"{RESULTS}/train/{{method}}/model"),
         metrics=f"{RESULTS}/train/{{method}}/metrics.jsonl",
+        summary=f"{RESULTS}/train/{{method}}/train_summary.json",
     params:
-        args=lambda w: as_json({
-            "ref_dir": reference_dir(reference_name(w.method)), "pairs_path": f"{RESULTS}/data/train.jsonl",
-            "reference_cache": reference_cache(reference_name(w.method)),
-            "out_dir": f"{RESULTS}/train/{w.method}/model", "ckpt_dir": f"{RESULTS}/checkpoints/{w.method}",
-            "cfg": train_cfg("training"), "method": {"name": w.method, **config["methods"][w.method]}}),
+        args=train_args(train_cfg("training"), lambda w: f"{RESULTS}/checkpoints/{w.method}",
+                        extra=lambda w: {"method": {"name": w.method, **config["methods"][w.method]}},
+                        ref_dir="ref", pairs_path="train", reference_cache="cache"),
         launch=launcher("training"),
     threads: config["training"]["threads"]
     resources:

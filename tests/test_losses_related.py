@@ -1,14 +1,12 @@
-"""Tests for the related-method losses of rpo/losses.py (ipo, exo_pair, hinge, minor_dpo,
-ada_dpo), their "+sft" combinations, their registry entries and validation, and parity
-with TRL's DPOTrainer losses.
+"""The related methods' losses (ipo, exo_pair, hinge, minor_dpo, ada_dpo) and their "+sft" combinations:
+closed forms, limits, stability, length and shape checks, and parity with TRL's DPOTrainer losses. What
+every loss shares (a reference across dtypes, gradcheck, the registry and its validation):
+tests/test_losses.py.
 
-Run:
-    cd /work/main && PYTHONPATH=. /work/venv/bin/python -m pytest tests/test_losses_zoo.py -q -p no:cacheprovider
+Run: pytest tests/test_losses_related.py -q     (the TRL parity test skips without trl; -s shows its values)
 
-Expected values come from hand arithmetic (math.log / math.exp), from plain per-element
-formulas written here, or from an independent solve (ternary search over tau for
-ada_dpo), never from the functions under test. The TRL parity test is skipped when trl
-is not installed; add -s to see the values it compares.
+Expected values come from hand arithmetic (math.log / math.exp) or from an independent solve (ternary
+search over tau for ada_dpo), never from the functions under test.
 """
 
 import collections
@@ -17,165 +15,10 @@ import types
 
 import pytest
 import torch
-from test_losses import random_batch  # the same seeded random log-probs as the paper losses' tests
+from test_losses import (ALL_HYPERS, HYPERS, LOG2, ada_objective, batch, call, f64, grads, random_batch,
+                         reference_loss)
 
-from rpo.losses import (
-    LOSSES,
-    RELATED_LOSSES,
-    SFT_BASES,
-    TENSOR_ARGS,
-    check_hyperparameters,
-    dpo,
-    get_loss,
-    loss_hyperparameters,
-    rpo,
-)
-
-HYPERS = {
-    "ipo": {"beta": 0.1},
-    "exo_pair": {"beta": 0.1, "epsilon": 1e-3},
-    "hinge": {"beta": 0.1},
-    "minor_dpo": {"beta": 0.1},
-    # the authors' DPO defaults for tau0, tau_max, rho; beta = 0.5 puts some pairs of
-    # random_batch inside (tau0, tau_max) and some at each bound
-    "ada_dpo": {"beta": 0.5, "tau0": 0.1, "tau_max": 5.0, "rho": 0.2},
-}
-SFT_NAMES = [f"{base}+sft" for base in SFT_BASES]
-SFT_HYPERS = {f"{base}+sft": {**({"beta": 0.1} if base == "dpo" else HYPERS[base]), "eta": 0.3}
-              for base in SFT_BASES}
-ALL_HYPERS = {**HYPERS, **SFT_HYPERS}
-LOG2 = math.log(2.0)
-
-
-def batch(pc, pr, rc, rr, lc=None, lr=None, dtype=torch.float64):
-    """The six keyword arguments from Python lists (lengths default to 1)."""
-    t = lambda xs: torch.tensor(xs, dtype=dtype)
-    return dict(
-        policy_chosen_logps=t(pc),
-        policy_rejected_logps=t(pr),
-        reference_chosen_logps=t(rc),
-        reference_rejected_logps=t(rr),
-        chosen_lengths=torch.tensor(lc if lc is not None else [1] * len(pc)),
-        rejected_lengths=torch.tensor(lr if lr is not None else [1] * len(pc)),
-    )
-
-
-def log_sigmoid(x):
-    """log sigmoid(x) in Python floats, without overflow."""
-    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
-
-
-def ada_objective(z, tau, rho):
-    """Hong et al. eq. 4 / 6 with the DPO reward z = beta * h."""
-    return -tau * log_sigmoid(z / tau) + (rho - LOG2) * tau
-
-
-def ada_reference(z, tau0, tau_max, rho):
-    """min over [tau0, tau_max] of ada_objective by ternary search (the objective is convex in tau)."""
-    lo, hi = tau0, tau_max
-    for _ in range(200):
-        a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
-        if ada_objective(z, a, rho) <= ada_objective(z, b, rho):
-            hi = b
-        else:
-            lo = a
-    return min(ada_objective(z, t, rho) for t in (tau0, 0.5 * (lo + hi), tau_max))
-
-
-def reference_loss(name, b, hp):
-    """Per-element formulas in Python floats (float64)."""
-    pc, pr, rc, rr = (b[k].double().tolist() for k in TENSOR_ARGS[:4])
-    lc, lr = (b[k].double().tolist() for k in TENSOR_ARGS[4:])
-    beta = hp["beta"]
-    out = []
-    for i in range(len(pc)):
-        dw, dl = pc[i] - rc[i], pr[i] - rr[i]
-        if name == "ipo":
-            out.append((dw / lc[i] - dl / lr[i] - 1 / (2 * beta)) ** 2)
-        elif name == "exo_pair":
-            z, eps = beta * (dw - dl), hp["epsilon"]
-            lqc, lqr = log_sigmoid(z), log_sigmoid(-z)
-            out.append(math.exp(lqc) * (lqc - math.log(1 - eps)) + math.exp(lqr) * (lqr - math.log(eps)))
-        elif name == "hinge":
-            out.append(max(0.0, 1 - beta * (dw - dl)))
-        elif name == "minor_dpo":
-            out.append(-log_sigmoid(beta * (dw - max(0.0, dl))))
-        elif name == "ada_dpo":
-            out.append(ada_reference(beta * (dw - dl), hp["tau0"], hp["tau_max"], hp["rho"]))
-        else:
-            raise AssertionError(name)
-    return out
-
-
-def call(name, b, hp):
-    return get_loss(name)(**b, **hp)
-
-
-def grads(name, b, hp):
-    """d(sum of the loss)/d(each of the four log-prob tensors)."""
-    leaves = {k: b[k].clone().requires_grad_(True) for k in TENSOR_ARGS[:4]}
-    lens = {k: b[k] for k in TENSOR_ARGS[4:]}
-    return torch.autograd.grad(get_loss(name)(**leaves, **lens, **hp).sum(), list(leaves.values()))
-
-
-def f64(xs):
-    return torch.tensor(xs, dtype=torch.float64)
-
-
-# --------------------------------------------------------------------------
-# registry
-# --------------------------------------------------------------------------
-
-def test_registry_names_and_hyperparameters():
-    assert list(RELATED_LOSSES) == ["ipo", "exo_pair", "hinge", "minor_dpo", "ada_dpo"]
-    assert list(LOSSES) == ["dpo", "rpo", "rpo_mean", "rpo_seqmean"]  # the paper's losses, unchanged
-    assert SFT_BASES == ("dpo", "ipo", "exo_pair", "hinge", "minor_dpo", "ada_dpo")
-    assert loss_hyperparameters("ipo") == ("beta",)
-    assert loss_hyperparameters("exo_pair") == ("beta", "epsilon")
-    assert loss_hyperparameters("hinge") == ("beta",)
-    assert loss_hyperparameters("minor_dpo") == ("beta",)
-    assert loss_hyperparameters("ada_dpo") == ("beta", "tau0", "tau_max", "rho")
-    assert loss_hyperparameters("dpo+sft") == ("beta", "eta")
-    assert loss_hyperparameters("ada_dpo+sft") == ("beta", "tau0", "tau_max", "rho", "eta")
-    # every loss takes beta (the trainer logs beta * log-ratio rewards with it)
-    for name in [*LOSSES, *RELATED_LOSSES, *SFT_NAMES]:
-        assert loss_hyperparameters(name)[0] == "beta", name
-    assert get_loss("ipo+sft") is get_loss("ipo+sft")  # built once
-    assert get_loss("ipo+sft").__name__ == "ipo_sft"
-
-
-def test_unknown_names_list_valid_names_and_sft_suffix():
-    with pytest.raises(ValueError) as e:
-        get_loss("xyz")
-    msg = str(e.value)
-    assert msg.startswith("unknown loss 'xyz'; expected one of: dpo, rpo, rpo_mean, rpo_seqmean, "
-                          "ipo, exo_pair, hinge, minor_dpo, ada_dpo;")
-    assert "'+sft'" in msg and "dpo, ipo, exo_pair, hinge, minor_dpo, ada_dpo" in msg
-    for bad in ("ipo+sft+sft", "+sft", "IPO", "ipo+SFT"):
-        with pytest.raises(ValueError, match=r"^unknown loss"):
-            get_loss(bad)
-    # the rpo variants already carry an SFT term
-    with pytest.raises(ValueError, match=r"'rpo' already has an SFT term; '\+sft' extends one of: dpo, ipo"):
-        get_loss("rpo+sft")
-    with pytest.raises(ValueError, match=r"^config methods.x: unknown loss 'rpo_mean\+sft'"):
-        check_hyperparameters("rpo_mean+sft", {}, "config methods.x")
-
-
-def test_check_hyperparameters_with_new_names():
-    check_hyperparameters("ipo+sft", {"beta": 0.1, "eta": 0.005}, "config methods.ipo_sft")  # no error
-    check_hyperparameters("ada_dpo", HYPERS["ada_dpo"], "config methods.ada")
-    check_hyperparameters("ada_dpo", {**HYPERS["ada_dpo"], "tau0": 1.0, "tau_max": 1.0}, "m")  # empty-width ok
-    with pytest.raises(ValueError) as e:
-        check_hyperparameters("exo_pair+sft", {"beta": 0.1, "epsilon": 1e-3}, "config methods.exo")
-    assert str(e.value).startswith("config methods.exo: loss 'exo_pair+sft' missing hyperparameter(s): eta")
-    with pytest.raises(ValueError, match=r"^config methods.exo: epsilon must be in \(0, 1\), got 0"):
-        check_hyperparameters("exo_pair", {"beta": 0.1, "epsilon": 0}, "config methods.exo")
-    with pytest.raises(ValueError, match=r"^config methods.ada: tau_max must be >= tau0, "
-                                         r"got tau_max=0.5 < tau0=1.0"):
-        check_hyperparameters("ada_dpo", {"beta": 0.1, "tau0": 1.0, "tau_max": 0.5, "rho": 0.2},
-                              "config methods.ada")
-    with pytest.raises(ValueError, match=r"^config methods.h: loss 'hinge' unexpected hyperparameter\(s\): gamma"):
-        check_hyperparameters("hinge", {"beta": 0.1, "gamma": 0.1}, "config methods.h")
+from rpo.losses import RELATED_LOSSES, TENSOR_ARGS, dpo, get_loss, rpo
 
 
 # --------------------------------------------------------------------------
@@ -396,29 +239,8 @@ def test_plus_sft_keeps_a_keyword_only_signature():
 
 
 # --------------------------------------------------------------------------
-# every loss: dtypes, stability, gradcheck
+# stability
 # --------------------------------------------------------------------------
-
-# (rtol, atol) per dtype. bfloat16 keeps 8 mantissa bits: the ~30-nat sums lose ~0.1 nat,
-# which IPO then squares (values up to ~(5 + 0.3)^2 here), hence its own looser bound.
-TOLERANCES = {
-    torch.float64: (1e-12, 1e-12),
-    torch.float32: (1e-5, 1e-5),
-    torch.bfloat16: (3e-2, 6e-2),
-}
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", list(RELATED_LOSSES))
-def test_matches_reference_across_dtypes(name, dtype):
-    b = random_batch(n=16, seed=11, dtype=dtype)
-    out = call(name, b, HYPERS[name])
-    assert out.dtype == dtype and out.shape == (16,)
-    # the reference sees the same (rounded) inputs, so only the arithmetic is compared
-    expected = f64(reference_loss(name, b, HYPERS[name]))
-    rtol, atol = TOLERANCES[dtype]
-    torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=atol)
-
 
 @pytest.mark.parametrize("name", list(RELATED_LOSSES))
 def test_large_margins_are_finite(name):
@@ -430,48 +252,9 @@ def test_large_margins_are_finite(name):
     assert all(torch.isfinite(g).all() for g in grads(name, b, hp))
 
 
-@pytest.mark.parametrize("name", [*RELATED_LOSSES, *SFT_NAMES])
-def test_gradcheck_float64(name):
-    b = random_batch(n=4, seed=13)
-    if name.startswith("ada_dpo"):
-        # z = beta h = 0.05, 3, -4, 20: tau* at tau0, inside, inside, at tau_max
-        b = batch(pc=[0.1 - 20.0, 6.0 - 20.0, -8.0 - 20.0, 40.0 - 20.0], pr=[-9.0] * 4,
-                  rc=[-20.0] * 4, rr=[-9.0] * 4, lc=[3, 4, 5, 6], lr=[2, 3, 4, 5])
-    lens = {k: b[k] for k in TENSOR_ARGS[4:]}
-    inputs = tuple(b[k].clone().requires_grad_(True) for k in TENSOR_ARGS[:4])
-    fn = get_loss(name)
-
-    def f(pc, pr, rc, rr):
-        return fn(policy_chosen_logps=pc, policy_rejected_logps=pr, reference_chosen_logps=rc,
-                  reference_rejected_logps=rr, **lens, **ALL_HYPERS[name])
-
-    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
-
-
 # --------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name,hp,match", [
-    ("ipo", {"beta": 0.0}, r"beta must be > 0, got 0.0"),
-    ("hinge", {"beta": -1.0}, r"beta must be > 0, got -1.0"),
-    ("minor_dpo", {"beta": float("inf")}, r"beta must be finite"),
-    ("exo_pair", {"beta": 0.1, "epsilon": 0.0}, r"epsilon must be in \(0, 1\), got 0.0: .*requires epsilon > 0"),
-    ("exo_pair", {"beta": 0.1, "epsilon": -1e-3}, r"epsilon must be in \(0, 1\), got -0.001"),
-    ("exo_pair", {"beta": 0.1, "epsilon": 1.0}, r"epsilon must be in \(0, 1\), got 1.0"),
-    ("exo_pair", {"beta": 0.1, "epsilon": "1e-3"}, r"epsilon must be a real number"),
-    ("ada_dpo", {"beta": 0.1, "tau0": 0.0, "tau_max": 5.0, "rho": 0.2}, r"tau0 must be > 0, got 0.0"),
-    ("ada_dpo", {"beta": 0.1, "tau0": 0.1, "tau_max": -5.0, "rho": 0.2}, r"tau_max must be > 0, got -5.0"),
-    ("ada_dpo", {"beta": 0.1, "tau0": 2.0, "tau_max": 1.0, "rho": 0.2},
-     r"tau_max must be >= tau0, got tau_max=1.0 < tau0=2.0"),
-    ("ada_dpo", {"beta": 0.1, "tau0": 0.1, "tau_max": 5.0, "rho": -0.1}, r"rho must be >= 0 \(a KL radius\), got -0.1"),
-    ("ipo+sft", {"beta": 0.1, "eta": -1.0}, r"eta must be >= 0, got -1.0"),
-    ("ada_dpo+sft", {"beta": 0.1, "tau0": 0.0, "tau_max": 5.0, "rho": 0.2, "eta": 1.0}, r"tau0 must be > 0"),
-])
-def test_invalid_hyperparameters(name, hp, match):
-    with pytest.raises(ValueError, match=match):
-        call(name, random_batch(n=2), hp)
-
 
 def test_ipo_rejects_nonpositive_lengths_and_bad_shapes():
     b = random_batch(n=3)

@@ -1,0 +1,104 @@
+# EleutherAI's lm-evaluation-harness on every model (eval/harness.py), when lm_eval.enabled:
+#   make_lm_eval_ifeval      the offline IFEval task (the harness's ifeval on the held-out IFEval prompts)
+#   check_lm_eval_datasets   the hub tasks' datasets, resolved before any model job (fails naming the task)
+#   run_lm_eval              simple_evaluate per model -> results/lm_eval/<model>/ (the harness's own files)
+#   score_lm_eval            its tidy rows -> results/scores/lm_eval/<model>.json (into table1.csv)
+from eval.harness import LOCAL_IFEVAL
+
+LM_EVAL = config["lm_eval"]
+# each task with its few-shot count resolved (its own, else lm_eval.num_fewshot, else the task's default)
+LM_EVAL_TASKS = [{"name": t["name"], "num_fewshot": t["num_fewshot"] if t["num_fewshot"] is not None
+                  else LM_EVAL["num_fewshot"]} for t in LM_EVAL["tasks"]]
+LM_EVAL_LOCAL = LOCAL_IFEVAL in {t["name"] for t in LM_EVAL_TASKS}
+LM_EVAL_HUB = [t for t in LM_EVAL_TASKS if t["name"] != LOCAL_IFEVAL]
+if LM_EVAL["enabled"] and LM_EVAL_LOCAL and config["data"]["source"].startswith("hf:"):
+    # its documents are the held-out IFEval prompts (by key); a hub preference set has none
+    raise ValueError(f"config lm_eval.tasks: {LOCAL_IFEVAL!r} evaluates the held-out IFEval prompts of "
+                     f"data.source synthetic:verifiable, not {config['data']['source']!r}; use the hub task 'ifeval'")
+LM_EVAL_TASK_DIR = f"{RESULTS}/data/lm_eval"
+LM_EVAL_IFEVAL = {"yaml": f"{LM_EVAL_TASK_DIR}/{LOCAL_IFEVAL}.yaml", "data": f"{LM_EVAL_TASK_DIR}/{LOCAL_IFEVAL}.jsonl",
+                  "summary": f"{LM_EVAL_TASK_DIR}/{LOCAL_IFEVAL}_summary.json"}
+LM_EVAL_DATASETS = f"{LM_EVAL_TASK_DIR}/hub_datasets.json"
+LM_EVAL_SCORES = [f"{RESULTS}/scores/lm_eval/{m}.json" for m in MODELS] if LM_EVAL["enabled"] else []
+
+
+def lm_eval_task_inputs(wildcards):
+    out = []
+    if LM_EVAL_LOCAL:
+        out += [LM_EVAL_IFEVAL["yaml"], LM_EVAL_IFEVAL["data"]]
+    if LM_EVAL_HUB:
+        out.append(LM_EVAL_DATASETS)
+    return out
+
+
+rule make_lm_eval_ifeval:
+    input:
+        prompts=f"{RESULTS}/data/prompts_test.jsonl",
+        train=f"{RESULTS}/data/train.jsonl",
+    output:
+        **LM_EVAL_IFEVAL,
+    params:
+        args=as_json({"prompts_test": f"{RESULTS}/data/prompts_test.jsonl", "train": f"{RESULTS}/data/train.jsonl",
+                      "out_yaml": LM_EVAL_IFEVAL["yaml"], "out_data": LM_EVAL_IFEVAL["data"],
+                      "out_summary": LM_EVAL_IFEVAL["summary"],
+                      "prompts_file": config["data"]["synthetic"]["prompts_file"]}),
+    resources:
+        **res("cpu"),
+    log:
+        "logs/make_lm_eval_ifeval/ifeval.log",
+    shell:
+        "python -m eval make-lm-eval-ifeval --args {params.args:q} 2>&1 | tee {log}"
+
+
+rule check_lm_eval_datasets:
+    # No inputs: it runs in the first wave of jobs, so a missing hub dataset stops the run at its start.
+    # A local rule: it needs the hub, which the submitting host has.
+    output:
+        LM_EVAL_DATASETS,
+    params:
+        args=as_json({"tasks": LM_EVAL_HUB, "out": LM_EVAL_DATASETS}),
+    localrule: True
+    log:
+        "logs/check_lm_eval_datasets/datasets.log",
+    shell:
+        "python -m eval check-lm-eval --args {params.args:q} 2>&1 | tee {log}"
+
+
+rule run_lm_eval:
+    input:
+        ref=lambda w: get_base_dir(w.model),
+        policy=_policy_input,
+        tasks=lm_eval_task_inputs,
+    output:
+        directory(f"{RESULTS}/lm_eval/{{model}}"),
+    params:
+        args=lambda w: as_json({
+            "model_name": w.model, "ref_dir": get_base_dir(w.model), "policy_dir": get_policy_dir(w.model),
+            "tasks": LM_EVAL_TASKS, "out_dir": f"{RESULTS}/lm_eval/{w.model}",
+            "include_path": LM_EVAL_TASK_DIR if LM_EVAL_LOCAL else None,
+            "backend": config["table1"]["generation"]["backend"], "seed": config["seed"],
+            **{k: LM_EVAL[k] for k in ("limit", "batch_size", "max_gen_toks", "apply_chat_template",
+                                       "fewshot_as_multiturn", "bootstrap_iters", "dtype")}}),
+    threads: LM_EVAL["threads"]
+    resources:
+        **res("generation"),
+    log:
+        "logs/run_lm_eval/{model}.log",
+    shell:
+        "python -m eval run-lm-eval --threads {threads} --args {params.args:q} 2>&1 | tee {log}"
+
+
+rule score_lm_eval:
+    input:
+        f"{RESULTS}/lm_eval/{{model}}",
+    output:
+        f"{RESULTS}/scores/lm_eval/{{model}}.json",
+    params:
+        args=lambda w: as_json({"model_name": w.model, "results_dir": f"{RESULTS}/lm_eval/{w.model}",
+                                "out": f"{RESULTS}/scores/lm_eval/{w.model}.json"}),
+    resources:
+        **res("cpu"),
+    log:
+        "logs/score_lm_eval/{model}.log",
+    shell:
+        "python -m eval score-lm-eval --args {params.args:q} 2>&1 | tee {log}"

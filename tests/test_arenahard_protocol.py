@@ -257,3 +257,56 @@ def test_judge_arenahard_uses_the_versions_max_tokens_and_scores_it(tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+class _V01Chat(BaseHTTPRequestHandler):
+    """First attempt: no label; after v0.1's follow-up turn: [[B>A]] (game 1, the baseline as A: model better)
+    or [[A>B]] (game 2, the model as A)."""
+    seen: list = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append(body)
+        msgs = body["messages"]
+        if len(msgs) == 2:
+            text = "Let me think about it."
+        else:
+            text = "[[B>A]]" if "BASELINE" in msgs[1]["content"].split("Assistant A's Answer|>\n")[1][:8] else "[[A>B]]"
+        data = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
+                           "choices": [{"index": 0, "finish_reason": "stop",
+                                        "message": {"role": "assistant", "content": text}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_v01_judging_through_an_openai_judge_continues_and_scores(tmp_path):
+    from eval import arenahard
+    from eval.judges import get_judge
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _V01Chat)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        qs = [{"uid": "u1", "category": "arena-hard-v0.1", "prompt": "What is 2+2?"}]
+        judge = get_judge({"kind": "openai", "base_url": f"http://127.0.0.1:{srv.server_address[1]}/v1",
+                           "model": "fake", "max_retries": 0, "cache_dir": str(tmp_path / "cache")})
+        out = arenahard.judge_answers(qs, {"u1": "MODEL says 4"}, {"gpt-4-0314": {"u1": "BASELINE says 4"}}, judge,
+                                      tmp_path / "rpo.jsonl", model="rpo", judge_name="openai:fake",
+                                      max_tokens=ap.JUDGE_SETTINGS["v0.1"]["max_tokens"], version="v0.1")
+        (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+        # each game: a first answer without a label, then the follow-up turn and a labelled answer
+        assert [g["score"] for g in row["games"]] == ["B>A", "A>B"]
+        assert row["games"][0]["judgment"] == "\nLet me think about it.\n[[B>A]]"
+        assert len(_V01Chat.seen) == 4 and all(r["max_tokens"] == 4096 for r in _V01Chat.seen)
+        follow = [r for r in _V01Chat.seen if len(r["messages"]) == 4]
+        assert len(follow) == 2 and all(r["messages"][3] == {"role": "user", "content": ap.FOLLOW_UP} for r in follow)
+        r = ap.score(out, "gpt-4-0314", version="v0.1")
+        # game 1 B>A (model better than the baseline shown as A) [1]; game 2 A>B (model as A) [1] -> 100
+        assert (r["score"], r["n"], r["n_battles"]) == (100.0, 1, 2)
+    finally:
+        srv.shutdown()
+        srv.server_close()

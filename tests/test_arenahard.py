@@ -7,11 +7,9 @@ Each expected number is worked out by hand in a comment beside it.
 """
 
 import json
-import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
 import pytest
 
 from eval import arenahard as ah

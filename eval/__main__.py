@@ -21,6 +21,11 @@ def _make_table1(**kw):
     make_table1(**kw)
 
 
+def _table1_variance(**kw):
+    from eval.pairwise_judge import variance_report
+    variance_report(**kw)
+
+
 def _bench(name):
     def run(**kw):
         from eval import benchmarks
@@ -36,6 +41,7 @@ def _harness(name):
 
 
 COMMANDS = {"generate-table1": _generate_table1, "judge-table1": _judge_pair, "make-table1": _make_table1,
+            "table1-variance": _table1_variance,
             **{f"{stage}-{b}": _bench(f"{stage}_{b}") for stage in ("generate", "judge", "score")
                for b in ("mtbench", "alpacaeval", "arenahard")},
             "make-lm-eval-ifeval": _harness("make_ifeval_task"), "check-lm-eval": _harness("check_datasets"),

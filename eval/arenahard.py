@@ -1,4 +1,4 @@
-"""Arena-Hard-Auto: questions, baseline answers, judge prompts, verdict parsing and the score.
+"""Arena-Hard-Auto: questions, baseline answers, judge prompts and judging (scoring: eval/arenahard_protocol.py).
 
 Semantics follow lmarena/arena-hard-auto (read from its source, not copied):
 
@@ -11,24 +11,9 @@ Semantics follow lmarena/arena-hard-auto (read from its source, not copied):
   `data/arena-hard-v0.1/model_answer/gpt-4-0314.jsonl`) and is only called when configured.
 * Judging. Per question two games against the baseline: game 1 shows the baseline as assistant A and
   the model as B; game 2 swaps them. System prompt and user template are upstream's (the creative-writing
-  system prompt drops the "generate your own answer first" paragraph). Upstream v2.0 judges at
-  temperature 0 with max_tokens 16000 (v0.1: 4096).
-* Verdicts. Upstream's regexes `\\[\\[([AB<>=]+)\\]\\]` then `\\[([AB<>=]+)\\]` over the upper-cased
-  judgment; the first pattern with any match decides. When that pattern matches several *different*
-  verdicts we call the game invalid (upstream v0.1 `get_score` did this; v2.0 keeps the last match). A
-  text with no label, or a label outside upstream's table (e.g. `[[A>>>B]]`), is invalid too. Invalid
-  games are counted, never guessed.
-* Score. Upstream `show_result.py` turns each judged question into "battles": game 2's verdict read for
-  the model (A>>B -> [1,1,1], A>B -> [1], A=B -> [0.5], B>A -> [0], B>>A -> [0,0,0]; strong verdicts
-  weigh 3) plus game 1's verdict read the other way round (1 - outcome). A question with a missing or
-  invalid verdict in either game is dropped whole (upstream's "null judgments"). With one model
-  against its baseline the Bradley-Terry (logistic) fit of these battles has a closed form: the
-  fitted win probability vs the baseline is the mean battle outcome (ties count half). That is the
-  score, in percent (v0.1's `compute_mle_elo` + `predict_win_rate` and v2.0's per-model mean both
-  reduce to it; tests check it against an explicit logistic fit). The CI is a percentile bootstrap over
-  battles (upstream resamples battle rows; 100 rounds), seeded so a rerun gives identical numbers.
-  Upstream v2.0 prints the 5th/95th percentiles and the bootstrap mean; we report the full-data
-  estimate and, by default, the 2.5th/97.5th percentiles (v0.1's "95% CI"); pass ci=0.90 for v2.0's band.
+  system prompt drops the "generate your own answer first" paragraph). Each version's judge settings
+  (max_tokens, attempts) are `arenahard_protocol.JUDGE_SETTINGS`.
+* Verdicts, judgment attempts and the score follow each version's own rules: eval/arenahard_protocol.py.
 
 Judgment files follow upstream's `model_judgment/<judge>/<model>.jsonl`: one JSON object per question
 with `uid` (v2.0; `question_id` in v0.1, both written and both read), `category`, `judge`, `model`,
@@ -41,20 +26,16 @@ import importlib.util
 import json
 import logging
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
+from eval.arenahard_protocol import V01, V2, VERSIONS, judge_games
 
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- benchmark constants
 
-V2 = "v2.0"
-V01 = "v0.1"
-VERSIONS = (V2, V01)
 HUB_REPO = "lmarena-ai/arena-hard-auto"  # HF dataset repo with data/arena-hard-v0.1/...
 HUB_V01_QUESTIONS = "data/arena-hard-v0.1/question.jsonl"
 HUB_V01_BASELINE = "data/arena-hard-v0.1/model_answer/gpt-4-0314.jsonl"
@@ -70,8 +51,6 @@ BASELINES = {
     "creative_writing": "gemini-2.0-flash-001",
     "arena-hard-v0.1": V01_BASELINE,
 }
-# Judge decoding settings of upstream's config/arena-hard-*.yaml.
-JUDGE_DECODING = {V2: {"temperature": 0.0, "max_tokens": 16000}, V01: {"temperature": 0.0, "max_tokens": 4096}}
 
 _INTRO = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
@@ -114,65 +93,6 @@ PROMPT_TEMPLATE = (
     "<|The Start of Assistant A's Answer|>\n{ANSWER_A}\n<|The End of Assistant A's Answer|>\n\n"
     "<|The Start of Assistant B's Answer|>\n{ANSWER_B}\n<|The End of Assistant B's Answer|>"
 )
-
-# ----------------------------------------------------------------------------- verdicts
-
-LABELS = ("A>>B", "A>B", "A=B", "B>A", "B>>A")
-# Every spelling upstream's show_result scores, mapped to the canonical label.
-_CANONICAL = {
-    "A>>B": "A>>B", "B<<A": "A>>B",
-    "A>B": "A>B", "B<A": "A>B",
-    "A=B": "A=B", "B=A": "A=B",
-    "B>A": "B>A", "A<B": "B>A",
-    "B>>A": "B>>A", "A<<B": "B>>A",
-}
-# Outcome for assistant A and the number of battles it counts for (strong verdicts weigh `weight`).
-_A_OUTCOME = {"A>>B": (1.0, True), "A>B": (1.0, False), "A=B": (0.5, False),
-              "B>A": (0.0, False), "B>>A": (0.0, True)}
-VERDICT_PATTERNS = (re.compile(r"\[\[([AB<>=]+)\]\]"), re.compile(r"\[([AB<>=]+)\]"))
-
-
-def parse_verdict_detail(text) -> tuple[str | None, str]:
-    """(canonical label or None, reason): reason is "ok", "no_label", "conflicting" or "unknown_label"."""
-    if not isinstance(text, str):
-        return None, "no_label"
-    upper = text.upper()
-    for pattern in VERDICT_PATTERNS:
-        found = [m for m in pattern.findall(upper) if m]
-        if not found:
-            continue
-        # The first pattern with a match decides (upstream); a later pattern is no second chance.
-        canon = {_CANONICAL.get(m) for m in found}
-        if None in canon:
-            return None, "unknown_label"
-        if len(canon) > 1:
-            return None, "conflicting"
-        return canon.pop(), "ok"
-    return None, "no_label"
-
-
-def parse_verdict(text) -> str | None:
-    """The judge's verdict as one of LABELS, or None when the text has none, several different ones,
-    or an unrecognised one (the game is then invalid)."""
-    return parse_verdict_detail(text)[0]
-
-
-def canonical_label(label) -> str | None:
-    """A stored verdict (any spelling upstream accepts) as one of LABELS; None if missing/unknown."""
-    return _CANONICAL.get(label.strip().upper()) if isinstance(label, str) else None
-
-
-def model_outcomes(game1_label: str, game2_label: str, weight: int = 3) -> list[float]:
-    """The model's battle outcomes from one question's two canonical verdicts.
-
-    Game 1 has the baseline as A, so the model's outcome is 1 - A's; game 2 has the model as A.
-    Order as upstream: game 2's battles, then game 1's.
-    """
-    out = []
-    for label, model_is_a in ((game2_label, True), (game1_label, False)):
-        a, strong = _A_OUTCOME[label]
-        out += [a if model_is_a else 1.0 - a] * (weight if strong else 1)
-    return out
 
 # ----------------------------------------------------------------------------- data files
 
@@ -442,7 +362,7 @@ def _done_uids(path: Path) -> set[str]:
 def judge_answers(questions: Sequence[dict], model_answers: Mapping[str, str],
                   baseline_answers: Mapping[str, Mapping[str, str]], judge, out_path, *, model: str,
                   judge_name: str, temperature: float = 0.0, max_tokens: int = 16000,
-                  chunk_size: int = 32) -> Path:
+                  chunk_size: int = 32, version: str = V2) -> Path:
     """Judge every question's two games and append upstream-format rows to `out_path` (resumable).
 
     `judge` has complete_many(requests) -> texts, requests {"messages", "temperature", "max_tokens"}.
@@ -476,112 +396,17 @@ def judge_answers(questions: Sequence[dict], model_answers: Mapping[str, str],
                 requests += game_requests(q, model_answers[q["uid"]], baseline_answers[base][q["uid"]],
                                           temperature=temperature, max_tokens=max_tokens)
                 meta.append((q, base))
-            texts = judge.complete_many(requests)
-            if len(texts) != len(requests):
-                raise RuntimeError(f"judge returned {len(texts)} completions for {len(requests)} requests")
+            judged = judge_games(judge, requests, version)  # the version's verdict rule and attempts
+            if len(judged) != len(requests):
+                raise RuntimeError(f"judge returned {len(judged)} completions for {len(requests)} requests")
             for i, (q, base) in enumerate(meta):
                 games = []
                 for g in range(2):
-                    req, text = requests[2 * i + g], texts[2 * i + g]
-                    games.append({"score": parse_verdict(text), "judgment": text,
+                    req, (text, label) = requests[2 * i + g], judged[2 * i + g]
+                    games.append({"score": label, "judgment": text,
                                   "user_prompt": req["messages"][1]["content"], "prompt": req["messages"]})
                 row = {"uid": q["uid"], "question_id": q["uid"], "category": q["category"], "judge": judge_name,
                        "model": model, "baseline": base, "games": games}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
     return out_path
-
-# ----------------------------------------------------------------------------- score
-
-
-def read_judgments(paths, *, baseline: str | None = None, category: str | None = None) -> list[dict]:
-    """Validated judgment rows: [{"uid", "model", "category", "labels": [game1, game2], "file", "line"}].
-
-    A label is canonical or None (missing/unparsed game). Rows of another category are skipped when
-    `category` is given; a row naming a different baseline is an error.
-    """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    rows, seen = [], {}
-    for path in paths:
-        path = Path(path)
-        for lineno, row in _read_jsonl(path):
-            where = f"{path}, line {lineno}"
-            uid = row.get("uid", row.get("question_id"))
-            if not _nonempty_str(uid):
-                raise ValueError(f"{where}: missing question id ('uid' or 'question_id')")
-            if not _nonempty_str(row.get("model")):
-                raise ValueError(f"{where}: missing 'model'")
-            if category is not None and row.get("category") != category:
-                continue
-            if baseline is not None and row.get("baseline") not in (None, baseline):
-                raise ValueError(f"{where}: judged against baseline {row['baseline']!r}, expected {baseline!r}")
-            games = row.get("games")
-            if not isinstance(games, list) or len(games) != 2:
-                raise ValueError(f"{where}: 'games' must be a list of the 2 games (baseline as A, then swapped)")
-            labels = []
-            for g in games:
-                if g is None:
-                    labels.append(None)  # the judge call failed upstream
-                elif not isinstance(g, dict):
-                    raise ValueError(f"{where}: a game must be an object or null, got {type(g).__name__}")
-                else:
-                    labels.append(canonical_label(g.get("score")))
-            key = (row["model"], uid)
-            if key in seen:
-                raise ValueError(f"{where}: second judgment of {uid!r} for model {row['model']!r} "
-                                 f"(first at {seen[key]})")
-            seen[key] = where
-            rows.append({"uid": uid, "model": row["model"], "category": row.get("category"),
-                         "labels": labels, "file": str(path), "line": lineno})
-    return rows
-
-
-def score(judgment_paths, baseline: str, *, category: str | None = None, weight: int = 3, n_boot: int = 100,
-          seed: int = 0, ci: float = 0.95) -> dict:
-    """Arena-Hard score of one model vs `baseline` from upstream-format judgment files.
-
-    Returns {"score", "ci_low", "ci_high" (percent), "n" (questions scored), "n_battles",
-    "n_invalid" (games without a valid verdict), "n_excluded" (questions dropped for them),
-    "n_questions", "model", "baseline"}.
-    """
-    if weight < 1:
-        raise ValueError(f"weight must be >= 1, got {weight}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0.0 < ci < 1.0:
-        raise ValueError(f"ci must be in (0, 1), got {ci}")
-    rows = read_judgments(judgment_paths, baseline=baseline, category=category)
-    if not rows:
-        raise ValueError(f"no judgments in {judgment_paths}" + (f" for category {category!r}" if category else ""))
-    models = sorted({r["model"] for r in rows})
-    if len(models) != 1:
-        raise ValueError(f"judgments of several models {models}: score one model at a time")
-    if baseline in models:
-        raise ValueError(f"the judged model is the baseline {baseline!r}")
-    battles, n_invalid, n_excluded = [], 0, 0
-    for r in sorted(rows, key=lambda r: r["uid"]):  # fixed order: the seeded bootstrap ignores file order
-        bad = sum(lab is None for lab in r["labels"])
-        if bad:
-            n_invalid += bad
-            n_excluded += 1
-            continue
-        battles += model_outcomes(r["labels"][0], r["labels"][1], weight)
-    n = len(rows) - n_excluded
-    out = {"model": models[0], "baseline": baseline, "n": n, "n_questions": len(rows), "n_invalid": n_invalid,
-           "n_excluded": n_excluded, "n_battles": len(battles)}
-    if not battles:
-        return out | {"score": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
-    arr = np.asarray(battles, dtype=float)
-    rng = np.random.default_rng(seed)
-    boot = arr[rng.integers(0, arr.size, size=(n_boot, arr.size))].mean(axis=1) * 100.0
-    alpha = (1.0 - ci) / 2.0
-    lo, hi = np.quantile(boot, [alpha, 1.0 - alpha])
-    return out | {"score": float(arr.mean() * 100.0), "ci_low": float(lo), "ci_high": float(hi)}
-
-
-def table_rows(result: dict, *, judge: str, metric: str = "arenahard") -> list[dict]:
-    """eval.table rows for a score() result (model_b = the baseline)."""
-    from eval.table import make_row
-    return [make_row(model_a=result["model"], model_b=result["baseline"], metric=metric, value=result["score"],
-                     ci_low=result["ci_low"], ci_high=result["ci_high"], n=result["n"], judge=judge)]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from eval import alpacaeval, arenahard, mtbench
+from eval import alpacaeval, alpacaeval_metrics, arenahard, arenahard_protocol, mtbench
 from rpo.sampling import generate_answers
 from eval.judges import get_judge
 
@@ -118,14 +118,19 @@ def judge_alpacaeval(*, outputs, out, judge, annotator_dir):
     alpacaeval.write_annotations(annotations, out)
 
 
-def score_alpacaeval(*, model_name, annotations, out, judge_label, precomputed_dir=None):
+def score_alpacaeval(*, model_name, annotations, out, judge_label, bootstrap, lc_win_rate="if_available",
+                     precomputed_dir=None):
     ann = alpacaeval.read_annotations(annotations)
-    wr = alpacaeval.win_rate(ann)
-    lc = alpacaeval.lc_win_rate(ann, precomputed_dir=precomputed_dir)
+    wr = alpacaeval_metrics.win_rate(ann, n_boot=bootstrap["n"], seed=bootstrap["seed"], ci=bootstrap["ci"])
+    log.info("%s: AlpacaEval win rate %.2f (alpaca_eval's standard error %.2f; bootstrap interval [%.2f, %.2f])",
+             model_name, wr["value"], wr["standard_error"], wr["ci_low"], wr["ci_high"])
+    lc = alpacaeval_metrics.lc_win_rate(ann, precomputed_dir=precomputed_dir, fetch=lc_win_rate == "required")
     if lc.get("unavailable"):
+        if lc_win_rate == "required":  # checked at start-up; the files went away since
+            raise RuntimeError(f"{model_name}: AlpacaEval LC win rate required but unavailable: {lc['unavailable']}")
         # The LC column stays empty, never filled with another number; the reason goes to the log.
         log.warning("%s: AlpacaEval LC win rate unavailable: %s", model_name, lc["unavailable"])
-    _write_rows(alpacaeval.table_rows(model_name, wr, lc, judge=judge_label), out)
+    _write_rows(alpacaeval_metrics.table_rows(model_name, wr, lc, judge=judge_label), out)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -153,14 +158,17 @@ def judge_arenahard(*, model_name, answers, out, judge, version, category, n_que
     from rpo.data import read_records
     questions, baselines = _arena_questions(version, n_questions, category, subset)
     model_answers = arenahard.answers_from_generations(read_records(answers))
+    if judge_max_tokens is None:  # null: the version's own setting (v0.1 4096, v2.0 16000)
+        judge_max_tokens = arenahard_protocol.JUDGE_SETTINGS[version]["max_tokens"]
     with get_judge(judge) as j:
         arenahard.judge_answers(questions, model_answers, baselines, j, out, model=model_name,
-                                judge_name=_judge_name(j), max_tokens=judge_max_tokens)
+                                judge_name=_judge_name(j), max_tokens=judge_max_tokens, version=version)
 
 
 def score_arenahard(*, model_name, judgments, out, judge_label, version, category, bootstrap):
+    """The version's show_result (eval.arenahard_protocol); bootstrap.seed seeds v2.0's draw only."""
     baseline = arenahard.baseline_for(category) if version == arenahard.V2 else arenahard.V01_BASELINE
-    result = arenahard.score([judgments], baseline, category=category, n_boot=bootstrap["n"],
-                             seed=bootstrap["seed"], ci=bootstrap["ci"])
+    result = arenahard_protocol.score([judgments], baseline, version=version, category=category,
+                                      seed=bootstrap["seed"])
     log.info("%s: Arena-Hard %s", model_name, {k: v for k, v in result.items() if k != "model"})
-    _write_rows(arenahard.table_rows(result, judge=judge_label), out)
+    _write_rows(arenahard_protocol.table_rows(result, judge=judge_label), out)

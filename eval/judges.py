@@ -11,9 +11,8 @@ Three kinds, one interface (`Judge.compare(prompt_row, answer_a, answer_b) -> (o
 `llamacpp`  the same client pointed at a local `llama_cpp.server` that the judge starts on a free
             loopback port and always stops (`LlamaCppServer`, `LlamaCppJudge`).
 
-LLM judges ask the paper's Table-1 question in both orders (A/B and B/A) to cancel position bias
-(`llm_pairwise`), parse the verdict strictly (`[[A]]`, `[[B]]` or `[[C]]` for a tie; anything else is
-invalid and counted, never guessed), and cache every completion on disk as soon as it returns
+LLM judges answer chat completions (`complete`, `complete_many`); the Table-1 pairwise protocols that
+ask them live in `eval.pairwise_judge`. Every completion is cached on disk as soon as it returns
 (`JudgeCache`: append-only JSONL keyed by the judge model, the messages and the sampling parameters,
 never by the URL or the key), so a re-run or a resumed, interrupted batch repeats no finished call.
 
@@ -61,7 +60,7 @@ class Judge:
     """compare(prompt_row, answer_a, answer_b) -> (outcome for a in {0, 0.5, 1}, details dict).
 
     LLM judges may also return 0.25 / 0.75 (the two presentation orders disagree by half a point) or
-    None (no valid verdict in either order); see `llm_pairwise`.
+    None (no valid verdict in either order); see `eval.pairwise_judge`.
     """
 
     name = "judge"
@@ -519,27 +518,6 @@ class OpenAIJudge(Judge):
             pool.shutdown(wait=True)  # the running calls finish (and are cached); queued ones never start
         return [results[k] for k in keys]
 
-    # ---- Judge interface
-    def compare(self, prompt_row: dict, answer_a: str, answer_b: str):
-        o, details = llm_pairwise(self, prompt_text(prompt_row), answer_a, answer_b, **self.judge_params)
-        with self._lock:
-            self.n_invalid_verdicts += details["n_invalid"]
-        return o, details
-
-    def compare_many(self, items):
-        """Both orders of every item go out as one batch (bounded concurrency), then are parsed."""
-        reqs = []
-        for row, a, b in items:
-            reqs += pairwise_requests(prompt_text(row), a, b, **self.judge_params)
-        texts = self.complete_many(reqs)
-        out = []
-        for j in range(len(items)):
-            o, details = pairwise_outcome(texts[2 * j], texts[2 * j + 1])
-            with self._lock:
-                self.n_invalid_verdicts += details["n_invalid"]
-            out.append((o, details))
-        return out
-
 
 # --------------------------------------------------------------------------------------------------
 # local llama.cpp server
@@ -728,94 +706,6 @@ class LlamaCppJudge(OpenAIJudge):
         super().close()
         self.server.__exit__(None, None, None)
         self.base_url = None
-
-
-# --------------------------------------------------------------------------------------------------
-# pairwise LLM judging (paper Table 1)
-
-PAIRWISE_SYSTEM = (
-    "You are an impartial judge. Compare two AI assistants' answers to the user's question and decide "
-    "which one is more helpful, correct, relevant and follows the user's instructions better. Do not "
-    "let the order of the answers, their length or the assistants' names influence you. Explain briefly, "
-    "then give your final verdict on the last line in exactly this format: [[A]] if assistant A is "
-    "better, [[B]] if assistant B is better, [[C]] for a tie.")
-
-PAIRWISE_USER = (
-    "[User Question]\n{question}\n\n"
-    "[The Start of Assistant A's Answer]\n{answer_a}\n[The End of Assistant A's Answer]\n\n"
-    "[The Start of Assistant B's Answer]\n{answer_b}\n[The End of Assistant B's Answer]")
-
-_VERDICT = re.compile(r"\[\[([ABC])\]\]")
-# outcome for the answer shown first ("A") given the verdict
-_SHOWN_FIRST = {"A": 1.0, "B": 0.0, "C": 0.5}
-
-
-def prompt_text(prompt_row: dict) -> str:
-    """The question of a prompt row: its single message, or the conversation as 'role: content' lines."""
-    msgs = prompt_row.get("messages") or prompt_row.get("prompt")
-    if isinstance(msgs, str):
-        return msgs
-    if len(msgs) == 1:
-        return msgs[0]["content"]
-    return "\n\n".join(f"{m['role']}: {m['content']}" for m in msgs)
-
-
-def parse_verdict(text: str | None) -> str | None:
-    """'A', 'B' or 'C' when the text's [[X]] markers all agree; None (invalid) when none or they conflict.
-
-    Strict: only the exact markers count ('[[a]]', '[A]', 'A is better' are invalid, never guessed).
-    """
-    if not isinstance(text, str):
-        return None
-    found = set(_VERDICT.findall(text))
-    return found.pop() if len(found) == 1 else None
-
-
-def pairwise_requests(question: str, answer_a: str, answer_b: str, *, temperature: float = 0.0,
-                      max_tokens: int = 1024) -> list[dict]:
-    """The two complete_many requests: answer_a shown first, then answer_b shown first."""
-    def req(first, second):
-        return {"messages": [{"role": "system", "content": PAIRWISE_SYSTEM},
-                             {"role": "user", "content": PAIRWISE_USER.format(
-                                 question=question, answer_a=first, answer_b=second)}],
-                "temperature": temperature, "max_tokens": max_tokens}
-    return [req(answer_a, answer_b), req(answer_b, answer_a)]
-
-
-def pairwise_outcome(text_ab: str, text_ba: str) -> tuple[float | None, dict]:
-    """Outcome for answer_a from the verdicts of both orders; see llm_pairwise."""
-    v_ab, v_ba = parse_verdict(text_ab), parse_verdict(text_ba)
-    o_ab = _SHOWN_FIRST[v_ab] if v_ab else None
-    o_ba = 1.0 - _SHOWN_FIRST[v_ba] if v_ba else None  # answer_a is shown second here
-    valid = [o for o in (o_ab, o_ba) if o is not None]
-    n_invalid = 2 - len(valid)
-    o = sum(valid) / len(valid) if valid else None
-    details = {"verdict_ab": v_ab, "verdict_ba": v_ba, "outcome_ab": o_ab, "outcome_ba": o_ba,
-               "n_invalid": n_invalid, "valid": bool(valid),
-               "position_consistent": (o_ab == o_ba) if n_invalid == 0 else None,
-               "raw_ab": text_ab, "raw_ba": text_ba}
-    if not valid:
-        details["invalid"] = "no [[A]]/[[B]]/[[C]] verdict in either order"
-    return o, details
-
-
-def llm_pairwise(judge, prompt_text: str, answer_a: str, answer_b: str, *, temperature: float = 0.0,
-                 max_tokens: int = 1024) -> tuple[float | None, dict]:
-    """Ask `judge` (anything with complete_many or complete) which answer is better, in both orders.
-
-    Each order's verdict gives answer_a 1 (better), 0 (worse) or 0.5 (tie, [[C]]); the outcome is the
-    mean over the valid orders, so it is one of 0, 0.25, 0.5, 0.75, 1 (a judge that always picks the
-    first position gives 0.5). An unparseable verdict is invalid and counted (`details["n_invalid"]`),
-    never guessed; with one valid order the outcome is that order's; with none it is None.
-    """
-    reqs = pairwise_requests(prompt_text, answer_a, answer_b, temperature=temperature,
-                             max_tokens=max_tokens)
-    if hasattr(judge, "complete_many"):
-        text_ab, text_ba = judge.complete_many(reqs)
-    else:
-        text_ab, text_ba = (judge.complete(r["messages"], temperature=r["temperature"],
-                                           max_tokens=r["max_tokens"]) for r in reqs)
-    return pairwise_outcome(text_ab, text_ba)
 
 
 # --------------------------------------------------------------------------------------------------

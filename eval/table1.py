@@ -1,7 +1,10 @@
 """The paper's Table 1: pairwise win rates of the trained models on held-out prompts.
 
+    select_prompts            the prompts of the protocol: `paper` the first n in dataset order (the authors'
+                              test_prefs[:200]), `both_orders` n drawn by id hash
     generate_table1_answers   one model's answers to the held-out prompts (HF backend, or vLLM)
-    judge_pair                both models' answers judged prompt by prompt (one JSONL per pair)
+    judge_pair                both models' answers judged prompt by prompt (one JSONL per pair), with the
+                              gold judge or an LLM judge under `table1.protocol` (eval.pairwise_judge)
     make_table1               win rates with seeded bootstrap CIs -> results/table1.csv, table1.md,
                               and the chosen log-prob figure (paper Fig. 1 right)
 """
@@ -17,6 +20,7 @@ import torch
 from eval import figures, table
 from rpo.sampling import generate_answers
 from eval.judges import get_judge
+from eval.pairwise_judge import PROTOCOLS, judge_items
 
 
 def get_judge_label(cfg: dict, judge) -> str:
@@ -31,20 +35,29 @@ def _read_jsonl(path) -> list[dict]:
     return read_records(path)
 
 
-def select_prompts(prompts: list[dict], n: int | None) -> list[dict]:
-    """`n` test prompts, the same for every model and every run: those with the smallest sha1 of their id
-    (a deterministic draw that does not follow the split's order, which is often sorted by source)."""
+def select_prompts(prompts: list[dict], n: int | None, protocol: str = "both_orders") -> list[dict]:
+    """`n` test prompts, the same for every model and every run, in dataset order.
+
+    `paper`: the first n rows in dataset order, as the authors' gen_eval.py loads `test_prefs[:200]`.
+    `both_orders`: those with the smallest sha1 of their id (a deterministic draw that does not follow the
+    split's order, which is often sorted by source), in that hash order.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"table1.protocol {protocol!r}: expected one of {list(PROTOCOLS)}")
     if n is None or n >= len(prompts):
         return prompts
+    if protocol == "paper":
+        return prompts[:n]
     return sorted(prompts, key=lambda p: hashlib.sha1(str(p["id"]).encode()).hexdigest())[:n]
 
 
 def generate_table1_answers(*, model_name: str, ref_dir: str, policy_dir: str | None, prompts_path: str,
                             out: str, n_prompts: int | None, max_new_tokens: int, temperature: float,
-                            top_p: float, top_k: int, batch_size: int, seed: int, backend: str = "hf") -> None:
+                            top_p: float, top_k: int, batch_size: int, seed: int, backend: str = "hf",
+                            protocol: str = "both_orders") -> None:
     from rpo.models import load_tokenizer
     from rpo.models import load_policy
-    prompts = select_prompts(_read_jsonl(prompts_path), n_prompts)
+    prompts = select_prompts(_read_jsonl(prompts_path), n_prompts, protocol)
     if backend == "vllm":
         from eval.vllm_backend import generate_answers_vllm
         generate_answers_vllm(ref_dir=ref_dir, policy_dir=policy_dir, out_path=out, max_new_tokens=max_new_tokens,
@@ -63,29 +76,33 @@ def generate_table1_answers(*, model_name: str, ref_dir: str, policy_dir: str | 
 
 
 def judge_pair(*, model_a: str, model_b: str, answers_a: str, answers_b: str, prompts_path: str,
-               judge: dict, out: str) -> None:
-    prompts = {p["id"]: p for p in _read_jsonl(prompts_path)}
+               judge: dict, out: str, protocol: str = "both_orders", judge_max_tokens: int = 1024) -> None:
+    prompts = _read_jsonl(prompts_path)
     a = {r["id"]: r for r in _read_jsonl(answers_a)}
     b = {r["id"]: r for r in _read_jsonl(answers_b)}
     if set(a) != set(b):
         raise ValueError(f"{answers_a} and {answers_b} answer different prompts: "
                          f"{len(set(a) - set(b))} only in the first, {len(set(b) - set(a))} only in the second")
-    missing = sorted(set(a) - set(prompts))
+    missing = sorted(set(a) - {p["id"] for p in prompts})
     if missing:
         raise ValueError(f"{answers_a}: prompt ids not in {prompts_path}: {missing[:5]}")
-    ids = sorted(a)
-    items = [(prompts[pid], a[pid]["responses"][0], b[pid]["responses"][0]) for pid in ids]
-    # An LLM judge is asked in both orders per prompt (position bias cancels); its calls are cached.
+    by_id = {p["id"]: p for p in prompts}
+    # The paper protocol draws one order per prompt in dataset order; the others keep sorted ids (the
+    # order the win rate's bootstrap resamples in, so their tables stay as before).
+    ids = [p["id"] for p in prompts if p["id"] in a] if protocol == "paper" else sorted(a)
+    items = [(by_id[pid], a[pid]["responses"][0], b[pid]["responses"][0]) for pid in ids]
     with get_judge(judge) as j:
-        results = j.compare_many(items)
+        if judge.get("kind") == "gold":
+            results, used = j.compare_many(items), "gold"
+        else:  # an LLM judge under the configured protocol; every call is cached by the client
+            results, used = judge_items(protocol, j, items, max_tokens=judge_max_tokens), protocol
         name = get_judge_label(judge, j)
-    rows = [{"id": pid, "model_a": model_a, "model_b": model_b, "outcome": o, "judge": name, **details}
-            for pid, (o, details) in zip(ids, results)]
+    rows = [{"id": pid, "model_a": model_a, "model_b": model_b, "outcome": o, "judge": name, "protocol": used,
+             **details} for pid, (o, details) in zip(ids, results)]
     n_invalid = sum(r["outcome"] is None for r in rows)
     if n_invalid:
-        log.warning("%s vs %s: %d of %d judgments invalid (no parsable verdict in either order); "
-                    "they stay in the judgment file and are left out of the win rate", model_a, model_b,
-                    n_invalid, len(rows))
+        log.warning("%s vs %s: %d of %d judgments without a valid verdict (%s protocol); they stay in the "
+                    "judgment file and are left out of the win rate", model_a, model_b, n_invalid, len(rows), used)
     from rpo.data import write_jsonl
     write_jsonl(rows, out)
 
@@ -94,13 +111,14 @@ def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dic
                 figure: str, labels: dict[str, str], pair_order: list[list[str]], bootstrap: dict,
                 scores: list[str] = (), paper_series: str | None = None, methods_metrics: dict | None = None,
                 methods_figure: str | None = None) -> None:
-    rows = []
+    rows, protocols = [], set()
     for path in scores:  # per-model benchmark rows (MT-Bench, AlpacaEval, Arena-Hard)
         rows += [table.make_row(**r) for r in json.loads(Path(path).read_text())]
     for path in judgments:
         js = _read_jsonl(path)
         if not js:
             raise ValueError(f"{path}: no judgments")
+        protocols |= {r.get("protocol", "both_orders") for r in js}
         valid = [r["outcome"] for r in js if r["outcome"] is not None]  # None: the judge's verdicts were invalid
         if not valid:
             raise ValueError(f"{path}: every judgment is invalid; no win rate can be computed")
@@ -114,6 +132,9 @@ def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dic
     md = table.render_markdown(rows, model_labels=labels, pair_order=[tuple(p) for p in pair_order])
     md += (f"\nWin rates in %, ties count half; [low, high] = {int(bootstrap['ci'] * 100)}% seeded "
            f"percentile bootstrap over prompts (n_boot={bootstrap['n']}, seed={bootstrap['seed']}).\n")
+    if protocols - {"gold"}:
+        md += (f"Judging protocol: {', '.join(sorted(protocols))} (paper: the authors' gpt_eval.py, one order per "
+               "prompt; both_orders: each prompt in both orders); n counts the prompts with a verdict.\n")
     Path(out_md).write_text(md)
     if methods_figure and methods_metrics:
         # every method: the chosen log-ratio over training and its final win rate against Ref

@@ -1,4 +1,4 @@
-"""Tests for eval.alpacaeval: offline data, alpaca_eval annotation through a local fake judge, metrics.
+"""Tests for eval.alpacaeval and eval.alpacaeval_metrics: offline data, alpaca_eval annotation through a local fake judge, metrics.
 
 Run:  cd /work/main && PYTHONPATH=. /work/venv/bin/python -m pytest tests/test_alpacaeval.py -q -p no:cacheprovider
 
@@ -20,6 +20,7 @@ import pytest
 pytest.importorskip("alpaca_eval")
 
 from eval import alpacaeval as ae  # noqa: E402
+from eval import alpacaeval_metrics as am  # noqa: E402
 
 KEY_ENV = "RPO_TEST_JUDGE_KEY"
 KEY = "sk-test-not-a-real-key-7f3a"
@@ -142,7 +143,7 @@ def test_annotate_with_alpaca_eval_through_our_endpoint(tmp_path, judge_server, 
     assert KEY_ENV in (cfg.parent / "client_configs.yaml").read_text()
 
     # win rate = mean(pref - 1) = (0.8 + 0.6 + 0.3 + 0.9) / 4 = 0.65 -> 65.0 %
-    wr = ae.win_rate(anns)
+    wr = am.win_rate(anns)
     assert wr["value"] == pytest.approx(65.0)
     # SE = sd([.8,.6,.3,.9], ddof=1) / sqrt(4) * 100 = 0.2646 / 2 * 100 = 13.23
     assert wr["standard_error"] == pytest.approx(np.std([0.8, 0.6, 0.3, 0.9], ddof=1) / 2 * 100)
@@ -150,7 +151,7 @@ def test_annotate_with_alpaca_eval_through_our_endpoint(tmp_path, judge_server, 
 
     # annotations.json round trip, and a rerun is served from alpaca_eval's cache (no new requests)
     p = ae.write_annotations(anns, tmp_path / "annotations.json")
-    assert ae.win_rate(ae.read_annotations(p))["value"] == pytest.approx(65.0)
+    assert am.win_rate(ae.read_annotations(p))["value"] == pytest.approx(65.0)
     n_calls = len(_Judge.auth_seen)
     again = ae.annotate(model, cfg, reference=ref)
     assert len(_Judge.auth_seen) == n_calls
@@ -176,7 +177,7 @@ def test_annotate_requires_outputs_for_every_reference_instruction(tmp_path):
 def test_win_rate_hand_made_preferences():
     # preferences: 2 = model wins, 1 = reference wins, 1.5 = draw
     anns = [{"preference": p} for p in (2, 2, 1, 1.5)]
-    wr = ae.win_rate(anns)
+    wr = am.win_rate(anns)
     # pref - 1 = [1, 1, 0, 0.5]; mean = 2.5 / 4 = 0.625 -> 62.5 %
     assert wr["value"] == pytest.approx(62.5)
     # deviations from .625: .375, .375, -.625, -.125; squares sum = .140625*2 + .390625 + .015625 = .6875
@@ -190,23 +191,23 @@ def test_win_rate_hand_made_preferences():
 def test_win_rate_matches_alpaca_eval_pairwise_to_winrate_and_drops_missing():
     from alpaca_eval.metrics import pairwise_to_winrate
     prefs = [1.9, 1.2, 1.5, 2.0, 1.0, 1.75]
-    ours = ae.win_rate([{"preference": p} for p in prefs])
+    ours = am.win_rate([{"preference": p} for p in prefs])
     theirs = pairwise_to_winrate(prefs)
     assert ours["value"] == pytest.approx(float(theirs["win_rate"]))
     assert ours["standard_error"] == pytest.approx(float(theirs["standard_error"]))
-    assert ae.win_rate(pd.DataFrame({"preference": prefs})) == ours  # a DataFrame works as well
+    assert am.win_rate(pd.DataFrame({"preference": prefs})) == ours  # a DataFrame works as well
     # a missing annotation (None/NaN) is dropped and counted: mean(pref-1) over [2, 1] = 0.5 -> 50 %
-    wr = ae.win_rate([{"preference": 2}, {"preference": None}, {"preference": 1.0}, {"preference": float("nan")}])
+    wr = am.win_rate([{"preference": 2}, {"preference": None}, {"preference": 1.0}, {"preference": float("nan")}])
     assert wr["value"] == pytest.approx(50.0) and wr["n"] == 2 and wr["n_missing"] == 2
 
 
 def test_win_rate_rejects_bad_input():
     with pytest.raises(ValueError, match="outside"):
-        ae.win_rate([{"preference": 3}])
+        am.win_rate([{"preference": 3}])
     with pytest.raises(ValueError, match="no 'preference'"):
-        ae.win_rate([{"pref": 1}])
+        am.win_rate([{"pref": 1}])
     with pytest.raises(ValueError, match="generator_2"):
-        ae.win_rate([{"preference": 1, "generator_2": "a"}, {"preference": 2, "generator_2": "b"}])
+        am.win_rate([{"preference": 1, "generator_2": "a"}, {"preference": 2, "generator_2": "b"}])
 
 
 # ---------------------------------------------------------------- length-controlled win rate
@@ -215,16 +216,16 @@ def test_win_rate_rejects_bad_input():
 def test_lc_unavailable_offline_is_nan_with_reason(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     anns = [{"preference": 2.0}] * 3
-    lc = ae.lc_win_rate(anns, precomputed_dir=tmp_path)  # an empty directory
+    lc = am.lc_win_rate(anns, precomputed_dir=tmp_path)  # an empty directory
     assert math.isnan(lc["value"]) and math.isnan(lc["standard_error"])
-    assert "df_gamed.csv" in lc["unavailable"] and "instruction_difficulty.csv" in lc["unavailable"]
+    assert "df_gamed.csv" in lc["unavailable"]  # the one file get_length_controlled_winrate needs here
     # nothing given: looks in the HF cache only (no download); this machine has no copy
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     monkeypatch.setattr("alpaca_eval.constants.DEFAULT_CACHE_DIR", str(tmp_path / "empty_cache"))
-    lc = ae.lc_win_rate(anns)
+    lc = am.lc_win_rate(anns)
     assert math.isnan(lc["value"]) and "tatsu-lab/alpaca_eval" in lc["unavailable"]
     assert set(lc) == {"value", "standard_error", "unavailable"}  # no stand-in number
-    rows = ae.table_rows("m", ae.win_rate(anns), lc, judge="j")
+    rows = am.table_rows("m", am.win_rate(anns), lc, judge="j")
     assert math.isnan(rows[1]["value"]) and rows[1]["metric"] == "alpacaeval_lc"
 
 
@@ -245,18 +246,40 @@ def test_lc_runs_alpaca_eval_glm_on_local_precomputed_files(tmp_path):
     anns = [{"instruction": f"q{i}", "output_1": "r" * (50 + i), "output_2": "m" * (20 + 7 * (i % 9)),
              "generator_1": "ref", "generator_2": "model", "preference": 1.0 + float(rng.uniform())}
             for i in range(n)][::-1]  # any order: positions come from the eval set
-    lc = ae.lc_win_rate(anns, eval_set=ev, precomputed_dir=tmp_path)
+    lc = am.lc_win_rate(anns, eval_set=ev, precomputed_dir=tmp_path)
     assert "unavailable" not in lc and 0.0 < lc["value"] < 100.0 and lc["n"] == n
-    assert lc["win_rate"] == pytest.approx(ae.win_rate(anns)["value"])
+    assert lc["win_rate"] == pytest.approx(am.win_rate(anns)["value"])
     with pytest.raises(ValueError, match="1 missing"):
-        ae.lc_win_rate(anns[1:], eval_set=ev, precomputed_dir=tmp_path)
+        am.lc_win_rate(anns[1:], eval_set=ev, precomputed_dir=tmp_path)
 
 
-def test_table_row_interval_is_value_plus_minus_1_96_standard_errors():
-    from eval.alpacaeval import table_rows
-    rows = table_rows("rpo", {"value": 62.5, "standard_error": 10.0, "n": 4},
-                      {"value": float("nan"), "unavailable": "offline"}, judge="j")
-    wr = rows[0]
-    # 62.5 ± 1.96 × 10 = [42.9, 82.1]
-    assert wr["metric"] == "alpacaeval_wr" and wr["ci_low"] == pytest.approx(42.9) and wr["ci_high"] == pytest.approx(82.1)
+def test_win_rate_interval_stays_inside_0_100():
+    # issue 15: 12.5 at n = 4 gave [-12.0, 37.0] as value +- 1.96 SE. Per-instruction values (p - 1) x 100:
+    # 50, 0, 0, 0. A bootstrap mean of 4 draws is 0, 12.5, 25, 37.5 or 50; P(0) = (3/4)^4 = 0.32 > 0.025, so
+    # the 2.5th percentile is 0; P(50) = (1/4)^4 = 0.004 < 0.025 <= P(>= 37.5) = 0.051, so the 97.5th is 37.5.
+    wr = am.win_rate([{"preference": p} for p in (1.5, 1.0, 1.0, 1.0)], n_boot=1000, seed=0, ci=0.95)
+    assert wr["value"] == pytest.approx(12.5) and wr["standard_error"] == pytest.approx(12.5)  # sd 25 / sqrt 4
+    assert (wr["ci_low"], wr["ci_high"]) == (0.0, 37.5)
+    rows = am.table_rows("rpo", wr, {"value": float("nan"), "unavailable": "offline"}, judge="j")
+    assert rows[0]["metric"] == "alpacaeval_wr" and (rows[0]["ci_low"], rows[0]["ci_high"]) == (0.0, 37.5)
     assert math.isnan(rows[1]["value"])
+    same = am.win_rate([{"preference": 2.0}] * 3)  # every value 100: a degenerate interval at 100
+    assert (same["ci_low"], same["ci_high"]) == (100.0, 100.0)
+
+
+def test_lc_required_is_fetched_through_the_hub_cache_or_stops(tmp_path, monkeypatch):
+    """check_lc_available (the run's start-up check) and locate_glm_files on a hub cache written here."""
+    import huggingface_hub.constants
+    from conftest import _hub_repo
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"lc_win_rate is 'required'.*df_gamed.csv.*tatsu-lab/alpaca_eval"):
+        am.check_lc_available({"enabled": True, "lc_win_rate": "required", "precomputed_dir": None})
+    am.check_lc_available({"enabled": True, "lc_win_rate": "if_available", "precomputed_dir": None})  # no check
+    snap = _hub_repo(cache, "dataset", "tatsu-lab/alpaca_eval")
+    (snap / "df_gamed.csv").write_text("model,index\n")
+    am.check_lc_available({"enabled": True, "lc_win_rate": "required", "precomputed_dir": None})
+    files, reason = am.locate_glm_files(fetch=True)
+    assert reason == "" and files == {"df_gamed.csv": str(snap / "df_gamed.csv")}

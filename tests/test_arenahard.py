@@ -1,4 +1,5 @@
-"""Tests for eval.arenahard on hand-made judgment files and the offline v2.0 data.
+"""Tests for eval.arenahard (data, judge prompts, judging) on the offline v2.0 data; each version's verdicts
+and score are tested in tests/test_arenahard_protocol.py.
 
 Run:  cd /work/main && PYTHONPATH=. /work/venv/bin/python -m pytest tests/test_arenahard.py -q -p no:cacheprovider
 
@@ -6,14 +7,13 @@ Each expected number is worked out by hand in a comment beside it.
 """
 
 import json
-import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
 import pytest
 
 from eval import arenahard as ah
+from eval import arenahard_protocol as ap
 
 BASE = "o3-mini-2025-01-31"
 
@@ -29,49 +29,6 @@ def _row(uid, g1, g2, *, model="rpo", baseline=BASE, category="hard_prompt", key
 def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-# ---------------------------------------------------------------- verdict parsing
-
-
-@pytest.mark.parametrize("text, label", [
-    ("My final verdict is: [[A>>B]]", "A>>B"),
-    ("My final verdict is: [[A>B]]", "A>B"),
-    ("My final verdict is tie: [[A=B]]", "A=B"),
-    ("My final verdict is: [[B>A]]", "B>A"),
-    ("My final verdict is: [[B>>A]]", "B>>A"),
-    ("verdict [[a>b]]", "A>B"),                      # upper-cased first, as upstream
-    ("verdict [[B<A]]", "A>B"),                      # upstream's other spellings map to the same verdict
-    ("verdict [[A<<B]]", "B>>A"),
-    ("verdict [[B=A]]", "A=B"),
-    ("so [[A>B]] ... again [[A>B]]", "A>B"),         # the same label twice is one verdict
-    ("single brackets only: [B>>A]", "B>>A"),        # upstream's fallback pattern
-    ("[[A>B]] and later a stray [B>A]", "A>B"),      # the double-bracket pattern decides first
-])
-def test_parse_verdict_labels(text, label):
-    assert ah.parse_verdict(text) == label
-
-
-@pytest.mark.parametrize("text, reason", [
-    ("A is better than B, no label at all", "no_label"),
-    ("", "no_label"),
-    (None, "no_label"),
-    ("first [[A>B]] then [[B>A]]", "conflicting"),   # several different labels: invalid, never guessed
-    ("1. [[A>>B]] 2. [[A>B]] 3. [[A=B]] 4. [[B>A]] 5. [[B>>A]]", "conflicting"),  # prompt echoed
-    ("verdict [[A>>>B]]", "unknown_label"),
-    ("verdict [[AB]]", "unknown_label"),
-])
-def test_parse_verdict_invalid(text, reason):
-    assert ah.parse_verdict(text) is None
-    assert ah.parse_verdict_detail(text) == (None, reason)
-
-
-def test_model_outcomes_weights_and_sides():
-    # game 1 baseline is A: B>>A = model strongly better -> [1, 1, 1]; game 2 model is A: A>B -> [1]
-    assert ah.model_outcomes("B>>A", "A>B") == [1.0, 1.0, 1.0, 1.0]
-    # game 1 A>>B (baseline strongly better) -> [0, 0, 0]; game 2 A=B -> [0.5]; game 2's come first
-    assert ah.model_outcomes("A>>B", "A=B") == [0.5, 0.0, 0.0, 0.0]
-    assert ah.model_outcomes("A>>B", "B>>A", weight=1) == [0.0, 0.0]
 
 
 # ---------------------------------------------------------------- judge prompts
@@ -92,118 +49,6 @@ def test_game_requests_put_baseline_first_then_swap():
     assert cw[0]["content"] == ah.CREATIVE_WRITING_SYSTEM_PROMPT
     assert "generating your own answer" in ah.SYSTEM_PROMPT
     assert "generating your own answer" not in ah.CREATIVE_WRITING_SYSTEM_PROMPT
-
-
-# ---------------------------------------------------------------- score
-
-
-def test_score_all_strong_wins_is_max_with_a_degenerate_ci(tmp_path):
-    # every question: game 1 (baseline as A) B>>A and game 2 (model as A) A>>B -> 6 battles of 1
-    p = _write(tmp_path / "rpo.jsonl", [_row(f"q{i}", "B>>A", "A>>B") for i in range(5)])
-    r = ah.score(p, BASE)
-    assert r["score"] == 100.0 and r["ci_low"] == 100.0 and r["ci_high"] == 100.0
-    assert (r["n"], r["n_battles"], r["n_invalid"]) == (5, 30, 0)
-    # the mirror image: baseline always strongly better -> 0
-    p0 = _write(tmp_path / "rpo0.jsonl", [_row(f"q{i}", "A>>B", "B>>A") for i in range(5)])
-    assert ah.score(p0, BASE)["score"] == 0.0
-
-
-HAND_TABLE = [
-    _row("q1", "B>>A", "A>B"),   # model: [1,1,1] + [1]        -> 4 battles, sum 4
-    _row("q2", "A>B", "B>A"),    # model: [0] + [0]            -> 2 battles, sum 0
-    _row("q3", "A=B", "A=B"),    # model: [.5] + [.5]          -> 2 battles, sum 1
-    _row("q4", "A>>B", "A>>B"),  # model: [0,0,0] + [1,1,1]    -> 6 battles, sum 3
-    _row("q5", "NULL", "A>B"),   # game 1 failed: 1 invalid, question dropped whole (upstream)
-    _row("q6", None, "junk"),    # no verdict + unknown label: 2 invalid, question dropped
-]
-# kept: 4 questions, 14 battles, sum 8 -> 8 / 14 = 57.142857 %
-
-
-def test_score_hand_table(tmp_path):
-    p = _write(tmp_path / "rpo.jsonl", HAND_TABLE)
-    r = ah.score(p, BASE)
-    assert r["score"] == pytest.approx(800 / 14)
-    assert (r["n"], r["n_questions"], r["n_battles"], r["n_invalid"], r["n_excluded"]) == (4, 6, 14, 3, 2)
-    assert r["model"] == "rpo" and r["baseline"] == BASE
-    assert r["ci_low"] < r["score"] < r["ci_high"]
-
-
-def test_score_equals_the_bradley_terry_fit_vs_the_baseline(tmp_path):
-    # Upstream v2.0 fits BT by minimising binary cross-entropy with logits on the battles (ties as 0.5),
-    # model coefficient +1 and baseline -1 in the design; with one model that is one logit theta.
-    from scipy.optimize import minimize_scalar
-    y = np.array([1, 1, 1, 1] + [0, 0] + [.5, .5] + [1, 1, 1, 0, 0, 0], dtype=float)  # HAND_TABLE battles
-
-    def bce(theta):
-        return float(np.sum(np.logaddexp(0, theta) - y * theta))
-
-    theta = minimize_scalar(bce, bounds=(-10, 10), method="bounded", options={"xatol": 1e-10}).x
-    p = _write(tmp_path / "rpo.jsonl", HAND_TABLE)
-    assert ah.score(p, BASE)["score"] == pytest.approx(100 / (1 + math.exp(-theta)), abs=1e-5)
-
-
-def test_score_ci_is_deterministic_under_the_seed(tmp_path):
-    p = _write(tmp_path / "rpo.jsonl", HAND_TABLE)
-    a, b = ah.score(p, BASE), ah.score(p, BASE)
-    assert a == b  # same seed (default 0), same 100 rounds -> identical numbers
-    # file order does not matter either: rows are sorted by question id before resampling
-    q = _write(tmp_path / "rev.jsonl", HAND_TABLE[::-1])
-    assert ah.score(q, BASE) == dict(a)
-    c = ah.score(p, BASE, seed=1)
-    assert c["score"] == a["score"] and (c["ci_low"], c["ci_high"]) != (a["ci_low"], a["ci_high"])
-    narrow = ah.score(p, BASE, ci=0.90)  # upstream v2.0's 5th/95th percentile band
-    assert a["ci_low"] <= narrow["ci_low"] <= narrow["ci_high"] <= a["ci_high"]
-
-
-def test_score_reads_v01_rows_and_other_label_spellings(tmp_path):
-    rows = [_row("q1", "B<<A", "B<A", key="question_id", baseline=None, category="arena-hard-v0.1")]
-    del rows[0]["baseline"]
-    p = _write(tmp_path / "v01.jsonl", rows)
-    # B<<A = A>>B (baseline strongly better) -> [0,0,0]; game 2 B<A = A>B (model better) -> [1]: 1/4 = 25 %
-    assert ah.score(p, "gpt-4-0314")["score"] == pytest.approx(25.0)
-
-
-def test_score_category_filter(tmp_path):
-    rows = [_row("h1", "B>A", "A>B"),  # hard_prompt: model wins both -> 100
-            _row("c1", "A>B", "B>A", category="creative_writing", baseline="gemini-2.0-flash-001")]
-    p = _write(tmp_path / "rpo.jsonl", rows)
-    assert ah.score(p, BASE, category="hard_prompt")["score"] == 100.0
-    assert ah.score(p, "gemini-2.0-flash-001", category="creative_writing")["score"] == 0.0
-    with pytest.raises(ValueError, match="judged against baseline 'gemini-2.0-flash-001'"):
-        ah.score(p, BASE)  # mixing categories mixes baselines
-
-
-def test_score_all_invalid_is_nan_and_counted(tmp_path):
-    p = _write(tmp_path / "rpo.jsonl", [_row("q1", None, None), _row("q2", "NULL", "A>B")])
-    r = ah.score(p, BASE)
-    assert math.isnan(r["score"]) and r["n"] == 0 and r["n_invalid"] == 3 and r["n_excluded"] == 2
-
-
-@pytest.mark.parametrize("content, match", [
-    ('{"uid": "q1", "model": "rpo", "games": [{"score": "A>B"}]}\n', r"rpo.jsonl, line 1: 'games' must be a list of the 2"),
-    ('{"uid": "q1", "model": "rpo", "games": [null, null]}\n{not json\n', r"rpo.jsonl, line 2: not valid JSON"),
-    ('{"model": "rpo", "games": [null, null]}\n', r"line 1: missing question id"),
-    ('{"uid": "q1", "model": "rpo", "games": [null, null]}\n\n{"uid": "q1", "model": "rpo", "games": [null, null]}\n',
-     r"line 3: second judgment of 'q1'"),
-])
-def test_judgment_file_errors_name_file_and_line(tmp_path, content, match):
-    p = tmp_path / "rpo.jsonl"
-    p.write_text(content)
-    with pytest.raises(ValueError, match=match):
-        ah.score(p, BASE)
-
-
-def test_score_refuses_two_models(tmp_path):
-    p = _write(tmp_path / "a.jsonl", [_row("q1", "A>B", "A>B")])
-    q = _write(tmp_path / "b.jsonl", [_row("q1", "A>B", "A>B", model="dpo")])
-    with pytest.raises(ValueError, match="several models"):
-        ah.score([p, q], BASE)
-
-
-def test_table_rows(tmp_path):
-    r = ah.score(_write(tmp_path / "rpo.jsonl", HAND_TABLE), BASE)
-    (row,) = ah.table_rows(r, judge="judge-x")
-    assert row["metric"] == "arenahard" and row["model_b"] == BASE and row["n"] == 4
 
 
 # ---------------------------------------------------------------- data
@@ -323,10 +168,11 @@ def test_judge_answers_writes_upstream_rows_and_resumes(tmp_path):
     assert r0["question_id"] == "q0" and r0["baseline"] == BASE and r0["judge"] == "judge-x"
     assert [g["score"] for g in r0["games"]] == ["B>>A", "A>>B"]  # game 1 baseline is A, game 2 swapped
     assert r0["games"][0]["prompt"][0]["content"] == ah.SYSTEM_PROMPT
-    assert rows[2]["games"][1]["score"] is None  # conflicting labels are stored as no verdict
-    r = ah.score(out, BASE)
-    # q2 excluded (1 invalid game); q0, q1, q3: 6 battles of 1 each -> 100
-    assert (r["score"], r["n"], r["n_invalid"], r["n_excluded"]) == (100.0, 3, 1, 1)
+    assert rows[2]["games"][1]["score"] == "B>A"  # v2.0 keeps the last of conflicting labels
+    r = ap.score(out, BASE, version="v2.0")
+    # q0, q1, q3: 2 strong wins each -> 18 battles of 1; q2: game 2 B>A (model is A) [0], game 1 B>>A [1, 1, 1]
+    assert (r["n"], r["n_invalid"], r["n_excluded"], r["n_battles"]) == (4, 0, 0, 22)
+    assert r["score"] == pytest.approx(100 * 21 / 22, abs=3)  # the mean of 100 bootstrap means of 21/22
 
 
 class _Chat(BaseHTTPRequestHandler):
@@ -361,7 +207,7 @@ def test_openai_compatible_judge_reads_key_from_env(monkeypatch):
         j = ah.OpenAICompatibleJudge(url, "judge-x", "RPO_TEST_AH_KEY", max_workers=2)
         q = {"uid": "u", "category": "hard_prompt", "prompt": "p"}
         texts = j.complete_many(ah.game_requests(q, "m", "b"))
-        assert [ah.parse_verdict(t) for t in texts] == ["A=B", "A=B"]
+        assert [ap.parse_verdict(t, "v2.0") for t in texts] == ["A=B", "A=B"]
         assert _Chat.seen == [("Bearer sk-ah-test", 0.0, 16000)] * 2
     finally:
         srv.shutdown()

@@ -1,5 +1,5 @@
 """LLM judges (eval/judges.py): the OpenAI-compatible client, its on-disk cache, the llama.cpp server
-it can start, and the two-order pairwise verdict parser.
+it can start (the Table-1 pairwise protocols are tested in tests/test_pairwise_judge.py).
 
 Run:
     pytest -q tests/test_judges.py              # default: about 10 s on 2 CPU cores, no model needed
@@ -27,7 +27,7 @@ import pytest
 
 from eval.judges import (GoldJudge, JudgeAuthError, JudgeError, JudgeNotFoundError, JudgeRetriesExhausted,
                          JudgeUnreachableError, LlamaCppJudge, LlamaCppServer, LlamaCppServerError,
-                         OpenAIJudge, free_loopback_port, get_judge, llm_pairwise, parse_verdict)
+                         OpenAIJudge, free_loopback_port, get_judge)
 
 SECRET = "sk-test-SECRET"
 KEY_VAR = "JUDGE_TEST_KEY"
@@ -338,68 +338,6 @@ def test_key_is_never_written_or_shown(server, tmp_path, monkeypatch, caplog):
 
 
 # --------------------------------------------------------------------------------------------------
-# pairwise verdicts
-
-
-class ScriptedJudge:
-    """Returns the given texts in order: first the A/B order (answer_a shown first), then B/A."""
-
-    def __init__(self, *texts):
-        self.texts = list(texts)
-        self.requests = []
-
-    def complete_many(self, reqs):
-        self.requests += reqs
-        return [self.texts.pop(0) for _ in reqs]
-
-
-@pytest.mark.parametrize("ab, ba, expected, n_invalid", [
-    ("Assistant A is better. [[A]]", "[[B]]", 1.0, 0),   # answer_a wins in both orders
-    ("[[B]]", "[[A]]", 0.0, 0),                           # answer_b wins in both orders
-    ("[[A]]", "[[A]]", 0.5, 0),                           # always the first position: bias cancels to 0.5
-    ("[[C]]", "[[C]]", 0.5, 0),                           # tie in both orders
-    ("[[A]]", "[[C]]", 0.75, 0),                          # win + tie, averaged
-    ("[[C]]", "[[A]]", 0.25, 0),                          # tie + loss (answer_b shown first wins)
-    ("[[A]]", "I cannot decide.", 1.0, 1),                # one order unparseable: the other decides, counted
-    ("[[A]] no wait [[B]]", "[[B]]", 1.0, 1),             # conflicting markers are invalid, not guessed
-    ("[[a]]", "[A]", None, 2),                            # strict: lower case / single brackets are invalid
-    ("", "A", None, 2),                                   # nothing at all
-    ("Verdict: [[B]]. Again: [[B]]", "[[A]]", 0.0, 0),    # the same marker repeated is fine
-])
-def test_llm_pairwise_outcomes(ab, ba, expected, n_invalid):
-    j = ScriptedJudge(ab, ba)
-    o, details = llm_pairwise(j, "What is 2+2?", "four", "five")
-    assert o == expected
-    assert details["n_invalid"] == n_invalid
-    assert details["valid"] is (expected is not None)
-    if expected is None:
-        assert "invalid" in details
-    # The second request shows the answers swapped.
-    u1, u2 = (r["messages"][-1]["content"] for r in j.requests)
-    assert u1.index("four") < u1.index("five") and u2.index("five") < u2.index("four")
-    assert "What is 2+2?" in u1 and "[[C]]" in j.requests[0]["messages"][0]["content"]
-
-
-def test_parse_verdict():
-    assert parse_verdict("blah\n[[C]]") == "C"
-    assert parse_verdict("[[ A ]]") is None and parse_verdict(None) is None
-
-
-def test_openai_judge_compare_end_to_end(server, tmp_path):
-    server.behave = lambda n, req, h: (200, {}, _completion("The first one. [[A]]"))
-    j = get_judge({"kind": "openai", "base_url": server.url, "model": "fake-model", "max_retries": 1,
-                   "max_concurrency": 2, "cache_dir": str(tmp_path), "max_tokens": 64})
-    assert isinstance(j, OpenAIJudge) and j.name == "llm:fake-model" and j.kind == "openai"
-    row = {"id": "p1", "messages": [{"role": "user", "content": "Pick one"}], "meta": {}}
-    o, d = j.compare(row, "alpha", "beta")
-    assert o == 0.5 and d["position_consistent"] is False  # pure position bias cancels out
-    assert server.n == 2 and all(r["max_tokens"] == 64 and r["model"] == "fake-model"
-                                 for r in server.requests)
-    res = j.compare_many([(row, "alpha", "beta"), (row, "gamma", "delta")])
-    assert [o for o, _ in res] == [0.5, 0.5] and server.n == 4  # the first pair came from the cache
-
-
-# --------------------------------------------------------------------------------------------------
 # get_judge
 
 
@@ -517,51 +455,3 @@ def test_llamacpp_judge_with_packaged_gguf(tmp_path):
     j2 = LlamaCppJudge(j.server.model_path, cache_dir=tmp_path)
     assert j2.complete([{"role": "user", "content": "Say hello."}], max_tokens=16) == text
     assert j2.n_calls == 0 and j2.server.proc is None
-
-
-# --------------------------------------------------------------------------------------------------
-# Table 1 through an LLM judge (eval.table1.judge_pair + make_table1), both orders, ties half
-
-
-def test_table1_with_an_llm_judge_both_orders(server, tmp_path):
-    import csv
-    import re
-
-    from eval.table1 import judge_pair, make_table1
-
-    def prefers_good(n, req, h):
-        # The fake judge prefers the answer that says "good"; on p2 it answers nothing parsable.
-        user = req["messages"][-1]["content"]
-        a = re.search(r"Assistant A's Answer\]\n(.*?)\n\[The End", user, re.S).group(1)
-        if "skip" in user:
-            return 200, {}, _completion("no verdict")
-        return 200, {}, _completion("[[A]]" if "good" in a else "[[B]]")
-
-    server.behave = prefers_good
-    prompts = [{"id": f"p{i}", "messages": [{"role": "user", "content": q}], "meta": {}}
-               for i, q in enumerate(["say hi", "skip this one", "say bye"])]
-    answers = {"m1": ["good hi", "good x", "meh bye"], "m2": ["meh hi", "meh x", "good bye"]}
-    paths = {}
-    for m, texts in answers.items():
-        paths[m] = tmp_path / f"{m}.jsonl"
-        paths[m].write_text("".join(json.dumps({"id": p["id"], "responses": [t]}) + "\n"
-                                    for p, t in zip(prompts, texts)))
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    cfg = {"kind": "openai", "base_url": server.url, "model": "fake-model", "max_retries": 0,
-           "cache_dir": str(tmp_path / "cache"), "api_key_env": None}
-    judge_pair(model_a="m1", model_b="m2", answers_a=str(paths["m1"]), answers_b=str(paths["m2"]),
-               prompts_path=str(tmp_path / "prompts.jsonl"), judge=cfg, out=str(tmp_path / "j.jsonl"))
-    rows = [json.loads(l) for l in (tmp_path / "j.jsonl").read_text().splitlines()]
-    # p0: m1 good in both orders -> 1; p1: invalid in both orders -> None; p2: m2 good -> 0
-    assert [r["outcome"] for r in rows] == [1.0, None, 0.0]
-    assert server.n == 6  # 3 prompts x 2 orders
-    assert all(r["judge"] == "openai:fake-model" for r in rows)
-    make_table1(judgments=[str(tmp_path / "j.jsonl")], out_csv=str(tmp_path / "t.csv"),
-                out_md=str(tmp_path / "t.md"), metrics={}, figure=str(tmp_path / "f.png"), labels={},
-                pair_order=[["m1", "m2"]], bootstrap={"n": 50, "seed": 0, "ci": 0.95})
-    table = {(r["model_a"], r["model_b"]): r for r in csv.DictReader((tmp_path / "t.csv").open())}
-    # the invalid prompt is left out: (1 + 0) / 2 = 50 %, n = 2
-    assert float(table[("m1", "m2")]["value"]) == 50.0 and table[("m1", "m2")]["n"] == "2"
-    judge_pair(model_a="m1", model_b="m2", answers_a=str(paths["m1"]), answers_b=str(paths["m2"]),
-               prompts_path=str(tmp_path / "prompts.jsonl"), judge=cfg, out=str(tmp_path / "j2.jsonl"))
-    assert server.n == 6  # a re-run is served from the judge cache

@@ -11,6 +11,12 @@ from rpo.config import check_config, resolve_methods  # noqa: E402  (after valid
 resolve_methods(config)
 check_config(config)
 
+from eval.alpacaeval_metrics import check_lc_available  # noqa: E402
+
+# A run that asks for AlpacaEval's LC win rate and cannot produce it says so now, not after hours
+# (fetches alpaca_eval's df_gamed.csv into the hub cache once; a cached copy needs no network).
+check_lc_available(config["benchmarks"]["alpacaeval"])
+
 RESULTS = "results"
 METHODS = sorted(config["methods"])
 MODELS = ["ref"] + METHODS

@@ -14,6 +14,7 @@ rule generate_table1:
         args=lambda w, input, output: as_json({
             "model_name": w.model, "ref_dir": input.ref, "policy_dir": policy_of(input),
             "prompts_path": input.prompts, "out": output[0], "seed": config["seed"],
+            "protocol": config["table1"]["protocol"],  # which prompts: paper = the first n_prompts
             **{k: v for k, v in config["table1"]["generation"].items() if k != "threads"}}),
     threads: config["table1"]["generation"]["threads"]
     resources:

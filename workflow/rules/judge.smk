@@ -13,7 +13,8 @@ rule judge_table1:
             "model_a": w.a, "model_b": w.b, "answers_a": f"{RESULTS}/generations/table1/{w.a}.jsonl",
             "answers_b": f"{RESULTS}/generations/table1/{w.b}.jsonl",
             "prompts_path": f"{RESULTS}/data/prompts_test.jsonl", "judge": config["table1"]["judge"],
-            "out": f"{RESULTS}/judgments/table1/{w.a}_vs_{w.b}.jsonl"}),
+            "out": f"{RESULTS}/judgments/table1/{w.a}_vs_{w.b}.jsonl",
+            "protocol": config["table1"]["protocol"], "judge_max_tokens": config["table1"]["judge_max_tokens"]}),
     resources:
         **res("judge"),
     log:

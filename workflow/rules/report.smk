@@ -30,7 +30,9 @@ rule score_alpacaeval:
         args=lambda w: as_json({
             "model_name": w.model, "annotations": f"{RESULTS}/alpacaeval/{w.model}/annotations.json",
             "out": f"{RESULTS}/scores/alpacaeval/{w.model}.json", "judge_label": get_judge_label(bench_judge("alpacaeval")),
-            "precomputed_dir": config["benchmarks"]["alpacaeval"]["precomputed_dir"]}),
+            "precomputed_dir": config["benchmarks"]["alpacaeval"]["precomputed_dir"],
+            "lc_win_rate": config["benchmarks"]["alpacaeval"]["lc_win_rate"],
+            "bootstrap": config["benchmarks"]["bootstrap"]}),
     resources:
         **res("cpu"),
     log:

@@ -1,11 +1,42 @@
 """Checks of a resolved config that JSON schema cannot express (called by the Snakefile at start-up)."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import yaml
+
 from rpo import launch, losses
 from rpo.models import parse_source
 
 
 HPARAM_EXCLUDE = ("loss", "name", "reference")  # method keys that are not loss hyperparameters
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`: mappings merge key by key, anything else (lists included) is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_extends(config: dict, basedir, seen: tuple = ()) -> dict:
+    """A config with `extends: <file>` (relative to `basedir`, the repository) is that file's config with
+    this one's keys on top (paper-beta.yaml and paper-gemma.yaml extend paper-common.yaml); chains resolve."""
+    parent = config.get("extends")
+    if not parent:
+        return config
+    path = Path(basedir) / parent
+    if str(path) in seen:
+        raise ValueError(f"config extends: {parent!r} extends itself (through {list(seen)})")
+    if not path.is_file():
+        raise FileNotFoundError(f"config extends: {parent!r}: no file {path}")
+    base = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(base, dict):
+        raise ValueError(f"config extends: {path} is not a mapping of config keys")
+    merged = deep_merge(resolve_extends(base, basedir, seen + (str(path),)), config)
+    merged.pop("extends", None)
+    return merged
 
 
 def resolve_methods(config: dict, where: str = "config") -> None:

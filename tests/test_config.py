@@ -388,3 +388,30 @@ def test_shipped_method_zoo_is_valid_and_off(cfg):
     zoo = {"ipo", "exo", "hinge", "minor_dpo", "ada_dpo", "ipo_sft", "rpo_soup"}
     assert set(cfg["methods"]) == {"dpo", "rpo"} | zoo
     assert all([m, "ref"] in cfg["table1"]["pairs"] for m in zoo)
+
+
+def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
+    from rpo.config import resolve_extends
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(
+        {"seed": 1, "training": {"epochs": 1, "lr": 0.1}, "pairs": [["a", "b"]], "paper": {"series": None}}))
+    (tmp_path / "mid.yaml").write_text(yaml.safe_dump({"extends": "base.yaml", "training": {"epochs": 2}}))
+    got = resolve_extends({"extends": "mid.yaml", "pairs": [["c", "d"]], "paper": {"series": "beta"}}, tmp_path)
+    # mappings merge key by key through the chain; lists and scalars are replaced; no `extends` is left
+    assert got == {"seed": 1, "training": {"epochs": 2, "lr": 0.1}, "pairs": [["c", "d"]], "paper": {"series": "beta"}}
+    (tmp_path / "loop.yaml").write_text(yaml.safe_dump({"extends": "loop.yaml"}))
+    with pytest.raises(ValueError, match="extends itself"):
+        resolve_extends({"extends": "loop.yaml"}, tmp_path)
+    with pytest.raises(FileNotFoundError, match="config extends: 'nope.yaml'"):
+        resolve_extends({"extends": "nope.yaml"}, tmp_path)
+
+
+def test_paper_configs_share_their_common_file():
+    from rpo.config import resolve_extends
+    beta, gemma = (resolve_extends(yaml.safe_load((ROOT / f"config/paper-{s}.yaml").read_text()), ROOT)
+                   for s in ("beta", "gemma"))
+    # the series differ exactly where the paper's set-up table does (paper.md, Section 6)
+    assert sorted(k for k in beta if beta[k] != gemma[k]) == ["base_model", "data", "methods", "paper",
+                                                              "resources", "training"]
+    assert {k for k in beta["training"] if beta["training"][k] != gemma["training"][k]} == {"epochs"}
+    assert beta["table1"]["protocol"] == gemma["table1"]["protocol"] == "paper"
+    assert beta["training"]["sharding"] == "full" and beta["resources"]["training"]["gpus"] == 8

@@ -4,9 +4,13 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-validate(config, "../schemas/config.schema.yaml", set_default=True)
+from rpo.config import check_config, resolve_extends, resolve_methods  # noqa: E402
 
-from rpo.config import check_config, resolve_methods  # noqa: E402  (after validation filled the defaults)
+# `extends: <file>` (the paper configs share config/paper-common.yaml): that file's keys under this one's
+_resolved = resolve_extends(dict(config), workflow.basedir)
+config.clear()
+config.update(_resolved)
+validate(config, "../schemas/config.schema.yaml", set_default=True)
 
 resolve_methods(config)
 check_config(config)

@@ -108,9 +108,13 @@ def judge_pair(*, model_a: str, model_b: str, answers_a: str, answers_b: str, pr
 
 
 def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dict[str, str],
-                figure: str, labels: dict[str, str], pair_order: list[list[str]], bootstrap: dict,
-                scores: list[str] = (), paper_series: str | None = None, methods_metrics: dict | None = None,
+                figure: str, raw_figure: str, labels: dict[str, str], pair_order: list[list[str]],
+                bootstrap: dict, scores: list[str] = (), paper_series: str | None = None,
+                comparison: tuple[str, str] | None = None, methods_metrics: dict | None = None,
                 methods_figure: str | None = None) -> None:
+    """Table 1 and the benchmark rows as results/table1.csv (tidy) and table1.md; the figures; with a
+    paper series, the paper's numbers beside ours (`comparison`: its csv and md paths). Every path is the
+    rule's output."""
     rows, protocols = [], set()
     for path in scores:  # per-model benchmark rows (MT-Bench, AlpacaEval, Arena-Hard)
         rows += [table.make_row(**r) for r in json.loads(Path(path).read_text())]
@@ -141,8 +145,7 @@ def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dic
         figures.plot_methods(methods_metrics, rows, methods_figure, labels=labels)
     if paper_series:
         from eval.paper import write_comparison
-        out = Path(out_csv).parent
-        write_comparison(out_csv, paper_series, out / "paper_comparison.csv", out / "paper_comparison.md")
+        write_comparison(out_csv, paper_series, *comparison)
     if metrics:
         # Paper Fig. 1 (right). Each step's batch holds other examples, so the raw batch mean of
         # log π(y_w|x) mostly tracks response length; the change from the reference on the same
@@ -150,5 +153,4 @@ def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dic
         figures.plot_metric(metrics, "logratio/chosen", figure, labels=labels, smooth=3,
                             ylabel="log π(y_w|x) − log π_ref(y_w|x)  (summed, chosen)",
                             title="Chosen log-probability vs the reference (paper Fig. 1 right)")
-        raw = Path(figure).with_name(Path(figure).stem + "_raw.png")
-        figures.plot_logps_chosen(metrics, raw, labels=labels, smooth=3)
+        figures.plot_logps_chosen(metrics, raw_figure, labels=labels, smooth=3)

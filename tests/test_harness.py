@@ -248,7 +248,8 @@ def test_make_table1_adds_the_rows_and_the_section(harness_runs, tmp_path):
     judgments = write_jsonl([{"id": f"p{i}", "model_a": "dpo", "model_b": "ref", "outcome": o, "judge": "gold"}
                              for i, o in enumerate([1.0, 0.0, 0.5])], tmp_path / "dpo_vs_ref.jsonl")
     make_table1(judgments=[str(judgments)], out_csv=str(tmp_path / "table1.csv"), out_md=str(tmp_path / "table1.md"),
-                metrics={}, figure=str(tmp_path / "f.png"), labels={"ref": "Ref", "dpo": "DPO"},
+                metrics={}, figure=str(tmp_path / "f.png"), raw_figure=str(tmp_path / "f_raw.png"),
+                labels={"ref": "Ref", "dpo": "DPO"},
                 pair_order=[["dpo", "ref"]], bootstrap={"n": 10, "seed": 0, "ci": 0.95}, scores=scores)
     csv_rows = [r for r in table.read_table(tmp_path / "table1.csv") if r["metric"].startswith("lm_eval/")]
     assert len(csv_rows) == 8 and {r["model_a"] for r in csv_rows} == {"ref", "dpo"}  # 4 metrics x 2 models
@@ -349,8 +350,10 @@ def test_quickstart_dry_run_has_the_harness_jobs(tmp_path):
 
 
 def test_the_offline_ifeval_with_hub_preference_data_is_a_start_up_error(tmp_path):
-    cfg = yaml.safe_load((REPO / "config/paper-beta.yaml").read_text())
-    cfg["lm_eval"]["tasks"] = [{"name": "ifeval_heldout"}]
+    # paper-beta (it extends paper-common) with the offline task instead of the hub's
+    # (and AlpacaEval's LC not required, whose start-up check would stop first without the hub)
+    cfg = {"extends": "config/paper-beta.yaml", "lm_eval": {"tasks": [{"name": "ifeval_heldout"}]},
+           "benchmarks": {"alpacaeval": {"lc_win_rate": "if_available"}}}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(cfg))
     run = snakemake(tmp_path, path, "results/table1.csv", "-n")

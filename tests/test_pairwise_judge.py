@@ -264,7 +264,8 @@ def _write_pair(tmp_path, questions, answers):
 
 def _table(tmp_path, judgments):
     make_table1(judgments=[str(judgments)], out_csv=str(tmp_path / "t.csv"), out_md=str(tmp_path / "t.md"),
-                metrics={}, figure=str(tmp_path / "f.png"), labels={}, pair_order=[["m1", "m2"]],
+                metrics={}, figure=str(tmp_path / "f.png"), raw_figure=str(tmp_path / "f_raw.png"), labels={},
+                pair_order=[["m1", "m2"]],
                 bootstrap={"n": 50, "seed": 0, "ci": 0.95})
     return {(r["model_a"], r["model_b"]): r for r in csv.DictReader((tmp_path / "t.csv").open())}
 

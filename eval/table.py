@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from eval.harness import LOCAL_IFEVAL, METRIC_PREFIX as LM_EVAL_PREFIX
+from rpo.io import atomic_open
 
 COLUMNS = ("model_a", "model_b", "metric", "value", "ci_low", "ci_high", "n", "judge")
 
@@ -94,23 +93,13 @@ def write_table(rows: Iterable[dict], csv_path) -> Path:
     """Validate, sort and write rows atomically; returns the path."""
     path = Path(csv_path)
     clean = sorted((make_row(**r) for r in rows), key=_sort_key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Temp file in the same directory so os.replace is an atomic rename: a
-    # crashed job never leaves a half-written table for Snakemake to trust.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh, lineterminator="\n")
-            w.writerow(COLUMNS)
-            for r in clean:
-                w.writerow(
-                    [_fmt_float(r[c]) if c in _FLOATS else str(r[c]) for c in COLUMNS]
-                )
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # rpo.io.atomic_open: a crashed job never leaves a half-written table for Snakemake to trust, and
+    # the file gets the umask's permissions (mkstemp's 0600 hid it from others on a shared machine).
+    with atomic_open(path, newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(COLUMNS)
+        for r in clean:
+            w.writerow([_fmt_float(r[c]) if c in _FLOATS else str(r[c]) for c in COLUMNS])
     return path
 
 

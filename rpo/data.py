@@ -22,9 +22,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 from pathlib import Path
+
+from rpo import io
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ def validate_row(row, where: str) -> dict:
     if not isinstance(row["id"], str) or not row["id"]:
         raise DataError(f"{where}: field 'id' must be a non-empty string")
     prompt = _messages(row["prompt"], "prompt", where, last_role="user")
+    if not prompt[-1]["content"].strip():
+        raise DataError(f"{where}: field 'prompt' is empty (its last user message has no text)")
     chosen = _messages(row["chosen"], "chosen", where, last_role="assistant")
     rejected = _messages(row["rejected"], "rejected", where, last_role="assistant")
     for field, msgs in (("chosen", chosen), ("rejected", rejected)):
@@ -113,7 +116,10 @@ def from_columns(raw: dict, columns: dict, where: str) -> dict:
     return row
 
 
-def normalise(records, columns: dict, where: str, *, on_invalid: str, counts: dict) -> list[dict]:
+def normalise(records, columns: dict, where: str, *, on_invalid: str, counts: dict,
+              check=None) -> list[dict]:
+    """Validated rows; `check(row)` -> a problem or None is a further requirement that no
+    `on_invalid: drop` excuses (a config that cannot use this data, e.g. the gold judge's meta)."""
     out, seen = [], set()
     for i, raw in enumerate(records):
         loc = f"{where} row {i}"
@@ -127,6 +133,9 @@ def normalise(records, columns: dict, where: str, *, on_invalid: str, counts: di
             reason = str(e).split(": ", 1)[-1]
             counts[reason] = counts.get(reason, 0) + 1
             continue
+        problem = check(row) if check else None
+        if problem:
+            raise DataError(f"{loc} (id {row['id']!r}): {problem}")
         seen.add(row["id"])
         out.append(row)
     return out
@@ -148,16 +157,10 @@ def _numbered_records(path: str | Path) -> list[tuple[int, dict]]:
         return list(enumerate(pq.read_table(path).to_pylist(), 1))
     if path.suffix not in (".jsonl", ".json"):
         raise DataError(f"{path}: expected a .jsonl or .parquet file")
-    rows = []
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    return rows
+    try:
+        return io.read_jsonl_numbered(path)
+    except io.JSONLError as e:
+        raise DataError(str(e)) from None
 
 
 def read_pairs(path: str | Path) -> list[dict]:
@@ -165,14 +168,7 @@ def read_pairs(path: str | Path) -> list[dict]:
     return [validate_row(r, f"{path}:{n}") for n, r in _numbered_records(path)]
 
 
-def write_jsonl(rows, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+write_jsonl = io.write_jsonl  # kept for callers outside rpo (eval.table1); new code uses rpo.io
 
 
 def prompts_of(rows: list[dict]) -> list[dict]:
@@ -185,7 +181,7 @@ def prompts_of(rows: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------
 
 def load_hub_split(source: str, split: str):
-    """One split of a hub dataset `hf:<owner>/<name>[@<revision>]`.
+    """One split of a hub dataset `hf:<owner>/<name>[@<revision>]`, and the commit it resolved to.
 
     The repository is resolved through the hub cache (`snapshot_download`, which with HF_HUB_OFFLINE=1
     uses the cached snapshot and fails clearly when there is none) and then read from that local
@@ -202,13 +198,29 @@ def load_hub_split(source: str, split: str):
                         f"{e}); with HF_HUB_OFFLINE=1 it must be in the hub cache "
                         f"(huggingface-cli download {repo} --repo-type dataset)") from None
     try:
-        return datasets.load_dataset(path, split=split)
+        # The snapshot folder is named by the commit: the exact revision, recorded in the summary.
+        return datasets.load_dataset(path, split=split), Path(path).name
     except ValueError as e:
         raise DataError(f"config data.splits: {source!r} has no split {split!r} ({e})") from None
 
 
-def load_source_splits(cfg: dict) -> tuple[dict[str, list[dict]], dict]:
-    """hf:/file sources: the train and test splits, normalised, and a summary."""
+def gold_meta_problem(row: dict) -> str | None:
+    """Why the gold judge (IFEval verifiers) cannot score answers to this test row, or None."""
+    from rpo import verifiable
+    meta = row.get("meta") or {}
+    if "instruction_id_list" not in meta or "kwargs" not in meta:
+        return ("table1.judge is gold, which scores answers with the verifiable instructions in the row's "
+                "'meta' ('instruction_id_list' and 'kwargs'); this row has none (only synthetic:verifiable "
+                "data carries them: use an LLM judge for other data)")
+    problem = verifiable.row_problem(meta)
+    return f"table1.judge is gold, but the row's meta cannot be gold-scored: {problem}" if problem else None
+
+
+def load_source_splits(cfg: dict, *, gold_test: bool = False) -> tuple[dict[str, list[dict]], dict]:
+    """hf:/file sources: the train and test splits, normalised, and a summary.
+
+    gold_test=True (Table 1 judged by the gold scorer) also requires every test row to carry the
+    gold judge's instructions (`gold_meta_problem`)."""
     source, splits = cfg["source"], cfg["splits"]
     columns = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "id": "id",
                **(cfg.get("columns") or {})}
@@ -218,7 +230,7 @@ def load_source_splits(cfg: dict) -> tuple[dict[str, list[dict]], dict]:
         if split not in splits:
             raise DataError(f"config data.splits: missing key '{split}'")
         if source.startswith("hf:"):
-            records = load_hub_split(source, splits[split])
+            records, summary["revision"] = load_hub_split(source, splits[split])
             where = f"{source} split '{splits[split]}'"
         elif source == "file":
             records = read_records(splits[split])
@@ -228,7 +240,8 @@ def load_source_splits(cfg: dict) -> tuple[dict[str, list[dict]], dict]:
                             "'synthetic:verifiable', 'hf:<dataset id>' or 'file'")
         limit = cfg.get(f"max_{split}")
         counts: dict[str, int] = {}
-        rows = normalise(records, columns, where, on_invalid=on_invalid, counts=counts)
+        check = gold_meta_problem if gold_test and split == "test" else None
+        rows = normalise(records, columns, where, on_invalid=on_invalid, counts=counts, check=check)
         if limit is not None and len(rows) > limit:
             # A deterministic subset, not the head: hub splits are often sorted by source.
             rows = sorted(rows, key=lambda r: hashlib.sha1(r["id"].encode()).hexdigest())[:limit]

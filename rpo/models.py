@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -103,10 +102,7 @@ def materialise_model(source: str, out_dir: str | Path, *, dtype: str = "float32
         _write_json(out / "materialised_from.json", {"source": source, "file": str(gguf), "dtype": dtype})
         return out
     if kind == "hf":
-        from huggingface_hub import snapshot_download
-        # Resolved through the hub cache: with HF_HUB_OFFLINE=1 this needs the snapshot cached.
-        path = snapshot_download(repo_id=name, revision=extra,
-                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        path = _hub_snapshot(source, name, extra)
         pointer = {"source": source, "path": str(Path(path).resolve()), "revision": Path(path).name}
     else:
         path = Path(name).expanduser().resolve()
@@ -115,6 +111,20 @@ def materialise_model(source: str, out_dir: str | Path, *, dtype: str = "float32
         pointer = {"source": source, "path": str(path)}
     _write_json(out / POINTER, pointer)
     return out
+
+
+def _hub_snapshot(source: str, repo: str, revision: str | None) -> str:
+    """The local snapshot of a hub model, resolved through the hub cache (offline: the cache only)."""
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(repo_id=repo, revision=revision,
+                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:  # offline without a cached snapshot (LocalEntryNotFoundError), unknown repo, no network
+        fill = f"huggingface-cli download {repo}" + (f" --revision {revision}" if revision else "")
+        raise FileNotFoundError(
+            f"model source {source!r}: cannot resolve the hub model ({type(e).__name__}: {e}); with "
+            f"HF_HUB_OFFLINE=1 it must be in the hub cache ({fill}, on a machine with network, into the "
+            "same HF_HUB_CACHE)") from None
 
 
 def resolve_model_dir(model_dir: str | Path) -> Path:
@@ -159,6 +169,5 @@ def load_policy(ref_dir, model_dir, *, dtype: str = "float32", device: str | Non
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    from rpo.io import write_json
+    write_json(path, obj, sort_keys=True)

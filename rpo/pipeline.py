@@ -3,39 +3,42 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from pathlib import Path
 
 import torch
 
-from rpo import data
+from rpo import data, io
 
 log = logging.getLogger(__name__)
 
 
-def make_data(*, data_cfg: dict, base_dir: str, out_dir: str, seed: int) -> dict:
-    """Materialise the preference data: train.jsonl, test.jsonl, prompts_test.jsonl, summary.json."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def make_data(*, data_cfg: dict, base_dir: str, train: str, test: str, prompts: str, summary: str,
+              seed: int, samples: str | None = None, check_gold_meta: bool = False) -> dict:
+    """Materialise the preference data into the files the rule names: `train`, `test` (pairs), `prompts`
+    (Table 1's held-out prompts), `summary` (counts; the hub revision a hub source resolved to) and, for
+    the synthetic source, `samples` (every sampled response, the resumable generation cache).
+
+    check_gold_meta=True (Table 1 judged by the gold scorer) requires every test row of a hub/file source
+    to carry the verifiable instructions the gold scorer needs: checked here, not after training.
+    """
     if data_cfg["source"] == "synthetic:verifiable":
+        if samples is None:
+            raise ValueError("make_data: the synthetic source needs the `samples` path")
         from rpo.models import load_model, load_tokenizer
         tok = load_tokenizer(base_dir)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_model(base_dir, device=device).eval()
-        # samples.jsonl is the generation cache: an interrupted run resumes its sampling.
-        splits, summary = data.build_synthetic(model, tok, data_cfg, seed, out / "samples.jsonl")
+        # samples is the generation cache: an interrupted run resumes its sampling (same model and settings).
+        splits, stats = data.build_synthetic(model, tok, data_cfg, seed, samples)
         test_prompts = splits.pop("test_prompts")
     else:
-        splits, summary = data.load_source_splits(data_cfg)
+        splits, stats = data.load_source_splits(data_cfg, gold_test=check_gold_meta)
         test_prompts = data.prompts_of(splits["test"])
     for split in ("train", "test"):
         if not splits[split]:
             raise data.DataError(f"data source {data_cfg['source']!r}: the {split} split has no pairs")
-    data.write_jsonl(splits["train"], out / "train.jsonl")
-    data.write_jsonl(splits["test"], out / "test.jsonl")
-    data.write_jsonl(test_prompts, out / "prompts_test.jsonl")
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out / "summary.json")
-    log.info("data summary: %s", json.dumps(summary, sort_keys=True))
-    return summary
+    io.write_jsonl(splits["train"], train)
+    io.write_jsonl(splits["test"], test)
+    io.write_jsonl(test_prompts, prompts)
+    io.write_json(summary, stats, sort_keys=True)
+    log.info("data summary: %s", json.dumps(stats, sort_keys=True))
+    return stats

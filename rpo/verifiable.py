@@ -52,7 +52,6 @@ import contextlib
 import functools
 import importlib.util
 import io
-import json
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -183,18 +182,9 @@ def load_prompts(path: str | Path | None = None) -> list[dict]:
     Blank lines are skipped; any malformed line raises ValueError naming the
     file and the 1-based line number.
     """
+    from rpo.io import read_jsonl_numbered  # bad UTF-8 or JSON: a ValueError naming file and line
     path = Path(path) if path is not None else default_prompts_path()
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from exc
-            rows.append(_validate_row(obj, where))
+    rows = [_validate_row(obj, f"{path}:{lineno}") for lineno, obj in read_jsonl_numbered(path)]
     if not rows:
         raise ValueError(f"{path}: no prompts in file")
     return rows

@@ -436,3 +436,46 @@ def test_load_source_splits_config_errors(tmp_path):
         load_source_splits({"source": "s3:x", "splits": {"train": str(train), "test": str(train)}})
     with pytest.raises(FileNotFoundError):
         load_source_splits(file_cfg(train, tmp_path / "missing.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input at the door (issue 15): empty prompts, non-UTF-8 bytes, test prompts the gold judge cannot score
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("prompt", ["", "   \n", [user("")]])
+def test_empty_prompt_is_rejected_naming_file_and_row(tmp_path, split, prompt):
+    empty = {**good_row("r1"), "prompt": prompt}
+    rows = {"train": [good_row("t0"), good_row("t1")], "test": [good_row("e0"), good_row("e1")]}
+    rows[split][1] = empty
+    paths = {s: write_lines(tmp_path / f"{s}.jsonl", [json.dumps(r) for r in rows[s]]) for s in rows}
+    with pytest.raises(DataError, match=rf"{paths[split]} row 1: field 'prompt' is empty"):
+        load_source_splits(file_cfg(paths["train"], paths["test"]))
+
+
+def test_non_utf8_data_file_names_file_and_line(tmp_path):
+    train = tmp_path / "train.jsonl"
+    # line 2 was saved as latin-1: "é" is the single byte 0xe9
+    train.write_bytes(json.dumps(good_row("t0")).encode() + b"\n" + json.dumps(good_row("t1")).encode()[:-2]
+                      + b', "meta": {"note": "caf\xe9"}}\n')
+    test = write_lines(tmp_path / "test.jsonl", [json.dumps(good_row("e0"))])
+    with pytest.raises(DataError, match=rf"{train}:2: not valid UTF-8 \(byte \d+ of the line: b'\\xe9'\)"):
+        load_source_splits(file_cfg(train, test))
+
+
+GOLD_META = {"source": "synthetic:verifiable", "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]}
+
+
+def test_gold_judge_needs_instruction_meta_on_every_test_row(tmp_path):
+    train = write_lines(tmp_path / "train.jsonl", [json.dumps(good_row("t0"))])
+    test = write_lines(tmp_path / "test.jsonl", [json.dumps(good_row("e0", meta=GOLD_META)),
+                                                 json.dumps(good_row("e1", chosen="other"))])
+    with pytest.raises(DataError, match=rf"{test} row 1 \(id 'e1'\): table1.judge is gold.*'instruction_id_list'"):
+        load_source_splits(file_cfg(train, test), gold_test=True)
+    out, _ = load_source_splits(file_cfg(train, test))  # an LLM judge needs no meta
+    assert len(out["test"]) == 2
+    # meta whose instruction the offline verifiers cannot check is caught too
+    bad = {**GOLD_META, "instruction_id_list": ["no_such:instruction"]}
+    write_lines(test, [json.dumps(good_row("e0", meta=bad))])
+    with pytest.raises(DataError, match=r"row 0 \(id 'e0'\): table1.judge is gold, but .*no_such:instruction"):
+        load_source_splits(file_cfg(train, test, on_invalid="drop"), gold_test=True)

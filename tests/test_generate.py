@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from rpo.sampling import generate_answers
+from rpo.sampling import generate_answers, generation_identity
 from rpo.models import load_model, load_tokenizer
 
 PROMPTS = [{"id": f"q{i}", "messages": [{"role": "user", "content": "hello world " * (i + 1)}]} for i in range(5)]
@@ -43,8 +43,11 @@ def test_interrupted_generation_resumes_without_redoing_answers(tiny_model_dir, 
     full = generate_answers(model, tok, PROMPTS, tmp_path / "full.jsonl", max_new_tokens=5, batch_size=2)
     out = tmp_path / "cut.jsonl"
     partial = tmp_path / "cut.jsonl.partial"
-    # A killed run left two finished answers and half a line.
-    partial.write_text(json.dumps(full[0]) + "\n" + json.dumps(full[3]) + "\n" + '{"id": "q1", "resp')
+    # A killed run left its identity line, two finished answers and half a line.
+    identity = generation_identity(model, tok, max_new_tokens=5, temperature=0.0, top_p=1.0, top_k=0, seed=0,
+                                   num_return_sequences=1, model_name="")
+    partial.write_text(json.dumps({"identity": identity}) + "\n" + json.dumps(full[0]) + "\n"
+                       + json.dumps(full[3]) + "\n" + '{"id": "q1", "resp')
     calls = []
     real = model.forward
 

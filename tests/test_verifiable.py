@@ -334,7 +334,7 @@ def test_load_prompts_names_bad_line(tmp_path):
     with pytest.raises(ValueError, match=r"p\.jsonl:3: missing field"):
         V.load_prompts(path)
     path.write_text(good + "\n{not json\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"p\.jsonl:2: invalid JSON"):
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: not valid JSON"):
         V.load_prompts(path)
     bad_kwargs = dict(NO_COMMA, kwargs=[{}, {}])
     path.write_text(json.dumps(bad_kwargs) + "\n", encoding="utf-8")

@@ -2,6 +2,7 @@
 
     atomic_open(path)      write to a temp file beside `path`, then os.replace: a killed job never leaves
                            a half-written output for Snakemake (or the next stage) to trust
+    atomic_dir(path)       the same for a directory (a saved model)
     write_text / write_json / write_jsonl    the common cases of atomic_open
     read_jsonl(path)       rows of a JSONL file; bad UTF-8 or bad JSON names the file and the line
 
@@ -49,6 +50,25 @@ def atomic_open(path, mode: str = "w", *, fsync: bool = False, encoding: str | N
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yield a fresh temp directory beside `path` that replaces `path` (a model directory, say) only when
+    the block finishes without error; a killed job leaves the previous `path` or none, never a half one."""
+    import shutil
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

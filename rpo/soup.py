@@ -8,13 +8,11 @@ dtype; the models must share an architecture (same parameter names, shapes and d
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from rpo import io
 from rpo.models import load_model, load_tokenizer, resolve_model_dir
 
 
@@ -52,12 +50,9 @@ def make_soup(model_dirs: list[str], out: str) -> Path:
     soup = average_state_dicts([m.state_dict() for m in models], names)
     model = models[0]
     model.load_state_dict(soup)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    load_tokenizer(model_dirs[0]).save_pretrained(tmp)
-    (tmp / "soup.json").write_text(json.dumps(
-        {"method": "SALSA weight average", "models": [str(resolve_model_dir(d)) for d in model_dirs]}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with io.atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(model_dirs[0]).save_pretrained(tmp)
+        io.write_json(tmp / "soup.json", {"method": "SALSA weight average",
+                                          "models": [str(resolve_model_dir(d)) for d in model_dirs]})
     return out

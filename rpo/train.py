@@ -22,14 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from rpo import checkpoint, losses
+from rpo import checkpoint, io, losses
 from rpo import distributed as dist_
 from rpo.batching import Truncation, collate, fit, prompt_ids, response_ids, summed_logps
 from rpo.data import read_pairs
@@ -99,7 +97,8 @@ def reference_logps(model_dir, pairs_path, out_path, *, max_length: int, max_pro
              "chosen_logps": torch.cat(chosen), "rejected_logps": torch.cat(rejected),
              "chosen_lengths": torch.cat(n_c), "rejected_lengths": torch.cat(n_r),
              "model_dir": str(model_dir), "tokenization": summary}
-    _atomic_torch_save(cache, out_path)
+    with io.atomic_open(out_path, "wb") as f:
+        torch.save(cache, f)
     return summary
 
 
@@ -162,22 +161,6 @@ def _fingerprint_on_main(model_dir, world) -> str:
     return dist_.broadcast(checkpoint.model_fingerprint(model_dir) if world.main else None, world)
 
 
-def _atomic_torch_save(obj, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _load_trainable(model, state: dict) -> None:
     """Put gathered trainable weights into an unsharded copy of the model; every key must fit."""
     res = model.load_state_dict(state, strict=False)
@@ -207,22 +190,18 @@ def save_trained(model, world, tok, out_dir, *, start_dir, cfg: dict, merge: boo
 
 
 def _save_model(model, tok, out_dir: Path, *, merge: bool) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     if merge and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with io.atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
 
 
 def _finish(model, world, tok, out_dir, summary_path, ckpt_dir, summary: dict, *, start_dir, cfg,
             merge: bool) -> dict:
     save_trained(model, world, tok, out_dir, start_dir=start_dir, cfg=cfg, merge=merge)
     if world.main:
-        _write_json(summary_path, summary)
+        io.write_json(summary_path, summary, sort_keys=True)
     checkpoint.clear(ckpt_dir, world)
     dist_.barrier(world)
     return summary

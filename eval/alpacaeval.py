@@ -7,13 +7,12 @@
 * Annotation. `alpaca_eval`'s own PairwiseAnnotator runs with an annotator config written into a results
   directory by `write_annotator_config`: alpaca_eval's `weighted_alpaca_eval_gpt4_turbo` (AlpacaEval
   2.0's default: the `alpaca_eval_clf` prompt, one output token, logprobs of "m" vs "M", preference =
-  2 - P(first output)), with the judge model replaced by ours and the OpenAI client pointed at our
-  OpenAI-compatible endpoint (the endpoint must return top-5 logprobs). alpaca_eval's client configs
-  (`client_configs.yaml`: model -> list of client kwargs, `client_class` importable by name) hold no
-  environment-variable syntax, so the client class is `eval.alpacaeval.env_key_openai_client`, which
-  reads the key from the environment variable named in the file (`api_key_env`): the key itself is
-  never written to disk. Output order is randomised per instruction and annotations are cached by
-  alpaca_eval next to the config (`annotations_seed0_configs.json`), so a rerun re-asks nothing.
+  2 - P(first output)), with the judge model replaced by ours (the endpoint must return top-5
+  logprobs). Its client (`client_configs.yaml`: `client_class` importable by name) is
+  `CachedJudgeClient`, which answers alpaca_eval's `chat.completions.create` through our one judge
+  client: every call is in the judge cache as soon as it returns (a killed run repeats no finished
+  call), malformed answers are retried, errors never show the API key, and no URL or key is written
+  into the config. Output order is randomised per instruction by alpaca_eval.
 * Metrics. `win_rate` is alpaca_eval's `metrics.get_winrate` (value and standard error in percent;
   preferences in [1, 2], 1.5 a draw, missing ones dropped and counted). `lc_win_rate` is alpaca_eval's
   length-controlled GLM (`get_length_controlled_winrate`); it needs two precomputed files of the HF
@@ -32,6 +31,7 @@ import os
 import re
 import shutil
 import tempfile
+import types
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -162,16 +162,54 @@ def read_model_outputs(path) -> list[dict]:
 # ----------------------------------------------------------------------------- annotator config
 
 
-def env_key_openai_client(*, api_key_env: str, **kwargs):
-    """alpaca_eval `client_class`: an openai.OpenAI whose key comes from the env var `api_key_env`."""
-    import openai
-    if not api_key_env:
-        # A local judge (llama.cpp, vLLM) needs no key; the client still wants a string.
-        return openai.OpenAI(api_key="no-key", **kwargs)
-    key = os.environ.get(api_key_env)
-    if not key:
-        raise RuntimeError(f"AlpacaEval judge: environment variable {api_key_env} (the API key) is not set")
-    return openai.OpenAI(api_key=key, **kwargs)
+# Live judges that alpaca_eval's client configs may name, by token (see `judge_client_for`).
+_LIVE_JUDGES: dict[str, object] = {}
+_FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter", "function_call"}
+
+
+@contextlib.contextmanager
+def judge_client_for(judge):
+    """Make `judge` (an eval.judge_client.OpenAIClient) reachable from alpaca_eval's `client_class`
+    for the duration of the block; yields the token the client config names it by."""
+    token = f"{os.getpid()}-{id(judge)}"
+    _LIVE_JUDGES[token] = judge
+    try:
+        yield token
+    finally:
+        _LIVE_JUDGES.pop(token, None)
+
+
+class CachedJudgeClient:
+    """alpaca_eval `client_class`: `client.chat.completions.create(...)` answered by our judge client.
+
+    So AlpacaEval's calls go through the same client as every other judge call: each completion is in
+    the judge cache as soon as it returns (alpaca_eval saves its own annotations only every 128 rows),
+    malformed or empty answers are retried, and any text an endpoint echoes back has the API key
+    redacted. The answer is rebuilt as the openai package's ChatCompletion, which alpaca_eval reads.
+    """
+
+    def __init__(self, judge: str, **_client_kwargs):
+        if judge not in _LIVE_JUDGES:
+            raise RuntimeError(f"AlpacaEval judge client {judge!r} is not live: this annotator config only "
+                               "works inside eval.alpacaeval.annotate(..., judge=...)")
+        self._judge = _LIVE_JUDGES[judge]
+        self.chat = types.SimpleNamespace(completions=types.SimpleNamespace(create=self._create))
+
+    def _create(self, *, messages, model, **params):
+        from openai.types.chat import ChatCompletion
+        if model != self._judge.model:
+            raise ValueError(f"AlpacaEval asked for judge model {model!r}, the configured judge is "
+                             f"{self._judge.model!r}")
+        rec = self._judge.complete_record(messages, params)
+        finish = rec.get("finish_reason") if rec.get("finish_reason") in _FINISH_REASONS else "stop"
+        usage = rec.get("usage") or {}
+        return ChatCompletion.model_validate({
+            "id": "cached", "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "finish_reason": finish, "logprobs": rec.get("logprobs"),
+                         "message": {"role": "assistant", "content": rec["response"]}}],
+            "usage": {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
+                      "completion_tokens": int(usage.get("completion_tokens") or 0),
+                      "total_tokens": int(usage.get("total_tokens") or 0)}})
 
 
 def _alpaca_eval_configs_dir() -> Path:
@@ -185,16 +223,15 @@ def annotator_name(judge_model: str, base_annotator: str = DEFAULT_ANNOTATOR) ->
     return f"{base_annotator}__{re.sub(r'[^A-Za-z0-9_.-]+', '_', judge_model)}"
 
 
-def write_annotator_config(results_dir, *, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
+def write_annotator_config(results_dir, *, judge_token: str, model: str,
                            base_annotator: str = DEFAULT_ANNOTATOR, num_procs: int | None = None) -> Path:
     """Write an alpaca_eval annotator config for our judge; returns its configs.yaml path.
 
     Layout: <results_dir>/<name>/{configs.yaml, <prompt template>, client_configs.yaml}. The config is
     alpaca_eval's `base_annotator` with model_name = `model`, chat format forced (our model names do not
-    follow OpenAI's), and the client config pointing at `base_url`, the key read from `api_key_env`.
+    follow OpenAI's), and a client config whose client is `CachedJudgeClient` for the live judge named
+    by `judge_token` (see judge_client_for): no URL or key is written, only the token.
     """
-    if api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env):
-        raise ValueError(f"api_key_env must be an environment variable name, got {api_key_env!r}")
     src = _alpaca_eval_configs_dir() / base_annotator / "configs.yaml"
     if not src.is_file():
         raise FileNotFoundError(f"alpaca_eval has no annotator config {base_annotator!r} ({src})")
@@ -208,10 +245,7 @@ def write_annotator_config(results_dir, *, base_url: str, model: str, api_key_en
     shutil.copyfile(template, out_dir / template.name)
     client_path = (out_dir / "client_configs.yaml").resolve()
     client_path.write_text(yaml.safe_dump({model: [{
-        "client_class": "eval.alpacaeval.env_key_openai_client",
-        "base_url": base_url,
-        "api_key_env": api_key_env,  # the variable's name; the key stays in the environment
-    }]}, sort_keys=False))
+        "client_class": "eval.alpacaeval.CachedJudgeClient", "judge": judge_token}]}, sort_keys=False))
     cfg = dict(base)
     cfg["prompt_template"] = f"{name}/{template.name}"  # alpaca_eval resolves it from <results_dir>
     ck = dict(cfg.get("completions_kwargs") or {})
@@ -227,11 +261,14 @@ def write_annotator_config(results_dir, *, base_url: str, model: str, api_key_en
 # ----------------------------------------------------------------------------- annotation
 
 
-def annotate(model_outputs: Sequence[dict], annotator_config, reference: Sequence[dict] | None = None) -> list[dict]:
-    """Annotate model outputs against the reference with alpaca_eval's PairwiseAnnotator.
+def annotate(model_outputs: Sequence[dict], judge, annotator_dir, reference: Sequence[dict] | None = None,
+             base_annotator: str = DEFAULT_ANNOTATOR) -> list[dict]:
+    """Annotate model outputs against the reference with alpaca_eval's PairwiseAnnotator and our judge.
 
-    Returns alpaca_eval's annotation records (instruction, output_1/generator_1 = reference,
-    output_2/generator_2 = model, dataset, annotator, preference, raw completion, ...), in reference order.
+    `judge`: an eval.judge_client.OpenAIClient (every LLM judge is one); `annotator_dir`: where the
+    annotator config (and alpaca_eval's own annotation cache) go. Returns alpaca_eval's annotation
+    records (instruction, output_1/generator_1 = reference, output_2/generator_2 = model, dataset,
+    annotator, preference, raw completion, ...), in reference order.
     """
     from alpaca_eval.annotators import PairwiseAnnotator
     reference = load_eval_set() if reference is None else _validate_outputs(list(reference), "reference")
@@ -244,9 +281,12 @@ def annotate(model_outputs: Sequence[dict], annotator_config, reference: Sequenc
     if got != set(ref_instr):
         raise ValueError(f"model outputs cover {len(got & set(ref_instr))} of {len(ref_instr)} reference "
                          f"instructions and {len(got - set(ref_instr))} others; they must match exactly")
-    config = Path(annotator_config).resolve()
-    annotator = PairwiseAnnotator(annotators_config=str(config), base_dir=str(config.parents[1]))
-    records = annotator.annotate_head2head(outputs_1=list(reference), outputs_2=list(model_outputs))
+    with judge_client_for(judge) as token:
+        config = write_annotator_config(annotator_dir, judge_token=token, model=judge.model,
+                                        base_annotator=base_annotator, num_procs=judge.max_concurrency)
+        config = Path(config).resolve()
+        annotator = PairwiseAnnotator(annotators_config=str(config), base_dir=str(config.parents[1]))
+        records = annotator.annotate_head2head(outputs_1=list(reference), outputs_2=list(model_outputs))
     order = {s: i for i, s in enumerate(ref_instr)}
     return sorted(records, key=lambda r: order[r["instruction"]])
 

@@ -43,7 +43,6 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -399,97 +398,50 @@ def answers_from_generations(rows: Iterable[dict]) -> dict[str, str]:
     return {r["id"]: r["responses"][0] for r in rows}
 
 
-class OpenAICompatibleJudge:
-    """complete_many(requests) -> texts through an OpenAI-compatible chat endpoint.
-
-    The API key is read from the environment variable `api_key_env` when the judge is built; it is
-    never written anywhere.
-    """
-
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", *,
-                 max_workers: int = 8, timeout: float = 600.0, max_retries: int = 5):
-        import openai
-        key = os.environ.get(api_key_env)
-        if not key:
-            raise RuntimeError(f"judge API key: environment variable {api_key_env} is not set")
-        self.model = model
-        self.max_workers = max_workers
-        self._client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
-
-    def _one(self, req: dict) -> str:
-        resp = self._client.chat.completions.create(model=self.model, messages=req["messages"],
-                                                    temperature=req["temperature"], max_tokens=req["max_tokens"])
-        return resp.choices[0].message.content or ""
-
-    def complete_many(self, requests: Sequence[dict]) -> list[str]:
-        with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
-            return list(pool.map(self._one, requests))
-
-
-def _done_uids(path: Path) -> set[str]:
-    done = set()
-    if path.is_file():
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line cut by a kill; the rewrite below drops it
-                done.add(row.get("uid", row.get("question_id")))
-    return done
-
-
 def judge_answers(questions: Sequence[dict], model_answers: Mapping[str, str],
                   baseline_answers: Mapping[str, Mapping[str, str]], judge, out_path, *, model: str,
-                  judge_name: str, temperature: float = 0.0, max_tokens: int = 16000,
-                  chunk_size: int = 32) -> Path:
-    """Judge every question's two games and append upstream-format rows to `out_path` (resumable).
+                  judge_name: str, temperature: float = 0.0, max_tokens: int = 16000) -> Path:
+    """Judge every question's two games and write upstream-format rows to `out_path`, in question order.
 
-    `judge` has complete_many(requests) -> texts, requests {"messages", "temperature", "max_tokens"}.
-    Questions already in `out_path` are skipped, so an interrupted run continues where it stopped.
+    `judge` has complete_many(requests) -> texts, requests {"messages", "temperature", "max_tokens"};
+    `judge_name` is the judge's label (eval.judge_config.judge_label). The file is written whole at the
+    end; an interrupted run resumes through the judge cache, which repeats no finished call.
     """
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     missing = [q["uid"] for q in questions if q["uid"] not in model_answers]
     if missing:
         raise ValueError(f"model {model!r} has no answer to {len(missing)} questions, e.g. {missing[:3]}")
-    done = _done_uids(out_path)
-    if out_path.is_file():  # drop a possibly cut last line before appending
-        keep = []
-        with out_path.open(encoding="utf-8") as f:
-            for line in f:
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                keep.append(line if line.endswith("\n") else line + "\n")
-        out_path.write_text("".join(keep), encoding="utf-8")
-    todo = [q for q in questions if q["uid"] not in done]
-    with out_path.open("a", encoding="utf-8") as f:
-        for start in range(0, len(todo), chunk_size):
-            chunk = todo[start:start + chunk_size]
-            requests, meta = [], []
-            for q in chunk:
-                base = baseline_for(q["category"])
-                if q["uid"] not in baseline_answers.get(base, {}):
-                    raise ValueError(f"no {base!r} baseline answer to question {q['uid']!r}")
-                requests += game_requests(q, model_answers[q["uid"]], baseline_answers[base][q["uid"]],
-                                          temperature=temperature, max_tokens=max_tokens)
-                meta.append((q, base))
-            texts = judge.complete_many(requests)
-            if len(texts) != len(requests):
-                raise RuntimeError(f"judge returned {len(texts)} completions for {len(requests)} requests")
-            for i, (q, base) in enumerate(meta):
-                games = []
-                for g in range(2):
-                    req, text = requests[2 * i + g], texts[2 * i + g]
-                    games.append({"score": parse_verdict(text), "judgment": text,
-                                  "user_prompt": req["messages"][1]["content"], "prompt": req["messages"]})
-                row = {"uid": q["uid"], "question_id": q["uid"], "category": q["category"], "judge": judge_name,
-                       "model": model, "baseline": base, "games": games}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
+    requests, meta = [], []
+    for q in questions:
+        base = baseline_for(q["category"])
+        if q["uid"] not in baseline_answers.get(base, {}):
+            raise ValueError(f"no {base!r} baseline answer to question {q['uid']!r}")
+        requests += game_requests(q, model_answers[q["uid"]], baseline_answers[base][q["uid"]],
+                                  temperature=temperature, max_tokens=max_tokens)
+        meta.append((q, base))
+    texts = judge.complete_many(requests)
+    if len(texts) != len(requests):
+        raise RuntimeError(f"judge returned {len(texts)} completions for {len(requests)} requests")
+    rows = []
+    for i, (q, base) in enumerate(meta):
+        games = []
+        for g in range(2):
+            req, text = requests[2 * i + g], texts[2 * i + g]
+            games.append({"score": parse_verdict(text), "judgment": text,
+                          "user_prompt": req["messages"][1]["content"], "prompt": req["messages"]})
+        rows.append({"uid": q["uid"], "question_id": q["uid"], "category": q["category"], "judge": judge_name,
+                     "model": model, "baseline": base, "games": games})
+    _write_jsonl_atomic(rows, out_path)
     return out_path
+
+
+def _write_jsonl_atomic(rows: Sequence[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 # ----------------------------------------------------------------------------- score
 

@@ -411,65 +411,43 @@ def parse_rating(text: str) -> float:
     return float(m.group(1)) if m else -1.0
 
 
-def write_judgments(requests: list[dict], judge, out_path, *, model_id: str, chunk_size: int = 64) -> list[dict]:
+def write_judgments(requests: list[dict], judge, out_path, *, model_id: str, attempts: int) -> list[dict]:
     """Judge each request with `judge.complete_many` into FastChat's model_judgment/<judge>_single.jsonl.
 
     Rows: {"question_id", "model", "judge": [judge.model, prompt name], "user_prompt", "judgment", "score",
-    "turn", "tstamp"}, in request order. Like FastChat's cache, a row already in `out_path` (or in
-    `<out_path>.partial`, left by an interrupted run) for the same model, judge, turn and user prompt with
-    a valid score is kept and not asked again; judgments with score -1 are asked again.
+    "turn", "tstamp", "attempts"}, in request order. A judgment FastChat cannot parse (score -1) is asked
+    again, as a re-run of FastChat would ask it, up to `attempts` asks in all: each re-ask is a new call
+    with its own cache entry (the attempt index is part of the key), so every attempt stays in the judge
+    cache. The row keeps the last attempt; what stays -1 is counted in the log and dropped by `score`.
+    Resuming is the judge cache's job: a re-run after a kill makes no finished call again.
     """
+    if attempts < 1:
+        raise ValueError(f"write_judgments: attempts must be >= 1, got {attempts}")
     out_path = Path(out_path)
-    judge_model = judge.model
-    partial = out_path.with_name(out_path.name + ".partial")
-    done: dict[tuple, dict] = {}
-    for src in (out_path, partial):
-        if not src.is_file():
-            continue
-        with src.open(encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line cut by a kill
-                j = row.get("judge") or []
-                if (row.get("model") == model_id and row.get("score", -1) != -1 and len(j) == 2
-                        and j[0] == judge_model):
-                    done[(row["question_id"], row["turn"], j[1], row["user_prompt"])] = row
-
-    def key(r):
-        return (r["question_id"], r["turn"], r["prompt_name"], r["user_prompt"])
-
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    keep = [done[key(r)] for r in requests if key(r) in done]
-    todo = [r for r in requests if key(r) not in done]
-    if keep:
-        log.info("%s: %d of %d judgments reused", out_path, len(keep), len(requests))
-    with partial.open("w", encoding="utf-8") as f:
-        for row in keep:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        for start in range(0, len(todo), chunk_size):
-            chunk = todo[start:start + chunk_size]
-            texts = judge.complete_many([{"messages": r["messages"], "temperature": r["temperature"],
-                                          "max_tokens": r["max_tokens"]} for r in chunk])
-            if len(texts) != len(chunk):
-                raise RuntimeError(f"judge {judge_model!r} returned {len(texts)} completions "
-                                   f"for {len(chunk)} requests")
-            now = time.time()
-            for r, text in zip(chunk, texts):
-                row = {"question_id": r["question_id"], "model": model_id,
-                       "judge": [judge_model, r["prompt_name"]], "user_prompt": r["user_prompt"],
-                       "judgment": text, "score": parse_rating(text), "turn": r["turn"], "tstamp": now}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                done[key(r)] = row
-            f.flush()
-    rows = [done[key(r)] for r in requests]
-    n_bad = sum(r["score"] == -1 for r in rows)
-    if n_bad:
-        log.warning("%s: %d of %d judgments have no parsable rating (score -1); they are left out of the "
-                    "score, as FastChat does", out_path, n_bad, len(rows))
+    texts: list[str | None] = [None] * len(requests)
+    n_asks = [0] * len(requests)
+    todo = list(range(len(requests)))
+    for attempt in range(attempts):
+        if not todo:
+            break
+        got = judge.complete_many([{"messages": requests[i]["messages"], "temperature": requests[i]["temperature"],
+                                    "max_tokens": requests[i]["max_tokens"], "attempt": attempt} for i in todo])
+        if len(got) != len(todo):
+            raise RuntimeError(f"judge {judge.model!r} returned {len(got)} completions for {len(todo)} requests")
+        for i, text in zip(todo, got):
+            texts[i], n_asks[i] = text, attempt + 1
+        todo = [i for i in todo if parse_rating(texts[i]) == -1]
+        if todo and attempt + 1 < attempts:
+            log.info("%s: %d judgment(s) without a parsable rating after attempt %d; asking again",
+                     out_path, len(todo), attempt + 1)
+    now = time.time()
+    rows = [{"question_id": r["question_id"], "model": model_id, "judge": [judge.model, r["prompt_name"]],
+             "user_prompt": r["user_prompt"], "judgment": text, "score": parse_rating(text), "turn": r["turn"],
+             "tstamp": now, "attempts": n} for r, text, n in zip(requests, texts, n_asks)]
+    if todo:
+        log.warning("%s: %d of %d judgments have no parsable rating after %d attempt(s) (score -1); they "
+                    "are left out of the score, as FastChat does", out_path, len(todo), len(rows), attempts)
     _write_jsonl_atomic(rows, out_path)
-    partial.unlink()
     return rows
 
 

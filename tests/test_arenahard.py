@@ -7,8 +7,6 @@ Each expected number is worked out by hand in a comment beside it.
 
 import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -308,15 +306,14 @@ class _FakeJudge:
         return out
 
 
-def test_judge_answers_writes_upstream_rows_and_resumes(tmp_path):
+def test_judge_answers_writes_upstream_rows(tmp_path):
     qs = [{"uid": f"q{i}", "category": "hard_prompt", "prompt": f"q{i}?"} for i in range(4)]
     model = {q["uid"]: f"MODEL answer {q['uid']}" for q in qs}
     base = {BASE: {q["uid"]: f"base answer {q['uid']}" for q in qs}}
     judge = _FakeJudge()
-    out = ah.judge_answers(qs[:2], model, base, judge, tmp_path / "judge-x" / "rpo.jsonl", model="rpo",
-                           judge_name="judge-x", chunk_size=1)
-    ah.judge_answers(qs, model, base, judge, out, model="rpo", judge_name="judge-x")
-    assert len(judge.requests) == 8  # 4 questions x 2 games; the 2 done before were not asked again
+    out = ah.judge_answers(qs, model, base, judge, tmp_path / "judge-x" / "rpo.jsonl", model="rpo",
+                           judge_name="judge-x")
+    assert len(judge.requests) == 8  # 4 questions x 2 games
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["uid"] for r in rows] == ["q0", "q1", "q2", "q3"]
     r0 = rows[0]
@@ -329,40 +326,25 @@ def test_judge_answers_writes_upstream_rows_and_resumes(tmp_path):
     assert (r["score"], r["n"], r["n_invalid"], r["n_excluded"]) == (100.0, 3, 1, 1)
 
 
-class _Chat(BaseHTTPRequestHandler):
-    seen: list = []
+def test_judge_answers_through_the_judge_client_key_from_env(tmp_path, monkeypatch):
+    """The one judge client (eval.judge_client) sends the key from the environment and the version's
+    decoding settings; a re-run is answered by the judge cache."""
+    from helpers.fake_openai import FakeOpenAIServer
 
-    def log_message(self, *a):
-        pass
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).seen.append((self.headers.get("Authorization"), body["temperature"], body["max_tokens"]))
-        data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                           "choices": [{"index": 0, "finish_reason": "stop",
-                                        "message": {"role": "assistant", "content": "Final: [[A=B]]"}}],
-                           "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-
-def test_openai_compatible_judge_reads_key_from_env(monkeypatch):
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Chat)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
+    from eval.judges import JudgeAuthError, get_judge
+    q = {"uid": "u", "category": "hard_prompt", "prompt": "p"}
+    with FakeOpenAIServer() as server:
+        cfg = {"kind": "openai", "base_url": server.url, "model": "judge-x", "api_key_env": "RPO_TEST_AH_KEY",
+               "cache_dir": str(tmp_path / "cache"), "max_retries": 0}
         monkeypatch.delenv("RPO_TEST_AH_KEY", raising=False)
-        url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
-        with pytest.raises(RuntimeError, match="RPO_TEST_AH_KEY"):
-            ah.OpenAICompatibleJudge(url, "judge-x", "RPO_TEST_AH_KEY")
+        with pytest.raises(JudgeAuthError, match="RPO_TEST_AH_KEY"):
+            get_judge(cfg)
         monkeypatch.setenv("RPO_TEST_AH_KEY", "sk-ah-test")
-        j = ah.OpenAICompatibleJudge(url, "judge-x", "RPO_TEST_AH_KEY", max_workers=2)
-        q = {"uid": "u", "category": "hard_prompt", "prompt": "p"}
-        texts = j.complete_many(ah.game_requests(q, "m", "b"))
-        assert [ah.parse_verdict(t) for t in texts] == ["A=B", "A=B"]
-        assert _Chat.seen == [("Bearer sk-ah-test", 0.0, 16000)] * 2
-    finally:
-        srv.shutdown()
-        srv.server_close()
+        for _ in range(2):
+            ah.judge_answers([q], {"u": "m"}, {BASE: {"u": "b"}}, get_judge(cfg), tmp_path / "j.jsonl",
+                             model="rpo", judge_name="openai:judge-x")
+        assert server.n == 2  # two games, asked once: the re-run came from the cache
+        assert {h["Authorization"] for h in server.headers} == {"Bearer sk-ah-test"}
+        assert [(r["temperature"], r["max_tokens"]) for r in server.requests] == [(0.0, 16000)] * 2
+    rows = [json.loads(line) for line in (tmp_path / "j.jsonl").read_text().splitlines()]
+    assert [g["score"] for g in rows[0]["games"]] == ["A>B", "A>B"]

@@ -31,8 +31,9 @@ rule judge_mtbench:
         args=lambda w: as_json({
             "model_name": w.model, "answers": f"{RESULTS}/mtbench/model_answer/{w.model}.jsonl",
             "out": f"{RESULTS}/mtbench/model_judgment/{w.model}_single.jsonl", "judge": bench_judge("mtbench"),
-            "judge_max_tokens": config["benchmarks"]["mtbench"]["judge_max_tokens"]}),
-    threads: bench_judge("mtbench")["n_threads"]
+            "judge_max_tokens": config["benchmarks"]["mtbench"]["judge_max_tokens"],
+            "rating_attempts": config["benchmarks"]["mtbench"]["rating_attempts"]}),
+    threads: judge_threads(bench_judge("mtbench"))
     resources:
         **res("judge"),
     log:
@@ -51,7 +52,7 @@ rule judge_alpacaeval:
             "outputs": f"{RESULTS}/alpacaeval/{w.model}/model_outputs.json",
             "out": f"{RESULTS}/alpacaeval/{w.model}/annotations.json", "judge": bench_judge("alpacaeval"),
             "annotator_dir": f"{RESULTS}/alpacaeval/{w.model}/annotator"}),
-    threads: bench_judge("alpacaeval")["n_threads"]
+    threads: judge_threads(bench_judge("alpacaeval"))
     resources:
         **res("judge"),
     log:
@@ -74,7 +75,7 @@ rule judge_arenahard:
             "n_questions": config["benchmarks"]["arenahard"]["n_questions"],
             "judge_max_tokens": config["benchmarks"]["arenahard"]["judge_max_tokens"],
             **bench_subset("arenahard")}),
-    threads: bench_judge("arenahard")["n_threads"]
+    threads: judge_threads(bench_judge("arenahard"))
     resources:
         **res("judge"),
     log:

@@ -442,6 +442,60 @@ def test_server_early_exit_reports_output():
     assert srv.proc is None
 
 
+PARENT = textwrap.dedent("""
+    import sys, threading, time
+    from eval.llamacpp_server import LlamaCppServer
+
+    class StandIn(LlamaCppServer):  # the real spawning code; only the command is a stand-in server
+        def command(self, port):
+            return [sys.executable, "-c", sys.argv[1], str(port), "serve"]
+
+    srv = StandIn(sys.executable, n_ctx=512, n_threads=1, chat_format=None,
+                  startup_timeout_s=20)
+    if sys.argv[2] == "thread":  # started from a worker thread that ends at once
+        t = threading.Thread(target=srv.start)
+        t.start()
+        t.join()
+    else:
+        srv.start()
+    print(srv.proc.pid, flush=True)
+    time.sleep(600)
+""")
+
+
+def _dead_or_zombie(pid) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("started_on", ["main", "thread"])
+def test_server_dies_when_its_parent_is_killed(started_on):
+    """SIGKILL of the judging process (an OOM kill) must not leave the llama.cpp server behind."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, FAKE_SERVER, started_on], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        child = int(parent.stdout.readline())
+        time.sleep(0.5)
+        assert not _dead_or_zombie(child)  # alive while its parent lives (also when a thread started it)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not _dead_or_zombie(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _dead_or_zombie(child), "the server outlived its parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if child is not None and not _dead_or_zombie(child):
+            os.kill(child, signal.SIGKILL)
+
+
 # --------------------------------------------------------------------------------------------------
 # the real thing
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from eval import alpacaeval, arenahard, mtbench
+from eval import alpacaeval, alpacaeval_judge, arenahard, mtbench, mtbench_judge
 from rpo.sampling import generate_answers
 from eval import judge_config
 from eval.judges import get_judge
@@ -52,12 +52,12 @@ def judge_mtbench(*, model_name, answers, out, judge, judge_max_tokens, rating_a
     questions = mtbench.load_questions()
     answer_rows = mtbench.load_answers(answers)
     questions = [q for q in questions if q["question_id"] in answer_rows]
-    requests = mtbench.judge_requests(questions, answer_rows, mtbench.load_judge_prompts(),
+    requests = mtbench_judge.judge_requests(questions, answer_rows, mtbench.load_judge_prompts(),
                                       mtbench.load_reference_answers())
     for r in requests:
         r["max_tokens"] = judge_max_tokens
     with get_judge(judge) as j:
-        mtbench.write_judgments(requests, j, out, model_id=model_name, attempts=rating_attempts)
+        mtbench_judge.write_judgments(requests, j, out, model_id=model_name, attempts=rating_attempts)
 
 
 def score_mtbench(*, model_name, judgments, out, judge_label, bootstrap):
@@ -108,7 +108,7 @@ def judge_alpacaeval(*, outputs, out, judge, annotator_dir):
     eval_set = {r["instruction"]: r for r in alpacaeval.load_eval_set()}
     reference = [eval_set[r["instruction"]] for r in model_outputs]
     with get_judge(judge) as j:
-        annotations = alpacaeval.annotate(model_outputs, j, annotator_dir, reference=reference)
+        annotations = alpacaeval_judge.annotate(model_outputs, j, annotator_dir, reference=reference)
     alpacaeval.write_annotations(annotations, out)
 
 

@@ -5,7 +5,7 @@ timeouts, and 200 answers that are not JSON or hold no usable choice), exponenti
 and Retry-After, at most `max_concurrency` requests in flight, and every completion cached on disk as
 soon as it returns (eval.judge_cache). The API key is read per request from the environment variable
 the config names (`api_key_env`); it is never stored on the client, cached, logged or put in an error
-message (`_redact` removes it from any text an endpoint echoes back).
+message (`redact` removes it from any text an endpoint echoes back).
 
 Its constructor takes every setting explicitly: the defaults live in the config schema and reach the
 client through eval.judges.get_judge (eval.judge_config.resolve_judge).
@@ -15,7 +15,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import email.utils
 import ipaddress
-import json
 import logging
 import os
 import random

@@ -20,6 +20,7 @@ import pytest
 pytest.importorskip("alpaca_eval")
 
 from eval import alpacaeval as ae  # noqa: E402
+from eval import alpacaeval_judge as aej  # noqa: E402
 
 KEY_ENV = "RPO_TEST_JUDGE_KEY"
 KEY = "sk-test-not-a-real-key-7f3a"
@@ -129,7 +130,7 @@ def test_annotate_with_alpaca_eval_through_our_endpoint(tmp_path, judge_server, 
     probs = [0.8, 0.6, 0.3, 0.9]  # the judge's probability that the model's output is better
     model = ae.make_model_outputs(ref, [f"Model answer {i} <p={p}>" for i, p in enumerate(probs)], "rpo-test")
     judge = _judge(judge_server, tmp_path / "cache")
-    anns = ae.annotate(model, judge, tmp_path / "annotators", reference=ref)
+    anns = aej.annotate(model, judge, tmp_path / "annotators", reference=ref)
     cfg = next((tmp_path / "annotators").glob("*/configs.yaml"))
     assert judge.n_calls == 4  # alpaca_eval's calls went through our judge client
 
@@ -155,28 +156,27 @@ def test_annotate_with_alpaca_eval_through_our_endpoint(tmp_path, judge_server, 
     assert wr["standard_error"] == pytest.approx(np.std([0.8, 0.6, 0.3, 0.9], ddof=1) / 2 * 100)
     assert wr["n"] == 4 and wr["n_wins"] == 3 and wr["n_wins_base"] == 1  # 1.3 < 1.5: the reference wins
 
-    # annotations.json round trip; a rerun in a new judge (a new process in real life), after
-    # alpaca_eval's own annotation cache is gone, is served by our judge cache (no new requests)
+    # annotations.json round trip; a rerun in a new judge (a new process in real life) is served by our
+    # judge cache, the only one (alpaca_eval keeps no annotation cache of its own here): no new requests
     p = ae.write_annotations(anns, tmp_path / "annotations.json")
     assert ae.win_rate(ae.read_annotations(p))["value"] == pytest.approx(65.0)
     n_calls = len(_Judge.auth_seen)
-    for f in (tmp_path / "annotators").rglob("annotations_seed*.json"):
-        f.unlink()
-    again = ae.annotate(model, _judge(judge_server, tmp_path / "cache"), tmp_path / "annotators", reference=ref)
+    assert not list((tmp_path / "annotators").rglob("annotations_seed*.json"))
+    again = aej.annotate(model, _judge(judge_server, tmp_path / "cache"), tmp_path / "annotators", reference=ref)
     assert len(_Judge.auth_seen) == n_calls
     assert [a["preference"] for a in again] == pytest.approx([1.8, 1.6, 1.3, 1.9])
 
 
 def test_client_config_only_names_a_live_judge():
     with pytest.raises(RuntimeError, match="not live"):
-        ae.CachedJudgeClient(judge="no-such-judge")
+        aej.CachedJudgeClient(judge="no-such-judge")
 
 
 def test_annotate_requires_outputs_for_every_reference_instruction(tmp_path):
     ref = _tiny_set()
     model = ae.make_model_outputs(ref, ["a"] * 4, "m")[:3]
     with pytest.raises(ValueError, match="cover 3 of 4"):
-        ae.annotate(model, None, tmp_path / "unused", reference=ref)
+        aej.annotate(model, None, tmp_path / "unused", reference=ref)
 
 
 # ---------------------------------------------------------------- win rate (alpaca_eval's metric)

@@ -142,7 +142,7 @@ def test_cut_lines_are_skipped_and_the_next_record_starts_a_fresh_line(tmp_path)
 
 
 def _alpaca_inputs(tmp: Path) -> dict:
-    from eval import alpacaeval
+    from eval import alpacaeval, alpacaeval_judge
     rows = alpacaeval.load_eval_set()[:6]
     outputs = alpacaeval.make_model_outputs(rows, [f"answer {i}" for i in range(6)], "rpo")
     alpacaeval.write_model_outputs(outputs, tmp / "model_outputs.json")
@@ -239,12 +239,12 @@ def test_alpacaeval_never_shows_an_echoed_key(tmp_path):
 
 
 def test_alpacaeval_retries_a_malformed_answer(tmp_path):
-    from eval import alpacaeval
+    from eval import alpacaeval, alpacaeval_judge
     with FakeOpenAIServer() as server:
         server.behave = lambda n, req, h: (200, {}, b"<html>bad gateway</html>" if n == 1 else judge_answer(req))
         judge = get_judge(openai_cfg(server.url, tmp_path / "cache"))
         rows = alpacaeval.load_eval_set()[:2]
         outputs = alpacaeval.make_model_outputs(rows, ["a", "b"], "rpo")
-        anns = alpacaeval.annotate(outputs, judge, tmp_path / "annotator", reference=rows)
+        anns = alpacaeval_judge.annotate(outputs, judge, tmp_path / "annotator", reference=rows)
     assert server.n == 3 and judge.n_calls == 3  # 2 annotations, one of them retried once
     assert all(a["preference"] is not None for a in anns)

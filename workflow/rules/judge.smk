@@ -14,6 +14,7 @@ rule judge_table1:
             "answers_b": f"{RESULTS}/generations/table1/{w.b}.jsonl",
             "prompts_path": f"{RESULTS}/data/prompts_test.jsonl", "judge": config["table1"]["judge"],
             "out": f"{RESULTS}/judgments/table1/{w.a}_vs_{w.b}.jsonl"}),
+    threads: judge_threads(config["table1"]["judge"])
     resources:
         **res("judge"),
     log:

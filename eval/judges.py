@@ -268,20 +268,17 @@ def resolve_gguf(model: str) -> Path:
     return path
 
 
-# the keys of each kind's constructor that are not client settings
-_SERVER_KEYS = ("n_ctx", "n_threads", "chat_format", "startup_timeout_s")
-_CLIENT_KEYS = ("max_concurrency", "max_retries", "timeout_s", "cache_dir", "backoff_base_s", "backoff_max_s",
-                "temperature", "max_tokens")
-
-
 def get_judge(cfg: dict) -> Judge:
-    """The judge of one config block ({kind: gold} or an LLM judge), its defaults from the schema."""
+    """The judge of one config block ({kind: gold} or an LLM judge), its defaults from the schema.
+
+    The block's keys are the constructors' keyword arguments, so no list of keys lives here: the
+    schema says which kind takes which.
+    """
     cfg = resolve_judge(cfg)
-    label = judge_label(cfg)
     if cfg["kind"] == "gold":
         return GoldJudge()
-    client = {k: cfg[k] for k in _CLIENT_KEYS}
+    kw = {k: v for k, v in cfg.items() if k not in ("kind", "model")}
+    kw["name"] = judge_label(cfg)
     if cfg["kind"] == "openai":
-        return OpenAIJudge(cfg["base_url"], cfg["model"], cfg["api_key_env"], name=label, **client)
-    server = {k: cfg[k] for k in _SERVER_KEYS}
-    return LlamaCppJudge(resolve_gguf(cfg["model"]), name=label, **server, **client)
+        return OpenAIJudge(kw.pop("base_url"), cfg["model"], kw.pop("api_key_env"), **kw)
+    return LlamaCppJudge(resolve_gguf(cfg["model"]), **kw)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from eval import alpacaeval, alpacaeval_judge, arenahard, mtbench, mtbench_judge
+from eval import alpacaeval, alpacaeval_judge, arenahard, arenahard_judge, mtbench, mtbench_judge
 from rpo.sampling import generate_answers
 from eval import judge_config
 from eval.judges import get_judge
@@ -148,7 +148,7 @@ def judge_arenahard(*, model_name, answers, out, judge, version, category, n_que
     questions, baselines = _arena_questions(version, n_questions, category, subset)
     model_answers = arenahard.answers_from_generations(read_records(answers))
     with get_judge(judge) as j:
-        arenahard.judge_answers(questions, model_answers, baselines, j, out, model=model_name,
+        arenahard_judge.judge_answers(questions, model_answers, baselines, j, out, model=model_name,
                                 judge_name=judge_config.judge_label(judge), max_tokens=judge_max_tokens)
 
 

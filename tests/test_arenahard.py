@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from eval import arenahard as ah
+from eval import arenahard_judge as ahj
 
 BASE = "o3-mini-2025-01-31"
 
@@ -77,19 +78,19 @@ def test_model_outcomes_weights_and_sides():
 
 def test_game_requests_put_baseline_first_then_swap():
     q = {"uid": "u1", "category": "hard_prompt", "prompt": "What is 2+2?"}
-    g1, g2 = ah.game_requests(q, "MODEL SAYS 4", "BASELINE SAYS 4")
+    g1, g2 = ahj.game_requests(q, "MODEL SAYS 4", "BASELINE SAYS 4")
     for g in (g1, g2):
         assert g["temperature"] == 0.0 and g["max_tokens"] == 16000  # upstream v2.0 judge config
-        assert g["messages"][0] == {"role": "system", "content": ah.SYSTEM_PROMPT}
-        assert "[[A>>B]]" in ah.SYSTEM_PROMPT and "[[B>>A]]" in ah.SYSTEM_PROMPT
+        assert g["messages"][0] == {"role": "system", "content": ahj.SYSTEM_PROMPT}
+        assert "[[A>>B]]" in ahj.SYSTEM_PROMPT and "[[B>>A]]" in ahj.SYSTEM_PROMPT
     u1, u2 = g1["messages"][1]["content"], g2["messages"][1]["content"]
     assert u1.startswith("<|User Prompt|>\nWhat is 2+2?\n\n<|The Start of Assistant A's Answer|>\nBASELINE SAYS 4\n")
     assert "<|The Start of Assistant B's Answer|>\nMODEL SAYS 4\n<|The End of Assistant B's Answer|>" in u1
     assert "Assistant A's Answer|>\nMODEL SAYS 4\n" in u2 and "Assistant B's Answer|>\nBASELINE SAYS 4\n" in u2
-    cw = ah.judge_messages({"category": "creative_writing", "prompt": "p"}, "a", "b")
-    assert cw[0]["content"] == ah.CREATIVE_WRITING_SYSTEM_PROMPT
-    assert "generating your own answer" in ah.SYSTEM_PROMPT
-    assert "generating your own answer" not in ah.CREATIVE_WRITING_SYSTEM_PROMPT
+    cw = ahj.judge_messages({"category": "creative_writing", "prompt": "p"}, "a", "b")
+    assert cw[0]["content"] == ahj.CREATIVE_WRITING_SYSTEM_PROMPT
+    assert "generating your own answer" in ahj.SYSTEM_PROMPT
+    assert "generating your own answer" not in ahj.CREATIVE_WRITING_SYSTEM_PROMPT
 
 
 # ---------------------------------------------------------------- score
@@ -311,7 +312,7 @@ def test_judge_answers_writes_upstream_rows(tmp_path):
     model = {q["uid"]: f"MODEL answer {q['uid']}" for q in qs}
     base = {BASE: {q["uid"]: f"base answer {q['uid']}" for q in qs}}
     judge = _FakeJudge()
-    out = ah.judge_answers(qs, model, base, judge, tmp_path / "judge-x" / "rpo.jsonl", model="rpo",
+    out = ahj.judge_answers(qs, model, base, judge, tmp_path / "judge-x" / "rpo.jsonl", model="rpo",
                            judge_name="judge-x")
     assert len(judge.requests) == 8  # 4 questions x 2 games
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -319,7 +320,7 @@ def test_judge_answers_writes_upstream_rows(tmp_path):
     r0 = rows[0]
     assert r0["question_id"] == "q0" and r0["baseline"] == BASE and r0["judge"] == "judge-x"
     assert [g["score"] for g in r0["games"]] == ["B>>A", "A>>B"]  # game 1 baseline is A, game 2 swapped
-    assert r0["games"][0]["prompt"][0]["content"] == ah.SYSTEM_PROMPT
+    assert r0["games"][0]["prompt"][0]["content"] == ahj.SYSTEM_PROMPT
     assert rows[2]["games"][1]["score"] is None  # conflicting labels are stored as no verdict
     r = ah.score(out, BASE)
     # q2 excluded (1 invalid game); q0, q1, q3: 6 battles of 1 each -> 100
@@ -341,10 +342,49 @@ def test_judge_answers_through_the_judge_client_key_from_env(tmp_path, monkeypat
             get_judge(cfg)
         monkeypatch.setenv("RPO_TEST_AH_KEY", "sk-ah-test")
         for _ in range(2):
-            ah.judge_answers([q], {"u": "m"}, {BASE: {"u": "b"}}, get_judge(cfg), tmp_path / "j.jsonl",
+            ahj.judge_answers([q], {"u": "m"}, {BASE: {"u": "b"}}, get_judge(cfg), tmp_path / "j.jsonl",
                              model="rpo", judge_name="openai:judge-x")
         assert server.n == 2  # two games, asked once: the re-run came from the cache
         assert {h["Authorization"] for h in server.headers} == {"Bearer sk-ah-test"}
         assert [(r["temperature"], r["max_tokens"]) for r in server.requests] == [(0.0, 16000)] * 2
     rows = [json.loads(line) for line in (tmp_path / "j.jsonl").read_text().splitlines()]
     assert [g["score"] for g in rows[0]["games"]] == ["A>B", "A>B"]
+
+
+class _Undecided:
+    """Answers game 1 without a label first, then (continued) with one; game 2 at once."""
+
+    def __init__(self):
+        self.requests = []
+
+    def complete_many(self, requests):
+        self.requests.append(requests)
+        out = []
+        for r in requests:
+            continued = r["messages"][-1]["content"] == ahj.CONTINUE
+            game1 = "<|The Start of Assistant A's Answer|>\nbase" in r["messages"][1]["content"]
+            out.append("so: [[B>A]]" if continued else ("Hmm, hard to say." if game1 else "[[A>B]]"))
+        return out
+
+
+def test_judgment_attempts_continue_the_conversation_as_upstream_v01(tmp_path):
+    """arena-hard-auto v0.1 (number_of_judgment_attempts: 2): a judgment without a label is continued with
+    the judge's own text and "continue your judgment ..."; the game's judgment is both texts."""
+    q = {"uid": "u", "category": "hard_prompt", "prompt": "p"}
+    judge = _Undecided()
+    out = ahj.judge_answers([q], {"u": "model"}, {BASE: {"u": "base"}}, judge, tmp_path / "j.jsonl",
+                            model="rpo", judge_name="j", attempts=2)
+    row = json.loads(out.read_text())
+    assert [len(batch) for batch in judge.requests] == [2, 1]  # both games, then game 1 continued
+    cont = judge.requests[1][0]["messages"]
+    assert [m["role"] for m in cont] == ["system", "user", "assistant", "user"]
+    assert cont[2]["content"] == "Hmm, hard to say." and cont[3]["content"] == ahj.CONTINUE
+    g1, g2 = row["games"]
+    assert g1["judgment"] == "Hmm, hard to say.\nso: [[B>A]]" and g1["score"] == "B>A"
+    assert g2["judgment"] == "[[A>B]]" and g2["score"] == "A>B"
+    # attempts=1 (v2.0's judging): the unlabelled game stays without a verdict
+    judge = _Undecided()
+    out = ahj.judge_answers([q], {"u": "model"}, {BASE: {"u": "base"}}, judge, tmp_path / "j1.jsonl",
+                            model="rpo", judge_name="j")
+    assert json.loads(out.read_text())["games"][0]["score"] is None
+    assert [len(batch) for batch in judge.requests] == [2]

@@ -142,7 +142,7 @@ def test_cut_lines_are_skipped_and_the_next_record_starts_a_fresh_line(tmp_path)
 
 
 def _alpaca_inputs(tmp: Path) -> dict:
-    from eval import alpacaeval, alpacaeval_judge
+    from eval import alpacaeval
     rows = alpacaeval.load_eval_set()[:6]
     outputs = alpacaeval.make_model_outputs(rows, [f"answer {i}" for i in range(6)], "rpo")
     alpacaeval.write_model_outputs(outputs, tmp / "model_outputs.json")

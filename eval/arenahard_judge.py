@@ -11,7 +11,11 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from eval.arenahard import baseline_for, parse_verdict, parse_verdict_detail
+from eval.arenahard import V01, V2, baseline_for, parse_verdict, parse_verdict_detail
+
+# upstream's judgment attempts per version: v0.1's judge_config `number_of_judgment_attempts: 2`;
+# v2.0's gen_judgment asks once per game.
+JUDGMENT_ATTEMPTS = {V2: 1, V01: 2}
 
 _INTRO = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
@@ -93,7 +97,8 @@ def judge_answers(questions: Sequence[dict], model_answers: Mapping[str, str],
     `judge_name` is the judge's label (eval.judge_config.judge_label). `attempts` is upstream v0.1's
     `number_of_judgment_attempts`: a game whose judgment holds no verdict label is continued in the
     same conversation (the judge's text, then "continue your judgment ..."), and the game's judgment is
-    the attempts' texts joined by newlines, parsed as a whole. The file is written whole at the end;
+    the attempts' texts, each after a newline as upstream v0.1 stores it, parsed as a whole (with one
+    attempt, the text as it came). The file is written whole at the end;
     an interrupted run resumes through the judge cache, which repeats no finished call.
     """
     if attempts < 1:
@@ -136,10 +141,15 @@ def _judge_games(judge, requests: list[dict], attempts: int) -> list[str]:
         for i, text in zip(todo, texts):
             parts[i].append(text)
             convs[i] = convs[i] + [{"role": "assistant", "content": text}, {"role": "user", "content": CONTINUE}]
-        todo = [i for i in todo if _needs_another_attempt("\n".join(parts[i]))]
+        todo = [i for i in todo if _needs_another_attempt(_joined(parts[i], attempts))]
         if not todo:
             break
-    return ["\n".join(p) for p in parts]
+    return [_joined(p, attempts) for p in parts]
+
+
+def _joined(parts: list[str], attempts: int) -> str:
+    # upstream v0.1: judgment += "\n" + new_judgment
+    return "".join("\n" + t for t in parts) if attempts > 1 else parts[0]
 
 
 def _write_jsonl_atomic(rows: Sequence[dict], path: Path) -> None:

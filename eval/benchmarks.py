@@ -149,7 +149,8 @@ def judge_arenahard(*, model_name, answers, out, judge, version, category, n_que
     model_answers = arenahard.answers_from_generations(read_records(answers))
     with get_judge(judge) as j:
         arenahard_judge.judge_answers(questions, model_answers, baselines, j, out, model=model_name,
-                                judge_name=judge_config.judge_label(judge), max_tokens=judge_max_tokens)
+                                      judge_name=judge_config.judge_label(judge), max_tokens=judge_max_tokens,
+                                      attempts=arenahard_judge.JUDGMENT_ATTEMPTS[version])
 
 
 def score_arenahard(*, model_name, judgments, out, judge_label, version, category, bootstrap):

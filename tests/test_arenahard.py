@@ -380,8 +380,9 @@ def test_judgment_attempts_continue_the_conversation_as_upstream_v01(tmp_path):
     assert [m["role"] for m in cont] == ["system", "user", "assistant", "user"]
     assert cont[2]["content"] == "Hmm, hard to say." and cont[3]["content"] == ahj.CONTINUE
     g1, g2 = row["games"]
-    assert g1["judgment"] == "Hmm, hard to say.\nso: [[B>A]]" and g1["score"] == "B>A"
-    assert g2["judgment"] == "[[A>B]]" and g2["score"] == "A>B"
+    # upstream v0.1 keeps `judgment += "\n" + new_judgment`
+    assert g1["judgment"] == "\nHmm, hard to say.\nso: [[B>A]]" and g1["score"] == "B>A"
+    assert g2["judgment"] == "\n[[A>B]]" and g2["score"] == "A>B"
     # attempts=1 (v2.0's judging): the unlabelled game stays without a verdict
     judge = _Undecided()
     out = ahj.judge_answers([q], {"u": "model"}, {BASE: {"u": "base"}}, judge, tmp_path / "j1.jsonl",

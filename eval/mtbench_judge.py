@@ -31,7 +31,6 @@ JUDGE_MAX_TOKENS = 2048
 _ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 _ONE_SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
 
-# ------------------------------------------------------------------------------------------ judging
 
 def _index_answers(answers) -> Mapping:
     if isinstance(answers, Mapping):

@@ -7,7 +7,7 @@ Before the judge defaults moved into the schema per kind, this run failed at jud
 filled n_ctx/n_threads into every LLM judge and get_judge rejected them for `openai`), although
 `snakemake -n` passed.
 
-Run: pytest -q -m slow tests/test_workflow_openai.py      (6-10 minutes on 2 shared CPU cores)
+Run: pytest -q -m slow tests/test_workflow_openai.py      (6.5 minutes measured on 2 shared CPU cores)
 """
 from __future__ import annotations
 

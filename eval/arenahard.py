@@ -1,4 +1,5 @@
-"""Arena-Hard-Auto: questions, baseline answers, judge prompts and judging (scoring: eval/arenahard_protocol.py).
+"""Arena-Hard-Auto: questions and baseline answers (judging: eval/arenahard_judge.py; scoring:
+eval/arenahard_protocol.py).
 
 Semantics follow lmarena/arena-hard-auto (read from its source, not copied):
 
@@ -25,12 +26,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from eval.arenahard_protocol import V01, V2, VERSIONS, judge_games
+from eval.arenahard_protocol import V01, V2, VERSIONS
 
 log = logging.getLogger(__name__)
 
@@ -51,48 +50,6 @@ BASELINES = {
     "creative_writing": "gemini-2.0-flash-001",
     "arena-hard-v0.1": V01_BASELINE,
 }
-
-_INTRO = (
-    "Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
-    "assistants to the user prompt displayed below. You will be given assistant A's answer and assistant B's "
-    "answer. Your job is to evaluate which assistant's answer is better.\n\n"
-)
-_OWN_ANSWER = (
-    "Begin your evaluation by generating your own answer to the prompt. You must provide your answers "
-    "before judging any answers.\n\n"
-    "When evaluating the assistants' answers, compare both assistants' answers with your answer. You must "
-    "identify and correct any mistakes or inaccurate information.\n\n"
-)
-_COMPARE_ONLY = (
-    "When evaluating the assistants' answers, compare both assistants' answers. You must identify and "
-    "correct any mistakes or inaccurate information.\n\n"
-)
-_CRITERIA = (
-    "Then consider if the assistant's answers are helpful, relevant, and concise. Helpful means the answer "
-    "correctly responds to the prompt or follows the instructions. Note when user prompt has any ambiguity or "
-    "more than one interpretation, it is more helpful and appropriate to ask for clarifications or more "
-    "information from the user than providing an answer based on assumptions. Relevant means all parts of the "
-    "response closely connect or are appropriate to what is being asked. Concise means the response is clear "
-    "and not verbose or excessive.\n\n"
-    "Then consider the creativity and novelty of the assistant's answers when needed. Finally, identify any "
-    "missing important information in the assistants' answers that would be beneficial to include when "
-    "responding to the user prompt.\n\n"
-    "After providing your explanation, you must output only one of the following choices as your final "
-    "verdict with a label:\n\n"
-    "1. Assistant A is significantly better: [[A>>B]]\n"
-    "2. Assistant A is slightly better: [[A>B]]\n"
-    "3. Tie, relatively the same: [[A=B]]\n"
-    "4. Assistant B is slightly better: [[B>A]]\n"
-    "5. Assistant B is significantly better: [[B>>A]]\n\n"
-    "Example output: \"My final verdict is tie: [[A=B]]\"."
-)
-SYSTEM_PROMPT = _INTRO + _OWN_ANSWER + _CRITERIA
-CREATIVE_WRITING_SYSTEM_PROMPT = _INTRO + _COMPARE_ONLY + _CRITERIA
-PROMPT_TEMPLATE = (
-    "<|User Prompt|>\n{QUESTION}\n\n"
-    "<|The Start of Assistant A's Answer|>\n{ANSWER_A}\n<|The End of Assistant A's Answer|>\n\n"
-    "<|The Start of Assistant B's Answer|>\n{ANSWER_B}\n<|The End of Assistant B's Answer|>"
-)
 
 # ----------------------------------------------------------------------------- data files
 
@@ -287,26 +244,7 @@ def load_benchmark(version: str = V2, *, categories: Sequence[str] | None = None
         return questions, baselines
     raise ValueError(f"Arena-Hard version {version!r}: expected one of {VERSIONS}")
 
-# ----------------------------------------------------------------------------- judging
-
-
-def system_prompt_for(category: str) -> str:
-    return CREATIVE_WRITING_SYSTEM_PROMPT if category == "creative_writing" else SYSTEM_PROMPT
-
-
-def judge_messages(question: dict, answer_a: str, answer_b: str) -> list[dict]:
-    user = PROMPT_TEMPLATE.format(QUESTION=question["prompt"], ANSWER_A=answer_a, ANSWER_B=answer_b)
-    return [{"role": "system", "content": system_prompt_for(question["category"])},
-            {"role": "user", "content": user}]
-
-
-def game_requests(question: dict, model_answer: str, baseline_answer: str, *,
-                  temperature: float = 0.0, max_tokens: int = 16000) -> list[dict]:
-    """The two judge requests of one question: game 1 baseline as A, game 2 the model as A."""
-    return [{"messages": judge_messages(question, baseline_answer, model_answer),
-             "temperature": temperature, "max_tokens": max_tokens},
-            {"messages": judge_messages(question, model_answer, baseline_answer),
-             "temperature": temperature, "max_tokens": max_tokens}]
+# ----------------------------------------------------------------------------- generation
 
 
 def generation_prompts(questions: Sequence[dict]) -> list[dict]:
@@ -317,96 +255,3 @@ def generation_prompts(questions: Sequence[dict]) -> list[dict]:
 def answers_from_generations(rows: Iterable[dict]) -> dict[str, str]:
     """{uid: first response} from rpo.sampling output rows."""
     return {r["id"]: r["responses"][0] for r in rows}
-
-
-class OpenAICompatibleJudge:
-    """complete_many(requests) -> texts through an OpenAI-compatible chat endpoint.
-
-    The API key is read from the environment variable `api_key_env` when the judge is built; it is
-    never written anywhere.
-    """
-
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", *,
-                 max_workers: int = 8, timeout: float = 600.0, max_retries: int = 5):
-        import openai
-        key = os.environ.get(api_key_env)
-        if not key:
-            raise RuntimeError(f"judge API key: environment variable {api_key_env} is not set")
-        self.model = model
-        self.max_workers = max_workers
-        self._client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
-
-    def _one(self, req: dict) -> str:
-        resp = self._client.chat.completions.create(model=self.model, messages=req["messages"],
-                                                    temperature=req["temperature"], max_tokens=req["max_tokens"])
-        return resp.choices[0].message.content or ""
-
-    def complete_many(self, requests: Sequence[dict]) -> list[str]:
-        with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
-            return list(pool.map(self._one, requests))
-
-
-def _done_uids(path: Path) -> set[str]:
-    done = set()
-    if path.is_file():
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line cut by a kill; the rewrite below drops it
-                done.add(row.get("uid", row.get("question_id")))
-    return done
-
-
-def judge_answers(questions: Sequence[dict], model_answers: Mapping[str, str],
-                  baseline_answers: Mapping[str, Mapping[str, str]], judge, out_path, *, model: str,
-                  judge_name: str, temperature: float = 0.0, max_tokens: int = 16000,
-                  chunk_size: int = 32, version: str = V2) -> Path:
-    """Judge every question's two games and append upstream-format rows to `out_path` (resumable).
-
-    `judge` has complete_many(requests) -> texts, requests {"messages", "temperature", "max_tokens"}.
-    Questions already in `out_path` are skipped, so an interrupted run continues where it stopped.
-    """
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    missing = [q["uid"] for q in questions if q["uid"] not in model_answers]
-    if missing:
-        raise ValueError(f"model {model!r} has no answer to {len(missing)} questions, e.g. {missing[:3]}")
-    done = _done_uids(out_path)
-    if out_path.is_file():  # drop a possibly cut last line before appending
-        keep = []
-        with out_path.open(encoding="utf-8") as f:
-            for line in f:
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                keep.append(line if line.endswith("\n") else line + "\n")
-        out_path.write_text("".join(keep), encoding="utf-8")
-    todo = [q for q in questions if q["uid"] not in done]
-    with out_path.open("a", encoding="utf-8") as f:
-        for start in range(0, len(todo), chunk_size):
-            chunk = todo[start:start + chunk_size]
-            requests, meta = [], []
-            for q in chunk:
-                base = baseline_for(q["category"])
-                if q["uid"] not in baseline_answers.get(base, {}):
-                    raise ValueError(f"no {base!r} baseline answer to question {q['uid']!r}")
-                requests += game_requests(q, model_answers[q["uid"]], baseline_answers[base][q["uid"]],
-                                          temperature=temperature, max_tokens=max_tokens)
-                meta.append((q, base))
-            judged = judge_games(judge, requests, version)  # the version's verdict rule and attempts
-            if len(judged) != len(requests):
-                raise RuntimeError(f"judge returned {len(judged)} completions for {len(requests)} requests")
-            for i, (q, base) in enumerate(meta):
-                games = []
-                for g in range(2):
-                    req, (text, label) = requests[2 * i + g], judged[2 * i + g]
-                    games.append({"score": label, "judgment": text,
-                                  "user_prompt": req["messages"][1]["content"], "prompt": req["messages"]})
-                row = {"uid": q["uid"], "question_id": q["uid"], "category": q["category"], "judge": judge_name,
-                       "model": model, "baseline": base, "games": games}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-    return out_path

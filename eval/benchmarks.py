@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from eval import alpacaeval, alpacaeval_metrics, arenahard, arenahard_protocol, mtbench
+from eval import (alpacaeval, alpacaeval_judge, alpacaeval_metrics, arenahard, arenahard_judge,
+                  arenahard_protocol, mtbench, mtbench_judge)
 from rpo.sampling import generate_answers
+from eval import judge_config
 from eval.judges import get_judge
 
 log = logging.getLogger(__name__)
@@ -36,10 +38,6 @@ def _write_rows(rows: list[dict], out: str) -> None:
     os.replace(tmp, out)
 
 
-def _judge_name(judge) -> str:
-    return f"{judge.kind}:{judge.model}" if getattr(judge, "kind", None) else judge.model
-
-
 # ---------------------------------------------------------------------------------------------------
 # MT-Bench
 # ---------------------------------------------------------------------------------------------------
@@ -51,16 +49,16 @@ def generate_mtbench(*, model_name, ref_dir, policy_dir, out, n_questions, max_n
                              seed=seed, limit=n_questions, batch_size=batch_size)
 
 
-def judge_mtbench(*, model_name, answers, out, judge, judge_max_tokens):
+def judge_mtbench(*, model_name, answers, out, judge, judge_max_tokens, rating_attempts):
     questions = mtbench.load_questions()
     answer_rows = mtbench.load_answers(answers)
     questions = [q for q in questions if q["question_id"] in answer_rows]
-    requests = mtbench.judge_requests(questions, answer_rows, mtbench.load_judge_prompts(),
+    requests = mtbench_judge.judge_requests(questions, answer_rows, mtbench.load_judge_prompts(),
                                       mtbench.load_reference_answers())
     for r in requests:
         r["max_tokens"] = judge_max_tokens
     with get_judge(judge) as j:
-        mtbench.write_judgments(requests, j, out, model_id=model_name)
+        mtbench_judge.write_judgments(requests, j, out, model_id=model_name, attempts=rating_attempts)
 
 
 def score_mtbench(*, model_name, judgments, out, judge_label, bootstrap):
@@ -111,10 +109,7 @@ def judge_alpacaeval(*, outputs, out, judge, annotator_dir):
     eval_set = {r["instruction"]: r for r in alpacaeval.load_eval_set()}
     reference = [eval_set[r["instruction"]] for r in model_outputs]
     with get_judge(judge) as j:
-        config = alpacaeval.write_annotator_config(annotator_dir, base_url=j.base_url, model=j.model,
-                                                   api_key_env=judge.get("api_key_env") or "",
-                                                   num_procs=judge.get("max_concurrency", 1))
-        annotations = alpacaeval.annotate(model_outputs, config, reference=reference)
+        annotations = alpacaeval_judge.annotate(model_outputs, j, annotator_dir, reference=reference)
     alpacaeval.write_annotations(annotations, out)
 
 
@@ -161,8 +156,9 @@ def judge_arenahard(*, model_name, answers, out, judge, version, category, n_que
     if judge_max_tokens is None:  # null: the version's own setting (v0.1 4096, v2.0 16000)
         judge_max_tokens = arenahard_protocol.JUDGE_SETTINGS[version]["max_tokens"]
     with get_judge(judge) as j:
-        arenahard.judge_answers(questions, model_answers, baselines, j, out, model=model_name,
-                                judge_name=_judge_name(j), max_tokens=judge_max_tokens, version=version)
+        arenahard_judge.judge_answers(questions, model_answers, baselines, j, out, model=model_name,
+                                      judge_name=judge_config.judge_label(judge), max_tokens=judge_max_tokens,
+                                      version=version)
 
 
 def score_arenahard(*, model_name, judgments, out, judge_label, version, category, bootstrap):

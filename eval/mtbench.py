@@ -7,9 +7,9 @@ The paper's Table 2 reports MT-Bench scores judged by GPT-4. This module reprodu
                            the 80 two-turn questions, the judge prompts, GPT-4's reference answers
     generate_answers       two turns per question, the second prompt holding the model's own first answer;
                            temperature by category (gen_model_answer.py)  -> model_answer/<model_id>.jsonl
-    judge_requests         the judge's messages per question and turn (common.py, run_judge_single)
-    write_judgments        judge.complete_many -> model_judgment/<judge>_single.jsonl
-    parse_rating           the [[rating]] rule of run_judge_single
+    (eval.mtbench_judge)   judge_requests, parse_rating, write_judgments: the judge's messages per
+                           question and turn, the [[rating]] rule, judge.complete_many ->
+                           model_judgment/<judge>_single.jsonl
     score, ci, table_rows  show_result.py --mode single (drop score -1, mean per turn and overall),
                            plus a seeded bootstrap interval and rows for eval.table
 
@@ -28,9 +28,8 @@ import json
 import logging
 import math
 import os
-import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -61,19 +60,6 @@ TEMPERATURE_BY_CATEGORY = {
 DEFAULT_TEMPERATURE = 0.7  # gen_model_answer.py: a category not in temperature_config
 NEED_REF_CATEGORIES = ("math", "reasoning", "coding")
 
-# gen_judgment.py make_judge_single: prompt names by (reference-based, multi-turn).
-PROMPT_NAMES = {
-    (False, False): "single-v1",
-    (True, False): "single-math-v1",
-    (False, True): "single-v1-multi-turn",
-    (True, True): "single-math-v1-multi-turn",
-}
-# common.py run_judge_single: the GPT-4 call.
-JUDGE_TEMPERATURE = 0.0
-JUDGE_MAX_TOKENS = 2048
-
-_ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
-_ONE_SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
 
 
 class MTBenchDataError(ValueError):
@@ -329,141 +315,6 @@ def _write_jsonl_atomic(rows: Iterable[dict], path: Path) -> None:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
-
-
-# ------------------------------------------------------------------------------------------ judging
-
-def _index_answers(answers) -> Mapping:
-    if isinstance(answers, Mapping):
-        return answers
-    return {a["question_id"]: a for a in answers}
-
-
-def judge_requests(questions: list[dict], answers, judge_prompts: Mapping[str, dict],
-                   references: Mapping[int, list[str]] | None) -> list[dict]:
-    """The judge's input for each question and turn, as FastChat's single-answer grading builds it.
-
-    `answers`: FastChat answer rows (a list, or {question_id: row}); `references`: {question_id: [r1, r2]}
-    (needed for the math, reasoning and coding questions only). Turn 1 uses single-v1 (single-math-v1 with
-    the reference), turn 2 single-v1-multi-turn (single-math-v1-multi-turn), whose template holds both
-    questions and both answers. Messages are [system prompt, user prompt] (FastChat's conversation ->
-    OpenAI messages; an empty system prompt is left out as FastChat does).
-
-    Returns, turn-1 requests first, in question order: {"question_id", "category", "turn", "prompt_name",
-    "user_prompt", "messages", "temperature": 0.0, "max_tokens": 2048}.
-    """
-    answers = _index_answers(answers)
-    missing = [q["question_id"] for q in questions if q["question_id"] not in answers]
-    if missing:
-        raise ValueError(f"judge_requests: no answer for {len(missing)} of {len(questions)} questions; "
-                         f"missing question ids: {missing}")
-    refs = references or {}
-    no_ref = [q["question_id"] for q in questions
-              if q["category"] in NEED_REF_CATEGORIES and q["question_id"] not in refs]
-    if no_ref:
-        raise ValueError(f"judge_requests: no reference answer for the {'/'.join(NEED_REF_CATEGORIES)} "
-                         f"question ids {no_ref}")
-    absent = sorted(set(PROMPT_NAMES.values()) - set(judge_prompts))
-    if absent:
-        raise ValueError(f"judge_requests: judge prompts {absent} are missing")
-
-    out = []
-    for turn in (1, 2):
-        multi = turn == 2
-        for q in questions:
-            qid = q["question_id"]
-            a = answers[qid]["choices"][0]["turns"]
-            if len(a) < turn:
-                raise ValueError(f"judge_requests: the answer to question {qid} has {len(a)} turn(s)")
-            ref_based = q["category"] in NEED_REF_CATEGORIES
-            name = PROMPT_NAMES[(ref_based, multi)]
-            tpl = judge_prompts[name]
-            kw = {}
-            if ref_based:
-                kw["ref_answer_1"] = refs[qid][0]
-                if multi:
-                    kw["ref_answer_2"] = refs[qid][1]
-            if multi:
-                user = tpl["prompt_template"].format(question_1=q["turns"][0], question_2=q["turns"][1],
-                                                     answer_1=a[0], answer_2=a[1], **kw)
-            else:
-                user = tpl["prompt_template"].format(question=q["turns"][0], answer=a[0], **kw)
-            messages = []
-            if tpl["system_prompt"]:
-                messages.append({"role": "system", "content": tpl["system_prompt"]})
-            messages.append({"role": "user", "content": user})
-            out.append({"question_id": qid, "category": q["category"], "turn": turn, "prompt_name": name,
-                        "user_prompt": user, "messages": messages, "temperature": JUDGE_TEMPERATURE,
-                        "max_tokens": JUDGE_MAX_TOKENS})
-    return out
-
-
-def parse_rating(text: str) -> float:
-    """FastChat's [[rating]] rule: the first "[[x]]", else the first "[x]"; -1 when neither is found."""
-    m = _ONE_SCORE.search(text) or _ONE_SCORE_BACKUP.search(text)
-    return float(m.group(1)) if m else -1.0
-
-
-def write_judgments(requests: list[dict], judge, out_path, *, model_id: str, chunk_size: int = 64) -> list[dict]:
-    """Judge each request with `judge.complete_many` into FastChat's model_judgment/<judge>_single.jsonl.
-
-    Rows: {"question_id", "model", "judge": [judge.model, prompt name], "user_prompt", "judgment", "score",
-    "turn", "tstamp"}, in request order. Like FastChat's cache, a row already in `out_path` (or in
-    `<out_path>.partial`, left by an interrupted run) for the same model, judge, turn and user prompt with
-    a valid score is kept and not asked again; judgments with score -1 are asked again.
-    """
-    out_path = Path(out_path)
-    judge_model = judge.model
-    partial = out_path.with_name(out_path.name + ".partial")
-    done: dict[tuple, dict] = {}
-    for src in (out_path, partial):
-        if not src.is_file():
-            continue
-        with src.open(encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line cut by a kill
-                j = row.get("judge") or []
-                if (row.get("model") == model_id and row.get("score", -1) != -1 and len(j) == 2
-                        and j[0] == judge_model):
-                    done[(row["question_id"], row["turn"], j[1], row["user_prompt"])] = row
-
-    def key(r):
-        return (r["question_id"], r["turn"], r["prompt_name"], r["user_prompt"])
-
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    keep = [done[key(r)] for r in requests if key(r) in done]
-    todo = [r for r in requests if key(r) not in done]
-    if keep:
-        log.info("%s: %d of %d judgments reused", out_path, len(keep), len(requests))
-    with partial.open("w", encoding="utf-8") as f:
-        for row in keep:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        for start in range(0, len(todo), chunk_size):
-            chunk = todo[start:start + chunk_size]
-            texts = judge.complete_many([{"messages": r["messages"], "temperature": r["temperature"],
-                                          "max_tokens": r["max_tokens"]} for r in chunk])
-            if len(texts) != len(chunk):
-                raise RuntimeError(f"judge {judge_model!r} returned {len(texts)} completions "
-                                   f"for {len(chunk)} requests")
-            now = time.time()
-            for r, text in zip(chunk, texts):
-                row = {"question_id": r["question_id"], "model": model_id,
-                       "judge": [judge_model, r["prompt_name"]], "user_prompt": r["user_prompt"],
-                       "judgment": text, "score": parse_rating(text), "turn": r["turn"], "tstamp": now}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                done[key(r)] = row
-            f.flush()
-    rows = [done[key(r)] for r in requests]
-    n_bad = sum(r["score"] == -1 for r in rows)
-    if n_bad:
-        log.warning("%s: %d of %d judgments have no parsable rating (score -1); they are left out of the "
-                    "score, as FastChat does", out_path, n_bad, len(rows))
-    _write_jsonl_atomic(rows, out_path)
-    partial.unlink()
-    return rows
 
 
 # ------------------------------------------------------------------------------------------ scores

@@ -15,7 +15,7 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 
-# A single verdict gives 0, 0.5 or 1; an LLM judge asked in both orders (eval.judges.llm_pairwise)
+# A single verdict gives 0, 0.5 or 1; an LLM judge asked in both orders (eval.pairwise_judge.judge_both_orders)
 # averages two verdicts, which adds 0.25 and 0.75 (the two orders disagree by half a point).
 _ALLOWED = (0.0, 0.25, 0.5, 0.75, 1.0)
 

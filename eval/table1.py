@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from eval import figures, table
+from eval import figures, judge_config, table
 from rpo.sampling import generate_answers
 from eval.judges import get_judge
 from eval.pairwise_judge import PROTOCOLS, judge_items
 
 
 def get_judge_label(cfg: dict, judge) -> str:
-    return judge.name if cfg["kind"] == "gold" else f"{cfg['kind']}:{judge.model}"
+    return judge_config.judge_label(cfg)  # the one label function (eval/judge_config.py)
 from eval.pairwise import win_rate
 
 log = logging.getLogger(__name__)

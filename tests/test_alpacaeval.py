@@ -21,6 +21,7 @@ pytest.importorskip("alpaca_eval")
 
 from eval import alpacaeval as ae  # noqa: E402
 from eval import alpacaeval_metrics as am  # noqa: E402
+from eval import alpacaeval_judge as aej  # noqa: E402
 
 KEY_ENV = "RPO_TEST_JUDGE_KEY"
 KEY = "sk-test-not-a-real-key-7f3a"
@@ -118,14 +119,21 @@ def _tiny_set():
              "generator": "gpt4_1106_preview", "dataset": "helpful_base"} for i in range(4)]
 
 
+def _judge(url, cache_dir, **kw):
+    from eval.judges import get_judge
+    return get_judge({"kind": "openai", "base_url": url, "model": "local/judge-7b", "api_key_env": KEY_ENV,
+                      "max_concurrency": 2, "max_retries": 1, "cache_dir": str(cache_dir), **kw})
+
+
 def test_annotate_with_alpaca_eval_through_our_endpoint(tmp_path, judge_server, monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
     ref = _tiny_set()
     probs = [0.8, 0.6, 0.3, 0.9]  # the judge's probability that the model's output is better
     model = ae.make_model_outputs(ref, [f"Model answer {i} <p={p}>" for i, p in enumerate(probs)], "rpo-test")
-    cfg = ae.write_annotator_config(tmp_path / "annotators", base_url=judge_server, model="local/judge-7b",
-                                    api_key_env=KEY_ENV, num_procs=2)
-    anns = ae.annotate(model, cfg, reference=ref)
+    judge = _judge(judge_server, tmp_path / "cache")
+    anns = aej.annotate(model, judge, tmp_path / "annotators", reference=ref)
+    cfg = next((tmp_path / "annotators").glob("*/configs.yaml"))
+    assert judge.n_calls == 4  # alpaca_eval's calls went through our judge client
 
     # alpaca_eval's annotation format, in reference order, reference = output_1, model = output_2
     assert [a["instruction"] for a in anns] == [r["instruction"] for r in ref]
@@ -140,7 +148,7 @@ def test_annotate_with_alpaca_eval_through_our_endpoint(tmp_path, judge_server, 
     for f in tmp_path.rglob("*"):
         if f.is_file():
             assert KEY not in f.read_text(errors="ignore"), f
-    assert KEY_ENV in (cfg.parent / "client_configs.yaml").read_text()
+    assert "CachedJudgeClient" in (cfg.parent / "client_configs.yaml").read_text()
 
     # win rate = mean(pref - 1) = (0.8 + 0.6 + 0.3 + 0.9) / 4 = 0.65 -> 65.0 %
     wr = am.win_rate(anns)
@@ -149,26 +157,27 @@ def test_annotate_with_alpaca_eval_through_our_endpoint(tmp_path, judge_server, 
     assert wr["standard_error"] == pytest.approx(np.std([0.8, 0.6, 0.3, 0.9], ddof=1) / 2 * 100)
     assert wr["n"] == 4 and wr["n_wins"] == 3 and wr["n_wins_base"] == 1  # 1.3 < 1.5: the reference wins
 
-    # annotations.json round trip, and a rerun is served from alpaca_eval's cache (no new requests)
+    # annotations.json round trip; a rerun in a new judge (a new process in real life) is served by our
+    # judge cache, the only one (alpaca_eval keeps no annotation cache of its own here): no new requests
     p = ae.write_annotations(anns, tmp_path / "annotations.json")
     assert am.win_rate(ae.read_annotations(p))["value"] == pytest.approx(65.0)
     n_calls = len(_Judge.auth_seen)
-    again = ae.annotate(model, cfg, reference=ref)
+    assert not list((tmp_path / "annotators").rglob("annotations_seed*.json"))
+    again = aej.annotate(model, _judge(judge_server, tmp_path / "cache"), tmp_path / "annotators", reference=ref)
     assert len(_Judge.auth_seen) == n_calls
     assert [a["preference"] for a in again] == pytest.approx([1.8, 1.6, 1.3, 1.9])
 
 
-def test_missing_key_env_is_an_error_naming_the_variable(monkeypatch):
-    monkeypatch.delenv(KEY_ENV, raising=False)
-    with pytest.raises(RuntimeError, match=KEY_ENV):
-        ae.env_key_openai_client(api_key_env=KEY_ENV, base_url="http://127.0.0.1:9/v1")
+def test_client_config_only_names_a_live_judge():
+    with pytest.raises(RuntimeError, match="not live"):
+        aej.CachedJudgeClient(judge="no-such-judge")
 
 
 def test_annotate_requires_outputs_for_every_reference_instruction(tmp_path):
     ref = _tiny_set()
     model = ae.make_model_outputs(ref, ["a"] * 4, "m")[:3]
     with pytest.raises(ValueError, match="cover 3 of 4"):
-        ae.annotate(model, tmp_path / "unused.yaml", reference=ref)
+        aej.annotate(model, None, tmp_path / "unused", reference=ref)
 
 
 # ---------------------------------------------------------------- win rate (alpaca_eval's metric)

@@ -7,13 +7,12 @@ Each expected number is worked out by hand in a comment beside it.
 """
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from eval import arenahard as ah
 from eval import arenahard_protocol as ap
+from eval import arenahard_judge as ahj
 
 BASE = "o3-mini-2025-01-31"
 
@@ -36,19 +35,19 @@ def _write(path, rows):
 
 def test_game_requests_put_baseline_first_then_swap():
     q = {"uid": "u1", "category": "hard_prompt", "prompt": "What is 2+2?"}
-    g1, g2 = ah.game_requests(q, "MODEL SAYS 4", "BASELINE SAYS 4")
+    g1, g2 = ahj.game_requests(q, "MODEL SAYS 4", "BASELINE SAYS 4")
     for g in (g1, g2):
         assert g["temperature"] == 0.0 and g["max_tokens"] == 16000  # upstream v2.0 judge config
-        assert g["messages"][0] == {"role": "system", "content": ah.SYSTEM_PROMPT}
-        assert "[[A>>B]]" in ah.SYSTEM_PROMPT and "[[B>>A]]" in ah.SYSTEM_PROMPT
+        assert g["messages"][0] == {"role": "system", "content": ahj.SYSTEM_PROMPT}
+        assert "[[A>>B]]" in ahj.SYSTEM_PROMPT and "[[B>>A]]" in ahj.SYSTEM_PROMPT
     u1, u2 = g1["messages"][1]["content"], g2["messages"][1]["content"]
     assert u1.startswith("<|User Prompt|>\nWhat is 2+2?\n\n<|The Start of Assistant A's Answer|>\nBASELINE SAYS 4\n")
     assert "<|The Start of Assistant B's Answer|>\nMODEL SAYS 4\n<|The End of Assistant B's Answer|>" in u1
     assert "Assistant A's Answer|>\nMODEL SAYS 4\n" in u2 and "Assistant B's Answer|>\nBASELINE SAYS 4\n" in u2
-    cw = ah.judge_messages({"category": "creative_writing", "prompt": "p"}, "a", "b")
-    assert cw[0]["content"] == ah.CREATIVE_WRITING_SYSTEM_PROMPT
-    assert "generating your own answer" in ah.SYSTEM_PROMPT
-    assert "generating your own answer" not in ah.CREATIVE_WRITING_SYSTEM_PROMPT
+    cw = ahj.judge_messages({"category": "creative_writing", "prompt": "p"}, "a", "b")
+    assert cw[0]["content"] == ahj.CREATIVE_WRITING_SYSTEM_PROMPT
+    assert "generating your own answer" in ahj.SYSTEM_PROMPT
+    assert "generating your own answer" not in ahj.CREATIVE_WRITING_SYSTEM_PROMPT
 
 
 # ---------------------------------------------------------------- data
@@ -153,21 +152,20 @@ class _FakeJudge:
         return out
 
 
-def test_judge_answers_writes_upstream_rows_and_resumes(tmp_path):
+def test_judge_answers_writes_upstream_rows(tmp_path):
     qs = [{"uid": f"q{i}", "category": "hard_prompt", "prompt": f"q{i}?"} for i in range(4)]
     model = {q["uid"]: f"MODEL answer {q['uid']}" for q in qs}
     base = {BASE: {q["uid"]: f"base answer {q['uid']}" for q in qs}}
     judge = _FakeJudge()
-    out = ah.judge_answers(qs[:2], model, base, judge, tmp_path / "judge-x" / "rpo.jsonl", model="rpo",
-                           judge_name="judge-x", chunk_size=1)
-    ah.judge_answers(qs, model, base, judge, out, model="rpo", judge_name="judge-x")
-    assert len(judge.requests) == 8  # 4 questions x 2 games; the 2 done before were not asked again
+    out = ahj.judge_answers(qs, model, base, judge, tmp_path / "judge-x" / "rpo.jsonl", model="rpo",
+                           judge_name="judge-x")
+    assert len(judge.requests) == 8  # 4 questions x 2 games
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["uid"] for r in rows] == ["q0", "q1", "q2", "q3"]
     r0 = rows[0]
     assert r0["question_id"] == "q0" and r0["baseline"] == BASE and r0["judge"] == "judge-x"
     assert [g["score"] for g in r0["games"]] == ["B>>A", "A>>B"]  # game 1 baseline is A, game 2 swapped
-    assert r0["games"][0]["prompt"][0]["content"] == ah.SYSTEM_PROMPT
+    assert r0["games"][0]["prompt"][0]["content"] == ahj.SYSTEM_PROMPT
     assert rows[2]["games"][1]["score"] == "B>A"  # v2.0 keeps the last of conflicting labels
     r = ap.score(out, BASE, version="v2.0")
     # q0, q1, q3: 2 strong wins each -> 18 battles of 1; q2: game 2 B>A (model is A) [0], game 1 B>>A [1, 1, 1]
@@ -175,40 +173,65 @@ def test_judge_answers_writes_upstream_rows_and_resumes(tmp_path):
     assert r["score"] == pytest.approx(100 * 21 / 22, abs=3)  # the mean of 100 bootstrap means of 21/22
 
 
-class _Chat(BaseHTTPRequestHandler):
-    seen: list = []
+def test_judge_answers_through_the_judge_client_key_from_env(tmp_path, monkeypatch):
+    """The one judge client (eval.judge_client) sends the key from the environment and the version's
+    decoding settings; a re-run is answered by the judge cache."""
+    from helpers.fake_openai import FakeOpenAIServer
 
-    def log_message(self, *a):
-        pass
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).seen.append((self.headers.get("Authorization"), body["temperature"], body["max_tokens"]))
-        data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                           "choices": [{"index": 0, "finish_reason": "stop",
-                                        "message": {"role": "assistant", "content": "Final: [[A=B]]"}}],
-                           "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-
-def test_openai_compatible_judge_reads_key_from_env(monkeypatch):
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Chat)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
+    from eval.judges import JudgeAuthError, get_judge
+    q = {"uid": "u", "category": "hard_prompt", "prompt": "p"}
+    with FakeOpenAIServer() as server:
+        cfg = {"kind": "openai", "base_url": server.url, "model": "judge-x", "api_key_env": "RPO_TEST_AH_KEY",
+               "cache_dir": str(tmp_path / "cache"), "max_retries": 0}
         monkeypatch.delenv("RPO_TEST_AH_KEY", raising=False)
-        url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
-        with pytest.raises(RuntimeError, match="RPO_TEST_AH_KEY"):
-            ah.OpenAICompatibleJudge(url, "judge-x", "RPO_TEST_AH_KEY")
+        with pytest.raises(JudgeAuthError, match="RPO_TEST_AH_KEY"):
+            get_judge(cfg)
         monkeypatch.setenv("RPO_TEST_AH_KEY", "sk-ah-test")
-        j = ah.OpenAICompatibleJudge(url, "judge-x", "RPO_TEST_AH_KEY", max_workers=2)
-        q = {"uid": "u", "category": "hard_prompt", "prompt": "p"}
-        texts = j.complete_many(ah.game_requests(q, "m", "b"))
-        assert [ap.parse_verdict(t, "v2.0") for t in texts] == ["A=B", "A=B"]
-        assert _Chat.seen == [("Bearer sk-ah-test", 0.0, 16000)] * 2
-    finally:
-        srv.shutdown()
-        srv.server_close()
+        for _ in range(2):
+            ahj.judge_answers([q], {"u": "m"}, {BASE: {"u": "b"}}, get_judge(cfg), tmp_path / "j.jsonl",
+                             model="rpo", judge_name="openai:judge-x")
+        assert server.n == 2  # two games, asked once: the re-run came from the cache
+        assert {h["Authorization"] for h in server.headers} == {"Bearer sk-ah-test"}
+        assert [(r["temperature"], r["max_tokens"]) for r in server.requests] == [(0.0, 16000)] * 2
+    rows = [json.loads(line) for line in (tmp_path / "j.jsonl").read_text().splitlines()]
+    assert [g["score"] for g in rows[0]["games"]] == ["A>B", "A>B"]
+
+
+class _Undecided:
+    """Answers game 1 without a label first, then (continued) with one; game 2 at once."""
+
+    def __init__(self):
+        self.requests = []
+
+    def complete_many(self, requests):
+        self.requests.append(requests)
+        out = []
+        for r in requests:
+            continued = r["messages"][-1]["content"] == ap.FOLLOW_UP
+            game1 = "<|The Start of Assistant A's Answer|>\nbase" in r["messages"][1]["content"]
+            out.append("so: [[B>A]]" if continued else ("Hmm, hard to say." if game1 else "[[A>B]]"))
+        return out
+
+
+def test_judgment_attempts_continue_the_conversation_as_upstream_v01(tmp_path):
+    """arena-hard-auto v0.1 (number_of_judgment_attempts: 2): a judgment without a label is continued with
+    the judge's own text and "continue your judgment ..."; the game's judgment is both texts."""
+    q = {"uid": "u", "category": "hard_prompt", "prompt": "p"}
+    judge = _Undecided()
+    out = ahj.judge_answers([q], {"u": "model"}, {BASE: {"u": "base"}}, judge, tmp_path / "j.jsonl",
+                            model="rpo", judge_name="j", version="v0.1")
+    row = json.loads(out.read_text())
+    assert [len(batch) for batch in judge.requests] == [2, 1]  # both games, then game 1 continued
+    cont = judge.requests[1][0]["messages"]
+    assert [m["role"] for m in cont] == ["system", "user", "assistant", "user"]
+    assert cont[2]["content"] == "Hmm, hard to say." and cont[3]["content"] == ap.FOLLOW_UP
+    g1, g2 = row["games"]
+    # upstream v0.1 keeps `judgment += "\n" + new_judgment`
+    assert g1["judgment"] == "\nHmm, hard to say.\nso: [[B>A]]" and g1["score"] == "B>A"
+    assert g2["judgment"] == "\n[[A>B]]" and g2["score"] == "A>B"
+    # v2.0 asks once: the unlabelled game stays without a verdict
+    judge = _Undecided()
+    out = ahj.judge_answers([q], {"u": "model"}, {BASE: {"u": "base"}}, judge, tmp_path / "j1.jsonl",
+                            model="rpo", judge_name="j")
+    assert json.loads(out.read_text())["games"][0]["score"] is None
+    assert [len(batch) for batch in judge.requests] == [2]

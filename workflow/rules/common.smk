@@ -122,8 +122,17 @@ BENCHMARKS = [b for b in ("mtbench", "alpacaeval", "arenahard") if config["bench
 
 
 def get_judge_label(judge):
-    """How the table names a judge: kind and model (never the URL or the key)."""
-    return "gold (IFEval verifiers)" if judge["kind"] == "gold" else f"{judge['kind']}:{judge['model']}"
+    """How the table names a judge: eval.judge_config.judge_label, the one label function."""
+    from eval.judge_config import judge_label
+
+    return judge_label(judge)
+
+
+def judge_threads(judge):
+    """CPU threads of a judging job (a llama.cpp server's; 1 for a remote endpoint)."""
+    from eval import judge_config
+
+    return judge_config.judge_threads(judge)
 
 
 def bench_judge(benchmark):

@@ -9,12 +9,11 @@ rule judge_table1:
         a="|".join(MODELS),
         b="|".join(MODELS),
     params:
-        args=lambda w: as_json({
-            "model_a": w.a, "model_b": w.b, "answers_a": f"{RESULTS}/generations/table1/{w.a}.jsonl",
-            "answers_b": f"{RESULTS}/generations/table1/{w.b}.jsonl",
-            "prompts_path": f"{RESULTS}/data/prompts_test.jsonl", "judge": config["table1"]["judge"],
-            "out": f"{RESULTS}/judgments/table1/{w.a}_vs_{w.b}.jsonl",
+        args=lambda w, input, output: as_json({
+            "model_a": w.a, "model_b": w.b, "answers_a": input.a, "answers_b": input.b,
+            "prompts_path": input.prompts, "out": output[0], "judge": config["table1"]["judge"],
             "protocol": config["table1"]["protocol"], "judge_max_tokens": config["table1"]["judge_max_tokens"]}),
+    threads: judge_threads(config["table1"]["judge"])
     resources:
         **res("judge"),
     log:
@@ -29,11 +28,11 @@ rule judge_mtbench:
     output:
         f"{RESULTS}/mtbench/model_judgment/{{model}}_single.jsonl",
     params:
-        args=lambda w: as_json({
-            "model_name": w.model, "answers": f"{RESULTS}/mtbench/model_answer/{w.model}.jsonl",
-            "out": f"{RESULTS}/mtbench/model_judgment/{w.model}_single.jsonl", "judge": bench_judge("mtbench"),
-            "judge_max_tokens": config["benchmarks"]["mtbench"]["judge_max_tokens"]}),
-    threads: bench_judge("mtbench")["n_threads"]
+        args=lambda w, input, output: as_json({
+            "model_name": w.model, "answers": input[0], "out": output[0], "judge": bench_judge("mtbench"),
+            "judge_max_tokens": config["benchmarks"]["mtbench"]["judge_max_tokens"],
+            "rating_attempts": config["benchmarks"]["mtbench"]["rating_attempts"]}),
+    threads: judge_threads(bench_judge("mtbench"))
     resources:
         **res("judge"),
     log:
@@ -46,13 +45,14 @@ rule judge_alpacaeval:
     input:
         f"{RESULTS}/alpacaeval/{{model}}/model_outputs.json",
     output:
-        f"{RESULTS}/alpacaeval/{{model}}/annotations.json",
+        annotations=f"{RESULTS}/alpacaeval/{{model}}/annotations.json",
+        # alpaca_eval's annotator config (its prompt, our judge's client): kept beside the annotations
+        annotator=directory(f"{RESULTS}/alpacaeval/{{model}}/annotator"),
     params:
-        args=lambda w: as_json({
-            "outputs": f"{RESULTS}/alpacaeval/{w.model}/model_outputs.json",
-            "out": f"{RESULTS}/alpacaeval/{w.model}/annotations.json", "judge": bench_judge("alpacaeval"),
-            "annotator_dir": f"{RESULTS}/alpacaeval/{w.model}/annotator"}),
-    threads: bench_judge("alpacaeval")["n_threads"]
+        args=lambda w, input, output: as_json({
+            "outputs": input[0], "out": output.annotations, "judge": bench_judge("alpacaeval"),
+            "annotator_dir": output.annotator}),
+    threads: judge_threads(bench_judge("alpacaeval"))
     resources:
         **res("judge"),
     log:
@@ -67,15 +67,14 @@ rule judge_arenahard:
     output:
         f"{RESULTS}/arenahard/model_judgment/{{model}}.jsonl",
     params:
-        args=lambda w: as_json({
-            "model_name": w.model, "answers": f"{RESULTS}/arenahard/model_answer/{w.model}.jsonl",
-            "out": f"{RESULTS}/arenahard/model_judgment/{w.model}.jsonl", "judge": bench_judge("arenahard"),
+        args=lambda w, input, output: as_json({
+            "model_name": w.model, "answers": input[0], "out": output[0], "judge": bench_judge("arenahard"),
             "version": config["benchmarks"]["arenahard"]["version"],
             "category": config["benchmarks"]["arenahard"]["category"],
             "n_questions": config["benchmarks"]["arenahard"]["n_questions"],
             "judge_max_tokens": config["benchmarks"]["arenahard"]["judge_max_tokens"],
             **bench_subset("arenahard")}),
-    threads: bench_judge("arenahard")["n_threads"]
+    threads: judge_threads(bench_judge("arenahard"))
     resources:
         **res("judge"),
     log:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+
+from rpo.io import write_json
 
 
 REFERENCE_GENERATOR = "gpt4_1106_preview"
@@ -116,19 +116,9 @@ def make_model_outputs(eval_set: Sequence[dict], answers, generator: str) -> lis
 
 
 def _write_json_atomic(obj, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    # alpaca_eval's own layout (indent 2, UTF-8 kept), written atomically with the umask's permissions
+    write_json(path, obj)
+    return Path(path)
 
 
 def write_model_outputs(rows: Sequence[dict], path) -> Path:

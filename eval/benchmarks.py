@@ -8,15 +8,14 @@ Every score file is a JSON list of eval.table rows, which make_table1 adds to re
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from eval import (alpacaeval, alpacaeval_judge, alpacaeval_metrics, arenahard, arenahard_judge,
                   arenahard_protocol, mtbench, mtbench_judge)
+from rpo.io import write_json
 from rpo.sampling import generate_answers
 from eval import judge_config
 from eval.judges import get_judge
@@ -32,10 +31,7 @@ def _load(model_name: str, ref_dir: str, policy_dir: str | None):
 
 
 def _write_rows(rows: list[dict], out: str) -> None:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=2, default=float) + "\n")
-    os.replace(tmp, out)
+    write_json(out, rows, default=float)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -126,11 +126,8 @@ def make_ifeval_task(*, prompts_test: str, train: str, out_yaml: str, out_data: 
 
 
 def _write_text(path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from rpo.io import write_text
+    write_text(path, text)
 
 
 # ---------------------------------------------------------------------------------------------------

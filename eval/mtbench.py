@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 
 from eval import fetch
 from rpo import sampling as _generate
+from rpo.io import write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -309,12 +309,7 @@ def _reuse(part: Path, prompts: list[dict]) -> list[dict] | None:
 
 
 def _write_jsonl_atomic(rows: Iterable[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_jsonl(rows, path)  # rpo.io: atomic, the umask's permissions
 
 
 # ------------------------------------------------------------------------------------------ scores

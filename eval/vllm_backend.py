@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -63,11 +62,6 @@ def generate_answers_vllm(*, ref_dir: str, policy_dir: str | None, prompts: list
     lora = LoRARequest(model_name or "policy", 1, str(Path(policy_dir).resolve())) if adapter else None
     outputs = llm.chat([p["messages"] for p in prompts], params, lora_request=lora, use_tqdm=True)
     rows = rows_from_outputs(prompts, outputs, model_name)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, out_path)
+    from rpo.io import write_jsonl
+    write_jsonl(rows, out_path)
     return rows

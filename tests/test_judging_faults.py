@@ -54,7 +54,8 @@ def test_paper_config_judges_build_after_schema_defaults(config, monkeypatch):
     judge block: before the fix the schema put n_ctx/n_threads into openai judges and this raised."""
     from snakemake.utils import validate
     monkeypatch.setenv("OPENAI_API_KEY", "sk-unused")
-    cfg = yaml.safe_load((REPO / "config" / config).read_text())
+    from rpo.config import resolve_extends
+    cfg = resolve_extends(yaml.safe_load((REPO / "config" / config).read_text()), REPO)  # as common.smk does
     validate(cfg, str(REPO / "workflow/schemas/config.schema.yaml"), set_default=True)
     blocks = [cfg["table1"]["judge"], cfg["benchmarks"]["judge"]]
     blocks += [cfg["benchmarks"][b]["judge"] for b in ("mtbench", "alpacaeval", "arenahard")

@@ -24,12 +24,12 @@ text), `user_prompt` (v0.1) and `prompt` (the messages sent, v2.0).
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from eval.arenahard_protocol import V01, V2, VERSIONS
+from rpo.io import read_json_objects
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +66,8 @@ def data_dir() -> Path:
     return d
 
 
-def _read_jsonl(path) -> Iterable[tuple[int, dict]]:
-    path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
+def _read_jsonl(path) -> list[tuple[int, dict]]:
+    return read_json_objects(path)
 
 
 def _nonempty_str(x) -> bool:

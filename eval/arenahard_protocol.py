@@ -30,7 +30,6 @@ v2.0 (HEAD, 2025-04; `gen_judgment.py`, `show_result.py`)
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -38,6 +37,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from rpo.io import read_json_objects
 
 V2 = "v2.0"
 V01 = "v0.1"
@@ -122,18 +123,8 @@ def judge_games(judge, requests: Sequence[dict], version: str) -> list[tuple[str
 # ----------------------------------------------------------------------------- judgment files
 
 
-def _read_jsonl(path: Path):
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
+def _read_jsonl(path) -> list[tuple[int, dict]]:
+    return read_json_objects(path)
 
 
 def read_judgments(paths, *, baseline: str | None = None, category: str | None = None) -> list[dict]:

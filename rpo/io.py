@@ -134,3 +134,22 @@ def read_jsonl_numbered(path, *, allow_cut_tail: bool = False) -> list[tuple[int
 def read_jsonl(path, *, allow_cut_tail: bool = False) -> list:
     """The values of a JSONL file, in order (see read_jsonl_numbered)."""
     return [v for _, v in read_jsonl_numbered(path, allow_cut_tail=allow_cut_tail)]
+
+
+def read_json_objects(path) -> list[tuple[int, dict]]:
+    """(1-based line number, object) of every non-blank line of a JSONL file whose lines must be JSON
+    objects; anything else is a ValueError naming the file and the line."""
+    path = Path(path)
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+            out.append((lineno, row))
+    return out

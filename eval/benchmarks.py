@@ -60,7 +60,7 @@ def judge_mtbench(*, model_name, answers, out, judge, judge_max_tokens, rating_a
 def score_mtbench(*, model_name, judgments, out, judge_label, bootstrap):
     log.info("%s: MT-Bench %s", model_name, mtbench.score(judgments, model=model_name))
     rows = mtbench.table_rows(judgments, model_id=model_name, judge=judge_label, n_boot=bootstrap["n"],
-                              seed=bootstrap["seed"])
+                              seed=bootstrap["seed"], level=bootstrap["ci"])
     _write_rows(rows, out)
 
 

@@ -392,7 +392,7 @@ def ci(judgment_path, n_boot: int = 1000, seed: int = 0, *, turn: int | None = N
 
 
 def table_rows(judgment_path, *, model_id: str, judge: str, n_boot: int = 1000, seed: int = 0,
-               model: str | None = None) -> list[dict]:
+               level: float = 0.95, model: str | None = None) -> list[dict]:
     """eval.table rows: mtbench (the average), mtbench_turn1, mtbench_turn2, each with its bootstrap CI;
     n = the valid judgments behind the number."""
     from eval.table import make_row
@@ -401,7 +401,7 @@ def table_rows(judgment_path, *, model_id: str, judge: str, n_boot: int = 1000, 
     for metric, key, n, turn in (("mtbench", "average", s["n"], None),
                                  ("mtbench_turn1", "first_turn", s["n_first_turn"], 1),
                                  ("mtbench_turn2", "second_turn", s["n_second_turn"], 2)):
-        lo, hi = ci(judgment_path, n_boot, seed, turn=turn, model=model)
+        lo, hi = ci(judgment_path, n_boot, seed, turn=turn, level=level, model=model)
         out.append(make_row(model_a=model_id, metric=metric, value=s[key], ci_low=lo, ci_high=hi, n=n,
                             judge=judge))
     return out

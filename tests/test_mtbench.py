@@ -78,6 +78,13 @@ def test_table_rows(tmp_path):
     assert by["mtbench"]["value"] == pytest.approx(47 / 7) and by["mtbench"]["n"] == 7
     assert by["mtbench_turn2"]["value"] == pytest.approx(19 / 3) and by["mtbench_turn2"]["n"] == 3
     assert all(r["ci_low"] <= r["value"] <= r["ci_high"] for r in rows)
+    # benchmarks.bootstrap.ci reaches MT-Bench: the same bootstrap draws at level 0.5 give the inner quartiles
+    narrow = {r["metric"]: r for r in mtbench.table_rows(tmp_path / "j.jsonl", model_id="rpo", judge="gpt-4",
+                                                         n_boot=200, level=0.5)}
+    lo, hi = mtbench.ci(tmp_path / "j.jsonl", 200, 0, level=0.5)
+    assert (narrow["mtbench"]["ci_low"], narrow["mtbench"]["ci_high"]) == (lo, hi)
+    wide = by["mtbench"]["ci_high"] - by["mtbench"]["ci_low"]
+    assert by["mtbench"]["ci_low"] <= lo <= hi <= by["mtbench"]["ci_high"] and hi - lo < wide
 
 
 def test_bad_judgment_line_names_file_and_line(tmp_path):

@@ -41,6 +41,14 @@ def _make_soup(**kw) -> None:
     make_soup(**kw)
 
 
+def _write_config(config: dict, out: str) -> None:
+    """The resolved config as YAML, keys in their order (results/config.resolved.yaml)."""
+    import yaml
+
+    from rpo.io import write_text
+    write_text(out, yaml.safe_dump(config, sort_keys=False))
+
+
 COMMANDS = {
     "materialise-model": _materialise_model,
     "make-data": _make_data,
@@ -48,6 +56,7 @@ COMMANDS = {
     "reference-logps": _reference_logps,
     "train-preference": _train_preference,
     "make-soup": _make_soup,
+    "write-config": _write_config,
 }
 
 

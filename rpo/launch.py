@@ -15,6 +15,7 @@ trainer's (`training.sharding`: `none` = DDP, `full` = FSDP2, rpo.distributed), 
 """
 from __future__ import annotations
 
+import os
 import shlex
 
 
@@ -53,3 +54,10 @@ def launch_prefix(*, gpus: int, nodes: int = 1, cpu: bool = False, main_process_
     return ("srun --nodes {n} --ntasks-per-node 1 bash -c '{inner} --machine_rank $SLURM_NODEID "
             "--main_process_ip $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1) -m rpo \"$@\"' rpo"
             ).format(n=nodes, inner=inner)
+
+
+def gpu_partition() -> str | None:
+    """The SLURM partition of jobs whose stage asks for GPUs: $RPO_GPU_PARTITION, set for profiles/slurm
+    (optional: unset, such jobs go to the profile's default partition). Read on the submitting host only,
+    when the workflow computes the jobs' resources."""
+    return os.environ.get("RPO_GPU_PARTITION") or None

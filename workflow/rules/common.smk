@@ -1,5 +1,4 @@
 import json
-import os
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -59,12 +58,15 @@ def res(stage):
     limit), nodes, memory and runtime in minutes. Placement follows from them: a stage that asks for GPUs
     goes to $RPO_GPU_PARTITION when that is set (profiles/slurm); every other job to the profile's default
     partition. CPUs per task are the rule's threads."""
+    from rpo import launch
+
     r = config["resources"][stage]
     out = {"mem_mb": r["mem_mb"], "runtime": r["runtime"]}
     if r["gpus"]:
         out["gpu"] = r["gpus"]
-        if os.environ.get("RPO_GPU_PARTITION"):
-            out["slurm_partition"] = os.environ["RPO_GPU_PARTITION"]
+        partition = launch.gpu_partition()
+        if partition:
+            out["slurm_partition"] = partition
     if r["nodes"] > 1:
         out["nodes"] = r["nodes"]
     return out
@@ -154,3 +156,35 @@ def bench_gen_args(benchmark, w, input, output, **extra):
 
 def bench_subset(benchmark):
     return {"subset": config["benchmarks"][benchmark]["subset"]}
+
+
+def _policy_input(wildcards):
+    d = get_policy_dir(wildcards.model)
+    return [d] if d else []
+
+
+def train_args(stage_cfg, ckpt_dir, extra=None, **inputs):
+    """The `--args` of a training rule: `inputs` (argument name -> input name) and the model / metrics /
+    summary outputs, the checkpoint directory and the stage config, and `extra(wildcards)`'s keys.
+    `stage_cfg` and `ckpt_dir` may be functions of the wildcards."""
+
+    def value(x, wildcards):
+        return x(wildcards) if callable(x) else x
+
+    def args(wildcards, input, output):
+        return as_json({**{k: input[v] for k, v in inputs.items()}, "out_dir": output.model,
+                        "metrics_path": output.metrics, "summary_path": output.summary,
+                        "ckpt_dir": value(ckpt_dir, wildcards), "cfg": value(stage_cfg, wildcards),
+                        **(extra(wildcards) if extra else {})})
+
+    return args
+
+
+# the harness's task files, inputs of run_lm_eval (the LM_EVAL_* names are lm_eval.smk's)
+def lm_eval_task_inputs(wildcards):
+    out = []
+    if LM_EVAL_LOCAL:
+        out += [LM_EVAL_IFEVAL["yaml"], LM_EVAL_IFEVAL["data"]]
+    if LM_EVAL_HUB:
+        out.append(LM_EVAL_DATASETS)
+    return out

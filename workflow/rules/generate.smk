@@ -1,8 +1,3 @@
-def _policy_input(wildcards):
-    d = get_policy_dir(wildcards.model)
-    return [d] if d else []
-
-
 rule generate_table1:
     input:
         ref=lambda w: get_base_dir(w.model),

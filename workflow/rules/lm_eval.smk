@@ -22,15 +22,6 @@ LM_EVAL_DATASETS = f"{LM_EVAL_TASK_DIR}/hub_datasets.json"
 LM_EVAL_SCORES = [f"{RESULTS}/scores/lm_eval/{m}.json" for m in MODELS] if LM_EVAL["enabled"] else []
 
 
-def lm_eval_task_inputs(wildcards):
-    out = []
-    if LM_EVAL_LOCAL:
-        out += [LM_EVAL_IFEVAL["yaml"], LM_EVAL_IFEVAL["data"]]
-    if LM_EVAL_HUB:
-        out.append(LM_EVAL_DATASETS)
-    return out
-
-
 rule make_lm_eval_ifeval:
     input:
         prompts=f"{RESULTS}/data/prompts_test.jsonl",

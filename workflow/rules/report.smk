@@ -68,13 +68,12 @@ rule resolved_config:
     output:
         report(f"{RESULTS}/config.resolved.yaml", category="Configuration", caption="../report/config.rst"),
     params:
-        config=as_json(config),
+        args=lambda w, output: as_json({"config": config, "out": output[0]}),
     localrule: True
-    run:
-        import yaml
-
-        Path(output[0]).parent.mkdir(parents=True, exist_ok=True)
-        Path(output[0]).write_text(yaml.safe_dump(json.loads(params.config), sort_keys=False))
+    log:
+        "logs/resolved_config/config.log",
+    shell:
+        "python -m rpo write-config --args {params.args:q} 2>&1 | tee {log}"
 
 
 rule make_table1:

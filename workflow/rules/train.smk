@@ -3,23 +3,6 @@
 # handed to `python -m rpo` are computed from them.
 
 
-def train_args(stage_cfg, ckpt_dir, extra=None, **inputs):
-    """The `--args` of a training rule: `inputs` (argument name -> input name) and the model / metrics /
-    summary outputs, the checkpoint directory and the stage config, and `extra(wildcards)`'s keys.
-    `stage_cfg` and `ckpt_dir` may be functions of the wildcards."""
-
-    def value(x, wildcards):
-        return x(wildcards) if callable(x) else x
-
-    def args(wildcards, input, output):
-        return as_json({**{k: input[v] for k, v in inputs.items()}, "out_dir": output.model,
-                        "metrics_path": output.metrics, "summary_path": output.summary,
-                        "ckpt_dir": value(ckpt_dir, wildcards), "cfg": value(stage_cfg, wildcards),
-                        **(extra(wildcards) if extra else {})})
-
-    return args
-
-
 rule train_sft:
     input:
         base=f"{RESULTS}/models/base",

@@ -26,6 +26,15 @@ include: "workflow/rules/lm_eval.smk"
 include: "workflow/rules/report.smk"
 
 
+onstart:
+    # Not in a dry run: before any job, what the evaluation stages will need (eval/preflight.py: API keys,
+    # judge models, MT-Bench's files), then the record of who holds the lock (rpo/locks.py).
+    from eval import preflight
+
+    preflight.check(config)
+    locks.write_owner()
+
+
 rule all:
     input:
         "results/table1.csv",

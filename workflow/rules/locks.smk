@@ -13,5 +13,4 @@ if workflow.exec_mode == ExecMode.DEFAULT and "--unlock" not in sys.argv:
         print(_stale, file=sys.stderr)
 
 
-onstart:
-    locks.write_owner()
+# The lock owner record is written by the Snakefile's onstart handler (one handler per workflow).

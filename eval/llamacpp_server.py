@@ -34,11 +34,16 @@ class LlamaCppServerError(RuntimeError):
 
 
 def _die_with_parent(parent_pid: int):
-    """preexec_fn: SIGKILL this child when its parent dies (Linux); exit if the parent is gone already."""
+    """preexec_fn: SIGKILL this child when its parent dies (Linux); exit if the parent is gone already.
+
+    libc is loaded here, in the parent: between fork and exec the child must not look anything up
+    (ctypes.util.find_library runs programs and takes locks another thread of the parent may have held
+    at the fork, a deadlock); it only makes the one prctl call."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    prctl = libc.prctl
 
     def set_pdeathsig():
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
             os._exit(70)
         if os.getppid() != parent_pid:  # the parent died between fork and prctl
             os._exit(71)

@@ -1,4 +1,4 @@
-"""Command line: `python -m rpo <command> --args '<json object of keyword arguments>' [--threads N]`.
+"""Command line: `python -m rpo <command> --args '<json of keyword arguments>' [--paths '<json>'] [--threads N]`.
 
 Every Snakemake rule calls one of these; each is also a plain function (see COMMANDS) for tests.
 """
@@ -64,14 +64,23 @@ def main(argv=None, commands=COMMANDS, prog="rpo") -> int:
     ap = argparse.ArgumentParser(prog=f"python -m {prog}")
     ap.add_argument("command", choices=sorted(commands))
     ap.add_argument("--args", default="{}", help="JSON object of the command's keyword arguments")
+    ap.add_argument("--paths", default="{}", help="JSON object of more keyword arguments: the paths a "
+                    "Snakemake rule takes from its input and output (kept apart from --args, whose "
+                    "changes Snakemake tracks to re-run the job)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ns = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    try:
-        kwargs = json.loads(ns.args)
-    except json.JSONDecodeError as e:
-        ap.error(f"--args is not valid JSON: {e}")
+    kwargs = {}
+    for flag, text in (("--args", ns.args), ("--paths", ns.paths)):
+        try:
+            more = json.loads(text)
+        except json.JSONDecodeError as e:
+            ap.error(f"{flag} is not valid JSON: {e}")
+        both = sorted(set(kwargs) & set(more))
+        if both:
+            ap.error(f"--args and --paths both give {both}")
+        kwargs.update(more)
     if ns.threads:
         import torch
         torch.set_num_threads(ns.threads)

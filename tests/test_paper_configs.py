@@ -61,7 +61,10 @@ def jobs(out: str) -> list[dict]:
 
 
 def args_of(job) -> dict:
-    return json.loads(re.search(r"--args '(\{.*?\})'", job["shell"]).group(1))
+    """The keyword arguments a job's command passes: its --args and its --paths (from input/output)."""
+    out = json.loads(re.search(r"--args '(\{.*?\})'", job["shell"]).group(1))
+    paths = re.search(r"--paths '(\{.*?\})'", job["shell"])
+    return {**out, **(json.loads(paths.group(1)) if paths else {})}
 
 
 @pytest.mark.parametrize("series,accum_file", [("beta", "paper-beta.yaml"), ("gemma", "paper-gemma.yaml")])

@@ -147,11 +147,25 @@ def policy_of(input):
     return input.policy[0] if input.policy else None
 
 
-def bench_gen_args(benchmark, w, input, output, **extra):
-    b = config["benchmarks"][benchmark]
-    return as_json({"model_name": w.model, "ref_dir": input.ref, "policy_dir": policy_of(input),
-                    "out": output[0], "n_questions": b["n_questions"], "max_new_tokens": b["max_new_tokens"],
-                    "batch_size": b["batch_size"], "seed": config["seed"], **extra})
+def job_params(settings, paths):
+    """A rule's two `params`: `settings`, the keyword arguments that are not paths, from the wildcards
+    alone (so Snakemake sees when one changes and re-runs the job: it does not track params computed
+    from input or output), and `paths`, the path arguments taken from the rule's own input and output.
+    The shell passes them as `--args {params.settings:q} --paths {params.paths:q}`."""
+    return {"settings": lambda w: as_json(settings(w)),
+            "paths": lambda w, input, output: as_json(paths(w, input, output))}
+
+
+def bench_gen_params(benchmark, **extra):
+    """job_params of a benchmark's generation rule."""
+
+    def settings(w):
+        b = config["benchmarks"][benchmark]
+        return {"model_name": w.model, "n_questions": b["n_questions"], "max_new_tokens": b["max_new_tokens"],
+                "batch_size": b["batch_size"], "seed": config["seed"], **extra}
+
+    return job_params(settings, lambda w, input, output: {"ref_dir": input.ref, "policy_dir": policy_of(input),
+                                                         "out": output[0]})
 
 
 def bench_subset(benchmark):
@@ -163,21 +177,22 @@ def _policy_input(wildcards):
     return [d] if d else []
 
 
-def train_args(stage_cfg, ckpt_dir, extra=None, **inputs):
-    """The `--args` of a training rule: `inputs` (argument name -> input name) and the model / metrics /
-    summary outputs, the checkpoint directory and the stage config, and `extra(wildcards)`'s keys.
-    `stage_cfg` and `ckpt_dir` may be functions of the wildcards."""
+def train_params(stage_cfg, ckpt_dir, extra=None, **inputs):
+    """job_params of a training rule: `inputs` (argument name -> input name) and the model / metrics /
+    summary outputs as paths; the checkpoint directory, the stage config and `extra(wildcards)`'s keys
+    as settings. `stage_cfg` and `ckpt_dir` may be functions of the wildcards."""
 
     def value(x, wildcards):
         return x(wildcards) if callable(x) else x
 
-    def args(wildcards, input, output):
-        return as_json({**{k: input[v] for k, v in inputs.items()}, "out_dir": output.model,
-                        "metrics_path": output.metrics, "summary_path": output.summary,
-                        "ckpt_dir": value(ckpt_dir, wildcards), "cfg": value(stage_cfg, wildcards),
-                        **(extra(wildcards) if extra else {})})
+    def settings(w):
+        return {"ckpt_dir": value(ckpt_dir, w), "cfg": value(stage_cfg, w), **(extra(w) if extra else {})}
 
-    return args
+    def paths(w, input, output):
+        return {**{k: input[v] for k, v in inputs.items()}, "out_dir": output.model,
+                "metrics_path": output.metrics, "summary_path": output.summary}
+
+    return job_params(settings, paths)
 
 
 # the harness's task files, inputs of run_lm_eval (the LM_EVAL_* names are lm_eval.smk's)

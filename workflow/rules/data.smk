@@ -2,15 +2,15 @@ rule materialise_base:
     output:
         directory(f"{RESULTS}/models/base"),
     params:
-        args=lambda w, output: as_json({"source": config["base_model"]["source"], "out": output[0],
-                                        "dtype": config["base_model"]["dtype"]}),
+        **job_params(lambda w: {"source": config["base_model"]["source"], "dtype": config["base_model"]["dtype"]},
+                     lambda w, input, output: {"out": output[0]}),
     threads: 2
     resources:
         **res("data"),
     log:
         "logs/materialise_base/base.log",
     shell:
-        "python -m rpo materialise-model --threads {threads} --args {params.args:q} 2>&1 | tee {log}"
+        "python -m rpo materialise-model --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule make_data:
@@ -29,14 +29,15 @@ rule make_data:
         # check_gold_meta: Table 1's gold judge needs every test prompt's verifiable instructions; only a
         # hub/file source can lack them, and only there is it a parameter, so switching the judge of the
         # synthetic data does not re-run this rule (and with it every training job).
-        args=lambda w, input, output: as_json({
-            "data_cfg": config["data"], "base_dir": input.base, "seed": config["seed"], **dict(output.items()),
-            "check_gold_meta": config["table1"]["judge"]["kind"] == "gold"
-                               and config["data"]["source"] != "synthetic:verifiable"}),
+        **job_params(
+            lambda w: {"data_cfg": config["data"], "seed": config["seed"],
+                       "check_gold_meta": config["table1"]["judge"]["kind"] == "gold"
+                                          and config["data"]["source"] != "synthetic:verifiable"},
+            lambda w, input, output: {"base_dir": input.base, **dict(output.items())}),
     threads: config["data"]["synthetic"]["threads"]
     resources:
         **res("data"),
     log:
         "logs/make_data/data.log",
     shell:
-        "python -m rpo make-data --threads {threads} --args {params.args:q} 2>&1 | tee {log}"
+        "python -m rpo make-data --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"

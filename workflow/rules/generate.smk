@@ -6,18 +6,19 @@ rule generate_table1:
     output:
         f"{RESULTS}/generations/table1/{{model}}.jsonl",
     params:
-        args=lambda w, input, output: as_json({
-            "model_name": w.model, "ref_dir": input.ref, "policy_dir": policy_of(input),
-            "prompts_path": input.prompts, "out": output[0], "seed": config["seed"],
-            "protocol": config["table1"]["protocol"],  # which prompts: paper = the first n_prompts
-            **{k: v for k, v in config["table1"]["generation"].items() if k != "threads"}}),
+        **job_params(
+            lambda w: {"model_name": w.model, "seed": config["seed"],
+                       "protocol": config["table1"]["protocol"],  # which prompts: paper = the first n_prompts
+                       **{k: v for k, v in config["table1"]["generation"].items() if k != "threads"}},
+            lambda w, input, output: {"ref_dir": input.ref, "policy_dir": policy_of(input),
+                                      "prompts_path": input.prompts, "out": output[0]}),
     threads: config["table1"]["generation"]["threads"]
     resources:
         **res("generation"),
     log:
         "logs/generate_table1/{model}.log",
     shell:
-        "python -m eval generate-table1 --threads {threads} --args {params.args:q} 2>&1 | tee {log}"
+        "python -m eval generate-table1 --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule generate_mtbench:
@@ -27,14 +28,14 @@ rule generate_mtbench:
     output:
         f"{RESULTS}/mtbench/model_answer/{{model}}.jsonl",
     params:
-        args=lambda w, input, output: bench_gen_args("mtbench", w, input, output),
+        **bench_gen_params("mtbench"),
     threads: config["benchmarks"]["threads"]
     resources:
         **res("generation"),
     log:
         "logs/generate_mtbench/{model}.log",
     shell:
-        "python -m eval generate-mtbench --threads {threads} --args {params.args:q} 2>&1 | tee {log}"
+        "python -m eval generate-mtbench --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule generate_alpacaeval:
@@ -44,14 +45,14 @@ rule generate_alpacaeval:
     output:
         f"{RESULTS}/alpacaeval/{{model}}/model_outputs.json",
     params:
-        args=lambda w, input, output: bench_gen_args("alpacaeval", w, input, output, **bench_subset("alpacaeval")),
+        **bench_gen_params("alpacaeval", **bench_subset("alpacaeval")),
     threads: config["benchmarks"]["threads"]
     resources:
         **res("generation"),
     log:
         "logs/generate_alpacaeval/{model}.log",
     shell:
-        "python -m eval generate-alpacaeval --threads {threads} --args {params.args:q} 2>&1 | tee {log}"
+        "python -m eval generate-alpacaeval --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule generate_arenahard:
@@ -61,14 +62,12 @@ rule generate_arenahard:
     output:
         f"{RESULTS}/arenahard/model_answer/{{model}}.jsonl",
     params:
-        args=lambda w, input, output: bench_gen_args("arenahard", w, input, output,
-                                                      version=config["benchmarks"]["arenahard"]["version"],
-                                                      category=config["benchmarks"]["arenahard"]["category"],
-                                                      **bench_subset("arenahard")),
+        **bench_gen_params("arenahard", version=config["benchmarks"]["arenahard"]["version"],
+                           category=config["benchmarks"]["arenahard"]["category"], **bench_subset("arenahard")),
     threads: config["benchmarks"]["threads"]
     resources:
         **res("generation"),
     log:
         "logs/generate_arenahard/{model}.log",
     shell:
-        "python -m eval generate-arenahard --threads {threads} --args {params.args:q} 2>&1 | tee {log}"
+        "python -m eval generate-arenahard --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"

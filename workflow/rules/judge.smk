@@ -9,17 +9,19 @@ rule judge_table1:
         a="|".join(MODELS),
         b="|".join(MODELS),
     params:
-        args=lambda w, input, output: as_json({
-            "model_a": w.a, "model_b": w.b, "answers_a": input.a, "answers_b": input.b,
-            "prompts_path": input.prompts, "out": output[0], "judge": config["table1"]["judge"],
-            "protocol": config["table1"]["protocol"], "judge_max_tokens": config["table1"]["judge_max_tokens"]}),
+        **job_params(
+            lambda w: {"model_a": w.a, "model_b": w.b, "judge": config["table1"]["judge"],
+                       "protocol": config["table1"]["protocol"],
+                       "judge_max_tokens": config["table1"]["judge_max_tokens"]},
+            lambda w, input, output: {"answers_a": input.a, "answers_b": input.b, "prompts_path": input.prompts,
+                                      "out": output[0]}),
     threads: judge_threads(config["table1"]["judge"])
     resources:
         **res("judge"),
     log:
         "logs/judge_table1/{a}_vs_{b}.log",
     shell:
-        "python -m eval judge-table1 --args {params.args:q} 2>&1 | tee {log}"
+        "python -m eval judge-table1 --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule judge_mtbench:
@@ -28,17 +30,18 @@ rule judge_mtbench:
     output:
         f"{RESULTS}/mtbench/model_judgment/{{model}}_single.jsonl",
     params:
-        args=lambda w, input, output: as_json({
-            "model_name": w.model, "answers": input[0], "out": output[0], "judge": bench_judge("mtbench"),
-            "judge_max_tokens": config["benchmarks"]["mtbench"]["judge_max_tokens"],
-            "rating_attempts": config["benchmarks"]["mtbench"]["rating_attempts"]}),
+        **job_params(
+            lambda w: {"model_name": w.model, "judge": bench_judge("mtbench"),
+                       "judge_max_tokens": config["benchmarks"]["mtbench"]["judge_max_tokens"],
+                       "rating_attempts": config["benchmarks"]["mtbench"]["rating_attempts"]},
+            lambda w, input, output: {"answers": input[0], "out": output[0]}),
     threads: judge_threads(bench_judge("mtbench"))
     resources:
         **res("judge"),
     log:
         "logs/judge_mtbench/{model}.log",
     shell:
-        "python -m eval judge-mtbench --args {params.args:q} 2>&1 | tee {log}"
+        "python -m eval judge-mtbench --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule judge_alpacaeval:
@@ -49,16 +52,17 @@ rule judge_alpacaeval:
         # alpaca_eval's annotator config (its prompt, our judge's client): kept beside the annotations
         annotator=directory(f"{RESULTS}/alpacaeval/{{model}}/annotator"),
     params:
-        args=lambda w, input, output: as_json({
-            "outputs": input[0], "out": output.annotations, "judge": bench_judge("alpacaeval"),
-            "annotator_dir": output.annotator}),
+        **job_params(
+            lambda w: {"judge": bench_judge("alpacaeval")},
+            lambda w, input, output: {"outputs": input[0], "out": output.annotations,
+                                      "annotator_dir": output.annotator}),
     threads: judge_threads(bench_judge("alpacaeval"))
     resources:
         **res("judge"),
     log:
         "logs/judge_alpacaeval/{model}.log",
     shell:
-        "python -m eval judge-alpacaeval --args {params.args:q} 2>&1 | tee {log}"
+        "python -m eval judge-alpacaeval --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule judge_arenahard:
@@ -67,17 +71,18 @@ rule judge_arenahard:
     output:
         f"{RESULTS}/arenahard/model_judgment/{{model}}.jsonl",
     params:
-        args=lambda w, input, output: as_json({
-            "model_name": w.model, "answers": input[0], "out": output[0], "judge": bench_judge("arenahard"),
-            "version": config["benchmarks"]["arenahard"]["version"],
-            "category": config["benchmarks"]["arenahard"]["category"],
-            "n_questions": config["benchmarks"]["arenahard"]["n_questions"],
-            "judge_max_tokens": config["benchmarks"]["arenahard"]["judge_max_tokens"],
-            **bench_subset("arenahard")}),
+        **job_params(
+            lambda w: {"model_name": w.model, "judge": bench_judge("arenahard"),
+                       "version": config["benchmarks"]["arenahard"]["version"],
+                       "category": config["benchmarks"]["arenahard"]["category"],
+                       "n_questions": config["benchmarks"]["arenahard"]["n_questions"],
+                       "judge_max_tokens": config["benchmarks"]["arenahard"]["judge_max_tokens"],
+                       **bench_subset("arenahard")},
+            lambda w, input, output: {"answers": input[0], "out": output[0]}),
     threads: judge_threads(bench_judge("arenahard"))
     resources:
         **res("judge"),
     log:
         "logs/judge_arenahard/{model}.log",
     shell:
-        "python -m eval judge-arenahard --args {params.args:q} 2>&1 | tee {log}"
+        "python -m eval judge-arenahard --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"

@@ -29,16 +29,16 @@ rule make_lm_eval_ifeval:
     output:
         **LM_EVAL_IFEVAL,
     params:
-        args=lambda w, input, output: as_json({
-            "prompts_test": input.prompts, "train": input.train, "out_yaml": output.yaml,
-            "out_data": output.data, "out_summary": output.summary,
-            "prompts_file": config["data"]["synthetic"]["prompts_file"]}),
+        **job_params(
+            lambda w: {"prompts_file": config["data"]["synthetic"]["prompts_file"]},
+            lambda w, input, output: {"prompts_test": input.prompts, "train": input.train, "out_yaml": output.yaml,
+                                      "out_data": output.data, "out_summary": output.summary}),
     resources:
         **res("cpu"),
     log:
         "logs/make_lm_eval_ifeval/ifeval.log",
     shell:
-        "python -m eval make-lm-eval-ifeval --args {params.args:q} 2>&1 | tee {log}"
+        "python -m eval make-lm-eval-ifeval --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule check_lm_eval_datasets:
@@ -47,12 +47,12 @@ rule check_lm_eval_datasets:
     output:
         LM_EVAL_DATASETS,
     params:
-        args=lambda w, output: as_json({"tasks": LM_EVAL_HUB, "out": output[0]}),
+        **job_params(lambda w: {"tasks": LM_EVAL_HUB}, lambda w, input, output: {"out": output[0]}),
     localrule: True
     log:
         "logs/check_lm_eval_datasets/datasets.log",
     shell:
-        "python -m eval check-lm-eval --args {params.args:q} 2>&1 | tee {log}"
+        "python -m eval check-lm-eval --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule run_lm_eval:
@@ -63,20 +63,20 @@ rule run_lm_eval:
     output:
         directory(f"{RESULTS}/lm_eval/{{model}}"),
     params:
-        args=lambda w, input, output: as_json({
-            "model_name": w.model, "ref_dir": input.ref, "policy_dir": policy_of(input),
-            "tasks": LM_EVAL_TASKS, "out_dir": output[0],
-            "include_path": LM_EVAL_TASK_DIR if LM_EVAL_LOCAL else None,
-            "backend": config["table1"]["generation"]["backend"], "seed": config["seed"],
-            **{k: LM_EVAL[k] for k in ("limit", "batch_size", "max_gen_toks", "apply_chat_template",
-                                       "fewshot_as_multiturn", "bootstrap_iters", "dtype")}}),
+        **job_params(
+            lambda w: {"model_name": w.model, "tasks": LM_EVAL_TASKS,
+                       "include_path": LM_EVAL_TASK_DIR if LM_EVAL_LOCAL else None,
+                       "backend": config["table1"]["generation"]["backend"], "seed": config["seed"],
+                       **{k: LM_EVAL[k] for k in ("limit", "batch_size", "max_gen_toks", "apply_chat_template",
+                                                  "fewshot_as_multiturn", "bootstrap_iters", "dtype")}},
+            lambda w, input, output: {"ref_dir": input.ref, "policy_dir": policy_of(input), "out_dir": output[0]}),
     threads: LM_EVAL["threads"]
     resources:
         **res("generation"),
     log:
         "logs/run_lm_eval/{model}.log",
     shell:
-        "python -m eval run-lm-eval --threads {threads} --args {params.args:q} 2>&1 | tee {log}"
+        "python -m eval run-lm-eval --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule score_lm_eval:
@@ -85,10 +85,11 @@ rule score_lm_eval:
     output:
         f"{RESULTS}/scores/lm_eval/{{model}}.json",
     params:
-        args=lambda w, input, output: as_json({"model_name": w.model, "results_dir": input[0], "out": output[0]}),
+        **job_params(lambda w: {"model_name": w.model},
+                     lambda w, input, output: {"results_dir": input[0], "out": output[0]}),
     resources:
         **res("cpu"),
     log:
         "logs/score_lm_eval/{model}.log",
     shell:
-        "python -m eval score-lm-eval --args {params.args:q} 2>&1 | tee {log}"
+        "python -m eval score-lm-eval --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"

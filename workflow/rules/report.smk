@@ -8,16 +8,16 @@ rule score_mtbench:
     output:
         f"{RESULTS}/scores/mtbench/{{model}}.json",
     params:
-        args=lambda w, input, output: as_json({
-            "model_name": w.model, "judgments": input[0], "out": output[0],
-            "judge_label": get_judge_label(bench_judge("mtbench")),
-            "bootstrap": config["benchmarks"]["bootstrap"]}),
+        **job_params(
+            lambda w: {"model_name": w.model, "judge_label": get_judge_label(bench_judge("mtbench")),
+                       "bootstrap": config["benchmarks"]["bootstrap"]},
+            lambda w, input, output: {"judgments": input[0], "out": output[0]}),
     resources:
         **res("cpu"),
     log:
         "logs/score_mtbench/{model}.log",
     shell:
-        "python -m eval score-mtbench --args {params.args:q} 2>&1 | tee {log}"
+        "python -m eval score-mtbench --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule score_alpacaeval:
@@ -26,18 +26,18 @@ rule score_alpacaeval:
     output:
         f"{RESULTS}/scores/alpacaeval/{{model}}.json",
     params:
-        args=lambda w, input, output: as_json({
-            "model_name": w.model, "annotations": input[0], "out": output[0],
-            "judge_label": get_judge_label(bench_judge("alpacaeval")),
-            "precomputed_dir": config["benchmarks"]["alpacaeval"]["precomputed_dir"],
-            "lc_win_rate": config["benchmarks"]["alpacaeval"]["lc_win_rate"],
-            "bootstrap": config["benchmarks"]["bootstrap"]}),
+        **job_params(
+            lambda w: {"model_name": w.model, "judge_label": get_judge_label(bench_judge("alpacaeval")),
+                       "precomputed_dir": config["benchmarks"]["alpacaeval"]["precomputed_dir"],
+                       "lc_win_rate": config["benchmarks"]["alpacaeval"]["lc_win_rate"],
+                       "bootstrap": config["benchmarks"]["bootstrap"]},
+            lambda w, input, output: {"annotations": input[0], "out": output[0]}),
     resources:
         **res("cpu"),
     log:
         "logs/score_alpacaeval/{model}.log",
     shell:
-        "python -m eval score-alpacaeval --args {params.args:q} 2>&1 | tee {log}"
+        "python -m eval score-alpacaeval --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule score_arenahard:
@@ -46,18 +46,18 @@ rule score_arenahard:
     output:
         f"{RESULTS}/scores/arenahard/{{model}}.json",
     params:
-        args=lambda w, input, output: as_json({
-            "model_name": w.model, "judgments": input[0], "out": output[0],
-            "judge_label": get_judge_label(bench_judge("arenahard")),
-            "version": config["benchmarks"]["arenahard"]["version"],
-            "category": config["benchmarks"]["arenahard"]["category"],
-            "bootstrap": config["benchmarks"]["bootstrap"]}),
+        **job_params(
+            lambda w: {"model_name": w.model, "judge_label": get_judge_label(bench_judge("arenahard")),
+                       "version": config["benchmarks"]["arenahard"]["version"],
+                       "category": config["benchmarks"]["arenahard"]["category"],
+                       "bootstrap": config["benchmarks"]["bootstrap"]},
+            lambda w, input, output: {"judgments": input[0], "out": output[0]}),
     resources:
         **res("cpu"),
     log:
         "logs/score_arenahard/{model}.log",
     shell:
-        "python -m eval score-arenahard --args {params.args:q} 2>&1 | tee {log}"
+        "python -m eval score-arenahard --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 PAPER_SERIES = config["paper"]["series"]
@@ -68,12 +68,12 @@ rule resolved_config:
     output:
         report(f"{RESULTS}/config.resolved.yaml", category="Configuration", caption="../report/config.rst"),
     params:
-        args=lambda w, output: as_json({"config": config, "out": output[0]}),
+        **job_params(lambda w: {"config": config}, lambda w, input, output: {"out": output[0]}),
     localrule: True
     log:
         "logs/resolved_config/config.log",
     shell:
-        "python -m rpo write-config --args {params.args:q} 2>&1 | tee {log}"
+        "python -m rpo write-config --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule make_table1:
@@ -92,17 +92,19 @@ rule make_table1:
         comparison=[report(f"{RESULTS}/paper_comparison.csv", category="Tables", caption="../report/comparison.rst"),
                     f"{RESULTS}/paper_comparison.md"] if PAPER_SERIES else [],
     params:
-        args=lambda w, input, output: as_json({
-            "judgments": list(input.judgments), "scores": list(input.scores),
-            "metrics": {m: TRAIN_METRICS.format(method=m) for m in config["figures"]["logps_methods"]},
-            "methods_metrics": {m: TRAIN_METRICS.format(method=m) for m in METHODS},
-            "out_csv": output.csv, "out_md": output.md, "figure": output.figure, "raw_figure": output.raw_figure,
-            "methods_figure": output.methods, "comparison": list(output.comparison) or None,
-            "paper_series": PAPER_SERIES, "labels": config["table1"]["labels"],
-            "pair_order": config["table1"]["pairs"], "bootstrap": config["table1"]["bootstrap"]}),
+        **job_params(
+            lambda w: {"paper_series": PAPER_SERIES, "labels": config["table1"]["labels"],
+                       "pair_order": config["table1"]["pairs"], "bootstrap": config["table1"]["bootstrap"]},
+            lambda w, input, output: {
+                "judgments": list(input.judgments), "scores": list(input.scores),
+                "metrics": {m: TRAIN_METRICS.format(method=m) for m in config["figures"]["logps_methods"]},
+                "methods_metrics": {m: TRAIN_METRICS.format(method=m) for m in METHODS},
+                "out_csv": output.csv, "out_md": output.md, "figure": output.figure,
+                "raw_figure": output.raw_figure, "methods_figure": output.methods,
+                "comparison": list(output.comparison) or None}),
     resources:
         **res("cpu"),
     log:
         "logs/make_table1/table1.log",
     shell:
-        "python -m eval make-table1 --args {params.args:q} 2>&1 | tee {log}"
+        "python -m eval make-table1 --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"

@@ -1,6 +1,6 @@
 # Every path a training job reads or writes is named once, in its rule's input / output (the checkpoint
-# directory, deliberately not an output so that Snakemake never deletes it, in params); the arguments
-# handed to `python -m rpo` are computed from them.
+# directory, deliberately not an output so that Snakemake never deletes it, in the settings); the
+# arguments handed to `python -m rpo` are computed from them (common.smk, job_params).
 
 
 rule train_sft:
@@ -12,7 +12,7 @@ rule train_sft:
         metrics=f"{RESULTS}/models/sft/metrics.jsonl",
         summary=f"{RESULTS}/models/sft/train_summary.json",
     params:
-        args=train_args(train_cfg("sft"), f"{RESULTS}/checkpoints/sft", base_dir="base", pairs_path="train"),
+        **train_params(train_cfg("sft"), f"{RESULTS}/checkpoints/sft", base_dir="base", pairs_path="train"),
         launch=launcher("sft"),
     threads: config["sft"]["train"]["threads"]
     resources:
@@ -20,7 +20,7 @@ rule train_sft:
     log:
         "logs/train_sft/sft.log",
     shell:
-        "{params.launch} train-sft --threads {threads} --args {params.args:q} 2>&1 | tee {log}"
+        "{params.launch} train-sft --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule train_sft_seed:
@@ -35,8 +35,8 @@ rule train_sft_seed:
     wildcard_constraints:
         seed=r"\d+",
     params:
-        args=train_args(lambda w: {**train_cfg("sft"), "seed": int(w.seed)},
-                        lambda w: f"{RESULTS}/checkpoints/sft_seed{w.seed}", base_dir="base", pairs_path="train"),
+        **train_params(lambda w: {**train_cfg("sft"), "seed": int(w.seed)},
+                       lambda w: f"{RESULTS}/checkpoints/sft_seed{w.seed}", base_dir="base", pairs_path="train"),
         launch=launcher("sft"),
     threads: config["sft"]["train"]["threads"]
     resources:
@@ -44,7 +44,7 @@ rule train_sft_seed:
     log:
         "logs/train_sft/sft_seed{seed}.log",
     shell:
-        "{params.launch} train-sft --threads {threads} --args {params.args:q} 2>&1 | tee {log}"
+        "{params.launch} train-sft --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule make_soup:
@@ -54,13 +54,13 @@ rule make_soup:
     output:
         directory(SOUP_DIR),
     params:
-        args=lambda w, input, output: as_json({"model_dirs": list(input), "out": output[0]}),
+        **job_params(lambda w: {}, lambda w, input, output: {"model_dirs": list(input), "out": output[0]}),
     resources:
         **res("cpu"),
     log:
         "logs/make_soup/soup.log",
     shell:
-        "python -m rpo make-soup --args {params.args:q} 2>&1 | tee {log}"
+        "python -m rpo make-soup --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule reference_logps:
@@ -73,18 +73,18 @@ rule reference_logps:
     wildcard_constraints:
         refname="ref|soup",
     params:
-        args=lambda w, input, output: as_json({
-            "model_dir": input.ref, "pairs_path": input.train, "out_path": output[0],
-            "max_length": config["training"]["max_length"],
-            "max_prompt_length": config["training"]["max_prompt_length"],
-            "batch_size": config["reference"]["batch_size"], "dtype": config["training"]["precision"]}),
+        **job_params(
+            lambda w: {"max_length": config["training"]["max_length"],
+                       "max_prompt_length": config["training"]["max_prompt_length"],
+                       "batch_size": config["reference"]["batch_size"], "dtype": config["training"]["precision"]},
+            lambda w, input, output: {"model_dir": input.ref, "pairs_path": input.train, "out_path": output[0]}),
     threads: config["reference"]["threads"]
     resources:
         **res("reference"),
     log:
         "logs/reference_logps/{refname}.log",
     shell:
-        "python -m rpo reference-logps --threads {threads} --args {params.args:q} 2>&1 | tee {log}"
+        "python -m rpo reference-logps --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule train_preference:
@@ -97,9 +97,9 @@ rule train_preference:
         metrics=TRAIN_METRICS,
         summary=f"{RESULTS}/train/{{method}}/train_summary.json",
     params:
-        args=train_args(train_cfg("training"), lambda w: f"{RESULTS}/checkpoints/{w.method}",
-                        extra=lambda w: {"method": {"name": w.method, **config["methods"][w.method]}},
-                        ref_dir="ref", pairs_path="train", reference_cache="cache"),
+        **train_params(train_cfg("training"), lambda w: f"{RESULTS}/checkpoints/{w.method}",
+                       extra=lambda w: {"method": {"name": w.method, **config["methods"][w.method]}},
+                       ref_dir="ref", pairs_path="train", reference_cache="cache"),
         launch=launcher("training"),
     threads: config["training"]["threads"]
     resources:
@@ -107,4 +107,4 @@ rule train_preference:
     log:
         "logs/train_preference/{method}.log",
     shell:
-        "{params.launch} train-preference --threads {threads} --args {params.args:q} 2>&1 | tee {log}"
+        "{params.launch} train-preference --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"

@@ -11,7 +11,6 @@ no figure leaks into pyplot's global registry inside a long Snakemake run.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,22 +25,13 @@ def read_metrics(path) -> list[dict]:
 
     Every record must be a JSON object with ``step`` and ``logps/chosen``.
     """
-    path = Path(path)
+    from rpo.io import read_json_objects
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object")
-            missing = [k for k in REQUIRED_KEYS if k not in rec]
-            if missing:
-                raise ValueError(f"{path}, line {lineno}: missing key(s) {missing}")
-            records.append(rec)
+    for lineno, rec in read_json_objects(path):
+        missing = [k for k in REQUIRED_KEYS if k not in rec]
+        if missing:
+            raise ValueError(f"{path}, line {lineno}: missing key(s) {missing}")
+        records.append(rec)
     return records
 
 

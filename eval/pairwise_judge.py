@@ -241,17 +241,10 @@ def read_order_outcomes(path) -> tuple[list[tuple[float, float]], int]:
     judgment file: ours (`outcome_ab`, `outcome_ba`, from table1.protocol both_orders) or FastChat's pair
     mode (`g1_winner` with model_1 shown first, `g2_winner` with model_2 shown first; model_1 is A).
     A row without a valid verdict in both orders is left out and counted."""
-    import json
-    from pathlib import Path
+    from rpo.io import read_json_objects
     winner = {"model_1": 1.0, "model_2": 0.0, "tie": 0.5}
     out, left_out = [], 0
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {lineno}: not valid JSON ({e})") from None
+    for lineno, row in read_json_objects(path):
         if "outcome_ab" in row:
             first, second = row["outcome_ab"], row["outcome_ba"]
         elif "g1_winner" in row:

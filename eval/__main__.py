@@ -28,8 +28,8 @@ def _table1_variance(**kw):
 
 def _bench(name):
     def run(**kw):
-        from eval import benchmarks
-        getattr(benchmarks, name)(**kw)
+        from eval import bench_stages
+        getattr(bench_stages, name)(**kw)
     return run
 
 

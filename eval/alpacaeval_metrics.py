@@ -209,8 +209,8 @@ def lc_win_rate(annotations, *, eval_set: Sequence[dict] | None = None, precompu
 
 def table_rows(model: str, wr: dict, lc: dict | None, *, judge: str,
                baseline: str = REFERENCE_GENERATOR) -> list[dict]:
-    """eval.table rows (alpacaeval_wr with its bootstrap interval, alpacaeval_lc); LC is NaN when unavailable."""
-    from eval.table import make_row
+    """eval.results_table rows (alpacaeval_wr with its bootstrap interval, alpacaeval_lc); LC is NaN when unavailable."""
+    from eval.results_table import make_row
     rows = [make_row(model_a=model, model_b=baseline, metric="alpacaeval_wr", value=wr["value"], n=wr["n"],
                      ci_low=wr["ci_low"], ci_high=wr["ci_high"], judge=judge)]
     if lc is not None:

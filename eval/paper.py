@@ -15,7 +15,7 @@ import csv
 import math
 from pathlib import Path
 
-from eval import table
+from eval import results_table
 
 # (model_a, model_b, metric, paper value, where in the paper); model_b is ignored for benchmark metrics
 PAPER: dict[str, list[tuple[str, str, str, float, str]]] = {
@@ -62,7 +62,7 @@ def compare(rows: list[dict], series: str) -> list[dict]:
     out = []
     for a, b, metric, paper, source in PAPER[series]:
         match = [r for r in rows if r["model_a"] == a and r["metric"] == metric
-                 and (metric != table.WIN_RATE or r["model_b"] == b)]
+                 and (metric != results_table.WIN_RATE or r["model_b"] == b)]
         if len(match) > 1:
             raise ValueError(f"table1.csv has {len(match)} rows for {a} vs {b or '-'} {metric}; expected one")
         r = match[0] if match else {}
@@ -94,7 +94,7 @@ def write_comparison(table_csv: str, series: str, out_csv: str, out_md: str) -> 
              "| | metric | paper | reproduced | CI | difference | paper in CI | judge (ours / paper) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in comp:
-        who = f"{r['model_a']} vs {r['model_b']}" if r["metric"] == table.WIN_RATE else r["model_a"]
+        who = f"{r['model_a']} vs {r['model_b']}" if r["metric"] == results_table.WIN_RATE else r["model_a"]
         ci = "" if math.isnan(r["ci_low"]) else f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
         value = "not reproduced" if math.isnan(r["value"]) else _fmt(r["value"])
         lines.append(f"| {who} | {r['metric']} | {_fmt(r['paper'])} | {value} | {ci} | {_fmt(r['difference'])} "

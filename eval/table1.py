@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from eval import figures, judge_config, table
+from eval import figures, judge_config, results_table
 from rpo.sampling import generate_answers
 from eval.judges import get_judge
 from eval.pairwise_judge import PROTOCOLS, judge_items
@@ -117,7 +117,7 @@ def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dic
     rule's output."""
     rows, protocols = [], set()
     for path in scores:  # per-model benchmark rows (MT-Bench, AlpacaEval, Arena-Hard)
-        rows += [table.make_row(**r) for r in json.loads(Path(path).read_text())]
+        rows += [results_table.make_row(**r) for r in json.loads(Path(path).read_text())]
     for path in judgments:
         js = _read_jsonl(path)
         if not js:
@@ -128,12 +128,13 @@ def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dic
             raise ValueError(f"{path}: every judgment is invalid; no win rate can be computed")
         wr = win_rate(valid, n_boot=bootstrap["n"], seed=bootstrap["seed"],
                       ci=bootstrap["ci"])
-        rows.append(table.make_row(model_a=js[0]["model_a"], model_b=js[0]["model_b"], metric=table.WIN_RATE,
-                                   value=wr["value"], ci_low=wr["ci_low"], ci_high=wr["ci_high"],
-                                   n=wr["n"], judge=js[0]["judge"]))
-    rows = table.complete_pairs(rows)
-    table.write_table(rows, out_csv)
-    md = table.render_markdown(rows, model_labels=labels, pair_order=[tuple(p) for p in pair_order])
+        rows.append(results_table.make_row(model_a=js[0]["model_a"], model_b=js[0]["model_b"],
+                                           metric=results_table.WIN_RATE, value=wr["value"],
+                                           ci_low=wr["ci_low"], ci_high=wr["ci_high"], n=wr["n"],
+                                           judge=js[0]["judge"]))
+    rows = results_table.complete_pairs(rows)
+    results_table.write_table(rows, out_csv)
+    md = results_table.render_markdown(rows, model_labels=labels, pair_order=[tuple(p) for p in pair_order])
     md += (f"\nWin rates in %, ties count half; [low, high] = {int(bootstrap['ci'] * 100)}% seeded "
            f"percentile bootstrap over prompts (n_boot={bootstrap['n']}, seed={bootstrap['seed']}).\n")
     if protocols - {"gold"}:
@@ -153,4 +154,4 @@ def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dic
         figures.plot_metric(metrics, "logratio/chosen", figure, labels=labels, smooth=3,
                             ylabel="log π(y_w|x) − log π_ref(y_w|x)  (summed, chosen)",
                             title="Chosen log-probability vs the reference (paper Fig. 1 right)")
-        figures.plot_logps_chosen(metrics, raw_figure, labels=labels, smooth=3)
+        figures.plot_logps_chosen_raw(metrics, raw_figure, labels=labels, smooth=3)

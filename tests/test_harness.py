@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import build_tiny_model, write_jsonl
 
-from eval import harness, table
+from eval import harness, results_table
 from rpo import verifiable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,7 +194,7 @@ def test_tidy_rows_from_a_real_results_file(harness_runs, tmp_path):
         assert r["value"] == pytest.approx(sum(flat) / len(flat))  # over instructions, as agg_inst_level_acc
         assert math.isnan(r["ci_low"]) and math.isnan(r["ci_high"])  # the harness reports "N/A"
     for r in rows:
-        table.make_row(**r)  # valid table1.csv rows
+        results_table.make_row(**r)  # valid table1.csv rows
 
 
 def test_tidy_rows_of_filters_groups_and_missing_stderr():
@@ -227,11 +227,11 @@ def test_tidy_rows_of_filters_groups_and_missing_stderr():
 
 
 def test_table_md_has_an_lm_eval_section():
-    rows = [table.make_row(model_a=m, metric="lm_eval/ifeval_heldout/prompt_level_strict_acc", value=v,
+    rows = [results_table.make_row(model_a=m, metric="lm_eval/ifeval_heldout/prompt_level_strict_acc", value=v,
                            ci_low=v - 0.1, ci_high=v + 0.1, n=8, judge="lm-eval")
             for m, v in (("ref", 0.25), ("rpo", 0.5))]
-    rows.append(table.make_row(model_a="ref", metric="mtbench", value=5.0, n=3, judge="j"))
-    md = table.render_markdown(rows, model_labels={"ref": "Ref", "rpo": "RPO"})
+    rows.append(results_table.make_row(model_a="ref", metric="mtbench", value=5.0, n=3, judge="j"))
+    md = results_table.render_markdown(rows, model_labels={"ref": "Ref", "rpo": "RPO"})
     section = md.split("## lm-evaluation-harness")[1]
     assert "| ifeval_heldout/prompt_level_strict_acc | 8 | 0.250 [0.150, 0.350] | 0.500 [0.400, 0.600] |" in section
     assert "held out from training" in section
@@ -251,7 +251,7 @@ def test_make_table1_adds_the_rows_and_the_section(harness_runs, tmp_path):
                 metrics={}, figure=str(tmp_path / "f.png"), raw_figure=str(tmp_path / "f_raw.png"),
                 labels={"ref": "Ref", "dpo": "DPO"},
                 pair_order=[["dpo", "ref"]], bootstrap={"n": 10, "seed": 0, "ci": 0.95}, scores=scores)
-    csv_rows = [r for r in table.read_table(tmp_path / "table1.csv") if r["metric"].startswith("lm_eval/")]
+    csv_rows = [r for r in results_table.read_table(tmp_path / "table1.csv") if r["metric"].startswith("lm_eval/")]
     assert len(csv_rows) == 8 and {r["model_a"] for r in csv_rows} == {"ref", "dpo"}  # 4 metrics x 2 models
     assert all(r["judge"] == "lm-eval" and r["model_b"] == "" and r["n"] == 3 for r in csv_rows)
     assert "## lm-evaluation-harness" in (tmp_path / "table1.md").read_text()

@@ -1,5 +1,5 @@
 """rpo/io.py: the one atomic write (respects the umask, leaves nothing behind on error) and the JSONL
-reader whose errors name the file and the line; eval/table.py's table writer goes through it.
+reader whose errors name the file and the line; eval/results_table.py's table writer goes through it.
 
 Run: pytest tests/test_io.py -q      (seconds)
 """
@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from eval import table
+from eval import results_table
 from rpo import io
 
 
@@ -38,12 +38,12 @@ def test_atomic_write_respects_the_umask(tmp_path):
 
 
 def test_table1_csv_is_readable_by_others(tmp_path, umask_022):
-    # Issue 15: table.write_table used tempfile.mkstemp, so table1.csv came out 0600 whatever the umask.
-    rows = [table.make_row(model_a="rpo", model_b="dpo", metric=table.WIN_RATE, value=60.0, ci_low=50.0,
+    # Issue 15: results_table.write_table used tempfile.mkstemp, so table1.csv came out 0600 whatever the umask.
+    rows = [results_table.make_row(model_a="rpo", model_b="dpo", metric=results_table.WIN_RATE, value=60.0, ci_low=50.0,
                            ci_high=70.0, n=10, judge="gold")]
-    path = table.write_table(rows, tmp_path / "results" / "table1.csv")
+    path = results_table.write_table(rows, tmp_path / "results" / "table1.csv")
     assert mode(path) == 0o644
-    assert table.read_table(path)[0]["value"] == 60.0
+    assert results_table.read_table(path)[0]["value"] == 60.0
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):

@@ -6,19 +6,19 @@ import math
 
 import pytest
 
-from eval import paper, table
+from eval import paper, results_table
 
 
 def _table(tmp_path):
     rows = [
-        table.make_row(model_a="rpo", model_b="ref", metric="win_rate", value=70.0, ci_low=62.0, ci_high=78.0,
+        results_table.make_row(model_a="rpo", model_b="ref", metric="win_rate", value=70.0, ci_low=62.0, ci_high=78.0,
                        n=150, judge="openai:gpt-4-0613"),
-        table.make_row(model_a="rpo", model_b="", metric="mtbench", value=7.0, n=160, judge="openai:gpt-4-0613"),
-        table.make_row(model_a="dpo", model_b="gpt4_1106_preview", metric="alpacaeval_lc", value=math.nan, n=0,
+        results_table.make_row(model_a="rpo", model_b="", metric="mtbench", value=7.0, n=160, judge="openai:gpt-4-0613"),
+        results_table.make_row(model_a="dpo", model_b="gpt4_1106_preview", metric="alpacaeval_lc", value=math.nan, n=0,
                        judge="openai:gpt-4-1106-preview"),
     ]
     path = tmp_path / "table1.csv"
-    table.write_table(table.complete_pairs(rows), path)
+    results_table.write_table(results_table.complete_pairs(rows), path)
     return path
 
 

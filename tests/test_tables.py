@@ -1,4 +1,4 @@
-"""Tests for eval.pairwise, eval.table and eval.figures on hand-made inputs.
+"""Tests for eval.pairwise, eval.results_table and eval.figures on hand-made inputs.
 
 Run:  cd /work/main && PYTHONPATH=. /work/venv/bin/python -m pytest tests/test_tables.py -q -p no:cacheprovider
 
@@ -10,9 +10,9 @@ import math
 
 import pytest
 
-from eval.figures import moving_average, plot_logps_chosen, plot_metric, read_metrics
+from eval.figures import moving_average, plot_logps_chosen_raw, plot_metric, read_metrics
 from eval.pairwise import outcome, pairwise_from_scores, win_rate
-from eval.table import (
+from eval.results_table import (
     COLUMNS,
     complete_pairs,
     make_row,
@@ -258,7 +258,7 @@ def test_plot_logps_chosen_writes_png_and_returns_data(tmp_path):
         {"step": s, "logps/chosen": -100.0 + s, "loss/sft": 1.0} for s in range(1, 6)
     ])
     out = tmp_path / "figs" / "nested" / "logps.png"
-    data = plot_logps_chosen({"dpo": dpo, "rpo": rpo}, out,
+    data = plot_logps_chosen_raw({"dpo": dpo, "rpo": rpo}, out,
                              labels={"dpo": "DPO", "rpo": "RPO"}, smooth=2)
     assert out.read_bytes()[:8] == PNG_MAGIC  # parent dirs created, real PNG
     # Returned series are the raw inputs, not the smoothed ones.

@@ -4,7 +4,7 @@ Each reads only its inputs and parameters and writes only its outputs, in the be
     MT-Bench     FastChat model_answer/<model>.jsonl and model_judgment/<judge>_single.jsonl
     AlpacaEval   alpaca_eval model_outputs.json and annotations.json
     Arena-Hard   arena-hard-auto model_answer rows and model_judgment/<model>.jsonl
-Every score file is a JSON list of eval.table rows, which make_table1 adds to results/table1.csv.
+Every score file is a JSON list of eval.results_table rows, which make_table1 adds to results/table1.csv.
 """
 from __future__ import annotations
 

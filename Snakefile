@@ -24,6 +24,7 @@ include: "workflow/rules/generate.smk"
 include: "workflow/rules/judge.smk"
 include: "workflow/rules/lm_eval.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/overopt.smk"
 
 
 onstart:

@@ -170,3 +170,53 @@ def plot_methods(runs: dict, rows: list[dict], out_png, *, labels: dict[str, str
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=150)
     return {"curves": curves, "win_rate_vs_ref": scores}
+
+
+def plot_overoptimization(rows: list[dict], out_png) -> dict:
+    """The overoptimization study (eval.overoptimization rows): top, per loss, the gold win rate against
+    the reference vs √KL(π‖π_ref), one line per run (β and the method's knob), points in step order with
+    the interval of each; bottom, the proxy (held-out implicit-reward accuracy) vs the same gold win rate.
+    Pooled rows are drawn where a run has several seeds, else its one seed's rows.
+
+    Returns {run: {"sqrt_kl": [...], "gold": [...], "proxy": [...], "steps": [...]}} as drawn."""
+    pooled = {r["method"] for r in rows if r["seed"] == "pooled"}
+    keep = [r for r in rows if (r["seed"] == "pooled") == (r["method"] in pooled)]
+    series: dict[str, dict] = {}
+    for r in keep:
+        s = series.setdefault(r["method"], {"loss": r["loss"], "beta": r["beta"], "knob": r["knob"],
+                                            "knob_value": r["knob_value"], "points": {}})
+        s["points"].setdefault(r["step"], {"snapshot_kl": r["kl"]})[r["metric"]] = (r["value"], r["ci_low"], r["ci_high"])
+    losses = sorted({s["loss"] for s in series.values()})
+    fig = Figure(figsize=(4.2 * max(1, len(losses)), 7.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, max(1, len(losses)), squeeze=False)
+    data = {}
+    for col, loss in enumerate(losses):
+        top, bottom = axes[0][col], axes[1][col]
+        for name in sorted(n for n, s in series.items() if s["loss"] == loss):
+            s = series[name]
+            steps = sorted(s["points"])
+            pts = [s["points"][k] for k in steps]
+            x = [float(np.sqrt(max(p["snapshot_kl"], 0.0))) for p in pts]
+            gold = [p["gold_win_rate"] for p in pts]
+            proxy = [p["proxy_accuracy"] for p in pts]
+            label = f"β={s['beta']}" + (f", {s['knob']}={s['knob_value']}" if s["knob"] else "")
+            y = [g[0] for g in gold]
+            err = [[g[0] - g[1] for g in gold], [g[2] - g[0] for g in gold]]
+            top.errorbar(x, y, yerr=err, marker="o", capsize=2, label=label)
+            bottom.plot([p[0] for p in proxy], y, marker="o", label=label)
+            data[name] = {"steps": steps, "sqrt_kl": x, "gold": y, "proxy": [p[0] for p in proxy]}
+        top.axhline(50.0, color="grey", lw=0.8, ls=":")
+        top.set_title(loss)
+        top.set_xlabel("√KL(π‖π_ref)  (nats^½, sampled)")
+        top.set_ylabel("gold win rate vs Ref (%)")
+        top.legend(fontsize=7)
+        bottom.axhline(50.0, color="grey", lw=0.8, ls=":")
+        bottom.set_xlabel("proxy: held-out implicit-reward accuracy (%)")
+        bottom.set_ylabel("gold win rate vs Ref (%)")
+    fig.suptitle("Overoptimization: gold quality vs distance from the reference (points in step order)")
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=130)
+    return data

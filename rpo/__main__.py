@@ -41,6 +41,16 @@ def _make_soup(**kw) -> None:
     make_soup(**kw)
 
 
+def _reference_answers(**kw) -> None:
+    from rpo.overopt import reference_answers
+    reference_answers(**kw)
+
+
+def _evaluate_snapshots(**kw) -> None:
+    from rpo.overopt import evaluate_snapshots
+    evaluate_snapshots(**kw)
+
+
 def _write_config(config: dict, out: str) -> None:
     """The resolved config as YAML, keys in their order (results/config.resolved.yaml)."""
     import yaml
@@ -56,6 +66,8 @@ COMMANDS = {
     "reference-logps": _reference_logps,
     "train-preference": _train_preference,
     "make-soup": _make_soup,
+    "reference-answers": _reference_answers,
+    "evaluate-snapshots": _evaluate_snapshots,
     "write-config": _write_config,
 }
 

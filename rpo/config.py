@@ -94,3 +94,55 @@ def check_config(config: dict, where: str = "config") -> None:
                                       launch.world_size(r["gpus"], r["nodes"]), where=f"{where}: {key}")
         except ValueError as e:
             raise ValueError(f"{e} (resources.{key}: gpus={r['gpus']}, nodes={r['nodes']})") from None
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def expand_grid(grid: dict, where: str = "overoptimization.grid") -> dict[str, dict]:
+    """A study grid, family -> {loss, hyperparameter: value or [values]}, as runs: one per combination of the
+    listed values, named <family>-<key><value>... over the listed keys (in the order written), e.g.
+    {"rpo": {"loss": "rpo", "beta": [0.05, 0.2], "eta": 1.0}} -> rpo-beta0.05, rpo-beta0.2."""
+    import itertools
+
+    runs = {}
+    for family, spec in grid.items():
+        swept = [k for k, v in spec.items() if isinstance(v, list)]
+        for k in swept:
+            if not spec[k]:
+                raise ValueError(f"{where}.{family}.{k}: an empty list sweeps nothing")
+        for combo in itertools.product(*(spec[k] for k in swept)):
+            method = {**spec, **dict(zip(swept, combo))}
+            name = "-".join([family] + [f"{k}{_fmt(v)}" for k, v in zip(swept, combo)])
+            if name in runs:
+                raise ValueError(f"{where}: run name {name!r} comes out twice")
+            try:
+                losses.get_loss(method["loss"])
+            except ValueError as e:
+                raise ValueError(f"{where}.{family}.loss: {e}") from None
+            losses.check_hyperparameters(method["loss"], {k: v for k, v in method.items() if k not in HPARAM_EXCLUDE},
+                                         where=f"{where}.{family}")
+            runs[name] = method
+    return runs
+
+
+def resolve_study(config: dict, schema: dict) -> dict:
+    """The overoptimization study's runs and the data and training configs they use: `data` and `training`
+    with the study's keys on top, each checked against its part of the config schema (`schema`, the
+    loaded config.schema.yaml), so a misspelt key fails here."""
+    import jsonschema
+
+    study = config["overoptimization"]
+    out = {"runs": expand_grid(study["grid"])}
+    for key, part in (("data", schema["properties"]["data"]), ("training", {"$ref": "#/$defs/train"})):
+        merged = deep_merge(config[key], study[key])
+        try:
+            jsonschema.validate(merged, {"$defs": schema["$defs"], **part})
+        except jsonschema.ValidationError as e:
+            where = ".".join(str(p) for p in e.absolute_path)
+            raise ValueError(f"overoptimization.{key}{'.' + where if where else ''}: {e.message}") from None
+        out[key] = merged
+    if out["training"]["max_prompt_length"] >= out["training"]["max_length"]:
+        raise ValueError("overoptimization.training: max_prompt_length must be < max_length")
+    return out

@@ -66,11 +66,16 @@ def local_micros(idx: list[int], rank: int, world: int, mb: int) -> list[tuple[l
 
 
 def run_loop(*, model, items, step_fn, cfg: dict, metrics_path, ckpt_dir, identity: dict, desc: str,
-             world, grad_hook=None) -> tuple[object, dict]:
+             world, grad_hook=None, save_snapshot=None) -> tuple[object, dict]:
     """Train `model` (as `prepare_model` made it) on `items`; returns (the trained, possibly wrapped,
     model, a summary) and writes the per-step metrics (JSONL) to `metrics_path` at the end. Checkpoints:
     see rpo.checkpoint. `grad_hook(step, model)`, if given, sees the synchronised gradients before each
-    optimizer step (tests)."""
+    optimizer step (tests).
+
+    Snapshots (cfg["snapshot_every"] > 0): every rank calls `save_snapshot(model, dir)` after every
+    `snapshot_every`-th optimizer step and after the last, with dir = snapshot_dir(ckpt_dir, step): they
+    live beside the checkpoints, so a resumed run keeps the ones it had (those after the checkpoint it
+    resumes from are written again), and the caller moves them to their output when training ends."""
     expected = cfg.get("world_size")
     if expected is not None and expected != world.size:
         raise RuntimeError(f"the config was resolved for {expected} training processes (gradient "
@@ -99,8 +104,13 @@ def run_loop(*, model, items, step_fn, cfg: dict, metrics_path, ckpt_dir, identi
     if found is not None:
         start = checkpoint.load(found, model=model, optimizer=opt, scheduler=sched, world=world)
         log.info("resuming from %s at step %d of %d", found, start, len(steps))
+    every = cfg.get("snapshot_every", 0)
+    if every and save_snapshot is None:
+        raise ValueError("snapshot_every is set but the training stage gave no way to save a snapshot")
     if world.main:
         _truncate_metrics(running, start)
+        _truncate_snapshots(ckpt_dir / SNAPSHOTS, start)
+    dist_.barrier(world)
 
     mb, n_total = cfg["micro_batch_size"], len(items)
     seen = [0]
@@ -134,6 +144,8 @@ def run_loop(*, model, items, step_fn, cfg: dict, metrics_path, ckpt_dir, identi
             bar.update(1)
             if world.main:
                 mf.write(json.dumps(rec) + "\n"); mf.flush()
+            if every and ((step + 1) % every == 0 or step + 1 == len(steps)):
+                save_snapshot(model, snapshot_dir(ckpt_dir, step + 1))
             if (step + 1) % cfg["checkpoint_every"] == 0 and step + 1 < len(steps):
                 checkpoint.save(ckpt_dir, step + 1, model=model, optimizer=opt, scheduler=sched,
                                 identity=identity, world=world)
@@ -144,6 +156,29 @@ def run_loop(*, model, items, step_fn, cfg: dict, metrics_path, ckpt_dir, identi
     return model, {"steps": len(steps), "warmup_steps": warmup, "resumed_from_step": start,
                    "world_size": world.size, "sharding": world.sharding,
                    "gradient_accumulation_steps": math.ceil(cfg["global_batch_size"] / (mb * world.size))}
+
+
+SNAPSHOTS = "snapshots"
+
+
+def snapshot_dir(ckpt_dir, step: int) -> Path:
+    return Path(ckpt_dir) / SNAPSHOTS / f"step-{step:06d}"
+
+
+def snapshot_steps(snapshots) -> list[int]:
+    """The steps of the finished snapshots in a snapshots directory, in order."""
+    return sorted(int(p.name.removeprefix("step-")) for p in Path(snapshots).glob("step-*")
+                  if p.is_dir() and p.name.removeprefix("step-").isdigit())
+
+
+def _truncate_snapshots(snapshots: Path, step: int) -> None:
+    """Keep the snapshots of steps <= `step` (none for a fresh start: they belong to another run)."""
+    if not snapshots.is_dir():
+        return
+    for p in snapshots.iterdir():
+        tail = p.name.removeprefix("step-")
+        if not tail.isdigit() or int(tail) > step:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -23,7 +23,7 @@ from rpo import io
 log = logging.getLogger(__name__)
 
 
-def _batch_seed(seed: int, key: str) -> int:
+def batch_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:4], "little")
 
 
@@ -192,11 +192,11 @@ def generate_answers(model, tok, prompts: list[dict], out_path: str | Path, *, m
             for j, i in enumerate(idx):
                 input_ids[j, width - len(encoded[i]):] = torch.tensor(encoded[i])
                 attn[j, width - len(encoded[i]):] = 1
-            gen = torch.Generator().manual_seed(_batch_seed(seed, todo[idx[0]]["id"]))
+            gen = torch.Generator().manual_seed(batch_seed(seed, todo[idx[0]]["id"]))
             new = sample(model, input_ids.to(device), attn.to(device), max_new_tokens=max_new_tokens,
                          num_return_sequences=num_return_sequences, temperature=temperature,
                          top_p=top_p, top_k=top_k, stop_ids=stop_ids, pad_id=tok.pad_token_id, generator=gen)
-            rows = [_answer_row(tok, todo[i], new, j, num_return_sequences, stop_ids, model_name)
+            rows = [answer_row(tok, todo[i], new, j, num_return_sequences, stop_ids, model_name)
                     for j, i in enumerate(idx)]
             # One write per batch, so a kill leaves whole batches (and at most one cut line).
             f.write("".join(io.jsonl_line(r) for r in rows))
@@ -209,7 +209,7 @@ def generate_answers(model, tok, prompts: list[dict], out_path: str | Path, *, m
     return rows
 
 
-def _answer_row(tok, prompt: dict, new: torch.Tensor, j: int, n: int, stop_ids, model_name: str) -> dict:
+def answer_row(tok, prompt: dict, new: torch.Tensor, j: int, n: int, stop_ids, model_name: str) -> dict:
     """The output row of the j-th prompt of a batch: its n decoded samples, cut at the first stop token."""
     texts, lens, finished = [], [], []
     for k in range(n):

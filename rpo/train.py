@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from rpo import checkpoint, io, losses
 from rpo import distributed as dist_
 from rpo.batching import Truncation, collate, fit, prompt_ids, response_ids, summed_logps
 from rpo.data import read_pairs
-from rpo.loop import run_loop
+from rpo.loop import SNAPSHOTS, run_loop, snapshot_steps
 from rpo.models import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -198,9 +199,16 @@ def _save_model(model, tok, out_dir: Path, *, merge: bool) -> None:
 
 
 def _finish(model, world, tok, out_dir, summary_path, ckpt_dir, summary: dict, *, start_dir, cfg,
-            merge: bool) -> dict:
+            merge: bool, snapshots_path=None) -> dict:
     save_trained(model, world, tok, out_dir, start_dir=start_dir, cfg=cfg, merge=merge)
     if world.main:
+        if snapshots_path is not None:
+            # the snapshots grew beside the checkpoints (rpo.loop); now they are the rule's output
+            snaps = Path(ckpt_dir) / SNAPSHOTS
+            shutil.rmtree(snapshots_path, ignore_errors=True)
+            Path(snapshots_path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(snaps, snapshots_path)
+            summary["snapshot_steps"] = snapshot_steps(snapshots_path)
         io.write_json(summary_path, summary, sort_keys=True)
     checkpoint.clear(ckpt_dir, world)
     dist_.barrier(world)
@@ -250,10 +258,15 @@ def train_sft(*, base_dir, pairs_path, out_dir, metrics_path, summary_path, ckpt
 # ---------------------------------------------------------------------------------------------------
 
 def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, metrics_path, summary_path, ckpt_dir,
-                     cfg: dict, method: dict, grad_hook=None) -> dict:
+                     cfg: dict, method: dict, grad_hook=None, snapshots_path=None) -> dict:
     """Train the policy (LoRA adapters on `ref_dir`, or the whole model) with `method`'s loss against the
     cached reference log-probs; writes the model to `out_dir`, the per-step metrics to `metrics_path`
-    and the run's summary to `summary_path`; resumes from `ckpt_dir`."""
+    and the run's summary to `summary_path`; resumes from `ckpt_dir`. With cfg["snapshot_every"] > 0,
+    the policy after every that many steps (and after the last) goes to `snapshots_path`/step-XXXXXX
+    (an adapter, or the whole model under full fine-tuning), saved like the final model."""
+    if bool(cfg.get("snapshot_every")) != (snapshots_path is not None):
+        raise ValueError("train_preference: snapshot_every > 0 and snapshots_path go together "
+                         f"(snapshot_every={cfg.get('snapshot_every')}, snapshots_path={snapshots_path})")
     loss_name = method["loss"]
     loss_fn = losses.get_loss(loss_name)
     hparams = {k: v for k, v in method.items() if k not in ("loss", "name", "reference")}
@@ -314,8 +327,10 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, metrics_p
                 "reference_logps": checkpoint.tensors_fingerprint(cache["chosen_logps"], cache["rejected_logps"])}
     model, info = run_loop(model=model, items=items, step_fn=step_fn, cfg=cfg, metrics_path=metrics_path,
                            ckpt_dir=ckpt_dir, identity=identity, desc=f"train {method.get('name', loss_name)}",
-                           world=world, grad_hook=grad_hook)
+                           world=world, grad_hook=grad_hook,
+                           save_snapshot=lambda m, d: save_trained(m, world, tok, d, start_dir=ref_dir, cfg=cfg,
+                                                                   merge=False))
     summary = {**info, "tokenization": tok_summary, "config": cfg, "method": method,
                "reference_model": str(ref_dir), "finetuning": cfg["finetuning"]}
     return _finish(model, world, tok, out_dir, summary_path, ckpt_dir, summary, start_dir=ref_dir, cfg=cfg,
-                   merge=False)
+                   merge=False, snapshots_path=snapshots_path)

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -203,3 +204,36 @@ def lm_eval_task_inputs(wildcards):
     if LM_EVAL_HUB:
         out.append(LM_EVAL_DATASETS)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The overoptimization study (workflow/rules/overopt.smk): runs of overoptimization.grid x seeds, from the
+# base model on the study's own data (rpo.config.resolve_study: data and training with its keys on top)
+# ---------------------------------------------------------------------------------------------------
+import yaml as _yaml  # noqa: E402
+
+from rpo.config import resolve_study  # noqa: E402
+
+STUDY = resolve_study(config, _yaml.safe_load(Path(workflow.basedir, "workflow/schemas/config.schema.yaml").read_text()))
+STUDY_DIR = f"{RESULTS}/overopt"
+STUDY_RUNS = sorted(STUDY["runs"])
+STUDY_RUN_NAMES = "|".join(re.escape(r) for r in STUDY_RUNS) or "^$"  # names hold "." and "-"
+STUDY_SEEDS = [int(s) for s in config["overoptimization"]["seeds"]]
+
+
+def study_train_cfg(seed):
+    """A study run's training config: the study's training keys, its seed, its snapshots, and the world
+    size and accumulation of resources.training (as train_cfg)."""
+    from rpo import launch
+
+    cfg = STUDY["training"]
+    r = config["resources"]["training"]
+    world = launch.world_size(r["gpus"], r["nodes"])
+    accum = launch.accumulation_steps(cfg["global_batch_size"], cfg["micro_batch_size"], world,
+                                      where="overoptimization.training")
+    return {**{k: v for k, v in cfg.items() if k != "threads"}, "seed": int(seed),
+            "snapshot_every": config["overoptimization"]["snapshot_every"], "world_size": world,
+            "gradient_accumulation_steps": accum}
+
+# one run of the study with one seed: its model, snapshots, metrics and measurements
+STUDY_RUN = f"{STUDY_DIR}/runs/{{run}}/seed{{seed}}"

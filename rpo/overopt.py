@@ -1,0 +1,232 @@
+"""Overoptimization measurements of one trained policy at its snapshots (issue 12; Gao et al. 2023, Rafailov
+et al. 2024): how far it moved from the reference and what that bought, by the gold scorer and by the proxy.
+
+For each snapshot, on the held-out prompts and pairs:
+    kl       KL(π‖π_ref) estimated from responses sampled from π at temperature 1 (no top-k/top-p):
+             per sample Σ_t [log π(y_t|x, y_<t) − log π_ref(y_t|x, y_<t)] over its tokens (the stop token
+             included when it was sampled), averaged over a prompt's samples. A sample cut at
+             `max_new_tokens` makes this the KL of the first `max_new_tokens` tokens, a lower bound of the
+             full sequence's KL; the share of cut samples is recorded.
+    gold     the gold score (rpo.verifiable.gold_score) of π's greedy answer, and its outcome against the
+             reference's greedy answer to the same prompt (1 win, 0.5 tie, 0 loss).
+    pair     on each held-out preference pair: the implicit reward margin β·(Δ_chosen − Δ_rejected) with
+             Δ = log π − log π_ref (the proxy DPO optimises), whether it ranks the pair right (ties half),
+             and Δ_chosen, the chosen response's log-prob against the reference (paper Fig. 1).
+One JSON record per item (prompt, sample or pair) and snapshot, so that intervals can resample prompts and
+seeds (eval.overoptimization); step 0 is the reference itself (KL 0 and margins 0 exactly, not estimated).
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from rpo import io, verifiable
+from rpo.batching import collate, summed_logps
+from rpo.data import read_pairs
+from rpo.loop import snapshot_steps
+from rpo.models import load_model, load_tokenizer
+from rpo.sampling import answer_row, batch_seed, sample
+
+log = logging.getLogger(__name__)
+
+
+def _encode_prompts(tok, prompts: list[dict]) -> list[list[int]]:
+    out = []
+    for p in prompts:
+        enc = tok.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True)
+        out.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
+    return out
+
+
+def _stop_ids(tok) -> set[int]:
+    return {tok.eos_token_id, tok.pad_token_id} - {None}
+
+
+@torch.inference_mode()
+def decode(model, tok, prompts: list[dict], *, n: int, max_new_tokens: int, temperature: float, seed: int,
+           batch_size: int) -> list[dict]:
+    """Per prompt: its token ids, and for each of `n` responses (greedy when temperature is 0) the token ids
+    up to and including the first stop token, the decoded text and whether it stopped by itself. The
+    sampler is rpo.sampling's, seeded per batch from (seed, first prompt id); temperature 1 with
+    top_k 0 and top_p 1 samples from π itself."""
+    encoded = _encode_prompts(tok, prompts)
+    device = next(model.parameters()).device
+    stop = _stop_ids(tok)
+    out: list[dict | None] = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for j, i in enumerate(idx):
+            ids[j, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            attn[j, width - len(encoded[i]):] = 1
+        gen = torch.Generator().manual_seed(batch_seed(seed, prompts[idx[0]]["id"]))
+        new = sample(model, ids.to(device), attn.to(device), max_new_tokens=max_new_tokens,
+                     num_return_sequences=n, temperature=temperature, top_p=1.0, top_k=0, stop_ids=stop,
+                     pad_id=tok.pad_token_id, generator=gen)
+        for j, i in enumerate(idx):
+            row = answer_row(tok, prompts[i], new, j, n, stop, "")
+            tokens = []
+            for k in range(n):
+                seq = new[j * n + k].tolist()
+                # the stop token is part of what was sampled: its probability counts in the KL
+                keep = row["n_tokens"][k] + (1 if row["finished"][k] else 0)
+                tokens.append(seq[:keep])
+            out[i] = {"id": prompts[i]["id"], "prompt_ids": encoded[i], "response_ids": tokens,
+                      "texts": row["responses"], "finished": row["finished"]}
+    return out
+
+
+def _logps(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> torch.Tensor:
+    """Summed log-probs of each (prompt, response) sequence's response tokens."""
+    device = next(model.parameters()).device
+    vals = []
+    for s in range(0, len(seqs), batch_size):
+        batch = {k: v.to(device) for k, v in collate(seqs[s:s + batch_size], pad_id).items()}
+        lp, _ = summed_logps(model, batch)
+        vals.append(lp.float().cpu())
+    return torch.cat(vals) if vals else torch.zeros(0)
+
+
+class Reference:
+    """Where log π_ref comes from: `model`, a separately loaded reference (for a fully fine-tuned policy),
+    or None: the policy itself with its LoRA adapter switched off (peft's disable_adapter)."""
+
+    def __init__(self, model=None):
+        self.model = model
+
+    def __call__(self, policy):
+        return (policy.disable_adapter(), policy) if self.model is None else (nullcontext(), self.model)
+
+
+@torch.inference_mode()
+def pair_logratios(policy, ref: Reference, tok, items: list[dict], batch_size: int) -> dict[str, torch.Tensor]:
+    """Δ_chosen and Δ_rejected (log π − log π_ref) of tokenised held-out pairs."""
+    seqs_c = [(it["prompt"], it["chosen"]) for it in items]
+    seqs_r = [(it["prompt"], it["rejected"]) for it in items]
+    pc, pr = _logps(policy, seqs_c, tok.pad_token_id, batch_size), _logps(policy, seqs_r, tok.pad_token_id, batch_size)
+    ctx, rm = ref(policy)
+    with ctx:
+        rc, rr = _logps(rm, seqs_c, tok.pad_token_id, batch_size), _logps(rm, seqs_r, tok.pad_token_id, batch_size)
+    return {"chosen": pc - rc, "rejected": pr - rr}
+
+
+@torch.inference_mode()
+def kl_samples(policy, ref: Reference, tok, prompts: list[dict], *, n: int, max_new_tokens: int, seed: int,
+               batch_size: int) -> list[dict]:
+    """Per prompt: each temperature-1 sample's log π − log π_ref (summed over its tokens)."""
+    decoded = decode(policy, tok, prompts, n=n, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed,
+                     batch_size=batch_size)
+    seqs = [(d["prompt_ids"], r) for d in decoded for r in d["response_ids"]]
+    lp = _logps(policy, seqs, tok.pad_token_id, batch_size)
+    ctx, rm = ref(policy)
+    with ctx:
+        lr = _logps(rm, seqs, tok.pad_token_id, batch_size)
+    diff = (lp - lr).tolist()
+    out = []
+    for i, d in enumerate(decoded):
+        out.append({"id": d["id"], "values": diff[i * n:(i + 1) * n],
+                    "n_tokens": [len(r) for r in d["response_ids"]], "finished": d["finished"]})
+    return out
+
+
+def gold_scores(prompts: list[dict], texts: list[str]) -> list[float]:
+    """The gold score of each answer to its held-out prompt (the prompt's IFEval meta)."""
+    out = []
+    for p, t in zip(prompts, texts):
+        if "meta" not in p or "instruction_id_list" not in p["meta"]:
+            raise ValueError(f"held-out prompt {p['id']!r} has no verifiable instructions (meta."
+                             "instruction_id_list): the overoptimization study needs a gold-scored source")
+        user = [m["content"] for m in p["messages"] if m["role"] == "user"][-1]
+        out.append(verifiable.gold_score_for(t, user, p["meta"])["score"])
+    return out
+
+
+def outcome(a: float, b: float) -> float:
+    return 1.0 if a > b else 0.0 if a < b else 0.5
+
+
+def reference_answers(*, ref_dir, prompts_path, out, max_new_tokens: int, batch_size: int) -> list[dict]:
+    """The reference's greedy answers to the held-out prompts and their gold scores (step 0 of every curve,
+    and the other side of every snapshot's gold win rate)."""
+    tok = load_tokenizer(ref_dir)
+    prompts = io.read_jsonl(prompts_path)
+    model = load_model(ref_dir, device=_device()).eval()
+    decoded = decode(model, tok, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0, seed=0,
+                     batch_size=batch_size)
+    scores = gold_scores(prompts, [d["texts"][0] for d in decoded])
+    rows = [{"id": d["id"], "answer": d["texts"][0], "finished": d["finished"][0], "gold": s}
+            for d, s in zip(decoded, scores)]
+    io.write_jsonl(rows, out)
+    return rows
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def evaluate_snapshots(*, ref_dir, snapshots, prompts_path, pairs_path, ref_answers, out, beta: float,
+                       max_length: int, max_prompt_length: int, kl_samples_per_prompt: int,
+                       max_new_tokens: int, batch_size: int, seed: int) -> int:
+    """Every snapshot of one run (and step 0, the reference) measured as the module docstring says;
+    writes the item records to `out` (JSONL) and returns the number of snapshots."""
+    from rpo.train import tokenize_pairs
+
+    steps = snapshot_steps(snapshots)
+    if not steps:
+        raise ValueError(f"{snapshots}: no snapshots (step-XXXXXX directories); train with snapshot_every > 0")
+    tok = load_tokenizer(ref_dir)
+    prompts = io.read_jsonl(prompts_path)
+    ref_rows = {r["id"]: r for r in io.read_jsonl(ref_answers)}
+    missing = [p["id"] for p in prompts if p["id"] not in ref_rows]
+    if missing:
+        raise ValueError(f"{ref_answers}: no reference answer for held-out prompts {missing[:5]}")
+    items, _ = tokenize_pairs(tok, read_pairs(pairs_path), max_length=max_length,
+                              max_prompt_length=max_prompt_length)
+    records = []
+    # step 0: the policy is the reference (every Δ is 0 exactly, its answers are the reference's)
+    records += [{"step": 0, "kind": "kl", "id": p["id"], "values": [0.0] * kl_samples_per_prompt,
+                 "n_tokens": None, "finished": None} for p in prompts]
+    records += [{"step": 0, "kind": "gold", "id": p["id"], "gold": ref_rows[p["id"]]["gold"], "win": 0.5}
+                for p in prompts]
+    records += [{"step": 0, "kind": "pair", "id": it["id"], "logratio_chosen": 0.0, "logratio_rejected": 0.0,
+                 "margin": 0.0, "correct": 0.5} for it in items]
+    device = _device()
+    adapters = (Path(snapshots) / f"step-{steps[0]:06d}" / "adapter_config.json").is_file()
+    ref = Reference(None if adapters else load_model(ref_dir, device=device).eval())
+    base = load_model(ref_dir, device=device).eval() if adapters else None
+    policy = None
+    for step in tqdm(steps, desc="snapshots", unit="snapshot"):
+        path = Path(snapshots) / f"step-{step:06d}"
+        if adapters:
+            from peft import PeftModel
+            if policy is None:
+                policy = PeftModel.from_pretrained(base, path, adapter_name=f"s{step}").eval()
+            else:
+                policy.load_adapter(path, adapter_name=f"s{step}")
+                policy.set_adapter(f"s{step}")
+                policy.delete_adapter(prev)
+            prev = f"s{step}"
+        else:
+            policy = load_model(path, device=device).eval()
+        for r in kl_samples(policy, ref, tok, prompts, n=kl_samples_per_prompt, max_new_tokens=max_new_tokens,
+                            seed=seed * 1_000_003 + step, batch_size=batch_size):
+            records.append({"step": step, "kind": "kl", **r})
+        greedy = decode(policy, tok, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0, seed=0,
+                        batch_size=batch_size)
+        scores = gold_scores(prompts, [d["texts"][0] for d in greedy])
+        records += [{"step": step, "kind": "gold", "id": p["id"], "gold": s,
+                     "win": outcome(s, ref_rows[p["id"]]["gold"])} for p, s in zip(prompts, scores)]
+        lr = pair_logratios(policy, ref, tok, items, batch_size)
+        for it, c, j in zip(items, lr["chosen"].tolist(), lr["rejected"].tolist()):
+            margin = beta * (c - j)
+            records.append({"step": step, "kind": "pair", "id": it["id"], "logratio_chosen": c,
+                            "logratio_rejected": j, "margin": margin, "correct": outcome(margin, 0.0)})
+    io.write_jsonl(records, out)
+    return len(steps)

@@ -1,0 +1,162 @@
+# The overoptimization study (issue 12; README "Overoptimization"):
+#   snakemake --cores all results/overoptimization.csv
+# Its own data (more prompts, label noise: overoptimization.data over data), each run of
+# overoptimization.grid trained once per seed from the base model with snapshots every
+# overoptimization.snapshot_every steps, every snapshot measured on the held-out prompts and pairs
+# (KL to the reference, gold score and win rate, the implicit-reward proxy), then one tidy CSV and a figure.
+
+
+rule study_data:
+    input:
+        base=f"{RESULTS}/models/base",
+        **(STUDY["data"]["splits"] if STUDY["data"]["source"] == "file" else {}),
+    output:
+        train=f"{STUDY_DIR}/data/train.jsonl",
+        test=f"{STUDY_DIR}/data/test.jsonl",
+        prompts=f"{STUDY_DIR}/data/prompts_test.jsonl",
+        summary=f"{STUDY_DIR}/data/summary.json",
+        **({"samples": f"{STUDY_DIR}/data/samples.jsonl"} if STUDY["data"]["source"] == "synthetic:verifiable" else {}),
+    params:
+        # the study scores every answer with the gold verifier: every held-out prompt must carry its instructions
+        **job_params(lambda w: {"data_cfg": STUDY["data"], "seed": config["seed"],
+                                "check_gold_meta": STUDY["data"]["source"] != "synthetic:verifiable"},
+                     lambda w, input, output: {"base_dir": input.base, **dict(output.items())}),
+    threads: STUDY["data"]["synthetic"]["threads"]
+    resources:
+        **res("data"),
+    log:
+        "logs/study_data/data.log",
+    shell:
+        "python -m rpo make-data --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
+
+
+rule study_reference_logps:
+    input:
+        ref=f"{RESULTS}/models/base",
+        train=f"{STUDY_DIR}/data/train.jsonl",
+    output:
+        f"{STUDY_DIR}/reference/train_logps.pt",
+    params:
+        **job_params(
+            lambda w: {"max_length": STUDY["training"]["max_length"],
+                       "max_prompt_length": STUDY["training"]["max_prompt_length"],
+                       "batch_size": config["reference"]["batch_size"], "dtype": STUDY["training"]["precision"]},
+            lambda w, input, output: {"model_dir": input.ref, "pairs_path": input.train, "out_path": output[0]}),
+    threads: config["reference"]["threads"]
+    resources:
+        **res("reference"),
+    log:
+        "logs/study_reference_logps/ref.log",
+    shell:
+        "python -m rpo reference-logps --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
+
+
+rule study_reference_answers:
+    # the reference's greedy answers and gold scores: step 0 of every curve and the other side of its win rates
+    input:
+        ref=f"{RESULTS}/models/base",
+        prompts=f"{STUDY_DIR}/data/prompts_test.jsonl",
+    output:
+        f"{STUDY_DIR}/reference/answers.jsonl",
+    params:
+        **job_params(lambda w: {"max_new_tokens": config["overoptimization"]["eval"]["max_new_tokens"],
+                                "batch_size": config["overoptimization"]["eval"]["batch_size"]},
+                     lambda w, input, output: {"ref_dir": input.ref, "prompts_path": input.prompts, "out": output[0]}),
+    threads: config["overoptimization"]["eval"]["threads"]
+    resources:
+        **res("generation"),
+    log:
+        "logs/study_reference_answers/ref.log",
+    shell:
+        "python -m rpo reference-answers --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
+
+
+rule study_train:
+    input:
+        ref=f"{RESULTS}/models/base",
+        train=f"{STUDY_DIR}/data/train.jsonl",
+        cache=f"{STUDY_DIR}/reference/train_logps.pt",
+    output:
+        model=directory(f"{STUDY_RUN}/model"),
+        snapshots=directory(f"{STUDY_RUN}/snapshots"),
+        metrics=f"{STUDY_RUN}/metrics.jsonl",
+        summary=f"{STUDY_RUN}/train_summary.json",
+    wildcard_constraints:
+        run=STUDY_RUN_NAMES,
+        seed=r"\d+",
+    params:
+        **job_params(
+            lambda w: {"ckpt_dir": f"{STUDY_DIR}/checkpoints/{w.run}-seed{w.seed}", "cfg": study_train_cfg(w.seed),
+                       "method": {"name": w.run, **STUDY["runs"][w.run]}},
+            lambda w, input, output: {"ref_dir": input.ref, "pairs_path": input.train, "reference_cache": input.cache,
+                                      "out_dir": output.model, "snapshots_path": output.snapshots,
+                                      "metrics_path": output.metrics, "summary_path": output.summary}),
+        launch=launcher("training"),
+    threads: STUDY["training"]["threads"]
+    resources:
+        **res("training"),
+    log:
+        "logs/study_train/{run}-seed{seed}.log",
+    shell:
+        "{params.launch} train-preference --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
+
+
+rule study_evaluate:
+    input:
+        ref=f"{RESULTS}/models/base",
+        snapshots=f"{STUDY_RUN}/snapshots",
+        prompts=f"{STUDY_DIR}/data/prompts_test.jsonl",
+        pairs=f"{STUDY_DIR}/data/test.jsonl",
+        ref_answers=f"{STUDY_DIR}/reference/answers.jsonl",
+    output:
+        f"{STUDY_RUN}/snapshot_eval.jsonl",
+    wildcard_constraints:
+        run=STUDY_RUN_NAMES,
+        seed=r"\d+",
+    params:
+        **job_params(
+            lambda w: {"beta": STUDY["runs"][w.run]["beta"], "max_length": STUDY["training"]["max_length"],
+                       "max_prompt_length": STUDY["training"]["max_prompt_length"], "seed": int(w.seed),
+                       **{k: v for k, v in config["overoptimization"]["eval"].items() if k != "threads"}},
+            lambda w, input, output: {"ref_dir": input.ref, "snapshots": input.snapshots,
+                                      "prompts_path": input.prompts, "pairs_path": input.pairs,
+                                      "ref_answers": input.ref_answers, "out": output[0]}),
+    threads: config["overoptimization"]["eval"]["threads"]
+    resources:
+        **res("generation"),
+    log:
+        "logs/study_evaluate/{run}-seed{seed}.log",
+    shell:
+        "python -m rpo evaluate-snapshots --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
+
+
+def study_specs(w):
+    return [{"name": run, "loss": STUDY["runs"][run]["loss"], "seed": seed,
+             "hparams": {k: v for k, v in STUDY["runs"][run].items() if k not in ("loss", "reference")},
+             "label_noise": STUDY["data"]["synthetic"]["label_noise"] if STUDY["data"]["source"] == "synthetic:verifiable" else None}
+            for run in STUDY_RUNS for seed in STUDY_SEEDS]
+
+
+def study_records(w):
+    if not STUDY_RUNS:
+        raise ValueError("results/overoptimization.csv: overoptimization.grid is empty; give the study its runs "
+                         "(config/config.yaml has the quickstart's grid)")
+    return [STUDY_RUN.format(run=run, seed=seed) + "/snapshot_eval.jsonl" for run in STUDY_RUNS for seed in STUDY_SEEDS]
+
+
+rule overoptimization:
+    input:
+        study_records,
+    output:
+        csv=f"{RESULTS}/overoptimization.csv",
+        figure=report(f"{RESULTS}/figures/overoptimization.png", category="Figures"),
+    params:
+        **job_params(lambda w: {"specs": study_specs(w), **config["overoptimization"]["bootstrap"]},
+                     lambda w, input, output: {"records": list(input), "csv_path": output.csv,
+                                               "figure": output.figure}),
+    resources:
+        **res("cpu"),
+    log:
+        "logs/overoptimization/overoptimization.log",
+    shell:
+        "python -m eval overoptimization --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"

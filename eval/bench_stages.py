@@ -11,23 +11,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from eval import (alpacaeval, alpacaeval_judge, alpacaeval_metrics, arenahard, arenahard_judge,
-                  arenahard_protocol, mtbench, mtbench_judge)
+                  arenahard_protocol, generation, mtbench, mtbench_judge)
 from rpo.io import write_json
-from rpo.sampling import generate_answers
 from eval import judge_config
 from eval.judges import get_judge
 
 log = logging.getLogger(__name__)
-
-
-def _load(model_name: str, ref_dir: str, policy_dir: str | None):
-    from rpo.models import load_tokenizer
-    from rpo.models import load_policy
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_tokenizer(ref_dir), load_policy(ref_dir, policy_dir or ref_dir, device=device).eval()
 
 
 def _write_rows(rows: list[dict], out: str) -> None:
@@ -38,9 +28,17 @@ def _write_rows(rows: list[dict], out: str) -> None:
 # MT-Bench
 # ---------------------------------------------------------------------------------------------------
 
-def generate_mtbench(*, model_name, ref_dir, policy_dir, out, n_questions, max_new_tokens, batch_size, seed):
-    tok, model = _load(model_name, ref_dir, policy_dir)
+def generate_mtbench(*, model_name, ref_dir, policy_dir, out, n_questions, max_new_tokens, batch_size, seed,
+                     backend="hf", vllm_dtype=None):
+    generation.check_backend(backend, vllm_dtype)
     questions = mtbench.load_questions()
+    if backend == "vllm":
+        from eval.vllm_backend import generate_mtbench_answers
+        engine = generation.vllm_engine(ref_dir, policy_dir, seed=seed, vllm_dtype=vllm_dtype)
+        generate_mtbench_answers(engine, questions, out, model_id=model_name, max_new_tokens=max_new_tokens,
+                                 seed=seed, limit=n_questions)
+        return
+    tok, model = generation.load_hf(ref_dir, policy_dir)
     mtbench.generate_answers(model, tok, questions, out, model_id=model_name, max_new_tokens=max_new_tokens,
                              seed=seed, limit=n_questions, batch_size=batch_size)
 
@@ -91,12 +89,13 @@ def _alpaca_eval_set(n_questions, subset):
 
 
 def generate_alpacaeval(*, model_name, ref_dir, policy_dir, out, n_questions, max_new_tokens, batch_size, seed,
-                        subset="first"):
-    tok, model = _load(model_name, ref_dir, policy_dir)
+                        subset="first", backend="hf", vllm_dtype=None):
     eval_set = _alpaca_eval_set(n_questions, subset)
-    gen = generate_answers(model, tok, alpacaeval.generation_prompts(eval_set), Path(out).with_suffix(".gen.jsonl"),
-                           max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, model_name=model_name,
-                           desc=f"alpacaeval {model_name}")
+    gen = generation.answer_prompts(
+        backend=backend, vllm_dtype=vllm_dtype, ref_dir=ref_dir, policy_dir=policy_dir,
+        prompts=alpacaeval.generation_prompts(eval_set), out=Path(out).with_suffix(".gen.jsonl"),
+        max_new_tokens=max_new_tokens, **generation.GREEDY, batch_size=batch_size, seed=seed,
+        model_name=model_name, desc=f"alpacaeval {model_name}")
     alpacaeval.write_model_outputs(alpacaeval.make_model_outputs(eval_set, gen, model_name), out)
 
 
@@ -137,11 +136,12 @@ def _arena_questions(version: str, n_questions, category, subset="first"):
 
 
 def generate_arenahard(*, model_name, ref_dir, policy_dir, out, version, category, n_questions, max_new_tokens,
-                       batch_size, seed, subset="first"):
-    tok, model = _load(model_name, ref_dir, policy_dir)
+                       batch_size, seed, subset="first", backend="hf", vllm_dtype=None):
     questions, _ = _arena_questions(version, n_questions, category, subset)
-    generate_answers(model, tok, arenahard.generation_prompts(questions), out, max_new_tokens=max_new_tokens,
-                     batch_size=batch_size, seed=seed, model_name=model_name, desc=f"arena-hard {model_name}")
+    generation.answer_prompts(backend=backend, vllm_dtype=vllm_dtype, ref_dir=ref_dir, policy_dir=policy_dir,
+                              prompts=arenahard.generation_prompts(questions), out=out,
+                              max_new_tokens=max_new_tokens, **generation.GREEDY, batch_size=batch_size, seed=seed,
+                              model_name=model_name, desc=f"arena-hard {model_name}")
 
 
 def judge_arenahard(*, model_name, answers, out, judge, version, category, n_questions, judge_max_tokens,

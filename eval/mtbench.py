@@ -58,6 +58,8 @@ TEMPERATURE_BY_CATEGORY = {
     "humanities": 0.1,
 }
 DEFAULT_TEMPERATURE = 0.7  # gen_model_answer.py: a category not in temperature_config
+# A sampled answer's top_p and top_k: HF generate's defaults, which gen_model_answer.py ran with
+SAMPLED_TOP_P, SAMPLED_TOP_K = 1.0, 50
 NEED_REF_CATEGORIES = ("math", "reasoning", "coding")
 
 
@@ -219,9 +221,41 @@ def _turn_messages(question: dict, first_answer: str | None) -> list[dict]:
     return msgs
 
 
+def select_questions(questions: list[dict], limit: int | None) -> list[dict]:
+    """The first `limit` questions (all with None); none, or a duplicate id, is an error."""
+    questions = list(questions)[:limit] if limit is not None else list(questions)
+    if not questions:
+        raise ValueError("generate_answers: no questions")
+    ids = [q["question_id"] for q in questions]
+    if len(set(ids)) != len(ids):
+        raise ValueError("generate_answers: duplicate question ids")
+    return questions
+
+
+def turn_prompts(questions: list[dict], turn: int, answers: dict) -> list[dict]:
+    """The generation prompts of one turn: turn 2's hold the model's own turn-1 answer (`answers[qid][0]`)."""
+    return [{"id": _qkey(q["question_id"], turn),
+             "messages": _turn_messages(q, answers[q["question_id"]][0] if turn == 2 else None)}
+            for q in questions]
+
+
+def write_answer_file(out_path, model_id: str, answers: dict, *, n_cut: int, max_new_tokens: int) -> list[dict]:
+    """FastChat's model_answer rows, sorted by question id (reorg_answer_file), written atomically.
+    `n_cut`: how many answers reached max_new_tokens (logged)."""
+    if n_cut:
+        log.info("%s: %d of %d answers reached max_new_tokens=%d", out_path, n_cut, 2 * len(answers),
+                 max_new_tokens)
+    now = time.time()
+    rows = [{"question_id": qid, "answer_id": answer_id(model_id, qid, answers[qid]), "model_id": model_id,
+             "choices": [{"index": 0, "turns": answers[qid]}], "tstamp": now}
+            for qid in sorted(answers)]
+    _write_jsonl_atomic(rows, Path(out_path))
+    return rows
+
+
 def generate_answers(model, tok, questions: list[dict], out_path, *, model_id: str, max_new_tokens: int,
-                     seed: int = 0, limit: int | None = None, batch_size: int = 16, top_p: float = 1.0,
-                     top_k: int = 50) -> list[dict]:
+                     seed: int = 0, limit: int | None = None, batch_size: int = 16, top_p: float = SAMPLED_TOP_P,
+                     top_k: int = SAMPLED_TOP_K) -> list[dict]:
     """Answer both turns of each question into FastChat's model_answer/<model_id>.jsonl format.
 
     As in FastChat's gen_model_answer.py: the conversation is the model's own chat template; turn 2's
@@ -229,19 +263,15 @@ def generate_answers(model, tok, questions: list[dict], out_path, *, model_id: s
     category (0 = greedy); a sampled answer uses top_k=50, top_p=1, the defaults HF `generate` applied
     there. Generation itself is rpo.sampling.generate_answers (batched, seeded per batch, resumable),
     once per (turn, temperature) group, into `<out_path>.work/`; that folder is kept while the run is
-    unfinished so a rerun with the same settings resumes, and removed at the end.
+    unfinished so a rerun with the same settings resumes, and removed at the end. (The vLLM backend:
+    eval.vllm_backend.generate_mtbench_answers, the same prompts, temperatures and file.)
 
     Rows {"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [a1, a2]}], "tstamp"}
     are sorted by question id (FastChat's reorg_answer_file). answer_id is a hash of the answer, so a
     rerun writes the same ids; tstamp is the time the file was written.
     """
     out_path = Path(out_path)
-    questions = list(questions)[:limit] if limit is not None else list(questions)
-    if not questions:
-        raise ValueError("generate_answers: no questions")
-    ids = [q["question_id"] for q in questions]
-    if len(set(ids)) != len(ids):
-        raise ValueError("generate_answers: duplicate question ids")
+    questions = select_questions(questions, limit)
     work = out_path.with_name(out_path.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     # Intermediate files are only reused when they came from the same weights, tokenizer and settings
@@ -267,9 +297,7 @@ def generate_answers(model, tok, questions: list[dict], out_path, *, model_id: s
     for turn in (1, 2):
         for temp in sorted(groups):
             qs = groups[temp]
-            prompts = [{"id": _qkey(q["question_id"], turn),
-                        "messages": _turn_messages(q, answers[q["question_id"]][0] if turn == 2 else None)}
-                       for q in qs]
+            prompts = turn_prompts(qs, turn, answers)
             part = work / f"turn{turn}_temp{temp:g}.jsonl"
             rows = _reuse(part, prompts)
             if rows is None:
@@ -280,15 +308,7 @@ def generate_answers(model, tok, questions: list[dict], out_path, *, model_id: s
             for q, r in zip(qs, rows):
                 answers[q["question_id"]].append(r["responses"][0])
                 cut += not r["finished"][0]
-    if cut:
-        log.info("%s: %d of %d answers reached max_new_tokens=%d", out_path, cut, 2 * len(questions),
-                 max_new_tokens)
-
-    now = time.time()
-    rows = [{"question_id": qid, "answer_id": answer_id(model_id, qid, answers[qid]), "model_id": model_id,
-             "choices": [{"index": 0, "turns": answers[qid]}], "tstamp": now}
-            for qid in sorted(answers)]
-    _write_jsonl_atomic(rows, out_path)
+    rows = write_answer_file(out_path, model_id, answers, n_cut=cut, max_new_tokens=max_new_tokens)
     for f in work.iterdir():
         f.unlink()
     work.rmdir()

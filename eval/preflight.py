@@ -6,6 +6,7 @@ of failing the judging jobs after hours of training.
                                         is never read here); llamacpp: its GGUF resolves to a file and
                                         llama_cpp.server is importable
     MT-Bench (when enabled)             its data files (installed, cached, or fetched once: eval.fetch)
+    generation.backend vllm             the vllm package is installed (found, not imported)
 
 (AlpacaEval's LC files and the harness's datasets have their own start-up checks:
 eval.alpacaeval_metrics.check_lc_available and the check_lm_eval_datasets rule.)
@@ -73,10 +74,17 @@ def mtbench_problems(config: dict) -> list[str]:
     return []
 
 
+def backend_problems(config: dict) -> list[str]:
+    if config["generation"]["backend"] == "vllm" and importlib.util.find_spec("vllm") is None:
+        return ["generation.backend: vllm needs the vllm package (pip install -e '.[vllm]' on the CUDA machines), "
+                "or set generation.backend: hf"]
+    return []
+
+
 def check(config: dict, *, dryrun: bool = False) -> list[str]:
     """Every problem found; raises PreflightError listing them unless `dryrun` (then they are logged)."""
     problems = [p for key, judge in used_judges(config) for p in judge_problems(key, judge)]
-    problems += mtbench_problems(config)
+    problems += mtbench_problems(config) + backend_problems(config)
     if problems and not dryrun:
         raise PreflightError("this run cannot finish; fix before anything is trained:\n  - "
                              + "\n  - ".join(problems))

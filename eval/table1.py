@@ -2,7 +2,7 @@
 
     select_prompts            the prompts of the protocol: `paper` the first n in dataset order (the authors'
                               test_prefs[:200]), `both_orders` n drawn by id hash
-    generate_table1_answers   one model's answers to the held-out prompts (HF backend, or vLLM)
+    generate_table1_answers   one model's answers to the held-out prompts (generation.backend: hf or vllm)
     judge_pair                both models' answers judged prompt by prompt (one JSONL per pair), with the
                               gold judge or an LLM judge under `table1.protocol` (eval.pairwise_judge)
     make_table1               win rates with seeded bootstrap CIs -> results/table1.csv, table1.md,
@@ -15,10 +15,8 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 from eval import figures, judge_config, results_table
-from rpo.sampling import generate_answers
+from eval.generation import answer_prompts
 from eval.judges import get_judge
 from eval.pairwise_judge import PROTOCOLS, judge_items
 
@@ -54,25 +52,12 @@ def select_prompts(prompts: list[dict], n: int | None, protocol: str = "both_ord
 def generate_table1_answers(*, model_name: str, ref_dir: str, policy_dir: str | None, prompts_path: str,
                             out: str, n_prompts: int | None, max_new_tokens: int, temperature: float,
                             top_p: float, top_k: int, batch_size: int, seed: int, backend: str = "hf",
-                            protocol: str = "both_orders") -> None:
-    from rpo.models import load_tokenizer
-    from rpo.models import load_policy
+                            vllm_dtype: str | None = None, protocol: str = "both_orders") -> None:
     prompts = select_prompts(_read_jsonl(prompts_path), n_prompts, protocol)
-    if backend == "vllm":
-        from eval.vllm_backend import generate_answers_vllm
-        generate_answers_vllm(ref_dir=ref_dir, policy_dir=policy_dir, out_path=out, max_new_tokens=max_new_tokens,
-                              prompts=[{"id": p["id"], "messages": p["messages"]} for p in prompts],
-                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, model_name=model_name)
-        return
-    if backend != "hf":
-        raise ValueError(f"table1.generation.backend: unknown backend {backend!r}; expected 'hf' or 'vllm'")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = load_tokenizer(ref_dir)
-    model = load_policy(ref_dir, policy_dir or ref_dir, device=device).eval()
-    generate_answers(model, tok, [{"id": p["id"], "messages": p["messages"]} for p in prompts], out,
-                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                     batch_size=batch_size, seed=seed, model_name=model_name,
-                     desc=f"answers {model_name}")
+    answer_prompts(backend=backend, vllm_dtype=vllm_dtype, ref_dir=ref_dir, policy_dir=policy_dir,
+                   prompts=[{"id": p["id"], "messages": p["messages"]} for p in prompts], out=out,
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                   batch_size=batch_size, seed=seed, model_name=model_name, desc=f"answers {model_name}")
 
 
 def judge_pair(*, model_a: str, model_b: str, answers_a: str, answers_b: str, prompts_path: str,

@@ -1,16 +1,38 @@
-"""vLLM generation backend (optional: pip install '.[vllm]'; needs a CUDA GPU).
+"""vLLM generation backend (optional: pip install '.[vllm]'; needs a CUDA GPU) for every answer the DAG
+generates, Table 1's, MT-Bench's, AlpacaEval's and Arena-Hard's, when `generation.backend` is vllm
+(eval/generation.py picks the backend).
 
-The trained LoRA adapters are served on top of the reference model without merging (vLLM's LoRARequest);
-a fully fine-tuned policy is loaded as its own model. Answers are written in exactly the format of the HF
-backend (`rpo.sampling.generate_answers`): one JSON row per prompt with id, model, messages, responses,
-n_tokens and finished, so every judge and scorer reads either. The HF backend stays the default and the
-fallback (MT-Bench's two-turn answers always use it).
+    Engine                     one vLLM engine per job: built once, reused for every call of the job
+                               (MT-Bench's two turns and all its categories included)
+    Engine.write_answers       answers to prompts -> the HF backend's answer file (rpo.sampling.generate_answers)
+    generate_mtbench_answers   MT-Bench's two turns -> FastChat's model_answer file (as mtbench.generate_answers)
+
+The same as the HF backend, by construction:
+* the prompts: rpo.sampling.encode_prompt (the tokenizer's chat template, the assistant turn opened) makes
+  the token ids, which go to vLLM as they are (a TokensPrompt), so vLLM never renders the template itself;
+* where an answer stops: the tokenizer's eos and pad ids (rpo.sampling.stop_token_ids) and no other.
+  vLLM would also stop on the eos ids of the model's generation_config.json, which the HF sampler does
+  not; ignore_eos=True with exactly these ids as stop_token_ids makes both stop on the same tokens;
+* the text: the generated ids before the first stop id, decoded by the same tokenizer
+  (rpo.sampling.decode_answer), not by vLLM's incremental detokenizer; the rows (rpo.sampling.answer_row);
+* the decoding settings: the caller's temperature, top_p, top_k and max_new_tokens (MT-Bench: its
+  per-category temperature for each prompt, top_k 50).
+Different: the sampling RNG. Each request has its own seed, derived from the job seed and the prompt id
+(rpo.sampling.derived_seed), so an answer does not depend on batching, but sampled answers are not the
+HF sampler's draws, and greedy ones differ where the kernels' numerics change an argmax.
+No .partial resume: the engine answers all of a call's prompts at once and the file is written
+atomically at the end (rpo.io); an interrupted job starts again. A LoRA adapter is served on top of its
+reference model, unmerged (LoRARequest); a fully fine-tuned policy is loaded as its own model. The
+tokenizer is always the reference's, as in the HF backend.
 """
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
+
+from eval import mtbench
+from rpo import io, sampling
 
 log = logging.getLogger(__name__)
 
@@ -23,45 +45,97 @@ def require_vllm():
                            "(on a CUDA machine), or set backend: hf") from None
 
 
-def rows_from_outputs(prompts: list[dict], outputs, model_name: str) -> list[dict]:
-    """The HF backend's answer rows from vLLM RequestOutputs (one per prompt, in order): each completion's
-    text, token count and whether it stopped on its own (finish_reason 'stop') rather than at max_tokens."""
+def rows_from_outputs(tok, prompts: list[dict], encoded: list[list[int]], outputs, stop_ids,
+                      model_name: str) -> list[dict]:
+    """The HF backend's answer rows from vLLM RequestOutputs (one per prompt, in order).
+
+    Each completion is cut at its first stop id and decoded as the HF backend decodes; it is `finished`
+    when it stopped on a stop id rather than at max_tokens (vLLM's finish_reason 'stop' or 'length').
+    """
     if len(outputs) != len(prompts):
         raise ValueError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
     rows = []
-    for p, out in zip(prompts, outputs):
-        rows.append({"id": p["id"], "model": model_name, "messages": p["messages"],
-                     "responses": [c.text.strip() for c in out.outputs],
-                     "n_tokens": [len(c.token_ids) for c in out.outputs],
-                     "finished": [c.finish_reason == "stop" for c in out.outputs]})
+    for p, ids, out in zip(prompts, encoded, outputs):
+        if list(out.prompt_token_ids) != ids:
+            raise ValueError(f"vLLM's output for prompt {p['id']!r} is for other prompt tokens")
+        samples = []
+        for c in out.outputs:
+            if c.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"prompt {p['id']!r}: vLLM finished with {c.finish_reason!r}, "
+                                   "expected 'stop' or 'length'")
+            seq = list(c.token_ids)
+            text, length = sampling.decode_answer(tok, seq, stop_ids)
+            # vLLM keeps the stop token in token_ids; finish_reason covers a version that drops it
+            samples.append((text, length, length < len(seq) or c.finish_reason == "stop"))
+        rows.append(sampling.answer_row(p, model_name, samples))
     return rows
 
 
-def generate_answers_vllm(*, ref_dir: str, policy_dir: str | None, prompts: list[dict], out_path: str | Path,
-                          max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                          seed: int = 0, num_return_sequences: int = 1, model_name: str = "",
-                          dtype: str = "bfloat16") -> list[dict]:
-    require_vllm()
-    from vllm import LLM, SamplingParams
-    from vllm.lora.request import LoRARequest
+class Engine:
+    """One vLLM engine for one model (a reference, a reference + LoRA adapter, or a full policy)."""
 
-    from rpo.models import resolve_model_dir
+    def __init__(self, *, ref_dir: str, policy_dir: str | None, seed: int, dtype: str):
+        require_vllm()
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
 
-    ids = [p["id"] for p in prompts]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{out_path}: duplicate prompt ids in the generation input")
-    adapter = policy_dir is not None and (Path(policy_dir) / "adapter_config.json").is_file()
-    model_dir = resolve_model_dir(ref_dir if adapter or policy_dir is None else policy_dir)
-    kwargs = {}
-    if adapter:
-        rank = json.loads((Path(policy_dir) / "adapter_config.json").read_text())["r"]
-        kwargs = {"enable_lora": True, "max_lora_rank": max(8, rank), "max_loras": 1}
-    llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, **kwargs)
-    params = SamplingParams(n=num_return_sequences, temperature=temperature, top_p=top_p,
-                            top_k=top_k if top_k > 0 else -1, max_tokens=max_new_tokens, seed=seed)
-    lora = LoRARequest(model_name or "policy", 1, str(Path(policy_dir).resolve())) if adapter else None
-    outputs = llm.chat([p["messages"] for p in prompts], params, lora_request=lora, use_tqdm=True)
-    rows = rows_from_outputs(prompts, outputs, model_name)
-    from rpo.io import write_jsonl
-    write_jsonl(rows, out_path)
-    return rows
+        from rpo.models import load_tokenizer, resolve_model_dir
+
+        self.tok = load_tokenizer(ref_dir)
+        self.stop_ids = sorted(sampling.stop_token_ids(self.tok))
+        adapter = policy_dir is not None and (Path(policy_dir) / "adapter_config.json").is_file()
+        model_dir = resolve_model_dir(ref_dir if adapter or policy_dir is None else policy_dir)
+        kwargs = {}
+        if adapter:
+            rank = json.loads((Path(policy_dir) / "adapter_config.json").read_text())["r"]
+            kwargs = {"enable_lora": True, "max_lora_rank": max(8, rank), "max_loras": 1}
+        log.info("vLLM engine: %s%s, %s", model_dir, f" + LoRA {policy_dir}" if adapter else "", dtype)
+        self.llm = LLM(model=str(model_dir), tokenizer=str(resolve_model_dir(ref_dir)), dtype=dtype, seed=seed,
+                       **kwargs)
+        self.lora = LoRARequest("policy", 1, str(Path(policy_dir).resolve())) if adapter else None
+
+    def generate(self, prompts: list[dict], *, temperatures: list[float], max_new_tokens: int, top_p: float,
+                 top_k: int, seed: int, model_name: str) -> list[dict]:
+        """Answer rows for `prompts` = [{"id", "messages"}], one call to the engine; `temperatures`: one
+        per prompt (0 = greedy)."""
+        from vllm import SamplingParams
+
+        ids = [p["id"] for p in prompts]
+        if len(set(ids)) != len(ids):
+            raise ValueError("duplicate prompt ids in the generation input")
+        if len(temperatures) != len(prompts):
+            raise ValueError(f"{len(temperatures)} temperatures for {len(prompts)} prompts")
+        encoded = [sampling.encode_prompt(self.tok, p["messages"]) for p in prompts]
+        params = [SamplingParams(n=1, temperature=t, top_p=top_p, top_k=top_k if top_k > 0 else -1,
+                                 max_tokens=max_new_tokens, seed=sampling.derived_seed(seed, p["id"]),
+                                 stop_token_ids=self.stop_ids, ignore_eos=True)
+                  for p, t in zip(prompts, temperatures)]
+        outputs = self.llm.generate([{"prompt_token_ids": e} for e in encoded], params, lora_request=self.lora,
+                                    use_tqdm=True)
+        return rows_from_outputs(self.tok, prompts, encoded, outputs, self.stop_ids, model_name)
+
+    def write_answers(self, prompts: list[dict], out_path, *, max_new_tokens: int, temperature: float,
+                      top_p: float, top_k: int, seed: int, model_name: str) -> list[dict]:
+        """rpo.sampling.generate_answers's file for `prompts`, written atomically once all are answered."""
+        rows = self.generate(prompts, temperatures=[temperature] * len(prompts), max_new_tokens=max_new_tokens,
+                             top_p=top_p, top_k=top_k, seed=seed, model_name=model_name)
+        io.write_jsonl(rows, out_path)
+        return rows
+
+
+def generate_mtbench_answers(engine: Engine, questions: list[dict], out_path, *, model_id: str,
+                             max_new_tokens: int, seed: int, limit: int | None = None) -> list[dict]:
+    """MT-Bench's answers as eval.mtbench.generate_answers writes them (its prompts, its per-category
+    temperatures, FastChat's file), with one engine call per turn: turn 2's prompts hold the turn-1 answers."""
+    questions = mtbench.select_questions(questions, limit)
+    temperatures = [mtbench.temperature_for(q["category"]) for q in questions]
+    answers: dict[object, list[str]] = {q["question_id"]: [] for q in questions}
+    cut = 0
+    for turn in (1, 2):
+        rows = engine.generate(mtbench.turn_prompts(questions, turn, answers), temperatures=temperatures,
+                               max_new_tokens=max_new_tokens, top_p=mtbench.SAMPLED_TOP_P,
+                               top_k=mtbench.SAMPLED_TOP_K, seed=seed, model_name=model_id)
+        for q, r in zip(questions, rows):
+            answers[q["question_id"]].append(r["responses"][0])
+            cut += not r["finished"][0]
+    return mtbench.write_answer_file(out_path, model_id, answers, n_cut=cut, max_new_tokens=max_new_tokens)

@@ -29,21 +29,9 @@ from rpo.batching import collate, summed_logps
 from rpo.data import read_pairs
 from rpo.loop import snapshot_steps
 from rpo.models import load_model, load_tokenizer
-from rpo.sampling import answer_row, batch_seed, sample
+from rpo.sampling import decode_answer, derived_seed, encode_prompt, sample, stop_token_ids
 
 log = logging.getLogger(__name__)
-
-
-def _encode_prompts(tok, prompts: list[dict]) -> list[list[int]]:
-    out = []
-    for p in prompts:
-        enc = tok.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True)
-        out.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
-    return out
-
-
-def _stop_ids(tok) -> set[int]:
-    return {tok.eos_token_id, tok.pad_token_id} - {None}
 
 
 @torch.inference_mode()
@@ -53,9 +41,9 @@ def decode(model, tok, prompts: list[dict], *, n: int, max_new_tokens: int, temp
     up to and including the first stop token, the decoded text and whether it stopped by itself. The
     sampler is rpo.sampling's, seeded per batch from (seed, first prompt id); temperature 1 with
     top_k 0 and top_p 1 samples from π itself."""
-    encoded = _encode_prompts(tok, prompts)
+    encoded = [encode_prompt(tok, p["messages"]) for p in prompts]
     device = next(model.parameters()).device
-    stop = _stop_ids(tok)
+    stop = stop_token_ids(tok)
     out: list[dict | None] = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     for start in range(0, len(order), batch_size):
@@ -66,20 +54,22 @@ def decode(model, tok, prompts: list[dict], *, n: int, max_new_tokens: int, temp
         for j, i in enumerate(idx):
             ids[j, width - len(encoded[i]):] = torch.tensor(encoded[i])
             attn[j, width - len(encoded[i]):] = 1
-        gen = torch.Generator().manual_seed(batch_seed(seed, prompts[idx[0]]["id"]))
+        gen = torch.Generator().manual_seed(derived_seed(seed, prompts[idx[0]]["id"]))
         new = sample(model, ids.to(device), attn.to(device), max_new_tokens=max_new_tokens,
                      num_return_sequences=n, temperature=temperature, top_p=1.0, top_k=0, stop_ids=stop,
                      pad_id=tok.pad_token_id, generator=gen)
         for j, i in enumerate(idx):
-            row = answer_row(tok, prompts[i], new, j, n, stop, "")
-            tokens = []
+            tokens, texts, finished = [], [], []
             for k in range(n):
                 seq = new[j * n + k].tolist()
+                text, length = decode_answer(tok, seq, stop)
+                done = length < len(seq)
                 # the stop token is part of what was sampled: its probability counts in the KL
-                keep = row["n_tokens"][k] + (1 if row["finished"][k] else 0)
-                tokens.append(seq[:keep])
+                tokens.append(seq[:length + 1] if done else seq)
+                texts.append(text)
+                finished.append(done)
             out[i] = {"id": prompts[i]["id"], "prompt_ids": encoded[i], "response_ids": tokens,
-                      "texts": row["responses"], "finished": row["finished"]}
+                      "texts": texts, "finished": finished}
     return out
 
 

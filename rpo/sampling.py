@@ -23,8 +23,28 @@ from rpo import io
 log = logging.getLogger(__name__)
 
 
-def batch_seed(seed: int, key: str) -> int:
+def derived_seed(seed: int, key: str) -> int:
+    """A 32-bit seed from (seed, key): a batch's from its first prompt id here, a request's in eval.vllm_backend."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:4], "little")
+
+
+def encode_prompt(tok, messages: list[dict]) -> list[int]:
+    """The prompt's token ids: the model's own chat template with the assistant turn opened. Every backend
+    builds its prompts here, so they are the same tokens (eval.vllm_backend passes them to vLLM as is)."""
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+
+
+def stop_token_ids(tok) -> set[int]:
+    """Where an answer ends: the tokenizer's end-of-sequence and pad ids."""
+    return {tok.eos_token_id, tok.pad_token_id} - {None}
+
+
+def decode_answer(tok, seq: list[int], stop_ids) -> tuple[str, int]:
+    """(text, length) of one generated sequence: the tokens before its first stop token, decoded without
+    special tokens and stripped."""
+    length = next((pos for pos, t in enumerate(seq) if t in stop_ids), len(seq))
+    return tok.decode(seq[:length], skip_special_tokens=True).strip(), length
 
 
 def model_fingerprint(model) -> str:
@@ -175,14 +195,11 @@ def generate_answers(model, tok, prompts: list[dict], out_path: str | Path, *, m
         log.info("%s: resuming, %d of %d answers already done", out_path, len(done), len(prompts))
 
     tok.padding_side = "left"  # decoder-only generation continues from the right edge
-    encoded = []
-    for p in todo:
-        enc = tok.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True)
-        encoded.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
+    encoded = [encode_prompt(tok, p["messages"]) for p in todo]
     # Length-sorted batches waste less compute on padding; the output order is restored below.
     order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))
     device = next(model.parameters()).device
-    stop_ids = {tok.eos_token_id, tok.pad_token_id} - {None}
+    stop_ids = stop_token_ids(tok)
     with partial.open("a", encoding="utf-8") as f, tqdm(total=len(todo), desc=desc, unit="prompt") as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
@@ -192,11 +209,11 @@ def generate_answers(model, tok, prompts: list[dict], out_path: str | Path, *, m
             for j, i in enumerate(idx):
                 input_ids[j, width - len(encoded[i]):] = torch.tensor(encoded[i])
                 attn[j, width - len(encoded[i]):] = 1
-            gen = torch.Generator().manual_seed(batch_seed(seed, todo[idx[0]]["id"]))
+            gen = torch.Generator().manual_seed(derived_seed(seed, todo[idx[0]]["id"]))
             new = sample(model, input_ids.to(device), attn.to(device), max_new_tokens=max_new_tokens,
                          num_return_sequences=num_return_sequences, temperature=temperature,
                          top_p=top_p, top_k=top_k, stop_ids=stop_ids, pad_id=tok.pad_token_id, generator=gen)
-            rows = [answer_row(tok, todo[i], new, j, num_return_sequences, stop_ids, model_name)
+            rows = [_answer_row(tok, todo[i], new, j, num_return_sequences, stop_ids, model_name)
                     for j, i in enumerate(idx)]
             # One write per batch, so a kill leaves whole batches (and at most one cut line).
             f.write("".join(io.jsonl_line(r) for r in rows))
@@ -209,14 +226,19 @@ def generate_answers(model, tok, prompts: list[dict], out_path: str | Path, *, m
     return rows
 
 
-def answer_row(tok, prompt: dict, new: torch.Tensor, j: int, n: int, stop_ids, model_name: str) -> dict:
+def _answer_row(tok, prompt: dict, new: torch.Tensor, j: int, n: int, stop_ids, model_name: str) -> dict:
     """The output row of the j-th prompt of a batch: its n decoded samples, cut at the first stop token."""
-    texts, lens, finished = [], [], []
+    samples = []
     for k in range(n):
         seq = new[j * n + k].tolist()
-        length = next((pos for pos, t in enumerate(seq) if t in stop_ids), len(seq))
-        texts.append(tok.decode(seq[:length], skip_special_tokens=True).strip())
-        lens.append(length)
-        finished.append(length < len(seq))
+        text, length = decode_answer(tok, seq, stop_ids)
+        samples.append((text, length, length < len(seq)))  # finished: a stop token before max_new_tokens
+    return answer_row(prompt, model_name, samples)
+
+
+def answer_row(prompt: dict, model_name: str, samples: list[tuple[str, int, bool]]) -> dict:
+    """An answer file's row, whichever backend generated it: {"id", "model", "messages", "responses",
+    "n_tokens", "finished"}, from each sample's (text, length, finished)."""
     return {"id": prompt["id"], "model": model_name, "messages": prompt["messages"],
-            "responses": texts, "n_tokens": lens, "finished": finished}
+            "responses": [t for t, _, _ in samples], "n_tokens": [n for _, n, _ in samples],
+            "finished": [f for _, _, f in samples]}

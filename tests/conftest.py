@@ -28,6 +28,18 @@ def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
+def make_adapter(model_dir, out):
+    """A LoRA adapter with non-zero weights on the tiny model, saved as training saves one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    cfg = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, cfg).save_pretrained(out)
+    return out
+
+
 def pair(i: int, *, chosen: str, rejected: str, prompt: str | None = None, meta: dict | None = None) -> dict:
     return {"id": f"p{i}", "prompt": [{"role": "user", "content": prompt or f"write a short answer {i}"}],
             "chosen": [{"role": "assistant", "content": chosen}],

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import build_tiny_model, write_jsonl
+from conftest import build_tiny_model, make_adapter, write_jsonl
 
 from eval import harness, results_table
 from rpo import verifiable
@@ -54,18 +54,6 @@ def make_task(tmp: Path) -> dict:
                                     out_yaml=str(tmp / "task/ifeval_heldout.yaml"),
                                     out_data=str(tmp / "task/ifeval_heldout.jsonl"),
                                     out_summary=str(tmp / "task/summary.json"))
-
-
-def make_adapter(model_dir: Path, out: Path) -> Path:
-    """A LoRA adapter with non-zero weights on the tiny model, saved as training saves one."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    torch.manual_seed(3)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    cfg = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(model, cfg).save_pretrained(out)
-    return out
 
 
 def read_samples(out_dir: Path) -> list[dict]:

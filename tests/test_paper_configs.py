@@ -106,6 +106,9 @@ def test_paper_config_on_slurm_resolves_the_whole_dag(tmp_path, series, accum_fi
     # Table 1 as the authors ran it (issue 10 §1): the first 200 test prompts, greedy, 1024 new tokens
     gen = args_of(by_rule["generate_table1"][0])
     assert (gen["protocol"], gen["n_prompts"], gen["temperature"], gen["max_new_tokens"]) == ("paper", 200, 0.0, 1024)
+    # every answer from the default backend, hf (the vLLM dtype only travels with vllm, so it re-runs no hf job)
+    gens = [args_of(j) for r in by_rule if r.startswith("generate_") for j in by_rule[r]]
+    assert len(gens) == 4 * 3 and all(a["backend"] == "hf" and "vllm_dtype" not in a for a in gens)
     assert {args_of(j)["protocol"] for j in by_rule["judge_table1"]} == {"paper"}
     # the harness on every model: the model cards' tasks and few-shot counts, their datasets checked first
     harness = {j["wildcards"]: args_of(j) for j in by_rule["run_lm_eval"]}
@@ -150,8 +153,11 @@ def test_single_gpu_config_with_the_local_gpu_profile(tmp_path):
             assert cfg["finetuning"] == "lora" and cfg["world_size"] == 1
             assert cfg["gradient_accumulation_steps"] == 16  # 128 = 8 x 1 x 16
             assert j["shell"].startswith("python -m rpo ")
-    gen = args_of(next(j for j in js if j["rule"] == "generate_table1"))
-    assert gen["backend"] == "vllm"
+    # every answer through vLLM (generation.backend), lm-eval too
+    for rule in ("generate_table1", "generate_mtbench", "generate_alpacaeval", "generate_arenahard"):
+        assert {(args_of(j)["backend"], args_of(j)["vllm_dtype"]) for j in js if j["rule"] == rule} == \
+            {("vllm", "bfloat16")}, rule
+    assert {args_of(j)["backend"] for j in js if j["rule"] == "run_lm_eval"} == {"vllm"}
 
 
 def test_quickstart_with_the_method_zoo_switched_on(tmp_path):

@@ -7,6 +7,7 @@ Run: pytest tests/test_preflight.py -q     (about 20 s: two Snakemake start-ups)
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import yaml
@@ -55,6 +56,17 @@ def test_a_llamacpp_judge_without_its_model_fails():
     problems = preflight.check(cfg, dryrun=True)
     assert len(problems) == 1 and problems[0].startswith("benchmarks.judge.model: ")
     assert "/nonexistent/judge.gguf" in problems[0]
+
+
+def test_vllm_backend_without_vllm_fails_naming_the_key(monkeypatch):
+    from helpers import fake_vllm
+    cfg = resolved(generation={"backend": "vllm"})
+    monkeypatch.setitem(sys.modules, "vllm", None)  # not installed, whatever this machine has
+    with pytest.raises(preflight.PreflightError, match=r"generation\.backend: vllm needs the vllm package"):
+        preflight.check(cfg)
+    assert preflight.backend_problems(resolved()) == []  # hf needs no vllm
+    fake_vllm.install(monkeypatch)  # installed: no problem
+    assert preflight.backend_problems(cfg) == []
 
 
 def test_the_workflow_stops_before_any_job(tmp_path, monkeypatch):

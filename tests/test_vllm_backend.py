@@ -1,34 +1,225 @@
-"""The vLLM backend's contract that can be checked without a GPU: its rows have the HF backend's format,
-and asking for it without vllm installed is a clear error. (Generation itself needs vLLM on a CUDA GPU.)"""
+"""The vLLM backend (eval/vllm_backend.py) behind every generation stage, checked on CPU against the HF
+backend with a fake `vllm` in sys.modules (tests/helpers/fake_vllm.py: the real tiny model decoded by its
+own loop, every engine, prompt and parameter recorded). Checked: the engine gets the prompt tokens the
+tokenizer's chat template gives (what the HF path feeds its model), each benchmark's decoding settings
+(MT-Bench's per-category temperatures, max_tokens), a LoRA adapter unmerged, one engine per job; the answer
+files equal the HF path's byte for byte where both decode greedily, and have its keys, order and types
+everywhere. Real vLLM needs a CUDA GPU; without the package, asking for it is a clear error.
+
+Run: pytest -q tests/test_vllm_backend.py      (about 45 s on 2 shared CPU cores; one Snakemake dry run)
+"""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import tiny_pairs
+import yaml
+from conftest import make_adapter, tiny_pairs, write_jsonl
+from helpers import fake_vllm
 
-from eval import vllm_backend
-from rpo.sampling import generate_answers
-from eval.table1 import select_prompts
-from rpo.models import load_model, load_tokenizer
+from eval import benchmarks, generation, mtbench, vllm_backend
+from eval.table1 import generate_table1_answers, select_prompts
+from rpo.models import load_tokenizer
 
-
-def test_rows_have_the_hf_backend_format(tiny_model_dir, tmp_path):
-    prompts = [{"id": p["id"], "messages": p["prompt"]} for p in tiny_pairs(2)]
-    tok, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
-    hf_rows = generate_answers(model, tok, prompts, tmp_path / "hf.jsonl", max_new_tokens=3, model_name="m")
-    outputs = [SimpleNamespace(outputs=[SimpleNamespace(text=" hi there ", token_ids=[5, 6, 7], finish_reason="stop")]),
-               SimpleNamespace(outputs=[SimpleNamespace(text="cut", token_ids=[8, 9, 10], finish_reason="length")])]
-    rows = vllm_backend.rows_from_outputs(prompts, outputs, "m")
-    assert [list(r) for r in rows] == [list(r) for r in hf_rows]  # same keys in the same order
-    assert rows[0] == {"id": "p0", "model": "m", "messages": prompts[0]["messages"], "responses": ["hi there"],
-                       "n_tokens": [3], "finished": [True]}
-    assert rows[1]["finished"] == [False]  # stopped by max_tokens
-    with pytest.raises(ValueError, match="1 outputs for 2 prompts"):
-        vllm_backend.rows_from_outputs(prompts, outputs[:1], "m")
+PROMPTS = [{"id": p["id"], "messages": p["prompt"], "meta": {}} for p in tiny_pairs(4)]
+TABLE1 = {"n_prompts": None, "max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "batch_size": 1,
+          "seed": 0, "protocol": "both_orders"}
+QUESTIONS = [  # one greedy category and two sampled ones (FastChat's temperature_config)
+    {"question_id": 7, "category": "math", "turns": ["hello world two plus two", "now times three"]},
+    {"question_id": 3, "category": "writing", "turns": ["write a short answer", "make it lowercase"]},
+    {"question_id": 5, "category": "stem", "turns": ["the quick brown fox", "no commas here please"]},
+]
+TEMPERATURE = {7: 0.0, 3: 0.7, 5: 0.1}  # math, writing, stem
 
 
-def test_missing_vllm_is_a_clear_error(monkeypatch):
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir, tmp_path_factory):
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("lora") / "adapter")
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    return fake_vllm.install(monkeypatch)
+
+
+def template_ids(tok, messages) -> list[int]:
+    """The chat template rendered as text (the assistant turn opened), then tokenized as it stands."""
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def shape(x):
+    """A JSON value's structure: keys in order, list lengths, leaf types."""
+    if isinstance(x, dict):
+        return [(k, shape(v)) for k, v in x.items()]
+    if isinstance(x, list):
+        return [shape(v) for v in x]
+    return type(x).__name__
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Table 1
+# ---------------------------------------------------------------------------------------------------
+
+def test_table1_answers_through_vllm_equal_the_hf_file(tiny_model_dir, adapter, fake, tmp_path):
+    prompts = write_jsonl(PROMPTS, tmp_path / "prompts.jsonl")
+    tok = load_tokenizer(tiny_model_dir)
+    stop = sorted({tok.eos_token_id, tok.pad_token_id})
+    texts = {}
+    for name, policy in (("ref", None), ("dpo", str(adapter))):
+        kw = dict(TABLE1, model_name=name, ref_dir=str(tiny_model_dir), policy_dir=policy, prompts_path=str(prompts))
+        hf, vl = tmp_path / f"hf_{name}.jsonl", tmp_path / f"vllm_{name}.jsonl"
+        generate_table1_answers(**kw, out=str(hf))
+        fake.LLM.instances.clear()
+        generate_table1_answers(**kw, backend="vllm", vllm_dtype="float32", out=str(vl))
+        assert vl.read_bytes() == hf.read_bytes()
+        assert not vl.with_name(vl.name + ".partial").exists()  # written once, at the end
+        texts[name] = [r["responses"] for r in read_jsonl(vl)]
+
+        (engine,) = fake.LLM.instances  # one engine for the job
+        (call,) = engine.calls          # every prompt in one call
+        assert engine.kwargs["model"] == engine.kwargs["tokenizer"] == str(tiny_model_dir)  # the reference
+        assert engine.kwargs["dtype"] == "float32"
+        assert [p["prompt_token_ids"] for p in call["prompts"]] == [template_ids(tok, p["messages"]) for p in PROMPTS]
+        for sp in call["params"]:  # greedy, 8 new tokens, the HF sampler's stop tokens and no other
+            assert (sp.n, sp.temperature, sp.max_tokens, sp.stop_token_ids, sp.ignore_eos) == (1, 0.0, 8, stop, True)
+        assert len({sp.seed for sp in call["params"]}) == len(PROMPTS)  # a seed of its own per request
+        if policy is None:
+            assert call["lora_request"] is None and engine.kwargs["enable_lora"] is False
+        else:  # unmerged: the engine holds the reference, the adapter rides with the request
+            assert engine.kwargs["enable_lora"] is True and engine.kwargs["max_lora_rank"] == 8  # r=4, vLLM's min 8
+            assert call["lora_request"].lora_path == str(adapter.resolve())
+    assert texts["dpo"] != texts["ref"]  # the adapter acts, so the engine applied it
+    assert any(t[0] for t in texts["dpo"])  # text to compare (the tiny Ref answers newlines, stripped to "")
+
+
+def test_rows_are_cut_at_the_stop_token_as_the_hf_backend_cuts(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    eos, words = tok.eos_token_id, tok("hello world this is", add_special_tokens=False)["input_ids"]
+    prompts = [{"id": f"p{i}", "messages": [{"role": "user", "content": "x"}]} for i in range(3)]
+    encoded = [[1, 2], [3], [4, 5, 6]]
+
+    def out(ids, token_ids, reason):
+        return SimpleNamespace(prompt_token_ids=ids, outputs=[SimpleNamespace(text="vLLM's own text",
+                                                                              token_ids=token_ids, finish_reason=reason)])
+
+    outputs = [out([1, 2], words + [eos], "stop"),   # stopped on eos, kept in token_ids (vLLM)
+               out([3], words, "length"),            # cut at max_tokens
+               out([4, 5, 6], words, "stop")]        # stopped, the stop token not in token_ids
+    rows = vllm_backend.rows_from_outputs(tok, prompts, encoded, outputs, {eos}, "m")
+    text = tok.decode(words, skip_special_tokens=True).strip()
+    assert rows[0] == {"id": "p0", "model": "m", "messages": prompts[0]["messages"], "responses": [text],
+                       "n_tokens": [len(words)], "finished": [True]}
+    assert (rows[1]["n_tokens"], rows[1]["finished"]) == ([len(words)], [False])
+    assert (rows[2]["n_tokens"], rows[2]["finished"]) == ([len(words)], [True])
+    with pytest.raises(ValueError, match="2 outputs for 3 prompts"):
+        vllm_backend.rows_from_outputs(tok, prompts, encoded, outputs[:2], {eos}, "m")
+    with pytest.raises(ValueError, match="prompt 'p1' is for other prompt tokens"):
+        vllm_backend.rows_from_outputs(tok, prompts, [[1, 2], [9], [4, 5, 6]], outputs, {eos}, "m")
+    with pytest.raises(RuntimeError, match="prompt 'p2': vLLM finished with 'abort'"):
+        vllm_backend.rows_from_outputs(tok, prompts, encoded, outputs[:2] + [out([4, 5, 6], words, "abort")],
+                                       {eos}, "m")
+
+
+# ---------------------------------------------------------------------------------------------------
+# MT-Bench, AlpacaEval, Arena-Hard
+# ---------------------------------------------------------------------------------------------------
+
+def test_mtbench_through_vllm_two_turns_per_category_temperatures(tiny_model_dir, adapter, fake, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setattr(mtbench, "load_questions", lambda path=None: QUESTIONS)
+    kw = dict(model_name="dpo", ref_dir=str(tiny_model_dir), policy_dir=str(adapter), n_questions=None,
+              max_new_tokens=6, batch_size=1, seed=1)
+    benchmarks.generate_mtbench(**kw, out=str(tmp_path / "hf.jsonl"))
+    benchmarks.generate_mtbench(**kw, backend="vllm", vllm_dtype="bfloat16", out=str(tmp_path / "vllm.jsonl"))
+    hf, vl = read_jsonl(tmp_path / "hf.jsonl"), read_jsonl(tmp_path / "vllm.jsonl")
+    tok = load_tokenizer(tiny_model_dir)
+
+    (engine,) = fake.LLM.instances   # one engine for both turns and every category
+    assert len(engine.calls) == 2    # one call per turn
+    for call in engine.calls:
+        assert [sp.temperature for sp in call["params"]] == [TEMPERATURE[q["question_id"]] for q in QUESTIONS]
+        assert all((sp.max_tokens, sp.top_p, sp.top_k) == (6, 1.0, 50) for sp in call["params"])
+        assert call["lora_request"].lora_path == str(adapter.resolve())
+    answers = {r["question_id"]: r["choices"][0]["turns"] for r in vl}
+    turn1, turn2 = ([p["prompt_token_ids"] for p in c["prompts"]] for c in engine.calls)
+    assert turn1 == [template_ids(tok, [{"role": "user", "content": q["turns"][0]}]) for q in QUESTIONS]
+    # turn 2's prompt holds the model's own first answer, the one in the file
+    assert turn2 == [template_ids(tok, [{"role": "user", "content": q["turns"][0]},
+                                        {"role": "assistant", "content": answers[q["question_id"]][0]},
+                                        {"role": "user", "content": q["turns"][1]}]) for q in QUESTIONS]
+    assert shape(vl) == shape(hf) and [r["question_id"] for r in vl] == [3, 5, 7]  # FastChat's rows, sorted
+    assert all(r["answer_id"] == mtbench.answer_id("dpo", r["question_id"], r["choices"][0]["turns"]) for r in vl)
+    assert vl[2]["choices"] == hf[2]["choices"]  # the greedy (math) question: the HF path's answers
+    assert any(a[0] for a in answers.values())
+    assert not (tmp_path / "vllm.jsonl.work").exists()
+
+
+def test_alpacaeval_and_arenahard_through_vllm_equal_the_hf_files(tiny_model_dir, adapter, fake, tmp_path):
+    tok = load_tokenizer(tiny_model_dir)
+    kw = dict(model_name="dpo", ref_dir=str(tiny_model_dir), policy_dir=str(adapter), n_questions=2,
+              subset="shortest", max_new_tokens=6, batch_size=1, seed=0)
+    for b in ("hf", "vllm"):
+        extra = {"backend": "vllm", "vllm_dtype": "bfloat16"} if b == "vllm" else {}
+        benchmarks.generate_alpacaeval(**kw, **extra, out=str(tmp_path / b / "model_outputs.json"))
+        benchmarks.generate_arenahard(**kw, **extra, version="v2.0", category="hard_prompt",
+                                      out=str(tmp_path / b / "arenahard.jsonl"))
+    for name in ("model_outputs.json", "model_outputs.gen.jsonl", "arenahard.jsonl"):
+        assert (tmp_path / "vllm" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes(), name
+    assert sorted(p.name for p in (tmp_path / "vllm").iterdir()) == sorted(p.name for p in (tmp_path / "hf").iterdir())
+
+    alpaca, arena = fake.LLM.instances  # one engine per job
+    outputs = json.loads((tmp_path / "vllm" / "model_outputs.json").read_text())
+    arena_rows = read_jsonl(tmp_path / "vllm" / "arenahard.jsonl")
+    for engine, messages in ((alpaca, [[{"role": "user", "content": r["instruction"]}] for r in outputs]),
+                             (arena, [r["messages"] for r in arena_rows])):
+        (call,) = engine.calls
+        assert [p["prompt_token_ids"] for p in call["prompts"]] == [template_ids(tok, m) for m in messages]
+        assert all((sp.temperature, sp.max_tokens) == (0.0, 6) for sp in call["params"])
+        assert call["lora_request"].lora_path == str(adapter.resolve())
+    assert len(outputs) == len(arena_rows) == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# The setting, through the workflow
+# ---------------------------------------------------------------------------------------------------
+
+def test_one_setting_sends_every_generation_job_to_vllm(tiny_model_dir, fake, tmp_path, monkeypatch):
+    from test_paper_configs import REPO, args_of, dry_run, jobs
+    cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    cfg["generation"] = {"backend": "vllm", "vllm_dtype": "float16"}
+    (tmp_path / "vllm.yaml").write_text(yaml.safe_dump(cfg))
+    by_rule = {}
+    for j in jobs(dry_run(tmp_path, tmp_path / "vllm.yaml", "profiles/default")):
+        by_rule.setdefault(j["rule"], []).append(args_of(j))
+    rules = ("generate_table1", "generate_mtbench", "generate_alpacaeval", "generate_arenahard")
+    for rule in rules:
+        assert {(a["backend"], a["vllm_dtype"]) for a in by_rule[rule]} == {("vllm", "float16")}, rule
+    assert {a["backend"] for a in by_rule["run_lm_eval"]} == {"vllm"}
+    # the job's own arguments reach the engine: the configured dtype and MT-Bench's max_new_tokens (48)
+    monkeypatch.setattr(mtbench, "load_questions", lambda path=None: QUESTIONS)
+    args = next(a for a in by_rule["generate_mtbench"] if a["model_name"] == "ref")
+    benchmarks.generate_mtbench(**{**args, "ref_dir": str(tiny_model_dir), "out": str(tmp_path / "ref.jsonl")})
+    (engine,) = fake.LLM.instances
+    assert engine.kwargs["dtype"] == "float16"
+    assert {sp.max_tokens for c in engine.calls for sp in c["params"]} == {cfg["benchmarks"]["mtbench"]["max_new_tokens"]}
+
+
+def test_bad_backend_settings_are_errors():
+    # (the default, hf, in the paper configs' dry runs: tests/test_paper_configs.py)
+    with pytest.raises(ValueError, match=r"generation.backend: unknown backend 'tgi'; expected one of \['hf', 'vllm'\]"):
+        generation.check_backend("tgi", None)
+    with pytest.raises(ValueError, match="no vllm_dtype given"):
+        generation.check_backend("vllm", None)
+
+
+def test_missing_vllm_is_a_clear_error(monkeypatch, tiny_model_dir, tmp_path):
     import builtins
     real_import = builtins.__import__
 
@@ -40,6 +231,12 @@ def test_missing_vllm_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_vllm)
     with pytest.raises(RuntimeError, match=r"pip install -e '.\[vllm\]'.*or set backend: hf"):
         vllm_backend.require_vllm()
+    prompts = write_jsonl(PROMPTS, tmp_path / "prompts.jsonl")
+    with pytest.raises(RuntimeError, match="needs the vllm package"):  # never a silent switch to HF
+        generate_table1_answers(**TABLE1, model_name="ref", ref_dir=str(tiny_model_dir), policy_dir=None,
+                                prompts_path=str(prompts), out=str(tmp_path / "a.jsonl"), backend="vllm",
+                                vllm_dtype="bfloat16")
+    assert not (tmp_path / "a.jsonl").exists()
 
 
 def test_table1_prompt_selection_is_a_fixed_draw():

@@ -157,13 +157,20 @@ def job_params(settings, paths):
             "paths": lambda w, input, output: as_json(paths(w, input, output))}
 
 
+def generation_backend():
+    """The answer backend of every generation job (config `generation`, eval/generation.py): vllm_dtype only
+    with vllm, so that changing it re-runs no hf job."""
+    g = config["generation"]
+    return {"backend": "vllm", "vllm_dtype": g["vllm_dtype"]} if g["backend"] == "vllm" else {"backend": "hf"}
+
+
 def bench_gen_params(benchmark, **extra):
     """job_params of a benchmark's generation rule."""
 
     def settings(w):
         b = config["benchmarks"][benchmark]
         return {"model_name": w.model, "n_questions": b["n_questions"], "max_new_tokens": b["max_new_tokens"],
-                "batch_size": b["batch_size"], "seed": config["seed"], **extra}
+                "batch_size": b["batch_size"], "seed": config["seed"], **generation_backend(), **extra}
 
     return job_params(settings, lambda w, input, output: {"ref_dir": input.ref, "policy_dir": policy_of(input),
                                                          "out": output[0]})

@@ -9,7 +9,8 @@ rule generate_table1:
         **job_params(
             lambda w: {"model_name": w.model, "seed": config["seed"],
                        "protocol": config["table1"]["protocol"],  # which prompts: paper = the first n_prompts
-                       **{k: v for k, v in config["table1"]["generation"].items() if k != "threads"}},
+                       **{k: v for k, v in config["table1"]["generation"].items() if k != "threads"},
+                       **generation_backend()},
             lambda w, input, output: {"ref_dir": input.ref, "policy_dir": policy_of(input),
                                       "prompts_path": input.prompts, "out": output[0]}),
     threads: config["table1"]["generation"]["threads"]

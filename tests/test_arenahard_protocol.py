@@ -236,20 +236,20 @@ class _Chat(BaseHTTPRequestHandler):
 
 
 def test_judge_arenahard_uses_the_versions_max_tokens_and_scores_it(tmp_path):
-    from eval import benchmarks
+    from eval import bench_stages
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Chat)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        qs, _ = benchmarks._arena_questions("v2.0", 1, "hard_prompt")
+        qs, _ = bench_stages._arena_questions("v2.0", 1, "hard_prompt")
         answers = tmp_path / "answers.jsonl"
         answers.write_text(json.dumps({"id": qs[0]["uid"], "responses": ["an answer"]}) + "\n")
         judge = {"kind": "openai", "base_url": f"http://127.0.0.1:{srv.server_address[1]}/v1", "model": "fake",
                  "api_key_env": None, "max_retries": 0, "cache_dir": str(tmp_path / "cache")}
         out = tmp_path / "judgment.jsonl"
-        benchmarks.judge_arenahard(model_name="rpo", answers=str(answers), out=str(out), judge=judge,
+        bench_stages.judge_arenahard(model_name="rpo", answers=str(answers), out=str(out), judge=judge,
                                    version="v2.0", category="hard_prompt", n_questions=1, judge_max_tokens=None)
         assert _Chat.seen == [16000, 16000]  # null -> v2.0's own max_tokens, both games
-        benchmarks.score_arenahard(model_name="rpo", judgments=str(out), out=str(tmp_path / "s.json"),
+        bench_stages.score_arenahard(model_name="rpo", judgments=str(out), out=str(tmp_path / "s.json"),
                                    judge_label="openai:fake", version="v2.0", category="hard_prompt",
                                    bootstrap={"n": 1000, "seed": 0, "ci": 0.95})
         (row,) = json.loads((tmp_path / "s.json").read_text())

@@ -19,7 +19,7 @@ import yaml
 from conftest import make_adapter, tiny_pairs, write_jsonl
 from helpers import fake_vllm
 
-from eval import benchmarks, generation, mtbench, vllm_backend
+from eval import bench_stages, generation, mtbench, vllm_backend
 from eval.table1 import generate_table1_answers, select_prompts
 from rpo.models import load_tokenizer
 
@@ -136,8 +136,8 @@ def test_mtbench_through_vllm_two_turns_per_category_temperatures(tiny_model_dir
     monkeypatch.setattr(mtbench, "load_questions", lambda path=None: QUESTIONS)
     kw = dict(model_name="dpo", ref_dir=str(tiny_model_dir), policy_dir=str(adapter), n_questions=None,
               max_new_tokens=6, batch_size=1, seed=1)
-    benchmarks.generate_mtbench(**kw, out=str(tmp_path / "hf.jsonl"))
-    benchmarks.generate_mtbench(**kw, backend="vllm", vllm_dtype="bfloat16", out=str(tmp_path / "vllm.jsonl"))
+    bench_stages.generate_mtbench(**kw, out=str(tmp_path / "hf.jsonl"))
+    bench_stages.generate_mtbench(**kw, backend="vllm", vllm_dtype="bfloat16", out=str(tmp_path / "vllm.jsonl"))
     hf, vl = read_jsonl(tmp_path / "hf.jsonl"), read_jsonl(tmp_path / "vllm.jsonl")
     tok = load_tokenizer(tiny_model_dir)
 
@@ -167,8 +167,8 @@ def test_alpacaeval_and_arenahard_through_vllm_equal_the_hf_files(tiny_model_dir
               subset="shortest", max_new_tokens=6, batch_size=1, seed=0)
     for b in ("hf", "vllm"):
         extra = {"backend": "vllm", "vllm_dtype": "bfloat16"} if b == "vllm" else {}
-        benchmarks.generate_alpacaeval(**kw, **extra, out=str(tmp_path / b / "model_outputs.json"))
-        benchmarks.generate_arenahard(**kw, **extra, version="v2.0", category="hard_prompt",
+        bench_stages.generate_alpacaeval(**kw, **extra, out=str(tmp_path / b / "model_outputs.json"))
+        bench_stages.generate_arenahard(**kw, **extra, version="v2.0", category="hard_prompt",
                                       out=str(tmp_path / b / "arenahard.jsonl"))
     for name in ("model_outputs.json", "model_outputs.gen.jsonl", "arenahard.jsonl"):
         assert (tmp_path / "vllm" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes(), name
@@ -205,7 +205,7 @@ def test_one_setting_sends_every_generation_job_to_vllm(tiny_model_dir, fake, tm
     # the job's own arguments reach the engine: the configured dtype and MT-Bench's max_new_tokens (48)
     monkeypatch.setattr(mtbench, "load_questions", lambda path=None: QUESTIONS)
     args = next(a for a in by_rule["generate_mtbench"] if a["model_name"] == "ref")
-    benchmarks.generate_mtbench(**{**args, "ref_dir": str(tiny_model_dir), "out": str(tmp_path / "ref.jsonl")})
+    bench_stages.generate_mtbench(**{**args, "ref_dir": str(tiny_model_dir), "out": str(tmp_path / "ref.jsonl")})
     (engine,) = fake.LLM.instances
     assert engine.kwargs["dtype"] == "float16"
     assert {sp.max_tokens for c in engine.calls for sp in c["params"]} == {cfg["benchmarks"]["mtbench"]["max_new_tokens"]}

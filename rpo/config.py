@@ -55,6 +55,16 @@ def resolve_methods(config: dict, where: str = "config") -> None:
                                            if tuple(sorted((m, "ref"))) not in have]
 
 
+def check_method(method: dict, where: str) -> None:
+    """A run's loss exists and gets exactly its hyperparameters; errors name `where`."""
+    try:
+        losses.get_loss(method["loss"])
+    except ValueError as e:
+        raise ValueError(f"{where}.loss: {e}") from None
+    losses.check_hyperparameters(method["loss"], {k: v for k, v in method.items() if k not in HPARAM_EXCLUDE},
+                                 where=where)
+
+
 def check_config(config: dict, where: str = "config") -> None:
     """Raise ValueError naming the key when the config is inconsistent."""
     parse_source(config["base_model"]["source"])
@@ -65,12 +75,7 @@ def check_config(config: dict, where: str = "config") -> None:
                 raise ValueError(f"{where}: data.splits.{split} is required for source {data['source']!r} "
                                  "(a hub split name, or a file path for source 'file')")
     for name, method in config["methods"].items():
-        try:
-            losses.get_loss(method["loss"])
-        except ValueError as e:
-            raise ValueError(f"{where}: methods.{name}.loss: {e}") from None
-        losses.check_hyperparameters(method["loss"], {k: v for k, v in method.items() if k not in HPARAM_EXCLUDE},
-                                     where=f"{where}: methods.{name}")
+        check_method(method, f"{where}: methods.{name}")
         if method.get("reference", "ref") == "soup" and not config["sft"]["enabled"]:
             raise ValueError(f"{where}: methods.{name}.reference: 'soup' averages SFT models trained here, "
                              "so it needs sft.enabled: true")
@@ -117,12 +122,7 @@ def expand_grid(grid: dict, where: str = "overoptimization.grid") -> dict[str, d
             name = "-".join([family] + [f"{k}{_fmt(v)}" for k, v in zip(swept, combo)])
             if name in runs:
                 raise ValueError(f"{where}: run name {name!r} comes out twice")
-            try:
-                losses.get_loss(method["loss"])
-            except ValueError as e:
-                raise ValueError(f"{where}.{family}.loss: {e}") from None
-            losses.check_hyperparameters(method["loss"], {k: v for k, v in method.items() if k not in HPARAM_EXCLUDE},
-                                         where=f"{where}.{family}")
+            check_method(method, f"{where}.{family}")
             runs[name] = method
     return runs
 

@@ -29,7 +29,7 @@ from rpo.batching import collate, summed_logps
 from rpo.data import read_pairs
 from rpo.loop import snapshot_steps
 from rpo.models import load_model, load_tokenizer
-from rpo.sampling import decode_answer, derived_seed, encode_prompt, sample, stop_token_ids
+from rpo.sampling import decode_answer, derived_seed, encode_prompt, left_pad, sample, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,7 @@ def decode(model, tok, prompts: list[dict], *, n: int, max_new_tokens: int, temp
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for j, i in enumerate(idx):
-            ids[j, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            attn[j, width - len(encoded[i]):] = 1
+        ids, attn = left_pad([encoded[i] for i in idx], tok.pad_token_id)
         gen = torch.Generator().manual_seed(derived_seed(seed, prompts[idx[0]]["id"]))
         new = sample(model, ids.to(device), attn.to(device), max_new_tokens=max_new_tokens,
                      num_return_sequences=n, temperature=temperature, top_p=1.0, top_k=0, stop_ids=stop,
@@ -191,7 +186,7 @@ def evaluate_snapshots(*, ref_dir, snapshots, prompts_path, pairs_path, ref_answ
     adapters = (Path(snapshots) / f"step-{steps[0]:06d}" / "adapter_config.json").is_file()
     ref = Reference(None if adapters else load_model(ref_dir, device=device).eval())
     base = load_model(ref_dir, device=device).eval() if adapters else None
-    policy = None
+    policy, prev = None, None
     for step in tqdm(steps, desc="snapshots", unit="snapshot"):
         path = Path(snapshots) / f"step-{step:06d}"
         if adapters:

@@ -47,6 +47,17 @@ def decode_answer(tok, seq: list[int], stop_ids) -> tuple[str, int]:
     return tok.decode(seq[:length], skip_special_tokens=True).strip(), length
 
 
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask of prompts left-padded to one width (generation continues on the right)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for j, s in enumerate(seqs):
+        ids[j, width - len(s):] = torch.tensor(s)
+        attn[j, width - len(s):] = 1
+    return ids, attn
+
+
 def model_fingerprint(model) -> str:
     """sha256 of the weights in memory: every tensor's name, dtype, shape and bytes.
 
@@ -203,12 +214,7 @@ def generate_answers(model, tok, prompts: list[dict], out_path: str | Path, *, m
     with partial.open("a", encoding="utf-8") as f, tqdm(total=len(todo), desc=desc, unit="prompt") as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            input_ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-            attn = torch.zeros_like(input_ids)
-            for j, i in enumerate(idx):
-                input_ids[j, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                attn[j, width - len(encoded[i]):] = 1
+            input_ids, attn = left_pad([encoded[i] for i in idx], tok.pad_token_id)
             gen = torch.Generator().manual_seed(derived_seed(seed, todo[idx[0]]["id"]))
             new = sample(model, input_ids.to(device), attn.to(device), max_new_tokens=max_new_tokens,
                          num_return_sequences=num_return_sequences, temperature=temperature,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
@@ -86,6 +88,24 @@ def _check_tensors(tensors: dict[str, torch.Tensor]) -> None:
             raise ValueError(
                 f"{name} has dtype {t.dtype}; expected {dtype}, the dtype of policy_chosen_logps"
             )
+
+
+def checked(loss):
+    """A loss whose inputs are checked before it runs: each hyperparameter (a keyword argument not in
+    TENSOR_ARGS) by _check_hyperparameter, then the six tensors by _check_tensors. The signature stays the
+    loss's own (functools.wraps), so the registry still reads its hyperparameters from it."""
+    hparams = [n for n in inspect.signature(loss).parameters if n not in TENSOR_ARGS]
+
+    @functools.wraps(loss)
+    def run(**kwargs):
+        for name in hparams:
+            if name in kwargs:
+                _check_hyperparameter(name, kwargs[name])
+        if all(n in kwargs for n in TENSOR_ARGS):
+            _check_tensors({n: kwargs[n] for n in TENSOR_ARGS})
+        return loss(**kwargs)
+
+    return run
 
 
 def _check_lengths_positive(name: str, lengths: torch.Tensor) -> None:

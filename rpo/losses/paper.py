@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from rpo.losses._common import (TENSOR_ARGS, _check_hyperparameter, _check_lengths_positive, _check_tensors,
-                                _dpo, _reciprocal)
+from rpo.losses._common import _check_hyperparameter, _check_lengths_positive, _dpo, _reciprocal, checked
 
 # --------------------------------------------------------------------------
 # losses
 # --------------------------------------------------------------------------
 
+@checked
 def dpo(
     *,
     policy_chosen_logps: torch.Tensor,
@@ -25,14 +25,11 @@ def dpo(
 
     The lengths are accepted (and shape-checked) for a uniform signature but unused.
     """
-    _check_hyperparameter("beta", beta)
-    _check_tensors(dict(zip(TENSOR_ARGS, (
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-        reference_rejected_logps, chosen_lengths, rejected_lengths))))
     return _dpo(policy_chosen_logps, policy_rejected_logps,
                 reference_chosen_logps, reference_rejected_logps, beta)
 
 
+@checked
 def rpo(
     *,
     policy_chosen_logps: torch.Tensor,
@@ -52,16 +49,12 @@ def rpo(
     as in the authors' trainer (which subtracts policy_chosen_logps * beta * eta
     from the per-example DPO loss), not a per-token mean. eta = 0 gives DPO.
     """
-    _check_hyperparameter("beta", beta)
-    _check_hyperparameter("eta", eta)
-    _check_tensors(dict(zip(TENSOR_ARGS, (
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-        reference_rejected_logps, chosen_lengths, rejected_lengths))))
     dpo_loss = _dpo(policy_chosen_logps, policy_rejected_logps,
                     reference_chosen_logps, reference_rejected_logps, beta)
     return dpo_loss + (eta * beta) * (-policy_chosen_logps)
 
 
+@checked
 def rpo_mean(
     *,
     policy_chosen_logps: torch.Tensor,
@@ -87,11 +80,6 @@ def rpo_mean(
     accumulation over micro-batches averages micro-batch token-means, as TRL
     does, not one token-mean over the accumulated batch.
     """
-    _check_hyperparameter("beta", beta)
-    _check_hyperparameter("alpha", alpha)
-    _check_tensors(dict(zip(TENSOR_ARGS, (
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-        reference_rejected_logps, chosen_lengths, rejected_lengths))))
     _check_lengths_positive("chosen_lengths", chosen_lengths)
     dpo_loss = _dpo(policy_chosen_logps, policy_rejected_logps,
                     reference_chosen_logps, reference_rejected_logps, beta)
@@ -103,6 +91,7 @@ def rpo_mean(
     return dpo_loss + alpha * (-policy_chosen_logps) * scale
 
 
+@checked
 def rpo_seqmean(
     *,
     policy_chosen_logps: torch.Tensor,
@@ -121,11 +110,6 @@ def rpo_seqmean(
     i.e. the chosen NLL length-normalised per sequence with a plain weight
     alpha (no beta factor); the paper's runs used alpha = 0.2 with beta = 0.5.
     """
-    _check_hyperparameter("beta", beta)
-    _check_hyperparameter("alpha", alpha)
-    _check_tensors(dict(zip(TENSOR_ARGS, (
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-        reference_rejected_logps, chosen_lengths, rejected_lengths))))
     _check_lengths_positive("chosen_lengths", chosen_lengths)
     dpo_loss = _dpo(policy_chosen_logps, policy_rejected_logps,
                     reference_chosen_logps, reference_rejected_logps, beta)

@@ -8,13 +8,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rpo.losses._common import (TENSOR_ARGS, _check_hyperparameter, _check_lengths_positive, _check_tau_bounds,
-                                _check_tensors, _margin, _reciprocal)
+from rpo.losses._common import _check_lengths_positive, _check_tau_bounds, _margin, _reciprocal, checked
 
 # --------------------------------------------------------------------------
 # related methods (paper.md, "Related methods"): same inputs, other objectives
 # --------------------------------------------------------------------------
 
+@checked
 def ipo(
     *,
     policy_chosen_logps: torch.Tensor,
@@ -41,10 +41,6 @@ def ipo(
     with response length; TRL reports that the IPO authors confirmed this form.
     TRL clamps lengths to >= 1; here a length <= 0 is an error.
     """
-    _check_hyperparameter("beta", beta)
-    _check_tensors(dict(zip(TENSOR_ARGS, (
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-        reference_rejected_logps, chosen_lengths, rejected_lengths))))
     _check_lengths_positive("chosen_lengths", chosen_lengths)
     _check_lengths_positive("rejected_lengths", rejected_lengths)
     dtype = policy_chosen_logps.dtype
@@ -53,6 +49,7 @@ def ipo(
     return (h_norm - 1.0 / (2.0 * beta)) ** 2
 
 
+@checked
 def exo_pair(
     *,
     policy_chosen_logps: torch.Tensor,
@@ -79,11 +76,6 @@ def exo_pair(
     sigmoid(beta h) * (log((1 - epsilon) / epsilon) - beta h), so as epsilon -> 0
     EXO moves the policy in DPO's direction, as the EXO paper states.
     """
-    _check_hyperparameter("beta", beta)
-    _check_hyperparameter("epsilon", epsilon)
-    _check_tensors(dict(zip(TENSOR_ARGS, (
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-        reference_rejected_logps, chosen_lengths, rejected_lengths))))
     z = beta * _margin(policy_chosen_logps, policy_rejected_logps,
                        reference_chosen_logps, reference_rejected_logps)
     # log q from logsigmoid, so a large |z| gives q = 0 times a finite log, not 0 * log(0)
@@ -92,6 +84,7 @@ def exo_pair(
             + log_qr.exp() * (log_qr - math.log(epsilon)))
 
 
+@checked
 def hinge(
     *,
     policy_chosen_logps: torch.Tensor,
@@ -113,15 +106,12 @@ def hinge(
     are on the same scale. The loss is 0, with zero gradient, once gamma * h >= 1.
     Only the loss: RSO's rejection sampling of the pairs needs a reward model.
     """
-    _check_hyperparameter("beta", beta)
-    _check_tensors(dict(zip(TENSOR_ARGS, (
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-        reference_rejected_logps, chosen_lengths, rejected_lengths))))
     h = _margin(policy_chosen_logps, policy_rejected_logps,
                 reference_chosen_logps, reference_rejected_logps)
     return torch.relu(1.0 - beta * h)
 
 
+@checked
 def minor_dpo(
     *,
     policy_chosen_logps: torch.Tensor,
@@ -142,10 +132,6 @@ def minor_dpo(
     clamped to 0 and gets no gradient (the loss is then -log sigmoid(beta (pc - rc))).
     Where pr - rr >= 0 it is exactly dpo.
     """
-    _check_hyperparameter("beta", beta)
-    _check_tensors(dict(zip(TENSOR_ARGS, (
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-        reference_rejected_logps, chosen_lengths, rejected_lengths))))
     rejected_logratio = (policy_rejected_logps - reference_rejected_logps).clamp(min=0.0)
     return -F.logsigmoid(beta * ((policy_chosen_logps - reference_chosen_logps) - rejected_logratio))
 
@@ -192,6 +178,7 @@ def _ada_dpo_tau(z: torch.Tensor, tau0: float, tau_max: float, rho: float) -> to
     return (z.abs() / _ada_dpo_unit_margin(rho)).clamp(min=tau0, max=tau_max)
 
 
+@checked
 def ada_dpo(
     *,
     policy_chosen_logps: torch.Tensor,
@@ -233,12 +220,7 @@ def ada_dpo(
     the (rho - log 2) * tau* term, which carries no gradient (the authors' code
     leaves it out of the reported loss).
     """
-    for name, value in (("beta", beta), ("tau0", tau0), ("tau_max", tau_max), ("rho", rho)):
-        _check_hyperparameter(name, value)
     _check_tau_bounds(tau0, tau_max)
-    _check_tensors(dict(zip(TENSOR_ARGS, (
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-        reference_rejected_logps, chosen_lengths, rejected_lengths))))
     z = beta * _margin(policy_chosen_logps, policy_rejected_logps,
                        reference_chosen_logps, reference_rejected_logps)
     with torch.no_grad():

@@ -35,7 +35,7 @@ import numpy as np
 
 from eval import fetch
 from rpo import sampling as _generate
-from rpo.io import write_jsonl
+from rpo.io import read_json_objects, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -82,23 +82,14 @@ def _default_path(path, parts: tuple[str, ...]) -> Path:
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a bad line raises naming the file and line."""
-    if not path.is_file():
+    """(line number, object) for each non-blank line (rpo.io.read_json_objects); a missing file or a bad
+    line raises naming the file (and the line) as MTBenchDataError."""
+    if not Path(path).is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MTBenchDataError(f"{path}, line {lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise MTBenchDataError(f"{path}, line {lineno}: expected a JSON object, got "
-                                       f"{type(obj).__name__}")
-            rows.append((lineno, obj))
-    return rows
+    try:
+        return read_json_objects(path)
+    except ValueError as e:
+        raise MTBenchDataError(str(e)) from None
 
 
 def _fail(path, lineno, msg):

@@ -148,7 +148,7 @@ def read_json_objects(path) -> list[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e})") from None
+                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
             out.append((lineno, row))

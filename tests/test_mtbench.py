@@ -184,7 +184,7 @@ def test_load_questions_names_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=rf"{path}, line 3: question 2: turns must be a list of 2 strings"):
         mtbench.load_questions(path)
     path.write_text('{"question_id": 1,\n')
-    with pytest.raises(ValueError, match=rf"{path}, line 1: invalid JSON"):
+    with pytest.raises(ValueError, match=rf"{path}, line 1: not valid JSON"):
         mtbench.load_questions(path)
 
 

@@ -122,6 +122,10 @@ def _sample_top_k_top_p(logits: torch.Tensor, temperature: float, top_k: int, to
     Restricting to the top-k first keeps each step's sort to k entries instead of the whole vocabulary
     (a sort over 49k logits per row per step costs more than the model step itself on CPU).
     """
+    if (top_k <= 0 or top_k >= logits.shape[-1]) and top_p >= 1.0:
+        # the whole distribution: no sort needed (a full-vocabulary topk per step costs more than the model)
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device).squeeze(-1)
     k = logits.shape[-1] if top_k <= 0 else min(top_k, logits.shape[-1])
     vals, idx = torch.topk(logits.float() / temperature, k, dim=-1)  # sorted, descending
     probs = torch.softmax(vals, dim=-1)

@@ -11,11 +11,16 @@ reason and runs on a CUDA device.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from conftest import run_paths, write_jsonl
 from test_benchmarks_support import pair_batch, plain
+from test_train import CFG
 
 import rpo.batching as batching
+from rpo import train
 from rpo.batching import summed_logps
 from rpo.models import load_model
 
@@ -122,3 +127,51 @@ def test_mask_mod_is_the_4d_mask(tiny_model_dir):
     m = dense["attention_mask"][0, 0]
     assert m[5, 2] and not m[5, 3] and m[4, 3]  # the rejected sees the prompt, not the chosen
     assert not m[10, 9]  # the next group (from position 10) sees nothing of pair 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The trainer: training.attention and training.share_prompts are read, and the run says what ran
+# ---------------------------------------------------------------------------------------------------
+
+def _train_seen(tiny_model_dir, tmp_path, monkeypatch, cfg, tag):
+    pairs = write_jsonl([{"id": f"p{i}", "prompt": [{"role": "user", "content": f"write a short answer {i}"}],
+                          "chosen": [{"role": "assistant", "content": f"hello world {i}"}],
+                          "rejected": [{"role": "assistant", "content": f"HELLO {i} World"}], "meta": {}}
+                         for i in range(4)], tmp_path / "train.jsonl")
+    cache = tmp_path / "ref.pt"
+    if not cache.exists():
+        train.reference_logps(tiny_model_dir, pairs, cache, max_length=64, max_prompt_length=32, batch_size=4,
+                              attention="sdpa")
+    seen = []
+    prepare = train.prepare_model
+
+    def watched(*a, **k):
+        model = prepare(*a, **k)
+        seen.append(MaskSeen(model))
+        return model
+    monkeypatch.setattr(train, "prepare_model", watched)
+    summary = train.train_preference(ref_dir=tiny_model_dir, pairs_path=pairs, reference_cache=cache,
+                                     **run_paths(tmp_path / tag), ckpt_dir=tmp_path / f"ck-{tag}", cfg=cfg,
+                                     method={"loss": "dpo", "beta": 0.5})
+    metrics = [json.loads(l) for l in (tmp_path / tag / "metrics.jsonl").read_text().splitlines()]
+    return summary, metrics, seen[0].kinds
+
+
+def test_share_prompts_off_trains_the_same_on_unpacked_rows(tiny_model_dir, tmp_path, monkeypatch):
+    cfg = {**CFG, "epochs": 2, "global_batch_size": 4, "attention": "sdpa"}
+    packed, m_packed, kinds_packed = _train_seen(tiny_model_dir, tmp_path, monkeypatch, cfg, "packed")
+    unpacked, m_unpacked, kinds_unpacked = _train_seen(tiny_model_dir, tmp_path, monkeypatch,
+                                                       {**cfg, "share_prompts": False}, "unpacked")
+    assert kinds_packed == ["4-D tensor"] * 2 and kinds_unpacked == ["2-D tensor"] * 2
+    assert packed["attention"] == unpacked["attention"] == "sdpa"
+    for a, b in zip(m_packed, m_unpacked, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+def test_flex_training_on_cpu_is_an_error_naming_the_key(tiny_model_dir, tmp_path):
+    if batching.flex_attention_problem("cpu", backward=True) is None:
+        pytest.skip(f"torch {torch.__version__} has a FlexAttention backward on CPU")
+    with pytest.raises(ValueError, match=r"training.attention: flex_attention cannot train on cpu .*backward"):
+        train.check_attention({**CFG, "attention": "flex_attention"}, "cpu")
+    train.check_attention({**CFG, "attention": "sdpa"}, "cpu")  # the others train anywhere
+    assert batching.flex_attention_problem("cpu", backward=False) is None  # the reference pass can use it

@@ -85,6 +85,9 @@ def reference_logps(model_dir, pairs_path, out_path, *, max_length: int, max_pro
     items, summary = tokenize_pairs(tok, read_pairs(pairs_path), max_length=max_length,
                                     max_prompt_length=max_prompt_length)
     device = _device()
+    # flex_attention where it cannot train is refused here too: the run that needs this cache would fail
+    # (and torch 2.13's CPU inductor fails to compile flex once both batch and length vary)
+    check_attention({"attention": attention}, device)
     model = load_model(model_dir, dtype=dtype, device=device, attention=attention).eval()
     chosen, rejected, n_c, n_r = [], [], [], []
     for s in tqdm(range(0, len(items), batch_size), desc="reference log-probs", unit="batch"):
@@ -148,7 +151,8 @@ def prepare_model(model_dir, cfg: dict, device):
 
 def check_attention(cfg: dict, device) -> None:
     """training.attention flex_attention trains only where torch's FlexAttention has a backward (not on
-    CPU in torch 2.13): say so before loading anything, never fall back to another kernel."""
+    CPU in torch 2.13): say so before loading anything (training and the reference pass), never fall
+    back to another kernel."""
     if cfg.get("attention") == "flex_attention":
         problem = flex_attention_problem(device, backward=True)
         if problem:

@@ -15,7 +15,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_paths, write_jsonl
+from conftest import run_paths, tiny_pairs, write_jsonl
 from test_benchmarks_support import pair_batch, plain
 from test_train import CFG
 
@@ -174,4 +174,10 @@ def test_flex_training_on_cpu_is_an_error_naming_the_key(tiny_model_dir, tmp_pat
     with pytest.raises(ValueError, match=r"training.attention: flex_attention cannot train on cpu .*backward"):
         train.check_attention({**CFG, "attention": "flex_attention"}, "cpu")
     train.check_attention({**CFG, "attention": "sdpa"}, "cpu")  # the others train anywhere
-    assert batching.flex_attention_problem("cpu", backward=False) is None  # the reference pass can use it
+    assert batching.flex_attention_problem("cpu", backward=False) is None  # a forward runs (tests above)
+    # the reference pass refuses it too: the training that needs its cache could not run
+    pairs = write_jsonl(tiny_pairs(2), tmp_path / "train.jsonl")
+    with pytest.raises(ValueError, match=r"training.attention: flex_attention cannot train on cpu"):
+        train.reference_logps(tiny_model_dir, pairs, tmp_path / "ref.pt", max_length=64, max_prompt_length=32,
+                              attention="flex_attention")
+    assert not (tmp_path / "ref.pt").exists()

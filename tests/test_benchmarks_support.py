@@ -2,7 +2,7 @@
 benchmark entry point runs end to end (`--smoke`, a tiny random model).
 
 Run: pytest tests/test_benchmarks_support.py -q            (about 30 s on 2 CPU cores)
-     pytest tests/test_benchmarks_support.py -q -m slow    (the benchmarks that train, ~4 min)
+     pytest tests/test_benchmarks_support.py -q -m slow    (the benchmarks that train, ~6 min)
 """
 from __future__ import annotations
 
@@ -166,6 +166,34 @@ def test_train_throughput_smoke(tmp_path):
     assert by["ours:rpo"]["step1_loss_agrees_best_trl"]
     csv = (tmp_path / "train_throughput.csv").read_text().splitlines()
     assert csv[0].startswith("variant,status,") and len(csv) == 1 + len(variants.split(","))
+
+
+def test_gpu_check_dry_run_plans_both_shapes(tmp_path):
+    # the GPU script's commands parse with train_throughput's own parser, on CUDA, both shapes, LoRA
+    from benchmarks import gpu_check
+    assert gpu_check.main(["--out-dir", str(tmp_path), "--dry-run"]) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["shapes"] == ["1b", "8b"] and len(plan["commands"]) == 2
+    for shape, cmd in zip(("1b", "8b"), plan["commands"]):
+        assert f"--device cuda --shape {shape}" in cmd and f"--out {tmp_path}/train_throughput_{shape}.json" in cmd
+    variants = {v.split(":")[0] for v in gpu_check.PLAN["1b"]["variants"]}
+    assert {"ours", "ours-unpacked", "ours-flex", "trl", "trl-precompute", "trl-liger"} <= variants
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--out-dir", str(tmp_path), "--dry-run", "--shapes", "70b"])
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_the_plan_on_cpu(tmp_path):
+    from benchmarks import gpu_check
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--shapes", "8b",
+                           "--out-dir", str(tmp_path / "out"), "--workdir", str(tmp_path / "work")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["failed"] == [] and (tmp_path / "out" / "summary.csv").is_file()
+    rows = {r["variant"]: r for r in summary["results"]}
+    assert set(rows) == set(gpu_check.PLAN["8b"]["variants"])
+    assert rows["ours:rpo"]["best_trl"] == "trl-precompute:rpo" and rows["ours:rpo"]["step1_loss_agrees_best_trl"]
 
 
 @pytest.mark.slow

@@ -96,7 +96,7 @@ def machine(device: str = "cpu") -> dict:
     """Facts that decide the numbers: a ratio means something only between runs on the same machine."""
     import importlib.metadata as md
     versions = {}
-    for pkg in ("torch", "transformers", "peft", "accelerate", "trl", "datasets"):
+    for pkg in ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "liger-kernel", "triton"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -137,6 +137,18 @@ def write_json(path, obj) -> Path:
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def write_csv(path, rows: list[dict], columns: list[str]) -> Path:
+    """`rows` as CSV with `columns` (a missing value is an empty cell)."""
+    import csv
+
+    from rpo.io import atomic_open
+    with atomic_open(path, newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    return Path(path)
 
 
 def print_table(rows: list[dict], columns: list[str]) -> str:
@@ -218,6 +230,9 @@ def build_random_llama(path, *, shape: str | None = None, seed: int = 0, device:
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     os.replace(tmp, path)
+    del model
+    if device == "cuda":  # the caller goes on to start measured processes on the same GPU
+        torch.cuda.empty_cache()
     return path
 
 
@@ -320,7 +335,9 @@ class Probe:
     def __init__(self, device: str = "cpu"):
         self.device = device
         self.forwards: list[tuple[bool, int, int]] = []  # (grad enabled, real tokens, padded tokens)
+        self.masks: dict[str, int] = {}  # attention masks the policy's model was given, by kind
         self.steps: list[dict] = []
+        self._watched: set[int] = set()
         self._handles = []
         self._mark = 0
 
@@ -340,12 +357,23 @@ class Probe:
         def counted(model, batch, *a, **k):
             attn = batch["attention_mask"]
             self.forwards.append((torch.is_grad_enabled(), int(attn.sum()), int(attn.numel())))
+            if id(model) not in self._watched:  # which mask the model is handed: the path that ran
+                self._watched.add(id(model))
+                self._handles.append(model.register_forward_pre_hook(self._on_model, with_kwargs=True))
             return summed_logps(model, batch, *a, **k)
         return counted
+
+    def _on_model(self, module, args, kwargs):
+        if torch.is_grad_enabled():
+            kind = mask_kind(kwargs.get("attention_mask"))
+            self.masks[kind] = self.masks.get(kind, 0) + 1
 
     def _on_forward(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         attn = kwargs.get("attention_mask")
+        if torch.is_grad_enabled():
+            kind = mask_kind(attn)
+            self.masks[kind] = self.masks.get(kind, 0) + 1
         real = int(attn.sum()) if attn is not None and attn.dim() == 2 else int(ids.numel())
         self.forwards.append((torch.is_grad_enabled(), real, int(ids.numel())))
 
@@ -378,3 +406,28 @@ class Probe:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def mask_kind(mask) -> str:
+    """'BlockMask' (FlexAttention), '4-D' (a custom dense mask), '2-D' (padding only) or 'none'."""
+    if mask is None:
+        return "none"
+    if type(mask).__name__ == "BlockMask":
+        return "BlockMask"
+    return f"{mask.dim()}-D"
+
+
+def liger_problem(device: str) -> str | None:
+    """Why TRL's use_liger_kernel cannot run here, or None: liger-kernel imports and one of its Triton
+    kernels (RMSNorm, which it puts into every Llama layer) runs forward and backward on `device`."""
+    try:
+        from liger_kernel.transformers import LigerRMSNorm
+    except ImportError as e:
+        return f"liger-kernel is not installed (pip install liger-kernel): {e}"
+    x = torch.ones(2, 8, device=device, requires_grad=True)
+    try:
+        LigerRMSNorm(8).to(device)(x).sum().backward()
+    except Exception as e:  # Triton without a GPU: "RuntimeError: 0 active drivers ([]). ..."
+        return f"{type(e).__name__}: {e}"
+    return None
+

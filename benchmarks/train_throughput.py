@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_throughput                       # SmolLM2-135M on CPU, ~11 min on 2 cores
     python -m benchmarks.train_throughput --smoke               # tiny random model, seconds
-    python -m benchmarks.train_throughput --device cuda --shape 8b --steps 20   # a GPU (not run here)
+    python -m benchmarks.train_throughput --device cuda --shape 8b --steps 20   # a GPU (benchmarks/gpu_check.py)
 
 Both trainers get the same model weights, pairs, batches in the same order (TRL's sampler set to
 sequential over the pairs laid out in our trainer's seeded step order), sequence lengths (no pair is
@@ -11,20 +11,46 @@ and clipping. TRL runs with `gradient_checkpointing=False` and the precision we 
 True and bf16), LoRA through its own `peft_config`. RPO is our `rpo_mean`, which is TRL's
 `loss_type=["sigmoid", "sft"]`, so the step-1 losses of the two trainers must agree (printed).
 
-Every run is a fresh subprocess (peak RSS is per process), and the runs are interleaved, the order
-reversed every other repeat, so that a drift in the shared machine's load hits both trainers alike.
-Our trainer is measured through `rpo.train.train_preference` itself: hooks only time-stamp its optimizer
-steps and count the forwards of the model body. Its reference log-probs come from the cache written once
-by `rpo.train.reference_logps` (timed separately, "reference pass"); TRL without
-`precompute_ref_log_probs` runs a reference forward (adapter disabled) in every step, as by default.
+Variants, each `<trainer>:<dpo|rpo>`:
+    ours            packed rows (prompt shared by chosen and rejected), sdpa with a 4-D mask: the default
+    ours-unpacked   training.share_prompts false: one padded row per sequence, sdpa on the 2-D mask
+    ours-flex       training.attention flex_attention: the packed rows with a FlexAttention BlockMask
+    trl             DPOTrainer as configured above: a reference forward (adapter disabled) every step
+    trl-precompute  precompute_ref_log_probs=True (its reference pass is in its set-up, not in the steps)
+    trl-liger       use_liger_kernel=True: Liger's Triton RMSNorm, RoPE and SwiGLU in every layer (TRL 1.16
+                    turns off Liger's fused linear cross-entropy, it patches the LM head itself)
+    trl-precompute-liger   both
+    trl-padding-free       padding_free=True
+Each run checks that the path it names ran: the masks our model was handed (BlockMask / 4-D / 2-D, per
+policy forward), the number of Liger-patched modules; a variant that cannot run here is listed as skipped
+with the exact reason (FlexAttention: torch 2.13 has no backward on CPU; Liger: liger-kernel missing, or
+Triton's "0 active drivers" without a GPU), never replaced by another path.
+
+What TRL 1.16 does with these (read in trl/trainer/dpo_trainer.py, and reported by every run):
+`padding_free=True` logs "`padding_free=True` is temporarily unavailable after a refactor and is
+currently disabled. Falling back to standard padding" and sets it back to False, so `trl-padding-free`
+is the default TRL run (its `padding_free_in_effect` is False). `use_liger_kernel=True` warns that it
+is deprecated in favour of Hub kernels (`model_init_kwargs={"use_kernels": True}`, which needs the Hub
+and a model given by name: not available offline, not run). FlashAttention-2 packing is not available:
+no flash-attn package.
+
+Every run is a fresh subprocess (peak memory is per process, measured the same way for every variant:
+peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA, at the end of the run), and the runs are
+interleaved, the order reversed every other repeat, so that a drift in the shared machine's load hits
+every variant alike. Our trainer is measured through `rpo.train.train_preference` itself: hooks only
+time-stamp its optimizer steps and count the forwards of the model body. Its reference log-probs come from
+the cache written once by `rpo.train.reference_logps` (timed separately, "reference pass").
 
 Tokens/s counts the real (unpadded) prompt + response tokens of the chosen and rejected sequences that
-the policy processed, over the measured steps (after `--warmup` steps), divided by their wall time.
+the policy processed, over the measured steps (after `--warmup` steps), divided by their wall time. Each
+of our variants is compared with the default TRL run and with the BEST TRL variant that ran for the same
+loss (the highest tokens/s): speed, peak memory and step-1 loss.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -35,16 +61,21 @@ import torch
 from benchmarks import common
 
 NAME = "train_throughput"
-# variant -> (trainer, loss of ours / TRL loss_type, TRL precompute_ref_log_probs)
-VARIANTS = {
-    "ours:dpo": ("ours", "dpo", False),
-    "trl:dpo": ("trl", "dpo", False),
-    "ours:rpo": ("ours", "rpo_mean", False),
-    "trl:rpo": ("trl", "rpo_mean", False),
-    "trl-precompute:dpo": ("trl", "dpo", True),
-    "trl-precompute:rpo": ("trl", "rpo_mean", True),
+LOSSES = {"dpo": "dpo", "rpo": "rpo_mean"}  # our loss names; TRL's loss_type follows from them
+# trainer variant -> its options (module docstring)
+TRAINERS = {
+    "ours": {"trainer": "ours", "attention": "sdpa", "share_prompts": True, "mask": "4-D"},
+    "ours-unpacked": {"trainer": "ours", "attention": "sdpa", "share_prompts": False, "mask": "2-D"},
+    "ours-flex": {"trainer": "ours", "attention": "flex_attention", "share_prompts": True, "mask": "BlockMask"},
+    "trl": {"trainer": "trl"},
+    "trl-precompute": {"trainer": "trl", "precompute": True},
+    "trl-liger": {"trainer": "trl", "liger": True},
+    "trl-precompute-liger": {"trainer": "trl", "precompute": True, "liger": True},
+    "trl-padding-free": {"trainer": "trl", "padding_free": True},
 }
-DEFAULT_VARIANTS = "ours:dpo,trl:dpo,ours:rpo,trl:rpo,trl-precompute:dpo"
+VARIANTS = {f"{t}:{l}": {**opts, "loss": loss} for t, opts in TRAINERS.items() for l, loss in LOSSES.items()}
+DEFAULT_VARIANTS = ",".join(f"{t}:rpo" for t in TRAINERS) + ",ours:dpo,trl:dpo,trl-precompute:dpo"
+STEP1_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}  # relative, max(1, |loss|): bf16 rounds at ~4e-3
 BETA, ALPHA = 0.1, 1.0
 
 
@@ -88,21 +119,24 @@ def worker_reference(spec: dict) -> dict:
     return {"seconds": time.perf_counter() - t0, "peak_mib": common.peak_memory_mib(spec["device"])}
 
 
-def worker_ours(spec: dict, loss: str) -> dict:
+def worker_ours(spec: dict, opts: dict) -> dict:
     from rpo import train
+    cfg = {**spec["cfg"], "attention": opts["attention"], "share_prompts": opts["share_prompts"]}
     probe = common.Probe(spec["device"]).start_step_clock()
     train.summed_logps = probe.wrap(train.summed_logps)  # observes the trainer's own calls
     work = Path(spec["run_dir"])
-    train.train_preference(ref_dir=spec["model_dir"], pairs_path=spec["pairs"], reference_cache=spec["cache"],
-                           out_dir=work / "out" / "model", metrics_path=work / "out" / "metrics.jsonl",
-                           summary_path=work / "out" / "train_summary.json", ckpt_dir=work / "ckpt", cfg=spec["cfg"],
-                           method=method_of(loss))
+    summary = train.train_preference(
+        ref_dir=spec["model_dir"], pairs_path=spec["pairs"], reference_cache=spec["cache"],
+        out_dir=work / "out" / "model", metrics_path=work / "out" / "metrics.jsonl",
+        summary_path=work / "out" / "train_summary.json", ckpt_dir=work / "ckpt", cfg=cfg,
+        method=method_of(opts["loss"]))
     metrics = [json.loads(l) for l in (work / "out" / "metrics.jsonl").read_text().splitlines()]
     return {"steps": probe.measured(spec["warmup"]), "n_steps": len(probe.steps),
-            "step1_loss": metrics[0]["loss"], "peak_mib": common.peak_memory_mib(spec["device"])}
+            "step1_loss": metrics[0]["loss"], "peak_mib": common.peak_memory_mib(spec["device"]),
+            "attention": summary["attention"], "policy_masks": probe.masks}
 
 
-def worker_trl(spec: dict, loss: str, precompute: bool) -> dict:
+def worker_trl(spec: dict, opts: dict) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
@@ -126,8 +160,9 @@ def worker_trl(spec: dict, loss: str, precompute: bool) -> dict:
     peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                              target_modules=lora["target_modules"], layers_to_transform=layers,
                              task_type="CAUSAL_LM")
-    method = method_of(loss)
-    loss_type, weights = (["sigmoid"], [1.0]) if loss == "dpo" else (["sigmoid", "sft"], [1.0, method["alpha"]])
+    method = method_of(opts["loss"])
+    loss_type, weights = ((["sigmoid"], [1.0]) if opts["loss"] == "dpo"
+                          else (["sigmoid", "sft"], [1.0, method["alpha"]]))
     args = DPOConfig(
         output_dir=str(Path(spec["run_dir"]) / "trl"), seed=cfg["seed"], data_seed=cfg["seed"],
         per_device_train_batch_size=cfg["micro_batch_size"],
@@ -136,8 +171,9 @@ def worker_trl(spec: dict, loss: str, precompute: bool) -> dict:
         warmup_steps=cfg["warmup_ratio"], weight_decay=cfg["weight_decay"], max_grad_norm=cfg["max_grad_norm"],
         adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch",
         beta=method["beta"], loss_type=loss_type, loss_weights=weights,
-        max_length=cfg["max_length"], precompute_ref_log_probs=precompute,
+        max_length=cfg["max_length"], precompute_ref_log_probs=opts.get("precompute", False),
         precompute_ref_batch_size=spec["ref_batch_size"],
+        use_liger_kernel=opts.get("liger", False), padding_free=opts.get("padding_free", False),
         gradient_checkpointing=False, bf16=cfg["precision"] == "bfloat16", fp16=False,
         use_cpu=device == "cpu", train_sampling_strategy="sequential", dataloader_num_workers=0,
         logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True)
@@ -150,9 +186,24 @@ def worker_trl(spec: dict, loss: str, precompute: bool) -> dict:
     probe.start_step_clock()
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    # Liger patches module instances in place; a patched module names itself Liger*
+    liger_modules = sum(m._get_name().startswith("Liger") for m in trainer.model.modules())
     return {"steps": probe.measured(spec["warmup"]), "n_steps": len(probe.steps), "step1_loss": losses[0],
             "init_seconds": init_s, "precompute_reference": precompute_forwards,
-            "peak_mib": common.peak_memory_mib(device)}
+            "peak_mib": common.peak_memory_mib(device), "policy_masks": probe.masks,
+            "liger_modules": liger_modules, "padding_free_in_effect": bool(trainer.padding_free)}
+
+
+def why_not(opts: dict, device: str) -> str | None:
+    """The exact reason a variant cannot run on `device` here, or None."""
+    if opts.get("attention") == "flex_attention":
+        from rpo.batching import flex_attention_problem
+        problem = flex_attention_problem(device, backward=True)
+        return f"FlexAttention cannot train on {device} (torch {torch.__version__}): {problem}" if problem else None
+    if opts.get("liger"):
+        problem = common.liger_problem(device)
+        return f"use_liger_kernel cannot run on {device}: {problem}" if problem else None
+    return None
 
 
 def worker_main(spec_path: str, variant: str, result_path: str) -> None:
@@ -162,8 +213,12 @@ def worker_main(spec_path: str, variant: str, result_path: str) -> None:
     if variant == "reference":
         res = worker_reference(spec)
     else:
-        trainer, loss, precompute = VARIANTS[variant]
-        res = worker_ours(spec, loss) if trainer == "ours" else worker_trl(spec, loss, precompute)
+        opts = VARIANTS[variant]
+        reason = why_not(opts, spec["device"])
+        if reason:
+            res = {"skipped": reason}
+        else:
+            res = worker_ours(spec, opts) if opts["trainer"] == "ours" else worker_trl(spec, opts)
     Path(result_path).write_text(json.dumps(res))
 
 
@@ -183,7 +238,7 @@ def run_worker(spec_path: Path, variant: str, run_dir: Path) -> dict:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.train_throughput", "--worker", variant,
                                "--spec", str(local), "--result", str(result)],
                               cwd=common.ROOT, stdout=f, stderr=subprocess.STDOUT,
-                              env={**__import__("os").environ, "TQDM_DISABLE": "1"})
+                              env={**os.environ, "TQDM_DISABLE": "1"})
     if proc.returncode != 0:
         raise RuntimeError(f"{variant} failed (exit {proc.returncode}); log: {log}\n"
                            + "\n".join(log.read_text().splitlines()[-30:]))
@@ -194,18 +249,68 @@ def summarise(variant: str, runs: list[dict]) -> dict:
     steps = [s for r in runs for s in r["steps"]]
     secs = [s["seconds"] for s in steps]
     tokens = sum(s["policy_tokens"] for s in steps)
-    return {"variant": variant, "runs": len(runs), "measured_steps": len(steps),
+    masks: dict[str, int] = {}
+    for r in runs:
+        for k, n in r["policy_masks"].items():
+            masks[k] = masks.get(k, 0) + n
+    extra = {k: runs[0][k] for k in ("attention", "liger_modules", "padding_free_in_effect") if k in runs[0]}
+    return {"variant": variant, "status": "ran", "runs": len(runs), "measured_steps": len(steps),
             "median_step_s": common.median(secs), "tokens_per_s": tokens / sum(secs),
             "tokens_per_step": tokens / len(steps),
             "reference_forwards_per_step": sum(s["reference_forwards"] for s in steps) / len(steps),
             "peak_mib": max(r["peak_mib"] for r in runs), "peak_mib_runs": [r["peak_mib"] for r in runs],
-            "step1_loss": runs[0]["step1_loss"],
+            "step1_loss": runs[0]["step1_loss"], "policy_masks": masks, **extra,
             "step_seconds": [[round(s["seconds"], 4) for s in r["steps"]] for r in runs],
             **({"init_seconds": [round(r["init_seconds"], 2) for r in runs],
                 "precompute_reference": runs[0]["precompute_reference"]} if "init_seconds" in runs[0] else {})}
 
 
-def main(argv=None) -> int:
+def check_path(row: dict) -> None:
+    """Raise when a variant's run did not take the path its name claims (no silent fallback)."""
+    opts = VARIANTS[row["variant"]]
+    if opts["trainer"] == "ours":
+        if row["attention"] != opts["attention"] or set(row["policy_masks"]) != {opts["mask"]}:
+            raise RuntimeError(f"{row['variant']} claims {opts['attention']} with {opts['mask']} masks, but its "
+                               f"model ran {row['attention']} on masks {row['policy_masks']}")
+    elif opts.get("liger") and not row["liger_modules"]:
+        raise RuntimeError(f"{row['variant']}: use_liger_kernel=True but no module was patched by Liger")
+
+
+def compare(rows: list[dict], precision: str) -> dict:
+    """Each of our variants against TRL's default and its best variant that ran, per loss; returns the
+    best TRL variant of each loss."""
+    tol = STEP1_TOLERANCE[precision]
+    best = {}
+    for loss in LOSSES:
+        trl = [r for r in rows if r["status"] == "ran" and VARIANTS[r["variant"]]["trainer"] == "trl"
+               and r["variant"].endswith(":" + loss)]
+        if trl:
+            best[loss] = max(trl, key=lambda r: r["tokens_per_s"])["variant"]
+    by = {r["variant"]: r for r in rows}
+    for r in rows:
+        loss = r["variant"].split(":")[1]
+        if r["status"] != "ran" or VARIANTS[r["variant"]]["trainer"] != "ours":
+            continue
+        for tag, other in (("trl", f"trl:{loss}"), ("best_trl", best.get(loss))):
+            o = by.get(other)
+            if not o or o["status"] != "ran":
+                continue
+            diff = abs(r["step1_loss"] - o["step1_loss"])
+            r.update({f"speedup_vs_{tag}": r["tokens_per_s"] / o["tokens_per_s"],
+                      f"memory_vs_{tag}": r["peak_mib"] / o["peak_mib"],
+                      f"step1_loss_diff_vs_{tag}": diff,
+                      f"step1_loss_agrees_{tag}": diff <= tol * max(1.0, abs(o["step1_loss"]))})
+            if tag == "best_trl":
+                r["best_trl"] = other
+    return best
+
+
+COLUMNS = ["variant", "status", "measured_steps", "median_step_s", "tokens_per_s", "peak_mib",
+           "reference_forwards_per_step", "step1_loss", "speedup_vs_trl", "best_trl", "speedup_vs_best_trl",
+           "memory_vs_best_trl", "step1_loss_diff_vs_best_trl"]
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.split("\n")[0])
     common.add_common_args(ap, NAME)
     ap.add_argument("--steps", type=int, default=6, help="measured optimizer steps per run")
@@ -214,8 +319,21 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int, default=4, help="pairs per micro-batch (= global batch)")
     ap.add_argument("--lora-top-layers", type=int, default=8,
                     help="LoRA on the top k layers (the quickstart's 8); 0 = every layer")
-    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {sorted(VARIANTS)}")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {sorted(VARIANTS)}, or all")
     common.add_worker_args(ap)
+    return ap
+
+
+def parse_variants(ap: argparse.ArgumentParser, text: str) -> list[str]:
+    variants = list(VARIANTS) if text == "all" else text.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            ap.error(f"unknown variant {v!r}; expected one of {sorted(VARIANTS)}")
+    return variants
+
+
+def main(argv=None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     if args.worker:
         worker_main(args.spec, args.worker, args.result)
@@ -225,10 +343,7 @@ def main(argv=None) -> int:
     if args.warmup < 1:
         ap.error("--warmup must be >= 1 (a measured step needs the previous step's end as its start)")
     args.lora_top_layers = args.lora_top_layers or None
-    variants = args.variants.split(",")
-    for v in variants:
-        if v not in VARIANTS:
-            ap.error(f"unknown variant {v!r}; expected one of {sorted(VARIANTS)}")
+    variants = parse_variants(ap, args.variants)
     common.set_threads(args)
     work = common.workdir(args, NAME)
     mdir = common.model_dir(args, work)
@@ -252,41 +367,59 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         reference = run_worker(spec_path, "reference", tmp / "reference")
         runs: dict[str, list[dict]] = {v: [] for v in variants}
+        skipped: dict[str, str] = {}
         for rep in range(args.repeats):
             for v in (variants if rep % 2 == 0 else variants[::-1]):
+                if v in skipped:
+                    continue
                 res = run_worker(spec_path, v, tmp / f"{v.replace(':', '_')}-{rep}")
+                if "skipped" in res:
+                    skipped[v] = res["skipped"]
+                    print(f"  {v}: skipped: {res['skipped']}", flush=True)
+                    continue
                 runs[v].append(res)
                 print(f"  repeat {rep} {v}: median step "
                       f"{common.median([s['seconds'] for s in res['steps']]):.3f} s, "
                       f"peak {res['peak_mib']:.0f} MiB",
                       flush=True)
 
-    rows = [summarise(v, runs[v]) for v in variants]
-    by = {r["variant"]: r for r in rows}
+    rows = [summarise(v, runs[v]) if v not in skipped else {"variant": v, "status": "skipped",
+                                                            "reason": skipped[v]} for v in variants]
     for r in rows:
-        trainer, loss, _ = VARIANTS[r["variant"]]
-        base = by.get("trl:" + r["variant"].split(":")[1])
-        if trainer == "ours" and base:
-            r["speedup_vs_trl"] = r["tokens_per_s"] / base["tokens_per_s"]
-            r["memory_vs_trl"] = r["peak_mib"] / base["peak_mib"]
-            r["step1_loss_diff_vs_trl"] = abs(r["step1_loss"] - base["step1_loss"])
-        pre = by.get("trl-precompute:" + r["variant"].split(":")[1])
-        if trainer == "ours" and pre:
-            r["speedup_vs_trl_precompute"] = r["tokens_per_s"] / pre["tokens_per_s"]
-            r["memory_vs_trl_precompute"] = r["peak_mib"] / pre["peak_mib"]
-    table = common.print_table(rows, ["variant", "measured_steps", "median_step_s", "tokens_per_s", "peak_mib",
-                                      "reference_forwards_per_step", "step1_loss", "speedup_vs_trl",
-                                      "memory_vs_trl", "speedup_vs_trl_precompute"])
+        if r["status"] == "ran":
+            check_path(r)
+    best = compare(rows, cfg["precision"])
+    table = common.print_table(rows, COLUMNS)
+    for v, reason in skipped.items():
+        print(f"skipped {v}: {reason}")
+    for r in rows:
+        if r["status"] == "ran" and r.get("padding_free_in_effect") is False and VARIANTS[r["variant"]].get("padding_free"):
+            print(f"{r['variant']}: padding_free=True requested, not in effect (TRL {info['versions']['trl']} "
+                  "falls back to padding)")
+    for r in rows:
+        if "best_trl" in r:
+            print(f"{r['variant']} vs the best TRL variant that ran, {r['best_trl']}: {r['speedup_vs_best_trl']:.3g}x "
+                  f"its tokens/s at {r['memory_vs_best_trl']:.3g}x its peak memory; step-1 loss "
+                  f"{r['step1_loss']:.6g} vs {by_name(rows, r['best_trl'])['step1_loss']:.6g} "
+                  f"({'agrees' if r['step1_loss_agrees_best_trl'] else 'DIFFERS'})")
     print(f"our reference pass (once, shared by every method): {reference['seconds']:.2f} s, "
           f"peak {reference['peak_mib']:.0f} MiB", flush=True)
-    out = common.write_json(common.out_path(args, NAME), {
+    ran = [r for r in rows if r["status"] == "ran"]
+    result = {
         "benchmark": NAME, "machine": common.finish(info), "model_dir": str(mdir), "lengths": lengths,
-        "config": cfg,
+        "shape": args.shape or ("tiny" if args.smoke else None), "config": cfg,
         "methods": {"dpo": method_of("dpo"), "rpo": method_of("rpo_mean")},
-        "tokens_per_step_equal": len({round(r["tokens_per_step"], 6) for r in rows}) == 1,
-        "reference_pass": reference, "results": rows, "table": table})
-    print(f"wrote {out}")
+        "tokens_per_step_equal": len({round(r["tokens_per_step"], 6) for r in ran}) == 1,
+        "step1_tolerance": STEP1_TOLERANCE[cfg["precision"]], "best_trl": best, "skipped": skipped,
+        "reference_pass": reference, "results": rows, "table": table}
+    out = common.write_json(common.out_path(args, NAME), result)
+    common.write_csv(out.with_suffix(".csv"), rows, COLUMNS + ["reason"])
+    print(f"wrote {out} and {out.with_suffix('.csv')}")
     return 0
+
+
+def by_name(rows: list[dict], variant: str) -> dict:
+    return next(r for r in rows if r["variant"] == variant)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Every cut is counted (see `tokenize_pairs`' summary), never silently applied.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -103,12 +104,14 @@ def summed_logps(model, batch: dict[str, torch.Tensor], *, chunk_tokens: int = 1
       scores just the response tokens, `chunk_tokens` at a time, and keeps no [tokens, vocabulary] tensor
       for the backward (`_TokenLogProbs`); on a 49k-token vocabulary those fp32 logits, their
       log-softmax and its gradient were the largest tensors of the step;
-    - and sdpa or eager attention, with `share_prompts`: sequences of the batch that share a prompt (the
+    - and sdpa, eager or flex attention, with `share_prompts`: sequences of the batch that share a prompt (the
       chosen and rejected sequences of a pair) become ONE row, the prompt once and then each response,
       which attends to the prompt and to itself only, with the positions it has on its own
       (`_share_prompts`). A response's hidden states depend only on its own causal prefix, so the result
       is the same while the prompt is run once instead of twice and the row has no padding between the
-      two; in preference training the prompt is often half of the tokens.
+      two; in preference training the prompt is often half of the tokens. Under sdpa the custom 4-D
+      mask keeps SDPA off its flash kernel; a model loaded with attn_implementation="flex_attention"
+      gets the same mask as a FlexAttention BlockMask (fused kernel, fully masked blocks skipped).
     """
     ids, attn, lab = batch["input_ids"], batch["attention_mask"], batch["labels_mask"]
     first = int(lab.float().argmax(dim=1).min())  # earliest response token over the batch
@@ -170,16 +173,50 @@ def _plain_lm_head(model):
 
 
 def _attention_kind(model) -> str | None:
-    """'sdpa' or 'eager' when the model takes a custom 4-D attention mask in that format, else None."""
+    """How the model takes a custom attention mask: 'sdpa' or 'eager' (a 4-D tensor in that format),
+    'flex_attention' (a FlexAttention BlockMask), else None (no packing)."""
     kind = getattr(_unwrap(model).config, "_attn_implementation", None)
-    return kind if kind in ("sdpa", "eager") else None
+    return kind if kind in ("sdpa", "eager", "flex_attention") else None
+
+
+def _packed_mask_mod(group: torch.Tensor, part: torch.Tensor):
+    """Which key position `kv` query position `q` of packed row `b` attends to: causally, within its
+    group, the prompt (part 0) and its own response only; padding (group -1) attends to itself, so no
+    row of scores is all masked. The one rule of both masks: evaluated on broadcast index grids it is
+    the 4-D boolean mask (sdpa, eager), as a FlexAttention mask_mod the BlockMask."""
+    def mask_mod(b, h, q, kv):
+        gq, gk, pq, pk = group[b, q], group[b, kv], part[b, q], part[b, kv]
+        seen = (q >= kv) & (gq == gk) & (gq >= 0) & ((pk == 0) | (pk == pq))
+        return seen | ((q == kv) & (gq < 0))
+    return mask_mod
+
+
+def flex_attention_problem(device, *, backward: bool) -> str | None:
+    """Why FlexAttention cannot run here (torch's own error, e.g. no backward on CPU), or None: a
+    one-head 16-token flex_attention call on `device`, with a backward when `backward`."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError as e:
+        return f"torch {torch.__version__} has no FlexAttention ({e})"
+    q = torch.zeros(1, 1, 16, 16, device=device, requires_grad=backward)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "called without torch.compile()": a probe, not a kernel
+            out = flex_attention(q, q, q)
+        if backward:
+            out.sum().backward()
+    except (NotImplementedError, RuntimeError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def _share_prompts(ids: torch.Tensor, lab: torch.Tensor, kind: str | None, row_tokens: int = 0,
                    attn: torch.Tensor | None = None) -> dict | None:
     """Pack sequences that share a prompt into one row: [prompt, response_1, response_2, ...].
 
-    Returns the packed input_ids, position_ids and 4-D attention mask, and for every response token in
+    Returns the packed input_ids, position_ids and attention mask (for `kind` 'flex_attention' a
+    FlexAttention BlockMask built from the per-token group and part ids, else a 4-D tensor in the
+    format of `kind`), and for every response token in
     the order of `lab`'s True entries (row-major) its target id, the flat index of the packed position
     that predicts it, and its original row. None when nothing is shared, the mask kind is unknown, or
     the batch is not `collate`'s layout (each row: prompt, then its response, then only padding).
@@ -243,19 +280,24 @@ def _share_prompts(ids: torch.Tensor, lab: torch.Tensor, kind: str | None, row_t
             # the last prompt token for j = 0, else the previous response token
             predictor[offsets[i]:offsets[i] + n] = [last_prompt] + [r * width + at + j for j in range(n - 1)]
             at += n
-    gq, gk = group.unsqueeze(2), group.unsqueeze(1)
-    pq, pk = part.unsqueeze(2), part.unsqueeze(1)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = causal & (gq == gk) & (gq >= 0) & ((pk == 0) | (pk == pq))
-    allowed |= torch.eye(width, dtype=torch.bool) & (gq == -1)  # padding attends to itself: no NaN rows
-    allowed = allowed.unsqueeze(1)  # [rows, 1, W, W]
     device = ids.device
-    if kind == "eager":  # eager attention adds the mask to the scores
-        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    if kind == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+        # No [rows, W, W] mask is kept: the kernel evaluates mask_mod on the blocks it does not skip.
+        mask = create_block_mask(_packed_mask_mod(group.to(device), part.to(device)), B=len(fill), H=None,
+                                 Q_LEN=width, KV_LEN=width, device=device)
     else:
-        mask = allowed
+        cols = torch.arange(width)
+        allowed = _packed_mask_mod(group, part)(torch.arange(len(fill))[:, None, None], None,
+                                                cols[None, :, None], cols[None, None, :])
+        allowed = allowed.unsqueeze(1)  # [rows, 1, W, W]
+        if kind == "eager":  # eager attention adds the mask to the scores
+            mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        else:
+            mask = allowed
+        mask = mask.to(device)
     return {"input_ids": packed_ids.to(device), "position_ids": positions.to(device),
-            "attention_mask": mask.to(device), "target": ids[lab], "row": lab.nonzero()[:, 0],
+            "attention_mask": mask, "target": ids[lab], "row": lab.nonzero()[:, 0],
             "predictor": torch.tensor(predictor, dtype=torch.long, device=device)}
 
 

@@ -150,9 +150,12 @@ def load_tokenizer(model_dir: str | Path):
     return tok
 
 
-def load_model(model_dir: str | Path, *, dtype: str = "float32", device: str | None = None):
+def load_model(model_dir: str | Path, *, dtype: str = "float32", device: str | None = None,
+               attention: str | None = None):
+    """`attention`: transformers' attn_implementation (sdpa, eager, flex_attention); None = its default."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(model_dir), dtype=torch_dtype(dtype))
+    kw = {"attn_implementation": attention} if attention else {}
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(model_dir), dtype=torch_dtype(dtype), **kw)
     if device:
         model.to(device)
     return model

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from rpo import checkpoint, io, losses
 from rpo import distributed as dist_
-from rpo.batching import Truncation, collate, fit, prompt_ids, response_ids, summed_logps
+from rpo.batching import Truncation, collate, fit, flex_attention_problem, prompt_ids, response_ids, summed_logps
 from rpo.data import read_pairs
 from rpo.loop import SNAPSHOTS, run_loop, snapshot_steps
 from rpo.models import load_model, load_tokenizer
@@ -79,12 +79,16 @@ def pair_batch(items: list[dict], pad_id: int) -> dict:
 
 @torch.inference_mode()
 def reference_logps(model_dir, pairs_path, out_path, *, max_length: int, max_prompt_length: int,
-                    batch_size: int = 8, dtype: str = "float32") -> dict:
+                    batch_size: int = 8, dtype: str = "float32", attention: str | None = None) -> dict:
+    """Summed response log-probs of the reference model for every pair; `attention` as training.attention."""
     tok = load_tokenizer(model_dir)
     items, summary = tokenize_pairs(tok, read_pairs(pairs_path), max_length=max_length,
                                     max_prompt_length=max_prompt_length)
     device = _device()
-    model = load_model(model_dir, dtype=dtype, device=device).eval()
+    # flex_attention where it cannot train is refused here too: the run that needs this cache would fail
+    # (and torch 2.13's CPU inductor fails to compile flex once both batch and length vary)
+    check_attention({"attention": attention}, device)
+    model = load_model(model_dir, dtype=dtype, device=device, attention=attention).eval()
     chosen, rejected, n_c, n_r = [], [], [], []
     for s in tqdm(range(0, len(items), batch_size), desc="reference log-probs", unit="batch"):
         chunk = items[s:s + batch_size]
@@ -122,7 +126,7 @@ def _autocast(device, dtype: str, *, sharded: bool = False):
 
 def prepare_model(model_dir, cfg: dict, device):
     """The model to train, fp32 (master weights): the whole model, or LoRA adapters on it."""
-    model = load_model(model_dir, dtype="float32", device=device)
+    model = load_model(model_dir, dtype="float32", device=device, attention=cfg.get("attention"))
     model.config.use_cache = False
     if cfg["finetuning"] == "full":
         model.train()
@@ -143,6 +147,22 @@ def prepare_model(model_dir, cfg: dict, device):
         target_modules=lora["target_modules"], layers_to_transform=layers, task_type="CAUSAL_LM"))
     model.train()
     return model
+
+
+def check_attention(cfg: dict, device) -> None:
+    """training.attention flex_attention trains only where torch's FlexAttention has a backward (not on
+    CPU in torch 2.13): say so before loading anything (training and the reference pass), never fall
+    back to another kernel."""
+    if cfg.get("attention") == "flex_attention":
+        problem = flex_attention_problem(device, backward=True)
+        if problem:
+            raise ValueError(f"training.attention: flex_attention cannot train on {device} ({problem}); "
+                             "choose sdpa or eager")
+
+
+def attention_of(model) -> str | None:
+    """The attention implementation the model actually runs (the train summary records it)."""
+    return getattr(dist_.unwrap(model).config, "_attn_implementation", None)
 
 
 def _load_device(world):
@@ -229,6 +249,7 @@ def train_sft(*, base_dir, pairs_path, out_dir, metrics_path, summary_path, ckpt
                                         max_prompt_length=cfg["max_prompt_length"])
     world = dist_.setup(cfg.get("sharding", "none"))
     device = world.device
+    check_attention(cfg, device)
     model = prepare_model(base_dir, cfg, _load_device(world))
     sharded = world.sharding == "full"
 
@@ -248,7 +269,8 @@ def train_sft(*, base_dir, pairs_path, out_dir, metrics_path, summary_path, ckpt
                 "data": fingerprint(items)}
     model, info = run_loop(model=model, items=items, step_fn=step_fn, cfg=cfg, metrics_path=metrics_path,
                            ckpt_dir=ckpt_dir, identity=identity, desc="SFT", world=world, grad_hook=grad_hook)
-    summary = {**info, "tokenization": tok_summary, "config": cfg, "base_model": str(base_dir)}
+    summary = {**info, "tokenization": tok_summary, "config": cfg, "base_model": str(base_dir),
+               "attention": attention_of(model)}
     return _finish(model, world, tok, out_dir, summary_path, ckpt_dir, summary, start_dir=base_dir, cfg=cfg,
                    merge=True)
 
@@ -282,6 +304,7 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, metrics_p
         it["ref_c"], it["ref_r"] = float(cache["chosen_logps"][i]), float(cache["rejected_logps"][i])
     world = dist_.setup(cfg.get("sharding", "none"))
     device = world.device
+    check_attention(cfg, device)
     model = prepare_model(ref_dir, cfg, _load_device(world))
     sharded = world.sharding == "full"
     dpo = losses.get_loss("dpo")
@@ -295,7 +318,7 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, metrics_p
         b, n_step = len(micro), len(step_items)
         batch = {k: v.to(device) for k, v in pair_batch(micro, tok.pad_token_id).items()}
         with _autocast(device, cfg["precision"], sharded=sharded):
-            lp, n = summed_logps(model, batch)
+            lp, n = summed_logps(model, batch, share_prompts=cfg.get("share_prompts", True))
         lp = lp.float()
         args = dict(policy_chosen_logps=lp[:b], policy_rejected_logps=lp[b:],
                     reference_chosen_logps=torch.tensor([it["ref_c"] for it in micro], device=device),
@@ -331,6 +354,6 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, metrics_p
                            save_snapshot=lambda m, d: save_trained(m, world, tok, d, start_dir=ref_dir, cfg=cfg,
                                                                    merge=False))
     summary = {**info, "tokenization": tok_summary, "config": cfg, "method": method,
-               "reference_model": str(ref_dir), "finetuning": cfg["finetuning"]}
+               "reference_model": str(ref_dir), "finetuning": cfg["finetuning"], "attention": attention_of(model)}
     return _finish(model, world, tok, out_dir, summary_path, ckpt_dir, summary, start_dir=ref_dir, cfg=cfg,
                    merge=False, snapshots_path=snapshots_path)

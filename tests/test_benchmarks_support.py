@@ -2,7 +2,7 @@
 benchmark entry point runs end to end (`--smoke`, a tiny random model).
 
 Run: pytest tests/test_benchmarks_support.py -q            (about 30 s on 2 CPU cores)
-     pytest tests/test_benchmarks_support.py -q -m slow    (the two benchmarks that train, ~2 min)
+     pytest tests/test_benchmarks_support.py -q -m slow    (the benchmarks that train, ~6 min)
 """
 from __future__ import annotations
 
@@ -137,13 +137,63 @@ def test_sharded_check_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_train_throughput_smoke(tmp_path):
-    rc, res = _run("train_throughput", tmp_path, "--variants", "ours:dpo,trl:dpo,ours:rpo,trl:rpo")
-    assert rc == 0 and res["tokens_per_step_equal"]  # both trainers saw the same batches
+    variants = "ours:dpo,trl:dpo,ours:rpo,ours-unpacked:rpo,ours-flex:rpo,trl:rpo,trl-liger:rpo,trl-padding-free:rpo"
+    rc, res = _run("train_throughput", tmp_path, "--variants", variants)
+    assert rc == 0 and res["tokens_per_step_equal"]  # every trainer that ran saw the same batches
     by = {r["variant"]: r for r in res["results"]}
     assert by["ours:dpo"]["reference_forwards_per_step"] == 0 and by["trl:dpo"]["reference_forwards_per_step"] == 1
     # same model, data and loss: the first step's loss agrees (TRL's sigmoid+sft is our rpo_mean)
     assert by["ours:rpo"]["step1_loss_diff_vs_trl"] < 1e-4
     assert by["ours:dpo"]["step1_loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference
+    # each attention path ran on its own mask, and trains to the same first loss
+    assert by["ours:rpo"]["policy_masks"].keys() == {"4-D"}
+    assert by["ours-unpacked:rpo"]["policy_masks"].keys() == {"2-D"}
+    assert by["ours-unpacked:rpo"]["step1_loss"] == pytest.approx(by["ours:rpo"]["step1_loss"], abs=1e-5)
+    flex_problem = batching.flex_attention_problem("cpu", backward=True)
+    if flex_problem:  # torch 2.13 on CPU: no FlexAttention backward, said so
+        assert by["ours-flex:rpo"]["status"] == "skipped" and flex_problem in by["ours-flex:rpo"]["reason"]
+    else:
+        assert by["ours-flex:rpo"]["policy_masks"].keys() == {"BlockMask"}
+    # Liger's Triton kernels need a GPU (or liger-kernel is not installed): skipped, with the reason
+    assert by["trl-liger:rpo"]["status"] == "skipped"
+    assert by["trl-liger:rpo"]["reason"].startswith("use_liger_kernel cannot run on cpu: ")
+    # TRL 1.16 turns padding_free back off (it warns and pads)
+    assert by["trl-padding-free:rpo"]["padding_free_in_effect"] is False
+    # ours against the best TRL variant that ran for the same loss
+    assert res["best_trl"]["rpo"] in ("trl:rpo", "trl-padding-free:rpo") and res["best_trl"]["dpo"] == "trl:dpo"
+    best = by[res["best_trl"]["rpo"]]
+    assert by["ours:rpo"]["speedup_vs_best_trl"] == pytest.approx(by["ours:rpo"]["tokens_per_s"] / best["tokens_per_s"])
+    assert by["ours:rpo"]["step1_loss_agrees_best_trl"]
+    csv = (tmp_path / "train_throughput.csv").read_text().splitlines()
+    assert csv[0].startswith("variant,status,") and len(csv) == 1 + len(variants.split(","))
+
+
+def test_gpu_check_dry_run_plans_both_shapes(tmp_path):
+    # the GPU script's commands parse with train_throughput's own parser, on CUDA, both shapes, LoRA
+    from benchmarks import gpu_check
+    assert gpu_check.main(["--out-dir", str(tmp_path), "--dry-run"]) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["shapes"] == ["1b", "8b"] and len(plan["commands"]) == 2
+    for shape, cmd in zip(("1b", "8b"), plan["commands"]):
+        assert f"--device cuda --shape {shape}" in cmd and f"--out {tmp_path}/train_throughput_{shape}.json" in cmd
+    variants = {v.split(":")[0] for v in gpu_check.PLAN["1b"]["variants"]}
+    assert {"ours", "ours-unpacked", "ours-flex", "trl", "trl-precompute", "trl-liger"} <= variants
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--out-dir", str(tmp_path), "--dry-run", "--shapes", "70b"])
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_the_plan_on_cpu(tmp_path):
+    from benchmarks import gpu_check
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--shapes", "8b",
+                           "--out-dir", str(tmp_path / "out"), "--workdir", str(tmp_path / "work")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["failed"] == [] and (tmp_path / "out" / "summary.csv").is_file()
+    rows = {r["variant"]: r for r in summary["results"]}
+    assert set(rows) == set(gpu_check.PLAN["8b"]["variants"])
+    assert rows["ours:rpo"]["best_trl"] == "trl-precompute:rpo" and rows["ours:rpo"]["step1_loss_agrees_best_trl"]
 
 
 @pytest.mark.slow

@@ -40,7 +40,8 @@ rule study_reference_logps:
         **job_params(
             lambda w: {"max_length": STUDY["training"]["max_length"],
                        "max_prompt_length": STUDY["training"]["max_prompt_length"],
-                       "batch_size": config["reference"]["batch_size"], "dtype": STUDY["training"]["precision"]},
+                       "batch_size": config["reference"]["batch_size"], "dtype": STUDY["training"]["precision"],
+                       "attention": STUDY["training"]["attention"]},
             lambda w, input, output: {"model_dir": input.ref, "pairs_path": input.train, "out_path": output[0]}),
     threads: config["reference"]["threads"]
     resources:

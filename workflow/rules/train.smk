@@ -76,7 +76,8 @@ rule reference_logps:
         **job_params(
             lambda w: {"max_length": config["training"]["max_length"],
                        "max_prompt_length": config["training"]["max_prompt_length"],
-                       "batch_size": config["reference"]["batch_size"], "dtype": config["training"]["precision"]},
+                       "batch_size": config["reference"]["batch_size"], "dtype": config["training"]["precision"],
+                       "attention": config["training"]["attention"]},
             lambda w, input, output: {"model_dir": input.ref, "pairs_path": input.train, "out_path": output[0]}),
     threads: config["reference"]["threads"]
     resources:

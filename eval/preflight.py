@@ -4,7 +4,8 @@ of failing the judging jobs after hours of training.
 
     every LLM judge the config uses     openai: its api_key_env is set in the environment (the key itself
                                         is never read here); llamacpp: its GGUF resolves to a file and
-                                        llama_cpp.server is importable
+                                        llama_cpp.server is importable; `constrain: true` is refused for
+                                        an official GPT-4 judge (eval.judge_constraint)
     MT-Bench (when enabled)             its data files (installed, cached, or fetched once: eval.fetch)
 
 (AlpacaEval's LC files and the harness's datasets have their own start-up checks:
@@ -43,6 +44,11 @@ def used_judges(config: dict) -> list[tuple[str, dict]]:
 
 
 def judge_problems(key: str, judge: dict) -> list[str]:
+    from eval.judge_constraint import check_constrain
+    try:
+        check_constrain(judge, key)
+    except ValueError as e:
+        return [str(e)]
     kind = judge.get("kind")
     if kind == "openai":
         var = judge.get("api_key_env")

@@ -35,6 +35,10 @@ def used_judges(config: dict) -> list[tuple[str, dict]]:
         if bench[b]["enabled"]:
             own = bench[b].get("judge")
             out.append((f"benchmarks.{b}.judge", own) if own else ("benchmarks.judge", bench["judge"]))
+    validity = config["judge_validity"]
+    if validity["enabled"]:  # asked once per constrain value: check the constrained ask when there is one
+        block = validity["judge"] or bench["judge"]
+        out.append(("judge_validity.judge", {**block, "constrain": any(validity["constrain"])}))
     seen, unique = set(), []
     for key, block in out:
         if key not in seen:

@@ -19,7 +19,7 @@ from helpers.fake_openai import FakeOpenAIServer, completion
 from sklearn.metrics import cohen_kappa_score
 
 from eval import judge_validity as jv
-from test_workflow import REPO, job_counts, snakemake
+from test_workflow import REPO, job_counts, snakemake, tiny_config
 
 # ----------------------------------------------------------------------------- kappa and agreement by hand
 
@@ -214,10 +214,11 @@ def test_a_pair_without_answers_is_named(tmp_path):
 # ----------------------------------------------------------------------------- the rule
 
 
-def validity_run_dir(tmp_path, server) -> Path:
-    """The tiny config with judge_validity on (the fake judge, one pair) and Table 1's inputs in place."""
-    # the committed tiny config; its tiny model is never loaded here, so it is not built
-    cfg = yaml.safe_load((REPO / ".test" / "config" / "config.yaml").read_text())
+def validity_run_dir(tmp_path, server, *, whole_dag: bool = False) -> Path:
+    """The tiny config with judge_validity on (the fake judge, one pair) and Table 1's inputs in place;
+    the tiny model is built only for a plan of the whole DAG (the rule alone never loads it)."""
+    source = tiny_config(tmp_path) if whole_dag else REPO / ".test" / "config" / "config.yaml"
+    cfg = yaml.safe_load(source.read_text())
     paths = write_inputs(tmp_path)
     results = tmp_path / "results"
     (results / "generations" / "table1").mkdir(parents=True)
@@ -250,7 +251,7 @@ def test_rule_judges_the_table1_answer_files(tmp_path):
 @pytest.mark.slow
 def test_enabled_adds_it_to_rule_all(tmp_path):
     with FakeOpenAIServer() as server:
-        path = validity_run_dir(tmp_path, server)
+        path = validity_run_dir(tmp_path, server, whole_dag=True)
         assert job_counts(snakemake(tmp_path, path, "-n", target="all").stdout)["judge_validity"] == 1
         cfg = yaml.safe_load(path.read_text())
         cfg["judge_validity"]["enabled"] = False

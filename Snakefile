@@ -39,3 +39,4 @@ onstart:
 rule all:
     input:
         "results/table1.csv",
+        VALIDITY,  # results/judge_validity.csv when judge_validity.enabled (workflow/rules/judge.smk)

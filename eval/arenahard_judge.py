@@ -49,6 +49,8 @@ _CRITERIA = (
     "Example output: \"My final verdict is tie: [[A=B]]\"."
 )
 SYSTEM_PROMPT = _INTRO + _OWN_ANSWER + _CRITERIA
+# what a constrained judge may answer (eval.judge_constraint): the five labels the system prompt lists
+LABELS = ("[[A>>B]]", "[[A>B]]", "[[A=B]]", "[[B>A]]", "[[B>>A]]")
 CREATIVE_WRITING_SYSTEM_PROMPT = _INTRO + _COMPARE_ONLY + _CRITERIA
 PROMPT_TEMPLATE = (
     "<|User Prompt|>\n{QUESTION}\n\n"
@@ -72,9 +74,9 @@ def game_requests(question: dict, model_answer: str, baseline_answer: str, *,
                   temperature: float = 0.0, max_tokens: int = 16000) -> list[dict]:
     """The two judge requests of one question: game 1 baseline as A, game 2 the model as A."""
     return [{"messages": judge_messages(question, baseline_answer, model_answer),
-             "temperature": temperature, "max_tokens": max_tokens},
+             "temperature": temperature, "max_tokens": max_tokens, "constraint": LABELS},
             {"messages": judge_messages(question, model_answer, baseline_answer),
-             "temperature": temperature, "max_tokens": max_tokens}]
+             "temperature": temperature, "max_tokens": max_tokens, "constraint": LABELS}]
 
 
 def judge_answers(questions: Sequence[dict], model_answers: Mapping[str, str],

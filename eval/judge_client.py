@@ -7,6 +7,10 @@ soon as it returns (eval.judge_cache). The API key is read per request from the 
 the config names (`api_key_env`); it is never stored on the client, cached, logged or put in an error
 message (`redact` removes it from any text an endpoint echoes back).
 
+A request may carry `"constraint"`: the protocol's verdict strings (eval.judge_constraint). A client
+built with `constrain=True` sends them in its server's field (`constrain_request`), keys the cache on them
+and refuses an answer outside them; any other client drops them, so its requests and keys are as before.
+
 Its constructor takes every setting explicitly: the defaults live in the config schema and reach the
 client through eval.judges.get_judge (eval.judge_config.resolve_judge).
 """
@@ -24,6 +28,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from eval.judge_cache import JudgeCache, cache_key
+from eval.judge_constraint import REQUEST_FIELDS, request_fields
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,10 @@ class JudgeUnreachableError(JudgeError):
 
 class JudgeRetriesExhausted(JudgeError):
     """429 / 5xx / timeouts / malformed answers persisted through every retry."""
+
+
+class JudgeConstraintError(JudgeError):
+    """A constrained request was answered with text outside its verdicts: the server ignored the field."""
 
 
 def _is_loopback(url: str) -> bool:
@@ -81,8 +90,9 @@ def _retry_after_s(value: str | None) -> float | None:
 def split_request(req) -> tuple[list[dict], dict, int]:
     """A complete_many item as (messages, sampling parameters, attempt).
 
-    An item is a list of messages or {"messages": [...], temperature, max_tokens, ...[, "attempt": k]};
-    `attempt` (not sent) makes a re-ask of the same request its own call and cache entry.
+    An item is a list of messages or {"messages": [...], temperature, max_tokens, ...[, "attempt": k]
+    [, "constraint": [verdicts]]}; `attempt` (not sent) makes a re-ask of the same request its own call
+    and cache entry; `constraint` stays in the parameters for the client to apply or drop (`_constrained`).
     """
     if isinstance(req, dict):
         req = dict(req)
@@ -122,7 +132,8 @@ class OpenAIClient:
 
     def __init__(self, base_url: str | None, model: str, api_key_env: str | None, *, max_concurrency: int,
                  max_retries: int, timeout_s: float, cache_dir: str | os.PathLike | None,
-                 backoff_base_s: float, backoff_max_s: float):
+                 backoff_base_s: float, backoff_max_s: float, constrain: bool,
+                 constrain_request: str):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if max_retries < 0:
@@ -136,6 +147,10 @@ class OpenAIClient:
         self.backoff_base_s = float(backoff_base_s)
         self.backoff_max_s = float(backoff_max_s)
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        if constrain_request not in REQUEST_FIELDS:
+            raise ValueError(f"constrain_request {constrain_request!r}: expected one of {list(REQUEST_FIELDS)}")
+        self.constrain = bool(constrain)
+        self.constrain_request = constrain_request
         self.n_calls = 0
         self.n_cache_hits = 0
         self._init_runtime()
@@ -281,11 +296,30 @@ class OpenAIClient:
             f"judge request to {url} failed after {attempts} attempts (max_retries={self.max_retries}); "
             f"last: {last}"))
 
+    def _constrained(self, params: dict) -> tuple[dict, dict, list[str] | None]:
+        """(the parameters the cache key holds, the parameters sent, the allowed answers or None).
+
+        Unconstrained (the client's `constrain` off, or a request without verdicts) both are the request's
+        parameters without `constraint`, so keys stay those of earlier runs; constrained, the key holds
+        the verdicts (a constrained and an unconstrained verdict are different calls) and the body holds
+        them in the server's field."""
+        params = dict(params)
+        choices = params.pop("constraint", None)
+        if not self.constrain or not choices:
+            return params, params, None
+        choices = [str(c) for c in choices]
+        return ({**params, "constraint": {"choice": choices}},
+                {**params, **request_fields(choices, self.constrain_request)}, choices)
+
+    def _key(self, messages: list[dict], params: dict, attempt: int) -> str:
+        return cache_key(self.model, messages, self._constrained(params)[0], attempt)
+
     # ---- public API
     def complete_record(self, messages: list[dict], params: dict, attempt: int = 0) -> dict:
         """The cache record of one chat completion ({"response", "finish_reason", "usage"[, "logprobs"]}),
         from the cache when the same request (and attempt) was answered before."""
-        key = cache_key(self.model, messages, params, attempt)
+        keyed, sent, choices = self._constrained(params)
+        key = cache_key(self.model, messages, keyed, attempt)
         cache = self.cache
         if cache is not None:
             hit = cache.get(key)
@@ -293,8 +327,16 @@ class OpenAIClient:
                 with self._lock:
                     self.n_cache_hits += 1
                 return hit
-        data = self._post({"model": self.model, "messages": messages, **params})
+        data = self._post({"model": self.model, "messages": messages, **sent})
         choice = data["choices"][0]
+        if choices is not None and choice["message"]["content"] not in choices:
+            # never cached: a re-run with the right constrain_request must ask again
+            raise JudgeConstraintError(self.redact(
+                f"judge {self.model!r} at {self.url} answered a constrained request ({self.constrain_request}) "
+                f"with {choice['message']['content'][:200]!r} (finish_reason={choice.get('finish_reason')!r}), "
+                f"none of {choices}: the server ignored the field, or max_tokens cut the verdict. "
+                "constrain_request: structured_outputs is vLLM >= 0.10.2's, guided_choice vLLM < 0.12's, "
+                "grammar a llama.cpp server's"))
         rec = {"model": self.model, "response": choice["message"]["content"],
                "finish_reason": choice.get("finish_reason"), "usage": data.get("usage")}
         if choice.get("logprobs") is not None:  # AlpacaEval's annotator reads them
@@ -324,7 +366,7 @@ class OpenAIClient:
         norm = [split_request(r) for r in requests]
         if not norm:
             return []
-        keys = [cache_key(self.model, m, p, a) for m, p, a in norm]
+        keys = [self._key(m, p, a) for m, p, a in norm]
         unique: dict[str, int] = {}
         for i, k in enumerate(keys):
             unique.setdefault(k, i)

@@ -10,6 +10,9 @@ Three kinds, one interface (`Judge.compare(prompt_row, answer_a, answer_b) -> (o
 `llamacpp`  the same client pointed at a local `llama_cpp.server` that the judge starts on a free
             loopback port and always stops (eval.llamacpp_server, `LlamaCppJudge`).
 
+Both LLM kinds take `constrain: true` (verdicts forced by a grammar or vLLM's structured outputs,
+eval.judge_constraint), refused for an official OpenAI GPT-4 judge.
+
 LLM judges answer chat completions (`complete`, `complete_many`); the Table-1 pairwise protocols that
 ask them (both orders, or the authors' one order per prompt) live in eval.pairwise_judge.
 
@@ -26,8 +29,8 @@ import os
 from pathlib import Path
 
 from eval.judge_cache import JudgeCache, cache_key  # noqa: F401  (re-exported)
-from eval.judge_client import (JudgeAuthError, JudgeError, JudgeNotFoundError,  # noqa: F401
-                               JudgeRetriesExhausted, JudgeUnreachableError, OpenAIClient)
+from eval.judge_client import (JudgeAuthError, JudgeConstraintError, JudgeError,  # noqa: F401
+                               JudgeNotFoundError, JudgeRetriesExhausted, JudgeUnreachableError, OpenAIClient)
 from eval.judge_config import GOLD_LABEL, judge_label, resolve_judge
 from eval.llamacpp_server import LlamaCppServer, LlamaCppServerError, free_loopback_port  # noqa: F401
 from eval.pairwise import outcome
@@ -104,7 +107,8 @@ class LlamaCppJudge(OpenAIJudge):
                  chat_format: str | None, startup_timeout_s: float, **kw):
         self.server = LlamaCppServer(model_path, n_ctx=n_ctx, n_threads=n_threads,
                                      chat_format=chat_format, startup_timeout_s=startup_timeout_s)
-        super().__init__(None, self.server.model_name, None, **kw)
+        # llama-cpp-python's server takes a GBNF grammar in the chat request (eval.judge_constraint)
+        super().__init__(None, self.server.model_name, None, constrain_request="grammar", **kw)
 
     def __getstate__(self):
         state = super().__getstate__()

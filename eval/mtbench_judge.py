@@ -29,6 +29,8 @@ JUDGE_TEMPERATURE = 0.0
 JUDGE_MAX_TOKENS = 2048
 
 _ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
+# what a constrained judge may answer (eval.judge_constraint): the judge prompts' 1-10 scale, [[rating]]
+RATINGS = tuple(f"[[{i}]]" for i in range(1, 11))
 _ONE_SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
 
 
@@ -123,7 +125,8 @@ def write_judgments(requests: list[dict], judge, out_path, *, model_id: str, att
         if not todo:
             break
         got = judge.complete_many([{"messages": requests[i]["messages"], "temperature": requests[i]["temperature"],
-                                    "max_tokens": requests[i]["max_tokens"], "attempt": attempt} for i in todo])
+                                    "max_tokens": requests[i]["max_tokens"], "attempt": attempt,
+                                    "constraint": RATINGS} for i in todo])
         if len(got) != len(todo):
             raise RuntimeError(f"judge {judge.model!r} returned {len(got)} completions for {len(todo)} requests")
         for i, text in zip(todo, got):

@@ -45,6 +45,8 @@ PAIRWISE_USER = (
     "[The Start of Assistant B's Answer]\n{answer_b}\n[The End of Assistant B's Answer]")
 
 _VERDICT = re.compile(r"\[\[([ABC])\]\]")
+# what a constrained judge may answer (eval.judge_constraint): the verdict alone
+VERDICTS = ("[[A]]", "[[B]]", "[[C]]")
 # outcome for the answer shown first ("A") given the verdict
 _SHOWN_FIRST = {"A": 1.0, "B": 0.0, "C": 0.5}
 
@@ -77,7 +79,7 @@ def pairwise_requests(question: str, answer_a: str, answer_b: str, *, temperatur
         return {"messages": [{"role": "system", "content": PAIRWISE_SYSTEM},
                              {"role": "user", "content": PAIRWISE_USER.format(
                                  question=question, answer_a=first, answer_b=second)}],
-                "temperature": temperature, "max_tokens": max_tokens}
+                "temperature": temperature, "max_tokens": max_tokens, "constraint": VERDICTS}
     return [req(answer_a, answer_b), req(answer_b, answer_a)]
 
 
@@ -113,7 +115,7 @@ def llm_pairwise(judge, prompt_text: str, answer_a: str, answer_b: str, *, tempe
         text_ab, text_ba = judge.complete_many(reqs)
     else:
         text_ab, text_ba = (judge.complete(r["messages"], temperature=r["temperature"],
-                                           max_tokens=r["max_tokens"]) for r in reqs)
+                                           max_tokens=r["max_tokens"], constraint=r["constraint"]) for r in reqs)
     return pairwise_outcome(text_ab, text_ba)
 
 
@@ -187,7 +189,7 @@ def judge_paper(judge, items: Sequence[tuple[dict, str, str]], *, max_tokens: in
         first, second = (b, a) if swap else (a, b)
         reqs.append({"messages": [{"role": "user", "content": paper_message(prompt_text(row), first, second,
                                                                             template)}],
-                     "temperature": temperature, "max_tokens": max_tokens})
+                     "temperature": temperature, "max_tokens": max_tokens, "constraint": VERDICTS})
     texts = judge.complete_many(reqs)
     return [paper_outcome(t, s) for t, s in zip(texts, swaps)]
 

@@ -4,7 +4,8 @@ of failing the judging jobs after hours of training.
 
     every LLM judge the config uses     openai: its api_key_env is set in the environment (the key itself
                                         is never read here); llamacpp: its GGUF resolves to a file and
-                                        llama_cpp.server is importable
+                                        llama_cpp.server is importable; `constrain: true` is refused for
+                                        an official GPT-4 judge (eval.judge_constraint)
     MT-Bench (when enabled)             its data files (installed, cached, or fetched once: eval.fetch)
     generation.backend vllm             the vllm package is installed (found, not imported)
 
@@ -35,6 +36,10 @@ def used_judges(config: dict) -> list[tuple[str, dict]]:
         if bench[b]["enabled"]:
             own = bench[b].get("judge")
             out.append((f"benchmarks.{b}.judge", own) if own else ("benchmarks.judge", bench["judge"]))
+    validity = config["judge_validity"]
+    if validity["enabled"]:  # asked once per constrain value: check the constrained ask when there is one
+        block = validity["judge"] or bench["judge"]
+        out.append(("judge_validity.judge", {**block, "constrain": any(validity["constrain"])}))
     seen, unique = set(), []
     for key, block in out:
         if key not in seen:
@@ -44,6 +49,11 @@ def used_judges(config: dict) -> list[tuple[str, dict]]:
 
 
 def judge_problems(key: str, judge: dict) -> list[str]:
+    from eval.judge_constraint import check_constrain
+    try:
+        check_constrain(judge, key)
+    except ValueError as e:
+        return [str(e)]
     kind = judge.get("kind")
     if kind == "openai":
         var = judge.get("api_key_env")

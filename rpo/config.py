@@ -80,12 +80,15 @@ def check_config(config: dict, where: str = "config") -> None:
             raise ValueError(f"{where}: methods.{name}.reference: 'soup' averages SFT models trained here, "
                              "so it needs sft.enabled: true")
     models = {"ref", *config["methods"]}
-    for i, (a, b) in enumerate(config["table1"]["pairs"]):
-        for m in (a, b):
-            if m not in models:
-                raise ValueError(f"{where}: table1.pairs[{i}] names model {m!r}; expected one of {sorted(models)}")
-        if a == b:
-            raise ValueError(f"{where}: table1.pairs[{i}] compares {a!r} with itself")
+    pairs = {"table1.pairs": config["table1"]["pairs"],
+             "judge_validity.pairs": config.get("judge_validity", {}).get("pairs") or []}
+    for key, listed in pairs.items():
+        for i, (a, b) in enumerate(listed):
+            for m in (a, b):
+                if m not in models:
+                    raise ValueError(f"{where}: {key}[{i}] names model {m!r}; expected one of {sorted(models)}")
+            if a == b:
+                raise ValueError(f"{where}: {key}[{i}] compares {a!r} with itself")
     for m in config["figures"]["logps_methods"]:
         if m not in config["methods"]:
             raise ValueError(f"{where}: figures.logps_methods names {m!r}; expected one of {sorted(config['methods'])}")

@@ -218,6 +218,13 @@ def test_table1_pair_with_unknown_model(cfg):
     assert "['dpo', 'ref', 'rpo']" in msg  # the models it may name
 
 
+def test_judge_validity_pair_with_unknown_model(cfg):
+    cfg["judge_validity"] = {"pairs": [["rpo", "sft"]]}
+    validate(cfg, SCHEMA, set_default=True)
+    with pytest.raises(ValueError, match=r"judge_validity\.pairs\[0\] names model 'sft'; expected one of"):
+        check_config(cfg)
+
+
 def test_table1_pair_with_itself(cfg):
     cfg["table1"]["pairs"] = [["rpo", "rpo"]]
     validate(cfg, SCHEMA, set_default=True)

@@ -241,8 +241,9 @@ def test_write_judgments_fastchat_format_and_score(tmp_path):
     out = tmp_path / "model_judgment" / "fake-gpt-4_single.jsonl"
     judge = FakeJudge()
     rows = mtbench_judge.write_judgments(reqs, judge, out, model_id="rpo", attempts=1)
+    # the verdicts a constrained judge may give go with every request (an unconstrained client drops them)
     assert judge.calls[0][0] == {"messages": reqs[0]["messages"], "temperature": 0.0, "max_tokens": 2048,
-                                 "attempt": 0}
+                                 "attempt": 0, "constraint": tuple(f"[[{i}]]" for i in range(1, 11))}
     on_disk = [json.loads(line) for line in out.read_text().splitlines()]
     assert on_disk == rows and [p.name for p in out.parent.iterdir()] == [out.name]  # no partial file
     assert set(rows[0]) == {"question_id", "model", "judge", "user_prompt", "judgment", "score", "turn", "tstamp",

@@ -41,6 +41,17 @@ def test_the_judges_a_run_uses():
                                                          "benchmarks.judge"]
 
 
+def test_judge_validity_adds_its_judge_constrained():
+    cfg = resolved(judge_validity={"enabled": True})
+    # its own judge is null: benchmarks.judge, checked as it is asked with constrain: true
+    assert preflight.used_judges(cfg)[-1] == ("judge_validity.judge", {**cfg["benchmarks"]["judge"], "constrain": True})
+    gpt4 = {"kind": "openai", "model": "gpt-4-0613", "base_url": "https://api.openai.com/v1"}
+    cfg = resolved(judge_validity={"enabled": True, "judge": gpt4})
+    problems = preflight.check(cfg, dryrun=True)
+    assert len(problems) == 1 and problems[0].startswith("judge_validity.judge.constrain: true is refused")
+    assert preflight.check(resolved(judge_validity={"enabled": True, "judge": gpt4, "constrain": [False]})) == []
+
+
 def test_a_missing_key_fails_naming_the_variable_and_the_config_key(monkeypatch):
     cfg = resolved(table1={"judge": dict(OPENAI)})
     monkeypatch.delenv("RPO_TEST_PREFLIGHT_KEY", raising=False)

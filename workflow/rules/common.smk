@@ -143,6 +143,17 @@ def bench_judge(benchmark):
     return config["benchmarks"][benchmark]["judge"] or config["benchmarks"]["judge"]
 
 
+def validity_judge():
+    """The judge whose verdicts judge_validity checks: its own, or benchmarks.judge."""
+    return config["judge_validity"]["judge"] or config["benchmarks"]["judge"]
+
+
+# judge_validity's model pairs and the models whose Table 1 answers it reads; rule all's extra target
+VALIDITY_PAIRS = [list(p) for p in (config["judge_validity"]["pairs"] or get_table1_pairs())]
+VALIDITY_MODELS = sorted({m for p in VALIDITY_PAIRS for m in p})
+VALIDITY = [f"{RESULTS}/judge_validity.csv"] if config["judge_validity"]["enabled"] else []
+
+
 def policy_of(input):
     """The policy (adapter or model) directory among a generation rule's inputs; None for Ref itself."""
     return input.policy[0] if input.policy else None

@@ -86,3 +86,30 @@ rule judge_arenahard:
         "logs/judge_arenahard/{model}.log",
     shell:
         "python -m eval judge-arenahard --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
+
+
+rule judge_validity:
+    # the LLM judge against the gold verdicts on Table 1's answer pairs (eval/judge_validity.py)
+    input:
+        answers=[f"{RESULTS}/generations/table1/{m}.jsonl" for m in VALIDITY_MODELS],
+        prompts=f"{RESULTS}/data/prompts_test.jsonl",
+    output:
+        csv=f"{RESULTS}/judge_validity.csv",
+        jsonl=f"{RESULTS}/judge_validity.jsonl",
+    params:
+        **job_params(
+            lambda w: {"judge": validity_judge(), "pairs": VALIDITY_PAIRS,
+                       "constrain": config["judge_validity"]["constrain"],
+                       "n_prompts": config["judge_validity"]["n_prompts"],
+                       "judge_max_tokens": config["judge_validity"]["judge_max_tokens"],
+                       "bootstrap": config["table1"]["bootstrap"]},
+            lambda w, input, output: {"answers": dict(zip(VALIDITY_MODELS, input.answers)),
+                                      "prompts_path": input.prompts, "out_csv": output.csv,
+                                      "out_jsonl": output.jsonl}),
+    threads: judge_threads(validity_judge())
+    resources:
+        **res("judge"),
+    log:
+        "logs/judge_validity/judge_validity.log",
+    shell:
+        "python -m eval judge-validity --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"

@@ -91,7 +91,7 @@ def train_config(args, lengths: dict) -> dict:
             "max_steps": steps, "micro_batch_size": mb, "global_batch_size": mb,
             "max_length": lengths["max_length"], "max_prompt_length": lengths["max_prompt_length"],
             "weight_decay": 0.0, "max_grad_norm": 1.0,
-            "precision": "bfloat16" if args.device == "cuda" else "float32",
+            "precision": args.precision or ("bfloat16" if args.device == "cuda" else "float32"),
             "checkpoint_every": 10**9,  # neither trainer checkpoints inside the timed steps
             "seed": 42, "threads": args.threads or torch.get_num_threads()}
 
@@ -132,7 +132,8 @@ def worker_ours(spec: dict, opts: dict) -> dict:
         method=method_of(opts["loss"]))
     metrics = [json.loads(l) for l in (work / "out" / "metrics.jsonl").read_text().splitlines()]
     return {"steps": probe.measured(spec["warmup"]), "n_steps": len(probe.steps),
-            "step1_loss": metrics[0]["loss"], "peak_mib": common.peak_memory_mib(spec["device"]),
+            "step1_loss": metrics[0]["loss"], "losses": [m["loss"] for m in metrics],
+            "peak_mib": common.peak_memory_mib(spec["device"]),
             "attention": summary["attention"], "policy_masks": probe.masks}
 
 
@@ -260,6 +261,7 @@ def summarise(variant: str, runs: list[dict]) -> dict:
             "reference_forwards_per_step": sum(s["reference_forwards"] for s in steps) / len(steps),
             "peak_mib": max(r["peak_mib"] for r in runs), "peak_mib_runs": [r["peak_mib"] for r in runs],
             "step1_loss": runs[0]["step1_loss"], "policy_masks": masks, **extra,
+            **({"losses": runs[0]["losses"]} if "losses" in runs[0] else {}),
             "step_seconds": [[round(s["seconds"], 4) for s in r["steps"]] for r in runs],
             **({"init_seconds": [round(r["init_seconds"], 2) for r in runs],
                 "precompute_reference": runs[0]["precompute_reference"]} if "init_seconds" in runs[0] else {})}
@@ -319,6 +321,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--micro-batch", type=int, default=4, help="pairs per micro-batch (= global batch)")
     ap.add_argument("--lora-top-layers", type=int, default=8,
                     help="LoRA on the top k layers (the quickstart's 8); 0 = every layer")
+    ap.add_argument("--precision", choices=["float32", "bfloat16"], default=None,
+                    help="training precision (default: bfloat16 on cuda, float32 on cpu; bfloat16 on cpu is autocast)")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {sorted(VARIANTS)}, or all")
     common.add_worker_args(ap)
     return ap

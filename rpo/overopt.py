@@ -91,15 +91,18 @@ class Reference:
 
 
 @torch.inference_mode()
-def pair_logratios(policy, ref: Reference, tok, items: list[dict], batch_size: int) -> dict[str, torch.Tensor]:
-    """Δ_chosen and Δ_rejected (log π − log π_ref) of tokenised held-out pairs."""
-    seqs_c = [(it["prompt"], it["chosen"]) for it in items]
-    seqs_r = [(it["prompt"], it["rejected"]) for it in items]
-    pc, pr = _logps(policy, seqs_c, tok.pad_token_id, batch_size), _logps(policy, seqs_r, tok.pad_token_id, batch_size)
-    ctx, rm = ref(policy)
-    with ctx:
-        rc, rr = _logps(rm, seqs_c, tok.pad_token_id, batch_size), _logps(rm, seqs_r, tok.pad_token_id, batch_size)
-    return {"chosen": pc - rc, "rejected": pr - rr}
+def pair_logps(model, tok, items: list[dict], batch_size: int) -> dict[str, torch.Tensor]:
+    """Summed log-probs of tokenised pairs' chosen and rejected responses under `model`."""
+    return {side: _logps(model, [(it["prompt"], it[side]) for it in items], tok.pad_token_id, batch_size)
+            for side in ("chosen", "rejected")}
+
+
+def pair_logratios(policy, ref_logps: dict[str, torch.Tensor], tok, items: list[dict],
+                   batch_size: int) -> dict[str, torch.Tensor]:
+    """Δ_chosen and Δ_rejected (log π − log π_ref) of tokenised held-out pairs; `ref_logps`: pair_logps of
+    the reference, the same for every snapshot (computed once per job)."""
+    lp = pair_logps(policy, tok, items, batch_size)
+    return {side: lp[side] - ref_logps[side] for side in lp}
 
 
 @torch.inference_mode()
@@ -186,6 +189,7 @@ def evaluate_snapshots(*, ref_dir, snapshots, prompts_path, pairs_path, ref_answ
     adapters = (Path(snapshots) / f"step-{steps[0]:06d}" / "adapter_config.json").is_file()
     ref = Reference(None if adapters else load_model(ref_dir, device=device).eval())
     base = load_model(ref_dir, device=device).eval() if adapters else None
+    ref_pairs = pair_logps(base if adapters else ref.model, tok, items, batch_size)
     policy, prev = None, None
     for step in tqdm(steps, desc="snapshots", unit="snapshot"):
         path = Path(snapshots) / f"step-{step:06d}"
@@ -208,7 +212,7 @@ def evaluate_snapshots(*, ref_dir, snapshots, prompts_path, pairs_path, ref_answ
         scores = gold_scores(prompts, [d["texts"][0] for d in greedy])
         records += [{"step": step, "kind": "gold", "id": p["id"], "gold": s,
                      "win": outcome(s, ref_rows[p["id"]]["gold"])} for p, s in zip(prompts, scores)]
-        lr = pair_logratios(policy, ref, tok, items, batch_size)
+        lr = pair_logratios(policy, ref_pairs, tok, items, batch_size)
         for it, c, j in zip(items, lr["chosen"].tolist(), lr["rejected"].tolist()):
             margin = beta * (c - j)
             records.append({"step": step, "kind": "pair", "id": it["id"], "logratio_chosen": c,

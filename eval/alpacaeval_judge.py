@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from eval.alpacaeval import DEFAULT_ANNOTATOR, _validate_outputs, load_eval_set
+from rpo.io import write_text
 
 # ----------------------------------------------------------------------------- annotator config
 
@@ -108,7 +109,7 @@ def write_annotator_config(results_dir, *, judge_token: str, model: str,
     template = _alpaca_eval_configs_dir() / base["prompt_template"]
     shutil.copyfile(template, out_dir / template.name)
     client_path = (out_dir / "client_configs.yaml").resolve()
-    client_path.write_text(yaml.safe_dump({model: [{
+    write_text(client_path, yaml.safe_dump({model: [{
         "client_class": "eval.alpacaeval_judge.CachedJudgeClient", "judge": judge_token}]}, sort_keys=False))
     cfg = dict(base)
     cfg["prompt_template"] = f"{name}/{template.name}"  # alpaca_eval resolves it from <results_dir>
@@ -119,7 +120,7 @@ def write_annotator_config(results_dir, *, judge_token: str, model: str,
     cfg["completions_kwargs"] = ck
     cfg["pretty_name"] = f"{base_annotator} with judge {model}"
     path = out_dir / "configs.yaml"
-    path.write_text(yaml.safe_dump({name: cfg}, sort_keys=False))
+    write_text(path, yaml.safe_dump({name: cfg}, sort_keys=False))
     return path
 
 # ----------------------------------------------------------------------------- annotation

@@ -35,7 +35,7 @@ import numpy as np
 
 from eval import fetch
 from rpo import sampling as _generate
-from rpo.io import read_json_objects, write_jsonl
+from rpo.io import read_json_objects, write_jsonl, write_text
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def generate_answers(model, tok, questions: list[dict], out_path, *, model_id: s
     if not stamp.is_file() or stamp.read_text().strip() != fp:
         for old in work.iterdir():
             old.unlink()
-        stamp.write_text(fp + "\n")
+        write_text(stamp, fp + "\n")
 
     groups: dict[float, list[dict]] = {}
     for q in questions:

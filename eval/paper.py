@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import csv
 import math
-from pathlib import Path
 
 from eval import results_table
+from rpo.io import atomic_open, write_text
 
 # (model_a, model_b, metric, paper value, where in the paper); model_b is ignored for benchmark metrics
 PAPER: dict[str, list[tuple[str, str, str, float, str]]] = {
@@ -61,7 +61,10 @@ def compare(rows: list[dict], series: str) -> list[dict]:
         raise ValueError(f"config paper.series: unknown series {series!r}; expected one of {sorted(PAPER)}")
     out = []
     for a, b, metric, paper, source in PAPER[series]:
-        match = [r for r in rows if r["model_a"] == a and r["metric"] == metric
+        # with several training seeds, a pair's win rate is its pooled one
+        pooled = metric == results_table.WIN_RATE and any(r["metric"] == results_table.POOLED_WIN_RATE for r in rows)
+        want = results_table.POOLED_WIN_RATE if pooled else metric
+        match = [r for r in rows if r["model_a"] == a and r["metric"] == want
                  and (metric != results_table.WIN_RATE or r["model_b"] == b)]
         if len(match) > 1:
             raise ValueError(f"table1.csv has {len(match)} rows for {a} vs {b or '-'} {metric}; expected one")
@@ -83,13 +86,11 @@ def write_comparison(table_csv: str, series: str, out_csv: str, out_md: str) -> 
     with open(table_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     comp = compare(rows, series)
-    tmp = Path(out_csv).with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_open(out_csv, newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         for r in comp:
             w.writerow({k: _fmt(v, 4) if isinstance(v, float) else v for k, v in r.items()})
-    tmp.replace(out_csv)
     lines = [f"# Paper vs reproduction ({series} series)", "",
              "| | metric | paper | reproduced | CI | difference | paper in CI | judge (ours / paper) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -101,5 +102,5 @@ def write_comparison(table_csv: str, series: str, out_csv: str, out_md: str) -> 
                      f"| {r['paper_in_ci']} | {r['judge'] or '-'} / {r['paper_judge']} |")
     lines += ["", "difference = reproduced - paper. Win rates in %; a reproduction judged by another judge than "
               "the paper's is not directly comparable."]
-    Path(out_md).write_text("\n".join(lines) + "\n")
+    write_text(out_md, "\n".join(lines) + "\n")
     return comp

@@ -24,6 +24,9 @@ from rpo.io import atomic_open
 COLUMNS = ("model_a", "model_b", "metric", "value", "ci_low", "ci_high", "n", "judge")
 
 WIN_RATE = "win_rate"
+# a pair's win rate pooled over training seeds (config `seeds`): the mean of the per-seed win rates, its
+# interval a bootstrap over seeds and prompts together (eval.bootstrap.hierarchical_bootstrap)
+POOLED_WIN_RATE = "win_rate_pooled"
 # Table 2 column order follows the paper; unknown metrics come after these.
 BENCH_ORDER = (
     "mtbench",
@@ -126,18 +129,19 @@ def read_table(csv_path) -> list[dict]:
 
 
 def complete_pairs(rows: Iterable[dict]) -> list[dict]:
-    """Add the reverse (b, a) of each win_rate row (a, b) where it is absent.
+    """Add the reverse (b, a) of each win_rate (or pooled win rate) row (a, b) where it is absent.
 
     Because ties count half, rate(b over a) = 100 - rate(a over b) and the
     interval flips: [100 - hi, 100 - lo]. Same n and judge.
     """
     rows = [dict(r) for r in rows]
-    have = {(r["model_a"], r["model_b"], r["judge"]) for r in rows if r["metric"] == WIN_RATE}
+    pairwise = (WIN_RATE, POOLED_WIN_RATE)
+    have = {(r["model_a"], r["model_b"], r["metric"], r["judge"]) for r in rows if r["metric"] in pairwise}
     added = []
     for r in rows:
-        if r["metric"] != WIN_RATE:
+        if r["metric"] not in pairwise:
             continue
-        key = (r["model_b"], r["model_a"], r["judge"])
+        key = (r["model_b"], r["model_a"], r["metric"], r["judge"])
         if key in have:
             continue
         have.add(key)
@@ -145,7 +149,7 @@ def complete_pairs(rows: Iterable[dict]) -> list[dict]:
             make_row(
                 model_a=r["model_b"],
                 model_b=r["model_a"],
-                metric=WIN_RATE,
+                metric=r["metric"],
                 value=100.0 - float(r["value"]),
                 ci_low=100.0 - float(r["ci_high"]),
                 ci_high=100.0 - float(r["ci_low"]),
@@ -223,7 +227,19 @@ def render_markdown(
         ns = ", ".join(str(n) for n in _unique(r["n"] for r in wr))
         out += ["", f"Judge: {judges}; n = {ns} prompts per pair; ties count half.", ""]
 
-    bench = [r for r in rows if r["metric"] != WIN_RATE and not r["metric"].startswith(LM_EVAL_PREFIX)]
+    pooled = [r for r in rows if r["metric"] == POOLED_WIN_RATE]
+    if pooled and pair_order:
+        by_pair = {(r["model_a"], r["model_b"]): r for r in pooled}
+        pooled = [by_pair[tuple(p)] for p in pair_order if tuple(p) in by_pair] or pooled
+    if pooled:
+        header = [f"{lab(r['model_a'])} vs {lab(r['model_b'])}" for r in pooled]
+        out += ["## Table 1 pooled over training seeds — win rate (%)", ""]
+        out += _md_table(header, [[_cell(r, 1) for r in pooled]])
+        out += ["", "The mean of the per-seed win rates above; [low, high]: a bootstrap over seeds and prompts "
+                "together; n = judged prompts summed over the seeds.", ""]
+
+    bench = [r for r in rows if r["metric"] not in (WIN_RATE, POOLED_WIN_RATE)
+             and not r["metric"].startswith(LM_EVAL_PREFIX)]
     if bench:
         by_cell = _index(bench, lambda r: (r["model_a"], r["metric"]), "model/metric")
         present = _unique(r["metric"] for r in bench)

@@ -24,6 +24,7 @@ from eval.pairwise_judge import PROTOCOLS, judge_items
 def get_judge_label(cfg: dict, judge) -> str:
     return judge_config.judge_label(cfg)  # the one label function (eval/judge_config.py)
 from eval.pairwise import win_rate
+from rpo import io
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +93,37 @@ def judge_pair(*, model_a: str, model_b: str, answers_a: str, answers_b: str, pr
     write_jsonl(rows, out)
 
 
+def _pooled_rows(seed_pairs: dict, outcomes: dict, rows: list[dict], bootstrap: dict) -> list[dict]:
+    """One POOLED_WIN_RATE row per pair of `seed_pairs`: the mean over seeds of the per-seed win rates, with
+    a hierarchical bootstrap over seeds and prompts (eval.bootstrap)."""
+    from eval.bootstrap import hierarchical_bootstrap
+
+    judge = {(r["model_a"], r["model_b"]): r["judge"] for r in rows if r["metric"] == results_table.WIN_RATE}
+    out = []
+    for key, runs in seed_pairs.items():
+        missing = [f"{a}_vs_{b}" for a, b in runs if (a, b) not in outcomes]
+        if missing:
+            raise ValueError(f"seed_pairs[{key!r}]: no judgments for {missing}")
+        groups = [outcomes[(a, b)] for a, b in runs]
+        value, lo, hi = hierarchical_bootstrap(groups, n_boot=bootstrap["n"], seed=bootstrap["seed"],
+                                               ci=bootstrap["ci"])
+        a, b = runs[0]
+        out.append(results_table.make_row(model_a=a, model_b=b, metric=results_table.POOLED_WIN_RATE,
+                                          value=100 * value, ci_low=100 * lo, ci_high=100 * hi,
+                                          n=sum(len(g) for g in groups), judge=judge[(a, b)]))
+    return out
+
+
 def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dict[str, str],
                 figure: str, raw_figure: str, labels: dict[str, str], pair_order: list[list[str]],
                 bootstrap: dict, scores: list[str] = (), paper_series: str | None = None,
                 comparison: tuple[str, str] | None = None, methods_metrics: dict | None = None,
-                methods_figure: str | None = None) -> None:
+                methods_figure: str | None = None, seed_pairs: dict | None = None) -> None:
     """Table 1 and the benchmark rows as results/table1.csv (tidy) and table1.md; the figures; with a
     paper series, the paper's numbers beside ours (`comparison`: its csv and md paths). Every path is the
-    rule's output."""
-    rows, protocols = [], set()
+    rule's output. `seed_pairs` ({"a_vs_b": [[a_s, b_s] per seed]}, with several training seeds): a
+    POOLED_WIN_RATE row for each pair, over its per-seed judgments."""
+    rows, protocols, outcomes = [], set(), {}
     for path in scores:  # per-model benchmark rows (MT-Bench, AlpacaEval, Arena-Hard)
         rows += [results_table.make_row(**r) for r in json.loads(Path(path).read_text())]
     for path in judgments:
@@ -111,13 +134,14 @@ def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dic
         valid = [r["outcome"] for r in js if r["outcome"] is not None]  # None: the judge's verdicts were invalid
         if not valid:
             raise ValueError(f"{path}: every judgment is invalid; no win rate can be computed")
+        outcomes[(js[0]["model_a"], js[0]["model_b"])] = valid
         wr = win_rate(valid, n_boot=bootstrap["n"], seed=bootstrap["seed"],
                       ci=bootstrap["ci"])
         rows.append(results_table.make_row(model_a=js[0]["model_a"], model_b=js[0]["model_b"],
                                            metric=results_table.WIN_RATE, value=wr["value"],
                                            ci_low=wr["ci_low"], ci_high=wr["ci_high"], n=wr["n"],
                                            judge=js[0]["judge"]))
-    rows = results_table.complete_pairs(rows)
+    rows = results_table.complete_pairs(rows + _pooled_rows(seed_pairs or {}, outcomes, rows, bootstrap))
     results_table.write_table(rows, out_csv)
     md = results_table.render_markdown(rows, model_labels=labels, pair_order=[tuple(p) for p in pair_order])
     md += (f"\nWin rates in %, ties count half; [low, high] = {int(bootstrap['ci'] * 100)}% seeded "
@@ -125,7 +149,7 @@ def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dic
     if protocols - {"gold"}:
         md += (f"Judging protocol: {', '.join(sorted(protocols))} (paper: the authors' gpt_eval.py, one order per "
                "prompt; both_orders: each prompt in both orders); n counts the prompts with a verdict.\n")
-    Path(out_md).write_text(md)
+    io.write_text(out_md, md)
     if methods_figure and methods_metrics:
         # every method: the chosen log-ratio over training and its final win rate against Ref
         figures.plot_methods(methods_metrics, rows, methods_figure, labels=labels)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rpo import checkpoint
+from rpo import checkpoint, io
 from rpo import distributed as dist_
 
 log = logging.getLogger(__name__)
@@ -193,4 +193,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
             break  # a line cut by the kill
         if rec["step"] <= step:
             keep.append(line)
-    path.write_text("".join(l + "\n" for l in keep))
+    io.write_text(path, "".join(l + "\n" for l in keep))  # atomically: a kill now loses no kept step

@@ -14,6 +14,7 @@ import torch
 from conftest import LOWERCASE_META, run_paths, tiny_pairs, write_jsonl
 
 from eval import overoptimization as ov
+from eval.bootstrap import hierarchical_bootstrap
 from rpo import loop, overopt, train
 from rpo.config import expand_grid, resolve_study
 from rpo.models import load_model, load_tokenizer
@@ -182,15 +183,15 @@ def test_snapshot_every_without_a_snapshot_path_is_refused(tiny_model_dir, tmp_p
 def test_hierarchical_bootstrap_hand_made():
     # no spread within a seed, seed means 0 and 1: a replicate's mean is 0, 0.5 or 1 with probabilities
     # 1/4, 1/2, 1/4, so the 95% interval is [0, 1] and the value the mean of the seed means
-    value, lo, hi = ov.hierarchical_bootstrap([[0.0, 0.0, 0.0], [1.0, 1.0]], n_boot=4000, seed=0, ci=0.95)
+    value, lo, hi = hierarchical_bootstrap([[0.0, 0.0, 0.0], [1.0, 1.0]], n_boot=4000, seed=0, ci=0.95)
     assert (value, lo, hi) == (0.5, 0.0, 1.0)
-    value, lo, hi = ov.hierarchical_bootstrap([[0.0, 0.0, 0.0], [1.0, 1.0]], n_boot=4000, seed=0, ci=0.4)
+    value, lo, hi = hierarchical_bootstrap([[0.0, 0.0, 0.0], [1.0, 1.0]], n_boot=4000, seed=0, ci=0.4)
     assert (lo, hi) == (0.5, 0.5)  # the central 40% of {0: 1/4, 0.5: 1/2, 1: 1/4}
     # identical seeds: only the items vary, and the interval is that of the items' bootstrap
-    h = ov.hierarchical_bootstrap([[0.0, 1.0] * 10] * 3, n_boot=4000, seed=1, ci=0.95)
+    h = hierarchical_bootstrap([[0.0, 1.0] * 10] * 3, n_boot=4000, seed=1, ci=0.95)
     assert h[0] == 0.5 and 0.3 < h[1] < 0.45 and 0.55 < h[2] < 0.7
     with pytest.raises(ValueError, match="at least one value"):
-        ov.hierarchical_bootstrap([[1.0], []], n_boot=10, seed=0, ci=0.9)
+        hierarchical_bootstrap([[1.0], []], n_boot=10, seed=0, ci=0.9)
 
 
 def _records(seed_shift: float):

@@ -25,6 +25,29 @@ RESULTS = "results"
 METHODS = sorted(config["methods"])
 MODELS = ["ref"] + METHODS
 
+# Seed replicates (`seeds`): every method is trained once per seed (data order, LoRA init, sampling). The
+# first seed's run keeps the method's name (and is the one the benchmarks, lm-eval and figures evaluate);
+# the others are <method>-seed<s>, answered and judged for Table 1, whose pairs get per-seed rows and a row
+# pooled over the seeds. Without `seeds`, one run per method with training.seed, as before.
+SEEDS = [int(s) for s in (config["seeds"] or [config["training"]["seed"]])]
+REPLICAS = {f"{m}-seed{s}": (m, s) for m in METHODS for s in SEEDS[1:]}
+RUNS = METHODS + sorted(REPLICAS)  # every trained policy
+
+
+def run_method(run):
+    """The method (a key of `methods`) a trained run replicates."""
+    return REPLICAS[run][0] if run in REPLICAS else run
+
+
+def run_seed(run):
+    """The training seed of a run (the first seed for the method's own run, and for ref)."""
+    return REPLICAS[run][1] if run in REPLICAS else SEEDS[0]
+
+
+def replica(model, seed):
+    """The run of `model` with `seed` (ref is one model, whatever the seed)."""
+    return model if model == "ref" or seed == SEEDS[0] else f"{model}-seed{seed}"
+
 
 def as_json(obj):
     """Rule parameters as one JSON string: deterministic, so a changed value re-runs only its rule."""
@@ -92,7 +115,7 @@ def sft_dir(seed):
 
 def reference_name(method):
     """The reference a method trains against: "ref" (Table 1's Ref model) or "soup" (SALSA)."""
-    return config["methods"][method].get("reference", "ref")
+    return config["methods"][run_method(method)].get("reference", "ref")
 
 
 def reference_dir(name):
@@ -113,12 +136,24 @@ def get_policy_dir(model):
 
 
 def get_table1_pairs():
-    return [tuple(p) for p in config["table1"]["pairs"]]
+    """Table 1's pairs, each also for every further seed's runs (replica)."""
+    pairs = [tuple(p) for p in config["table1"]["pairs"]]
+    return pairs + [(replica(a, s), replica(b, s)) for s in SEEDS[1:] for a, b in pairs]
 
+
+def seed_pairs():
+    """Each configured pair's runs per seed, {"a_vs_b": [[a_s, b_s] for each seed]}: make_table1 pools them
+    (empty with one seed)."""
+    if len(SEEDS) == 1:
+        return {}
+    return {f"{a}_vs_{b}": [[replica(a, s), replica(b, s)] for s in SEEDS] for a, b in config["table1"]["pairs"]}
+
+
+RUN_NAMES = "|".join(re.escape(r) for r in RUNS)
 
 wildcard_constraints:
-    method="|".join(METHODS),
-    model="|".join(MODELS),
+    method=RUN_NAMES,
+    model="ref|" + RUN_NAMES,
 
 
 BENCHMARKS = [b for b in ("mtbench", "alpacaeval", "arenahard") if config["benchmarks"][b]["enabled"]]

@@ -7,7 +7,8 @@ rule generate_table1:
         f"{RESULTS}/generations/table1/{{model}}.jsonl",
     params:
         **job_params(
-            lambda w: {"model_name": w.model, "seed": config["seed"],
+            # a further seed's run also samples with its own seed (at temperature > 0)
+            lambda w: {"model_name": w.model, "seed": config["seed"] + SEEDS.index(run_seed(w.model)),
                        "protocol": config["table1"]["protocol"],  # which prompts: paper = the first n_prompts
                        **{k: v for k, v in config["table1"]["generation"].items() if k != "threads"},
                        **generation_backend()},

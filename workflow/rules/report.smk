@@ -94,7 +94,8 @@ rule make_table1:
     params:
         **job_params(
             lambda w: {"paper_series": PAPER_SERIES, "labels": config["table1"]["labels"],
-                       "pair_order": config["table1"]["pairs"], "bootstrap": config["table1"]["bootstrap"]},
+                       "pair_order": config["table1"]["pairs"], "bootstrap": config["table1"]["bootstrap"],
+                       **({"seed_pairs": seed_pairs()} if seed_pairs() else {})},
             lambda w, input, output: {
                 "judgments": list(input.judgments), "scores": list(input.scores),
                 "metrics": {m: TRAIN_METRICS.format(method=m) for m in config["figures"]["logps_methods"]},

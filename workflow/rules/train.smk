@@ -98,8 +98,9 @@ rule train_preference:
         metrics=TRAIN_METRICS,
         summary=f"{RESULTS}/train/{{method}}/train_summary.json",
     params:
-        **train_params(train_cfg("training"), lambda w: f"{RESULTS}/checkpoints/{w.method}",
-                       extra=lambda w: {"method": {"name": w.method, **config["methods"][w.method]}},
+        **train_params(lambda w: {**train_cfg("training"), "seed": run_seed(w.method)},
+                       lambda w: f"{RESULTS}/checkpoints/{w.method}",
+                       extra=lambda w: {"method": {"name": w.method, **config["methods"][run_method(w.method)]}},
                        ref_dir="ref", pairs_path="train", reference_cache="cache"),
         launch=launcher("training"),
     threads: config["training"]["threads"]

@@ -150,10 +150,11 @@ def seed_pairs():
 
 
 RUN_NAMES = "|".join(re.escape(r) for r in RUNS)
+MODEL_NAMES = "|".join(["ref", RUN_NAMES])
 
 wildcard_constraints:
     method=RUN_NAMES,
-    model="ref|" + RUN_NAMES,
+    model=MODEL_NAMES,
 
 
 BENCHMARKS = [b for b in ("mtbench", "alpacaeval", "arenahard") if config["benchmarks"][b]["enabled"]]
@@ -288,5 +289,23 @@ def study_train_cfg(seed):
             "snapshot_every": config["overoptimization"]["snapshot_every"], "world_size": world,
             "gradient_accumulation_steps": accum}
 
+
 # one run of the study with one seed: its model, snapshots, metrics and measurements
 STUDY_RUN = f"{STUDY_DIR}/runs/{{run}}/seed{{seed}}"
+STUDY_EVAL = f"{STUDY_RUN}/snapshot_eval.jsonl"  # its measurements, the input of results/overoptimization.csv
+
+
+def study_specs(w):
+    """What eval.overoptimization needs to know of each run and seed, in the order of study_records."""
+    return [{"name": run, "loss": STUDY["runs"][run]["loss"], "seed": seed,
+             "hparams": {k: v for k, v in STUDY["runs"][run].items() if k not in ("loss", "reference")},
+             "label_noise": STUDY["data"]["synthetic"]["label_noise"] if STUDY["data"]["source"] == "synthetic:verifiable" else None}
+            for run in STUDY_RUNS for seed in STUDY_SEEDS]
+
+
+def study_records(w):
+    """Every run's and seed's measurements (the input of rule overoptimization)."""
+    if not STUDY_RUNS:
+        raise ValueError("results/overoptimization.csv: overoptimization.grid is empty; give the study its runs "
+                         "(config/config.yaml has the quickstart's grid)")
+    return [STUDY_EVAL.format(run=run, seed=seed) for run in STUDY_RUNS for seed in STUDY_SEEDS]

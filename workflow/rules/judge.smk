@@ -6,8 +6,8 @@ rule judge_table1:
     output:
         f"{RESULTS}/judgments/table1/{{a}}_vs_{{b}}.jsonl",
     wildcard_constraints:
-        a="ref|" + RUN_NAMES,
-        b="ref|" + RUN_NAMES,
+        a=MODEL_NAMES,
+        b=MODEL_NAMES,
     params:
         **job_params(
             lambda w: {"model_a": w.a, "model_b": w.b, "judge": config["table1"]["judge"],

@@ -110,7 +110,7 @@ rule study_evaluate:
         pairs=f"{STUDY_DIR}/data/test.jsonl",
         ref_answers=f"{STUDY_DIR}/reference/answers.jsonl",
     output:
-        f"{STUDY_RUN}/snapshot_eval.jsonl",
+        STUDY_EVAL,
     wildcard_constraints:
         run=STUDY_RUN_NAMES,
         seed=r"\d+",
@@ -129,20 +129,6 @@ rule study_evaluate:
         "logs/study_evaluate/{run}-seed{seed}.log",
     shell:
         "python -m rpo evaluate-snapshots --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
-
-
-def study_specs(w):
-    return [{"name": run, "loss": STUDY["runs"][run]["loss"], "seed": seed,
-             "hparams": {k: v for k, v in STUDY["runs"][run].items() if k not in ("loss", "reference")},
-             "label_noise": STUDY["data"]["synthetic"]["label_noise"] if STUDY["data"]["source"] == "synthetic:verifiable" else None}
-            for run in STUDY_RUNS for seed in STUDY_SEEDS]
-
-
-def study_records(w):
-    if not STUDY_RUNS:
-        raise ValueError("results/overoptimization.csv: overoptimization.grid is empty; give the study its runs "
-                         "(config/config.yaml has the quickstart's grid)")
-    return [STUDY_RUN.format(run=run, seed=seed) + "/snapshot_eval.jsonl" for run in STUDY_RUNS for seed in STUDY_SEEDS]
 
 
 rule overoptimization:

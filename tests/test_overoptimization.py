@@ -256,6 +256,7 @@ def test_resolve_study_names_a_misspelt_key():
 # The DAG
 # ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a dozen Snakemake jobs: it would take the default run past 10 minutes
 def test_study_dag_end_to_end(tmp_path):
     """snakemake results/overoptimization.csv on the tiny config: 2 runs x 2 seeds, snapshots at 2 and 4."""
     from test_workflow import snakemake, tiny_config

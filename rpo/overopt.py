@@ -35,10 +35,12 @@ log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
-def decode(model, tok, prompts: list[dict], *, n: int, max_new_tokens: int, temperature: float, seed: int,
-           batch_size: int) -> list[dict]:
-    """Per prompt: its token ids, and for each of `n` responses (greedy when temperature is 0) the token ids
-    up to and including the first stop token, the decoded text and whether it stopped by itself. The
+def decode(model, tok, prompts: list[dict], *, n: int, max_new_tokens: int, temperature: float | list[float],
+           seed: int, batch_size: int) -> list[dict]:
+    """Per prompt: its token ids, and for each of `n` responses (greedy when its temperature is 0; a list gives
+    each response its own, from one prefill: rpo.sampling.sample) the token ids
+    up to and including the first stop token, the decoded text, whether it stopped by itself, and the summed
+    log-prob of those tokens under `model` (from the sampler's own logits: no second forward pass). The
     sampler is rpo.sampling's, seeded per batch from (seed, first prompt id); temperature 1 with
     top_k 0 and top_p 1 samples from π itself."""
     encoded = [encode_prompt(tok, p["messages"]) for p in prompts]
@@ -50,33 +52,41 @@ def decode(model, tok, prompts: list[dict], *, n: int, max_new_tokens: int, temp
         idx = order[start:start + batch_size]
         ids, attn = left_pad([encoded[i] for i in idx], tok.pad_token_id)
         gen = torch.Generator().manual_seed(derived_seed(seed, prompts[idx[0]]["id"]))
-        new = sample(model, ids.to(device), attn.to(device), max_new_tokens=max_new_tokens,
-                     num_return_sequences=n, temperature=temperature, top_p=1.0, top_k=0, stop_ids=stop,
-                     pad_id=tok.pad_token_id, generator=gen)
+        new, lps = sample(model, ids.to(device), attn.to(device), max_new_tokens=max_new_tokens,
+                          num_return_sequences=n, temperature=temperature, top_p=1.0, top_k=0, stop_ids=stop,
+                          pad_id=tok.pad_token_id, generator=gen, return_logps=True)
         for j, i in enumerate(idx):
-            tokens, texts, finished = [], [], []
+            tokens, texts, finished, logps = [], [], [], []
             for k in range(n):
                 seq = new[j * n + k].tolist()
                 text, length = decode_answer(tok, seq, stop)
                 done = length < len(seq)
                 # the stop token is part of what was sampled: its probability counts in the KL
                 tokens.append(seq[:length + 1] if done else seq)
+                logps.append(float(lps[j * n + k, :len(tokens[-1])].double().sum()))
                 texts.append(text)
                 finished.append(done)
             out[i] = {"id": prompts[i]["id"], "prompt_ids": encoded[i], "response_ids": tokens,
-                      "texts": texts, "finished": finished}
+                      "texts": texts, "finished": finished, "logps": logps}
     return out
 
 
-def _logps(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> torch.Tensor:
-    """Summed log-probs of each (prompt, response) sequence's response tokens."""
+def _logps(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int, *,
+           pairs: bool = False) -> torch.Tensor:
+    """Summed log-probs of each (prompt, response) sequence's response tokens. Batches are cut from the
+    sequences in length order (a pair's two sequences stay together), so little of a batch is padding."""
     device = next(model.parameters()).device
-    vals = []
-    for s in range(0, len(seqs), batch_size):
-        batch = {k: v.to(device) for k, v in collate(seqs[s:s + batch_size], pad_id).items()}
+    out = torch.zeros(len(seqs))
+    per = 2 if pairs else 1
+    groups = sorted((list(range(i, min(i + per, len(seqs)))) for i in range(0, len(seqs), per)),
+                    key=lambda g: max(len(seqs[i][0]) + len(seqs[i][1]) for i in g))
+    step = max(1, batch_size // per)
+    for s in range(0, len(groups), step):
+        idx = [i for g in groups[s:s + step] for i in g]
+        batch = {k: v.to(device) for k, v in collate([seqs[i] for i in idx], pad_id).items()}
         lp, _ = summed_logps(model, batch)
-        vals.append(lp.float().cpu())
-    return torch.cat(vals) if vals else torch.zeros(0)
+        out[idx] = lp.float().cpu()
+    return out
 
 
 class Reference:
@@ -92,9 +102,12 @@ class Reference:
 
 @torch.inference_mode()
 def pair_logps(model, tok, items: list[dict], batch_size: int) -> dict[str, torch.Tensor]:
-    """Summed log-probs of tokenised pairs' chosen and rejected responses under `model`."""
-    return {side: _logps(model, [(it["prompt"], it[side]) for it in items], tok.pad_token_id, batch_size)
-            for side in ("chosen", "rejected")}
+    """Summed log-probs of tokenised pairs' chosen and rejected responses under `model`. A pair's two
+    sequences go into the same batch, one after the other, so that rpo.batching.summed_logps runs their
+    shared prompt once (as in training)."""
+    seqs = [(it["prompt"], it[side]) for it in items for side in ("chosen", "rejected")]
+    lp = _logps(model, seqs, tok.pad_token_id, batch_size, pairs=True)
+    return {"chosen": lp[0::2], "rejected": lp[1::2]}
 
 
 def pair_logratios(policy, ref_logps: dict[str, torch.Tensor], tok, items: list[dict],
@@ -111,17 +124,32 @@ def kl_samples(policy, ref: Reference, tok, prompts: list[dict], *, n: int, max_
     """Per prompt: each temperature-1 sample's log π − log π_ref (summed over its tokens)."""
     decoded = decode(policy, tok, prompts, n=n, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed,
                      batch_size=batch_size)
+    return kl_values(policy, ref, tok, decoded, batch_size)
+
+
+@torch.inference_mode()
+def kl_values(policy, ref: Reference, tok, decoded: list[dict], batch_size: int) -> list[dict]:
+    """log π − log π_ref of each of `decode`'s responses (temperature-1 samples of the policy): log π is the
+    sampler's own, log π_ref a forward pass of the reference over the sampled sequences."""
     seqs = [(d["prompt_ids"], r) for d in decoded for r in d["response_ids"]]
-    lp = _logps(policy, seqs, tok.pad_token_id, batch_size)
+    lp = torch.tensor([x for d in decoded for x in d["logps"]], dtype=torch.float64)
     ctx, rm = ref(policy)
     with ctx:
         lr = _logps(rm, seqs, tok.pad_token_id, batch_size)
-    diff = (lp - lr).tolist()
-    out = []
-    for i, d in enumerate(decoded):
-        out.append({"id": d["id"], "values": diff[i * n:(i + 1) * n],
+    diff = (lp - lr.double()).tolist()
+    out, at = [], 0
+    for d in decoded:
+        n = len(d["response_ids"])
+        out.append({"id": d["id"], "values": diff[at:at + n],
                     "n_tokens": [len(r) for r in d["response_ids"]], "finished": d["finished"]})
+        at += n
     return out
+
+
+def _responses(decoded: list[dict], ks: slice) -> list[dict]:
+    """`decode`'s rows restricted to the responses `ks`."""
+    per = ("response_ids", "texts", "finished", "logps")
+    return [{**d, **{f: d[f][ks] for f in per}} for d in decoded]
 
 
 def gold_scores(prompts: list[dict], texts: list[str]) -> list[float]:
@@ -204,12 +232,13 @@ def evaluate_snapshots(*, ref_dir, snapshots, prompts_path, pairs_path, ref_answ
             prev = f"s{step}"
         else:
             policy = load_model(path, device=device).eval()
-        for r in kl_samples(policy, ref, tok, prompts, n=kl_samples_per_prompt, max_new_tokens=max_new_tokens,
-                            seed=seed * 1_000_003 + step, batch_size=batch_size):
+        # one prefill per prompt for both: response 0 greedy (the gold score), then the temperature-1 samples
+        decoded = decode(policy, tok, prompts, n=1 + kl_samples_per_prompt, max_new_tokens=max_new_tokens,
+                         temperature=[0.0] + [1.0] * kl_samples_per_prompt, seed=seed * 1_000_003 + step,
+                         batch_size=batch_size)
+        for r in kl_values(policy, ref, tok, _responses(decoded, slice(1, None)), batch_size):
             records.append({"step": step, "kind": "kl", **r})
-        greedy = decode(policy, tok, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0, seed=0,
-                        batch_size=batch_size)
-        scores = gold_scores(prompts, [d["texts"][0] for d in greedy])
+        scores = gold_scores(prompts, [d["texts"][0] for d in decoded])
         records += [{"step": step, "kind": "gold", "id": p["id"], "gold": s,
                      "win": outcome(s, ref_rows[p["id"]]["gold"])} for p, s in zip(prompts, scores)]
         lr = pair_logratios(policy, ref_pairs, tok, items, batch_size)

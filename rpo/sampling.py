@@ -136,18 +136,33 @@ def _sample_top_k_top_p(logits: torch.Tensor, temperature: float, top_k: int, to
     return idx.gather(-1, choice).squeeze(-1)
 
 
+def _next_tokens(logits, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
+    if temperature > 0:
+        return _sample_top_k_top_p(logits, temperature, top_k, top_p, generator)
+    return logits.argmax(dim=-1)
+
+
 @torch.inference_mode()
 def sample(model, input_ids, attention_mask, *, max_new_tokens: int, num_return_sequences: int = 1,
-           temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop_ids=(), pad_id: int = 0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Decode up to `max_new_tokens` for a left-padded batch; returns [B * n, T] new tokens (pad after stop).
+           temperature: float | list[float] = 0.0, top_p: float = 1.0, top_k: int = 0, stop_ids=(),
+           pad_id: int = 0, generator: torch.Generator | None = None, return_logps: bool = False):
+    """Decode up to `max_new_tokens` for a left-padded batch; returns [B * n, T] new tokens (pad after stop),
+    and with `return_logps` also [B * n, T] float32: each new token's log-prob under the model's own
+    next-token distribution (the log-softmax of its logits, whatever the sampling temperature; 0 after stop).
 
     Unlike `model.generate(num_return_sequences=n)`, which copies every prompt n times before the
     prefill, the prompt is run once and its KV cache is repeated: with 4 samples per prompt the
     prefill, the larger part of the cost for short answers on CPU, is 4x cheaper.
-    temperature 0 means greedy decoding.
+    temperature 0 means greedy decoding. A list gives each of the n responses to a prompt its own
+    temperature (e.g. [0.0, 1.0]: a greedy answer and a sample from one prefill); rows of one temperature
+    are sampled together, so greedy rows draw nothing from `generator`.
     """
     n = num_return_sequences
+    temps = [float(temperature)] * n if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
+    if len(temps) != n:
+        raise ValueError(f"temperature: {len(temps)} values for num_return_sequences={n}; expected one per response")
+    row_temp = torch.tensor(temps * input_ids.shape[0])
+    groups = [(t, (row_temp == t).nonzero().squeeze(-1).to(input_ids.device)) for t in sorted(set(temps))]
     prefill_pos = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=prefill_pos,
                 use_cache=True, logits_to_keep=1)
@@ -161,12 +176,17 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens: int, num_return_
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     # Positions continue from each row's own last prompt token (rows are left-padded).
     position = attention_mask.sum(dim=1, keepdim=True)
-    new = []
+    new, logps = [], []
     for _ in range(max_new_tokens):
-        if temperature > 0:
-            nxt = _sample_top_k_top_p(logits, temperature, top_k, top_p, generator)
+        if len(groups) == 1:
+            nxt = _next_tokens(logits, temps[0], top_k, top_p, generator)
         else:
-            nxt = logits.argmax(dim=-1)
+            nxt = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+            for t, rows in groups:
+                nxt[rows] = _next_tokens(logits[rows], t, top_k, top_p, generator)
+        if return_logps:
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
+            logps.append(lp.masked_fill(done, 0.0))
         nxt = nxt.masked_fill(done, pad_id)
         new.append(nxt)
         done |= torch.isin(nxt, stop)
@@ -178,7 +198,8 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens: int, num_return_
         position = position + 1
         cache = out.past_key_values
         logits = out.logits[:, -1].float()
-    return torch.stack(new, dim=1).cpu()
+    tokens = torch.stack(new, dim=1).cpu()
+    return (tokens, torch.stack(logps, dim=1).cpu()) if return_logps else tokens
 
 
 def generate_answers(model, tok, prompts: list[dict], out_path: str | Path, *, max_new_tokens: int,

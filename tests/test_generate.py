@@ -60,3 +60,34 @@ def test_interrupted_generation_resumes_without_redoing_answers(tiny_model_dir, 
     assert rows == full and not partial.exists()
     # Prefills (more than one token) of the resumed run saw only the 3 unfinished prompts: 2 + 1.
     assert sorted(b for b, t in calls if t > 1) == [1, 2]
+
+
+def test_one_temperature_per_response_equals_separate_decodes(tiny_model_dir):
+    """temperature=[0.0, 1.0]: one prefill, a greedy answer and a sample per prompt; the greedy rows equal a
+    greedy decode and, since greedy rows draw nothing, the sampled rows equal a temperature-1 decode with the
+    same generator; the log-probs are the full log-softmax's of the tokens chosen."""
+    import pytest
+    from rpo.sampling import encode_prompt, left_pad, sample
+    tok, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir).eval()
+    ids, attn = left_pad([encode_prompt(tok, p["messages"]) for p in PROMPTS], tok.pad_token_id)
+    kw = dict(max_new_tokens=6, top_k=0, top_p=1.0, pad_id=tok.pad_token_id)
+    both, lps = sample(model, ids, attn, num_return_sequences=2, temperature=[0.0, 1.0],
+                       generator=torch.Generator().manual_seed(5), return_logps=True, **kw)
+    greedy = sample(model, ids, attn, temperature=0.0, **kw)
+    sampled = sample(model, ids, attn, temperature=1.0, generator=torch.Generator().manual_seed(5), **kw)
+    width = min(both.shape[1], greedy.shape[1], sampled.shape[1])  # each call stops once all its rows stopped
+    assert torch.equal(both[0::2, :width], greedy[:, :width])
+    assert torch.equal(both[1::2, :width], sampled[:, :width])
+    mask = torch.cat([attn.repeat_interleave(2, 0), torch.ones_like(both)], 1)
+    with torch.inference_mode():
+        full = torch.log_softmax(model(input_ids=torch.cat([ids.repeat_interleave(2, 0), both], 1),
+                                       attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)
+                                       ).logits.float(), -1)
+    want = full[:, ids.shape[1] - 1:-1].gather(-1, both[..., None]).squeeze(-1)
+    stop = {tok.eos_token_id, tok.pad_token_id}
+    scored = torch.tensor([[not any(t in stop for t in row[:j]) for j in range(len(row))] for row in both.tolist()])
+    assert scored.sum() > both.shape[0]  # more than the first token of each row is compared
+    torch.testing.assert_close(lps[scored], want[scored], rtol=1e-4, atol=1e-4)
+    assert torch.all(lps[~scored] == 0.0)
+    with pytest.raises(ValueError, match="one per response"):
+        sample(model, ids, attn, num_return_sequences=3, temperature=[0.0, 1.0], **kw)

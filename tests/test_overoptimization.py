@@ -50,15 +50,16 @@ def _constant_head(model, bias: torch.Tensor):
     return model.eval()
 
 
-def test_kl_of_a_model_against_itself_is_exactly_zero(tiny_model_dir):
+def test_kl_of_a_model_against_itself_is_zero(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     tok = load_tokenizer(tiny_model_dir)
-    # an untrained LoRA adapter (B = 0): the policy is the reference, so every sample's log-ratio is 0
+    # an untrained LoRA adapter (B = 0): the policy is the reference, so every sample's log-ratio is 0, up to
+    # the float rounding between the sampler's cached decode (log π) and the reference's full forward pass
     policy = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj"])).eval()
     rows = overopt.kl_samples(policy, overopt.Reference(), tok, _prompts(5), n=3, max_new_tokens=8, seed=0,
                               batch_size=4)
     assert [r["id"] for r in rows] == [f"q{i}" for i in range(5)]
-    assert all(v == 0.0 for r in rows for v in r["values"])
+    assert max(abs(v) for r in rows for v in r["values"]) < 1e-4
     assert all(len(r["values"]) == 3 and all(1 <= n <= 9 for n in r["n_tokens"]) for r in rows)
 
 
@@ -104,10 +105,31 @@ def test_decode_scores_exactly_the_sampled_tokens(tiny_model_dir):
     got = overopt._logps(policy, seqs, tok.pad_token_id, batch_size=4)
     want = torch.tensor([float(sum(logp[t] for t in ids)) for _, ids in seqs])
     torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-4)
+    # the sampler's own log π of the same tokens (what kl_samples uses) is the same sum
+    sampled = torch.tensor([x for r in d for x in r["logps"]], dtype=torch.float64)
+    torch.testing.assert_close(sampled, want.double(), rtol=1e-5, atol=1e-4)
     stop = {tok.eos_token_id, tok.pad_token_id}
     for r in d:
         for ids, fin in zip(r["response_ids"], r["finished"]):
             assert (ids[-1] in stop) == fin and not any(t in stop for t in ids[:-1])
+
+
+def test_pair_logps_run_each_prompt_once_and_equal_separate_passes(tiny_model_dir, tmp_path, monkeypatch):
+    """A pair's chosen and rejected sequences share one packed row (the prompt once), and the log-probs equal
+    those of each sequence scored on its own."""
+    from rpo import batching
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_model(tiny_model_dir).eval()
+    items, _ = train.tokenize_pairs(tok, tiny_pairs(5), max_length=64, max_prompt_length=32)
+    packed = []
+    real = batching._share_prompts
+    monkeypatch.setattr(batching, "_share_prompts", lambda *a, **k: packed.append(real(*a, **k)) or packed[-1])
+    got = overopt.pair_logps(model, tok, items, batch_size=4)
+    assert packed and all(p is not None for p in packed)  # every batch went through the shared-prompt rows
+    monkeypatch.setattr(batching, "_share_prompts", lambda *a, **k: None)
+    for side in ("chosen", "rejected"):
+        alone = torch.cat([overopt._logps(model, [(it["prompt"], it[side])], tok.pad_token_id, 1) for it in items])
+        torch.testing.assert_close(got[side], alone, rtol=1e-5, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------

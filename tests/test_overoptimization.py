@@ -162,11 +162,17 @@ def test_training_keeps_snapshots_every_k_steps_and_the_last(tiny_model_dir, tmp
     prompts = write_jsonl(_prompts(4), tmp_path / "prompts.jsonl")
     overopt.reference_answers(ref_dir=tiny_model_dir, prompts_path=prompts, out=tmp_path / "ref_answers.jsonl",
                               max_new_tokens=6, batch_size=4)
-    n = overopt.evaluate_snapshots(ref_dir=tiny_model_dir, snapshots=tmp_path / "snaps", prompts_path=prompts,
-                                   pairs_path=pairs, ref_answers=tmp_path / "ref_answers.jsonl",
-                                   out=tmp_path / "eval.jsonl", beta=0.5, max_length=64, max_prompt_length=32,
-                                   kl_samples_per_prompt=2, max_new_tokens=6, batch_size=4, seed=0)
+    from benchmarks.study_eval import timed
+    original = overopt.decode
+    with timed() as seconds:
+        n = overopt.evaluate_snapshots(ref_dir=tiny_model_dir, snapshots=tmp_path / "snaps", prompts_path=prompts,
+                                       pairs_path=pairs, ref_answers=tmp_path / "ref_answers.jsonl",
+                                       out=tmp_path / "eval.jsonl", beta=0.5, max_length=64, max_prompt_length=32,
+                                       kl_samples_per_prompt=2, max_new_tokens=6, batch_size=4, seed=0)
     assert n == 3
+    # one decode per snapshot serves the greedy answers and the KL samples; the reference's pairs once per job
+    assert {k: len(v) for k, v in seconds.items()} == {"decode": 3, "kl_values": 3, "pair_logps": 4, "gold_scores": 3}
+    assert overopt.decode is original  # benchmarks.study_eval's timing wrappers are gone after the block
     recs = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
     steps = sorted({r["step"] for r in recs})
     assert steps == [0, 2, 4, 5]

@@ -284,6 +284,23 @@ def test_resolve_study_names_a_misspelt_key():
 # The DAG
 # ---------------------------------------------------------------------------------------------------
 
+def test_study_eval_benchmark_runs_the_jobs_own_settings(tmp_path):
+    """benchmarks.study_eval takes its settings, paths and threads from the study_evaluate job Snakemake would
+    run (a dry run of the tiny config), not from defaults of its own."""
+    import inspect
+
+    from benchmarks.study_eval import job_command
+    from test_workflow import tiny_config
+    job = job_command("dpo-beta0.5", 2, tiny_config(tmp_path), tmp_path)
+    s, paths = job["settings"], job["paths"]
+    # the tiny config's grid entry, seed and eval block (.test/config/config.yaml)
+    assert (s["beta"], s["seed"], s["kl_samples_per_prompt"], s["max_new_tokens"], s["batch_size"]) == (0.5, 2, 2, 6, 4)
+    assert paths["snapshots"] == "results/overopt/runs/dpo-beta0.5/seed2/snapshots"
+    assert paths["out"] == "results/overopt/runs/dpo-beta0.5/seed2/snapshot_eval.jsonl"
+    inspect.signature(overopt.evaluate_snapshots).bind(**s, **paths)  # exactly the function's arguments
+    assert job["threads"] >= 1
+
+
 @pytest.mark.slow  # a dozen Snakemake jobs: it would take the default run past 10 minutes
 def test_study_dag_end_to_end(tmp_path):
     """snakemake results/overoptimization.csv on the tiny config: 2 runs x 2 seeds, snapshots at 2 and 4."""

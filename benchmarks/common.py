@@ -109,7 +109,9 @@ def machine(device: str = "cpu") -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu_count": os.cpu_count(), "cpu": cpu, "torch_threads": torch.get_num_threads(),
+    from rpo.train import cpu_has_native_bf16
+    info = {"cpu_count": os.cpu_count(), "cpu": cpu, "cpu_native_bf16": cpu_has_native_bf16(),
+            "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(), "python": platform.python_version(), "versions": versions,
             "load_average": list(os.getloadavg()),  # 1, 5, 15 min: other jobs share this machine
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

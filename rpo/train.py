@@ -88,6 +88,7 @@ def reference_logps(model_dir, pairs_path, out_path, *, max_length: int, max_pro
     # flex_attention where it cannot train is refused here too: the run that needs this cache would fail
     # (and torch 2.13's CPU inductor fails to compile flex once both batch and length vary)
     check_attention({"attention": attention}, device)
+    check_precision(dtype, device)
     model = load_model(model_dir, dtype=dtype, device=device, attention=attention).eval()
     chosen, rejected, n_c, n_r = [], [], [], []
     for s in tqdm(range(0, len(items), batch_size), desc="reference log-probs", unit="batch"):
@@ -113,6 +114,30 @@ def reference_logps(model_dir, pairs_path, out_path, *, max_length: int, max_pro
 
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# CPU instruction sets with bf16 dot products; without one, torch emulates bf16 matmuls (README "bf16 on the CPU")
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU has bf16 dot-product instructions (CPU_BF16_FLAGS); None where `cpuinfo` is unreadable."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+    return any(f in flags for f in CPU_BF16_FLAGS)
+
+
+def check_precision(dtype: str, device) -> bool:
+    """Warn (once per stage) when bf16 would be emulated on this CPU; True when it warned."""
+    if dtype == "bfloat16" and torch.device(device).type == "cpu" and cpu_has_native_bf16() is False:
+        log.warning("precision: bfloat16 on a CPU without %s: torch emulates bf16 matmuls, many times slower "
+                    "than float32 (`python -m benchmarks.cpu_bf16 --matmul` measures it); use float32 here",
+                    " or ".join(CPU_BF16_FLAGS))
+        return True
+    return False
 
 
 def _autocast(device, dtype: str, *, sharded: bool = False):
@@ -250,6 +275,7 @@ def train_sft(*, base_dir, pairs_path, out_dir, metrics_path, summary_path, ckpt
     world = dist_.setup(cfg.get("sharding", "none"))
     device = world.device
     check_attention(cfg, device)
+    check_precision(cfg["precision"], device)
     model = prepare_model(base_dir, cfg, _load_device(world))
     sharded = world.sharding == "full"
 
@@ -305,6 +331,7 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, metrics_p
     world = dist_.setup(cfg.get("sharding", "none"))
     device = world.device
     check_attention(cfg, device)
+    check_precision(cfg["precision"], device)
     model = prepare_model(ref_dir, cfg, _load_device(world))
     sharded = world.sharding == "full"
     dpo = losses.get_loss("dpo")

@@ -103,7 +103,9 @@ def summed_logps(model, batch: dict[str, torch.Tensor], *, chunk_tokens: int = 1
     - a plain linear LM head (`_plain_lm_head`): for this call only, the head is swapped for one that
       scores just the response tokens, `chunk_tokens` at a time, and keeps no [tokens, vocabulary] tensor
       for the backward (`_TokenLogProbs`); on a 49k-token vocabulary those fp32 logits, their
-      log-softmax and its gradient were the largest tensors of the step;
+      log-softmax and its gradient were the largest tensors of the step. A frozen head (LoRA) gets each
+      token's gradient in the forward, from the logits already computed (`_FrozenHeadLogProbs`), so its
+      backward needs no second pass over the vocabulary;
     - and sdpa, eager or flex attention, with `share_prompts`: sequences of the batch that share a prompt (the
       chosen and rejected sequences of a pair) become ONE row, the prompt once and then each response,
       which attends to the prompt and to itself only, with the positions it has on its own
@@ -310,8 +312,10 @@ class _scoring_head:
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         h = self.select(hidden)
-        if torch.is_grad_enabled() and (h.requires_grad or self.head.weight.requires_grad):
+        if torch.is_grad_enabled() and self.head.weight.requires_grad:
             return _TokenLogProbs.apply(h, self.head.weight, self.targets, self.chunk)
+        if torch.is_grad_enabled() and h.requires_grad:  # a frozen head (LoRA): its gradient in the forward
+            return _FrozenHeadLogProbs.apply(h, self.head.weight, self.targets, self.chunk)
         return _token_logps(h, self.head.weight, self.targets, self.chunk)[0]
 
     def __enter__(self):
@@ -334,8 +338,10 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
-def _token_logps(h, weight, targets, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """log softmax(h @ weight.T)[targets] and the log-normaliser, `chunk` rows of logits at a time."""
+def _token_logps(h, weight, targets, chunk: int, *, grad_h: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(h @ weight.T)[targets] and the log-normaliser, `chunk` rows of logits at a time; with
+    `grad_h` ([N, H]) also d log p(target) / d h of each row into it, from the same logits."""
     dtype = _compute_dtype(h)
     w = weight.to(dtype)
     out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
@@ -345,7 +351,31 @@ def _token_logps(h, weight, targets, chunk: int) -> tuple[torch.Tensor, torch.Te
             z = (h[s:s + chunk].to(dtype) @ w.t()).float()
             lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
             out[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+            if grad_h is not None:
+                # d log p(t) / d z = onehot(t) - softmax(z); through the head, d / d h = that @ weight
+                dz = z.sub_(lse[s:s + chunk, None]).exp_().neg_()
+                dz.scatter_add_(1, targets[s:s + chunk, None], torch.ones_like(dz[:, :1]))
+                grad_h[s:s + chunk] = (dz.to(dtype) @ w).to(grad_h.dtype)
     return out, lse
+
+
+class _FrozenHeadLogProbs(torch.autograd.Function):
+    """Per-token log-probs through a frozen linear head (LoRA): each log-prob is one scalar of its own row's
+    hidden state, so its gradient d log p / d h is computed in the forward from the logits already there and
+    the backward only scales it by the incoming gradient. Two head matmuls per chunk, against three for
+    _TokenLogProbs (forward, recomputed logits, gradient), and one [N, H] tensor kept, as there."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+        out, _ = _token_logps(h, weight, targets, chunk, grad_h=dh)
+        ctx.save_for_backward(dh)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (dh,) = ctx.saved_tensors
+        return dh * grad.to(dh.dtype)[:, None], None, None, None
 
 
 class _TokenLogProbs(torch.autograd.Function):

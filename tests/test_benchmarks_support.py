@@ -65,6 +65,27 @@ def test_fast_summed_logps_equal_the_full_log_softmax(tiny_model_dir, attn, kw):
         torch.testing.assert_close(summed_logps(model, batch, **kw)[0], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kw", [dict(share_prompts=False, chunk_tokens=3), dict(share_prompts=True, chunk_tokens=4)])
+def test_a_frozen_head_gets_its_gradient_in_the_forward_and_equals_the_full_log_softmax(tiny_model_dir,
+                                                                                       monkeypatch, kw):
+    # LoRA's case: the head (tied to the embedding here) is frozen, the layers below it train
+    model = load_model(tiny_model_dir)
+    model.lm_head.weight.requires_grad_(False)
+    model.train()
+    paths = {"frozen": 0, "trainable": 0}
+    for name, cls in (("frozen", batching._FrozenHeadLogProbs), ("trainable", batching._TokenLogProbs)):
+        monkeypatch.setattr(cls, "apply", (lambda f, n: lambda *a: (paths.__setitem__(n, paths[n] + 1), f(*a))[1])(
+            cls.apply, name))
+    batch = pair_batch()
+    want, _, g_want = value_and_grads(model, lambda: plain(model, batch))
+    got, _, g_got = value_and_grads(model, lambda: summed_logps(model, batch, **kw))
+    assert paths == {"frozen": 1, "trainable": 0}  # the path this test is about ran, once
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert sorted(g_got) == sorted(g_want) and "lm_head.weight" not in g_got and g_got
+    for k in g_want:
+        torch.testing.assert_close(g_got[k], g_want[k], rtol=1e-4, atol=1e-5)
+
+
 def test_shared_prompts_are_run_once_in_one_row(tiny_model_dir):
     batch = pair_batch()
     packed = batching._share_prompts(batch["input_ids"], batch["labels_mask"], "sdpa")

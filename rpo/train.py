@@ -116,18 +116,22 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# CPU instruction sets with bf16 dot products; without one, torch emulates bf16 matmuls (README "bf16 on the CPU")
-CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# CPU instruction sets with bf16 dot products (x86's /proc/cpuinfo "flags", Arm's "Features"); without one,
+# torch emulates bf16 matmuls (README "bf16 on the CPU")
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
 def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
-    """Whether this CPU has bf16 dot-product instructions (CPU_BF16_FLAGS); None where `cpuinfo` is unreadable."""
+    """Whether this CPU has bf16 dot-product instructions (CPU_BF16_FLAGS); None where `cpuinfo` is unreadable
+    or lists no flags (no claim either way)."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
         return None
-    flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
-    return any(f in flags for f in CPU_BF16_FLAGS)
+    lines = [ln.split(":", 1)[1] for ln in text.splitlines() if ln.startswith(("flags", "Features")) and ":" in ln]
+    if not lines:
+        return None
+    return any(f in CPU_BF16_FLAGS for ln in lines for f in ln.split())
 
 
 def check_precision(dtype: str, device) -> bool:

@@ -55,6 +55,12 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
     assert train.cpu_has_native_bf16(tmp_path / "spr") is True
     assert train.cpu_has_native_bf16(tmp_path / "avx512_only") is False
     assert train.cpu_has_native_bf16(tmp_path / "missing") is None  # not Linux: unknown, no warning
+    (tmp_path / "neoverse").write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")  # Arm's key
+    (tmp_path / "a72").write_text("processor\t: 0\nFeatures\t: fp asimd crc32\n")
+    (tmp_path / "noflags").write_text("processor\t: 0\nmodel name\t: something\n")
+    assert train.cpu_has_native_bf16(tmp_path / "neoverse") is True
+    assert train.cpu_has_native_bf16(tmp_path / "a72") is False
+    assert train.cpu_has_native_bf16(tmp_path / "noflags") is None  # no flags listed: no claim either way
 
 
 @pytest.mark.parametrize("native, dtype, device, warns", [

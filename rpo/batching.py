@@ -351,12 +351,17 @@ def _token_logps(h, weight, targets, chunk: int, *, grad_h: torch.Tensor | None 
             z = (h[s:s + chunk].to(dtype) @ w.t()).float()
             lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
             out[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
-            if grad_h is not None:
-                # d log p(t) / d z = onehot(t) - softmax(z); through the head, d / d h = that @ weight
-                dz = z.sub_(lse[s:s + chunk, None]).exp_().neg_()
-                dz.scatter_add_(1, targets[s:s + chunk, None], torch.ones_like(dz[:, :1]))
+            if grad_h is not None:  # through the head, d / d h = d / d z @ weight
+                dz = _grad_logits(z, lse[s:s + chunk], targets[s:s + chunk], torch.ones_like(lse[s:s + chunk]))
                 grad_h[s:s + chunk] = (dz.to(dtype) @ w).to(grad_h.dtype)
     return out, lse
+
+
+def _grad_logits(z, lse, targets, g) -> torch.Tensor:
+    """g · d log p(target) / d z = g · (onehot(target) − softmax(z)) per row, computed in place in the fp32
+    logits `z` (consumed)."""
+    dz = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+    return dz.scatter_add_(1, targets[:, None], g[:, None])
 
 
 class _FrozenHeadLogProbs(torch.autograd.Function):
@@ -400,10 +405,7 @@ class _TokenLogProbs(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, h.shape[0], chunk):
                 hc, g = h[s:s + chunk].to(dtype), grad[s:s + chunk].float()
-                # d log p(t) / d z = onehot(t) - softmax(z), times the incoming gradient
-                dz = (hc @ w.t()).float().sub_(lse[s:s + chunk, None]).exp_().mul_(-g[:, None])
-                dz.scatter_add_(1, targets[s:s + chunk, None], g[:, None])
-                dz = dz.to(dtype)
+                dz = _grad_logits((hc @ w.t()).float(), lse[s:s + chunk], targets[s:s + chunk], g).to(dtype)
                 if need_h:
                     grad_h[s:s + chunk] = (dz @ w).to(h.dtype)
                 if need_w:

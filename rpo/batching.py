@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rpo.trunk import packed_maps
+
 
 def _ids(tok, messages, *, add_generation_prompt: bool) -> list[int]:
     out = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
@@ -93,7 +95,7 @@ def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, t
 
 
 def summed_logps(model, batch: dict[str, torch.Tensor], *, chunk_tokens: int = 1024,
-                 share_prompts: bool = True, row_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 share_prompts: bool = True, row_tokens: int = 0, trunk=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sum of log π(response token | prefix), and response token counts.
 
     The value is the full log-softmax's (tests/test_train.py, tests/test_benchmarks_support.py) up to
@@ -114,6 +116,8 @@ def summed_logps(model, batch: dict[str, torch.Tensor], *, chunk_tokens: int = 1
       two; in preference training the prompt is often half of the tokens. Under sdpa the custom 4-D
       mask keeps SDPA off its flash kernel; a model loaded with attn_implementation="flex_attention"
       gets the same mask as a FlexAttention BlockMask (fused kernel, fully masked blocks skipped).
+    With `trunk` (an rpo.trunk.Trunk), the forward starts at its layer from its states, or keeps that
+    layer's input; both in the batch's own [sequences, width, hidden] layout, whatever rows the model runs.
     """
     ids, attn, lab = batch["input_ids"], batch["attention_mask"], batch["labels_mask"]
     first = int(lab.float().argmax(dim=1).min())  # earliest response token over the batch
@@ -121,8 +125,10 @@ def summed_logps(model, batch: dict[str, torch.Tensor], *, chunk_tokens: int = 1
     targets = ids[:, first:]
     mask = lab[:, first:]
     head = _plain_lm_head(model)
+    def same(hidden):
+        return hidden
     if head is None:
-        logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
+        logits = _forward(model, trunk, same, same, input_ids=ids, attention_mask=attn, logits_to_keep=keep)
         logits = logits[:, :-1].float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         logp = logp.masked_fill(~mask, 0.0)
@@ -132,17 +138,25 @@ def summed_logps(model, batch: dict[str, torch.Tensor], *, chunk_tokens: int = 1
         def select(hidden):  # [B, keep, H] -> the positions that predict response tokens
             return hidden[:, :-1][mask]
         with _scoring_head(head, select, targets[mask], chunk_tokens):
-            token_logps = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
+            token_logps = _forward(model, trunk, same, same, input_ids=ids, attention_mask=attn, logits_to_keep=keep)
         rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(mask)[mask]
     else:
         def select(hidden):  # [G, W, H] -> the predicting positions, in packed order
             return hidden.reshape(-1, hidden.shape[-1])[packed["predictor"]]
         with _scoring_head(head, select, packed["target"], chunk_tokens):
-            token_logps = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
-                                position_ids=packed["position_ids"], logits_to_keep=0).logits
+            token_logps = _forward(model, trunk, *packed_maps(packed), input_ids=packed["input_ids"],
+                                   attention_mask=packed["attention_mask"], position_ids=packed["position_ids"],
+                                   logits_to_keep=0)
         rows = packed["row"]
     # [n response tokens] -> per sequence
     return token_logps.new_zeros(ids.shape[0]).index_add(0, rows, token_logps), mask.sum(dim=1)
+
+
+def _forward(model, trunk, to_model, from_model, **inputs) -> torch.Tensor:
+    if trunk is None:
+        return model(**inputs).logits
+    with trunk.hooked(model, to_model, from_model):
+        return model(**inputs).logits
 
 
 # Causal LMs whose forward ends in exactly `logits = self.lm_head(hidden_states[:, slice])`: no logit
@@ -220,7 +234,8 @@ def _share_prompts(ids: torch.Tensor, lab: torch.Tensor, kind: str | None, row_t
     FlexAttention BlockMask built from the per-token group and part ids, else a 4-D tensor in the
     format of `kind`), and for every response token in
     the order of `lab`'s True entries (row-major) its target id, the flat index of the packed position
-    that predicts it, and its original row. None when nothing is shared, the mask kind is unknown, or
+    that predicts it, and its original row; `where` ([sequences, width]) is the flat packed position
+    of each sequence's every token (-1: padding). None when nothing is shared, the mask kind is unknown, or
     the batch is not `collate`'s layout (each row: prompt, then its response, then only padding).
     """
     if kind is None:
@@ -261,6 +276,7 @@ def _share_prompts(ids: torch.Tensor, lab: torch.Tensor, kind: str | None, row_t
     group = torch.full((len(fill), width), -1, dtype=torch.long)  # -1: padding
     part = torch.zeros((len(fill), width), dtype=torch.long)  # 0: prompt, k: the group's k-th response
     predictor = [0] * int(sum(n_resp))
+    where = torch.full(ids.shape, -1, dtype=torch.long)  # each (sequence, column)'s flat packed position
     offsets = [0] * ids.shape[0]  # where each row's response tokens start in the flat token order
     acc = 0
     for i in range(ids.shape[0]):
@@ -272,9 +288,12 @@ def _share_prompts(ids: torch.Tensor, lab: torch.Tensor, kind: str | None, row_t
         positions[r, at:at + p] = torch.arange(p)
         group[r, at:at + sizes[prompt]] = gi
         last_prompt = r * width + at + p - 1
+        prompt_at = r * width + at
         at += p
         for k, i in enumerate(rows, start=1):
             n = n_resp[i]
+            where[i, :p] = torch.arange(prompt_at, prompt_at + p)
+            where[i, p:p + n] = torch.arange(r * width + at, r * width + at + n)
             packed_ids[r, at:at + n] = ids_cpu[i, start[i]:start[i] + n]
             positions[r, at:at + n] = torch.arange(p, p + n)
             part[r, at:at + n] = k
@@ -300,7 +319,7 @@ def _share_prompts(ids: torch.Tensor, lab: torch.Tensor, kind: str | None, row_t
         mask = mask.to(device)
     return {"input_ids": packed_ids.to(device), "position_ids": positions.to(device),
             "attention_mask": mask, "target": ids[lab], "row": lab.nonzero()[:, 0],
-            "predictor": torch.tensor(predictor, dtype=torch.long, device=device)}
+            "predictor": torch.tensor(predictor, dtype=torch.long, device=device), "where": where.to(device)}
 
 
 class _scoring_head:

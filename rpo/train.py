@@ -19,6 +19,7 @@ The final save gathers the trained weights on every rank and rank 0 writes one s
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 from rpo import checkpoint, io, losses
 from rpo import distributed as dist_
+from rpo import trunk as trunk_
 from rpo.batching import Truncation, collate, fit, flex_attention_problem, prompt_ids, response_ids, summed_logps
 from rpo.data import read_pairs
 from rpo.loop import SNAPSHOTS, run_loop, snapshot_steps
@@ -79,8 +81,14 @@ def pair_batch(items: list[dict], pad_id: int) -> dict:
 
 @torch.inference_mode()
 def reference_logps(model_dir, pairs_path, out_path, *, max_length: int, max_prompt_length: int,
-                    batch_size: int = 8, dtype: str = "float32", attention: str | None = None) -> dict:
-    """Summed response log-probs of the reference model for every pair; `attention` as training.attention."""
+                    batch_size: int = 8, dtype: str = "float32", attention: str | None = None,
+                    top_layers: int = 0, trunk_path=None) -> dict:
+    """Summed response log-probs of the reference model for every pair; `attention` as training.attention.
+    With `top_layers` (rpo.trunk.top_layers_of the training config), also the input of the first LoRA layer
+    for every token, to `trunk_path` (rpo.trunk)."""
+    if bool(top_layers) != (trunk_path is not None):
+        raise ValueError(f"reference_logps: top_layers > 0 and trunk_path go together "
+                         f"(top_layers={top_layers}, trunk_path={trunk_path})")
     tok = load_tokenizer(model_dir)
     items, summary = tokenize_pairs(tok, read_pairs(pairs_path), max_length=max_length,
                                     max_prompt_length=max_prompt_length)
@@ -90,19 +98,25 @@ def reference_logps(model_dir, pairs_path, out_path, *, max_length: int, max_pro
     check_attention({"attention": attention}, device)
     check_precision(dtype, device)
     model = load_model(model_dir, dtype=dtype, device=device, attention=attention).eval()
+    layer = trunk_.depth(model.config.num_hidden_layers, top_layers) if top_layers else None
     chosen, rejected, n_c, n_r = [], [], [], []
-    for s in tqdm(range(0, len(items), batch_size), desc="reference log-probs", unit="batch"):
-        chunk = items[s:s + batch_size]
-        batch = {k: v.to(device) for k, v in pair_batch(chunk, tok.pad_token_id).items()}
-        with _autocast(device, dtype):
-            lp, n = summed_logps(model, batch)
-        b = len(chunk)
-        chosen.append(lp[:b].float().cpu()); rejected.append(lp[b:].float().cpu())
-        n_c.append(n[:b].cpu()); n_r.append(n[b:].cpu())
+    with (trunk_.write(trunk_path) if layer else contextlib.nullcontext()) as add_trunk:
+        for s in tqdm(range(0, len(items), batch_size), desc="reference log-probs", unit="batch"):
+            chunk = items[s:s + batch_size]
+            batch = {k: v.to(device) for k, v in pair_batch(chunk, tok.pad_token_id).items()}
+            grab = trunk_.Trunk(layer) if layer else None
+            with _autocast(device, dtype):
+                lp, n = summed_logps(model, batch, trunk=grab)
+            for states in (trunk_.split(grab.captured, chunk) if grab else []):
+                add_trunk(states)
+            b = len(chunk)
+            chosen.append(lp[:b].float().cpu()); rejected.append(lp[b:].float().cpu())
+            n_c.append(n[:b].cpu()); n_r.append(n[b:].cpu())
     cache = {"ids": [it["id"] for it in items], "fingerprint": fingerprint(items),
              "chosen_logps": torch.cat(chosen), "rejected_logps": torch.cat(rejected),
              "chosen_lengths": torch.cat(n_c), "rejected_lengths": torch.cat(n_r),
-             "model_dir": str(model_dir), "tokenization": summary}
+             "model_dir": str(model_dir), "tokenization": summary,
+             "trunk": trunk_.entry(layer, model.config.hidden_size, items) if layer else None}
     with io.atomic_open(out_path, "wb") as f:
         torch.save(cache, f)
     return summary
@@ -309,13 +323,34 @@ def train_sft(*, base_dir, pairs_path, out_dir, metrics_path, summary_path, ckpt
 # Preference optimisation (any loss of rpo.losses)
 # ---------------------------------------------------------------------------------------------------
 
+def _trunk_reader(model, cfg: dict, items, trunk_path, cache: dict, cache_path, sharded: bool):
+    """The trunk file's reader and its layer when this run starts at the first LoRA layer; else (None, None)."""
+    top = trunk_.top_layers_of(cfg)
+    if bool(top) != (trunk_path is not None):
+        raise ValueError(f"train_preference: training.trunk_cache with LoRA top_layers ({top}) and trunk_path "
+                         f"({trunk_path}) go together")
+    if not top:
+        return None, None
+    if sharded:
+        raise ValueError("training.trunk_cache: a sharded model (training.sharding full) runs every layer; "
+                         "set training.trunk_cache false")
+    config = dist_.unwrap(model).config
+    layer = trunk_.depth(config.num_hidden_layers, top)
+    trunk_.check_frozen(model, layer)
+    trunk_.check(trunk_path, cache.get("trunk"), layer=layer, hidden_size=config.hidden_size, items=items,
+                 cache_path=cache_path)
+    return trunk_.Reader(trunk_path, items, config.hidden_size), layer
+
+
 def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, metrics_path, summary_path, ckpt_dir,
-                     cfg: dict, method: dict, grad_hook=None, snapshots_path=None) -> dict:
+                     cfg: dict, method: dict, grad_hook=None, snapshots_path=None, trunk_path=None) -> dict:
     """Train the policy (LoRA adapters on `ref_dir`, or the whole model) with `method`'s loss against the
     cached reference log-probs; writes the model to `out_dir`, the per-step metrics to `metrics_path`
     and the run's summary to `summary_path`; resumes from `ckpt_dir`. With cfg["snapshot_every"] > 0,
     the policy after every that many steps (and after the last) goes to `snapshots_path`/step-XXXXXX
-    (an adapter, or the whole model under full fine-tuning), saved like the final model."""
+    (an adapter, or the whole model under full fine-tuning), saved like the final model. With
+    training.trunk_cache (rpo.trunk), every policy forward starts at the first LoRA layer from the reference
+    pass's `trunk_path`."""
     if bool(cfg.get("snapshot_every")) != (snapshots_path is not None):
         raise ValueError("train_preference: snapshot_every > 0 and snapshots_path go together "
                          f"(snapshot_every={cfg.get('snapshot_every')}, snapshots_path={snapshots_path})")
@@ -338,6 +373,8 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, metrics_p
     check_precision(cfg["precision"], device)
     model = prepare_model(ref_dir, cfg, _load_device(world))
     sharded = world.sharding == "full"
+    reader, layer = _trunk_reader(model, cfg, items, trunk_path, cache, reference_cache, sharded)
+    skipped = [0]
     dpo = losses.get_loss("dpo")
     beta = hparams["beta"]
     # The loss without its SFT term (DPO for RPO, IPO for ipo+sft, the loss itself when it has none).
@@ -348,8 +385,10 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, metrics_p
     def step_fn(model, micro, step_items):
         b, n_step = len(micro), len(step_items)
         batch = {k: v.to(device) for k, v in pair_batch(micro, tok.pad_token_id).items()}
+        start = trunk_.Trunk(layer, reader.batch(micro).to(device)) if reader else None
         with _autocast(device, cfg["precision"], sharded=sharded):
-            lp, n = summed_logps(model, batch, share_prompts=cfg.get("share_prompts", True))
+            lp, n = summed_logps(model, batch, share_prompts=cfg.get("share_prompts", True), trunk=start)
+        skipped[0] += start.skipped if start else 0
         lp = lp.float()
         args = dict(policy_chosen_logps=lp[:b], policy_rejected_logps=lp[b:],
                     reference_chosen_logps=torch.tensor([it["ref_c"] for it in micro], device=device),
@@ -385,6 +424,7 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, metrics_p
                            save_snapshot=lambda m, d: save_trained(m, world, tok, d, start_dir=ref_dir, cfg=cfg,
                                                                    merge=False))
     summary = {**info, "tokenization": tok_summary, "config": cfg, "method": method,
-               "reference_model": str(ref_dir), "finetuning": cfg["finetuning"], "attention": attention_of(model)}
+               "reference_model": str(ref_dir), "finetuning": cfg["finetuning"], "attention": attention_of(model),
+               "trunk": {"layer": layer, "layer_calls_skipped": skipped[0]} if reader else None}
     return _finish(model, world, tok, out_dir, summary_path, ckpt_dir, summary, start_dir=ref_dir, cfg=cfg,
                    merge=False, snapshots_path=snapshots_path)

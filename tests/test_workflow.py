@@ -92,6 +92,11 @@ def test_dag_writes_table_figure_and_logs(finished_run):
                  "generate_table1", "judge_table1", "make_table1"):
         assert any((tmp / "logs" / rule).iterdir()), rule
     assert not (tmp / "results/checkpoints/rpo").exists()  # removed once training finished
+    # training started at layer 1 from the reference pass's trunk: 2 epochs x 2 steps, layer 0 skipped each time
+    trunk = (tmp / "results/reference/ref/train_trunk.f32").stat().st_size
+    for method in ("dpo", "rpo"):
+        summary = json.loads((tmp / f"results/train/{method}/train_summary.json").read_text())
+        assert summary["trunk"] == {"layer": 1, "layer_calls_skipped": summary["steps"]} and trunk > 0, summary
 
 
 def test_second_run_does_nothing(finished_run):

@@ -5,6 +5,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from rpo.config import check_config, resolve_extends, resolve_methods  # noqa: E402
+from rpo.trunk import top_layers_of as trunk_top_layers  # noqa: E402
 
 # `extends: <file>` (the paper configs share config/paper-common.yaml): that file's keys under this one's
 _resolved = resolve_extends(dict(config), workflow.basedir)
@@ -124,6 +125,15 @@ def reference_dir(name):
 
 def reference_cache(name):
     return f"{RESULTS}/reference/{name}/train_logps.pt"
+
+
+# The frozen trunk (rpo.trunk): with LoRA on the top layers only, the reference pass also writes the input of
+# the first LoRA layer, and training starts there. TRUNK_TOP: those top layers, 0 when there is no trunk.
+TRUNK_TOP = trunk_top_layers(config["training"])
+
+
+def reference_trunk(name):
+    return f"{RESULTS}/reference/{name}/train_trunk.f32"
 
 
 def get_base_dir(model):
@@ -270,6 +280,7 @@ from rpo.config import resolve_study  # noqa: E402
 
 STUDY = resolve_study(config, _yaml.safe_load(Path(workflow.basedir, "workflow/schemas/config.schema.yaml").read_text()))
 STUDY_DIR = f"{RESULTS}/overopt"
+STUDY_TRUNK_TOP = trunk_top_layers(STUDY["training"])
 STUDY_RUNS = sorted(STUDY["runs"])
 STUDY_RUN_NAMES = "|".join(re.escape(r) for r in STUDY_RUNS) or "^$"  # names hold "." and "-"
 STUDY_SEEDS = [int(s) for s in config["overoptimization"]["seeds"]]

@@ -35,14 +35,16 @@ rule study_reference_logps:
         ref=f"{RESULTS}/models/base",
         train=f"{STUDY_DIR}/data/train.jsonl",
     output:
-        f"{STUDY_DIR}/reference/train_logps.pt",
+        logps=f"{STUDY_DIR}/reference/train_logps.pt",
+        **({"trunk": f"{STUDY_DIR}/reference/train_trunk.f32"} if STUDY_TRUNK_TOP else {}),
     params:
         **job_params(
             lambda w: {"max_length": STUDY["training"]["max_length"],
                        "max_prompt_length": STUDY["training"]["max_prompt_length"],
                        "batch_size": config["reference"]["batch_size"], "dtype": STUDY["training"]["precision"],
-                       "attention": STUDY["training"]["attention"]},
-            lambda w, input, output: {"model_dir": input.ref, "pairs_path": input.train, "out_path": output[0]}),
+                       "attention": STUDY["training"]["attention"], "top_layers": STUDY_TRUNK_TOP},
+            lambda w, input, output: {"model_dir": input.ref, "pairs_path": input.train, "out_path": output.logps,
+                                      **({"trunk_path": output.trunk} if STUDY_TRUNK_TOP else {})}),
     threads: config["reference"]["threads"]
     resources:
         **res("reference"),
@@ -77,6 +79,7 @@ rule study_train:
         ref=f"{RESULTS}/models/base",
         train=f"{STUDY_DIR}/data/train.jsonl",
         cache=f"{STUDY_DIR}/reference/train_logps.pt",
+        **({"trunk": f"{STUDY_DIR}/reference/train_trunk.f32"} if STUDY_TRUNK_TOP else {}),
     output:
         model=directory(f"{STUDY_RUN}/model"),
         snapshots=directory(f"{STUDY_RUN}/snapshots"),
@@ -90,6 +93,7 @@ rule study_train:
             lambda w: {"ckpt_dir": f"{STUDY_DIR}/checkpoints/{w.run}-seed{w.seed}", "cfg": study_train_cfg(w.seed),
                        "method": {"name": w.run, **STUDY["runs"][w.run]}},
             lambda w, input, output: {"ref_dir": input.ref, "pairs_path": input.train, "reference_cache": input.cache,
+                                      **({"trunk_path": input.trunk} if STUDY_TRUNK_TOP else {}),
                                       "out_dir": output.model, "snapshots_path": output.snapshots,
                                       "metrics_path": output.metrics, "summary_path": output.summary}),
         launch=launcher("training"),

@@ -69,7 +69,8 @@ rule reference_logps:
         ref=lambda w: reference_dir(w.refname),
         train=f"{RESULTS}/data/train.jsonl",
     output:
-        f"{RESULTS}/reference/{{refname}}/train_logps.pt",
+        logps=reference_cache("{refname}"),
+        **({"trunk": reference_trunk("{refname}")} if TRUNK_TOP else {}),
     wildcard_constraints:
         refname="ref|soup",
     params:
@@ -77,8 +78,9 @@ rule reference_logps:
             lambda w: {"max_length": config["training"]["max_length"],
                        "max_prompt_length": config["training"]["max_prompt_length"],
                        "batch_size": config["reference"]["batch_size"], "dtype": config["training"]["precision"],
-                       "attention": config["training"]["attention"]},
-            lambda w, input, output: {"model_dir": input.ref, "pairs_path": input.train, "out_path": output[0]}),
+                       "attention": config["training"]["attention"], "top_layers": TRUNK_TOP},
+            lambda w, input, output: {"model_dir": input.ref, "pairs_path": input.train, "out_path": output.logps,
+                                      **({"trunk_path": output.trunk} if TRUNK_TOP else {})}),
     threads: config["reference"]["threads"]
     resources:
         **res("reference"),
@@ -93,6 +95,7 @@ rule train_preference:
         ref=lambda w: reference_dir(reference_name(w.method)),
         train=f"{RESULTS}/data/train.jsonl",
         cache=lambda w: reference_cache(reference_name(w.method)),
+        **({"trunk": lambda w: reference_trunk(reference_name(w.method))} if TRUNK_TOP else {}),
     output:
         model=directory(f"{RESULTS}/train/{{method}}/model"),
         metrics=TRAIN_METRICS,
@@ -101,7 +104,8 @@ rule train_preference:
         **train_params(lambda w: {**train_cfg("training"), "seed": run_seed(w.method)},
                        lambda w: f"{RESULTS}/checkpoints/{w.method}",
                        extra=lambda w: {"method": {"name": w.method, **config["methods"][run_method(w.method)]}},
-                       ref_dir="ref", pairs_path="train", reference_cache="cache"),
+                       ref_dir="ref", pairs_path="train", reference_cache="cache",
+                       **({"trunk_path": "trunk"} if TRUNK_TOP else {})),
         launch=launcher("training"),
     threads: config["training"]["threads"]
     resources:

@@ -148,7 +148,9 @@ def main(argv=None) -> int:
     mdir = common.model_dir(args, work)
     lengths = common.lengths_for(args)
     args.steps, args.warmup = 1, 0  # train_config's max_steps: replaced by one epoch below
-    cfg = {**train_config(args, lengths), "max_steps": None, "epochs": 1}
+    # trunk_cache off: this figure counts reference forwards (the trunk changes only the policy's) and was
+    # measured without it
+    cfg = {**train_config(args, lengths), "max_steps": None, "epochs": 1, "trunk_cache": False}
     cfg["lora"]["top_layers"] = args.lora_top_layers or None
     from rpo.models import load_tokenizer
     pairs = common.write_pairs(common.make_pairs(load_tokenizer(mdir), args.pairs, **lengths, seed=2),

@@ -12,7 +12,10 @@ True and bf16), LoRA through its own `peft_config`. RPO is our `rpo_mean`, which
 `loss_type=["sigmoid", "sft"]`, so the step-1 losses of the two trainers must agree (printed).
 
 Variants, each `<trainer>:<dpo|rpo>`:
-    ours            packed rows (prompt shared by chosen and rejected), sdpa with a 4-D mask: the default
+    ours            the default: packed rows (prompt shared by chosen and rejected), sdpa with a 4-D mask,
+                    and with LoRA on the top layers only (--lora-top-layers, the quickstart's 8) every forward
+                    starts at the first LoRA layer from the frozen trunk the reference pass wrote (rpo.trunk)
+    ours-no-trunk   training.trunk_cache false: every forward runs all layers
     ours-unpacked   training.share_prompts false: one padded row per sequence, sdpa on the 2-D mask
     ours-flex       training.attention flex_attention: the packed rows with a FlexAttention BlockMask
     trl             DPOTrainer as configured above: a reference forward (adapter disabled) every step
@@ -22,7 +25,8 @@ Variants, each `<trainer>:<dpo|rpo>`:
     trl-precompute-liger   both
     trl-padding-free       padding_free=True
 Each run checks that the path it names ran: the masks our model was handed (BlockMask / 4-D / 2-D, per
-policy forward), the number of Liger-patched modules; a variant that cannot run here is listed as skipped
+policy forward), whether its forwards started from the trunk (the layer calls skipped), the number of
+Liger-patched modules; a variant that cannot run here is listed as skipped
 with the exact reason (FlexAttention: torch 2.13 has no backward on CPU; Liger: liger-kernel missing, or
 Triton's "0 active drivers" without a GPU), never replaced by another path.
 
@@ -38,8 +42,9 @@ Every run is a fresh subprocess (peak memory is per process, measured the same w
 peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA, at the end of the run), and the runs are
 interleaved, the order reversed every other repeat, so that a drift in the shared machine's load hits
 every variant alike. Our trainer is measured through `rpo.train.train_preference` itself: hooks only
-time-stamp its optimizer steps and count the forwards of the model body. Its reference log-probs come from
-the cache written once by `rpo.train.reference_logps` (timed separately, "reference pass").
+time-stamp its optimizer steps and count the forwards of the model body. Its reference log-probs (and the
+trunk) come from the cache written once by `rpo.train.reference_logps` (timed separately, "reference
+pass"; TRL's precompute variants do their reference pass in their set-up, "init_seconds").
 
 Tokens/s counts the real (unpadded) prompt + response tokens of the chosen and rejected sequences that
 the policy processed, over the measured steps (after `--warmup` steps), divided by their wall time. Each
@@ -64,9 +69,11 @@ NAME = "train_throughput"
 LOSSES = {"dpo": "dpo", "rpo": "rpo_mean"}  # our loss names; TRL's loss_type follows from them
 # trainer variant -> its options (module docstring)
 TRAINERS = {
-    "ours": {"trainer": "ours", "attention": "sdpa", "share_prompts": True, "mask": "4-D"},
-    "ours-unpacked": {"trainer": "ours", "attention": "sdpa", "share_prompts": False, "mask": "2-D"},
-    "ours-flex": {"trainer": "ours", "attention": "flex_attention", "share_prompts": True, "mask": "BlockMask"},
+    "ours": {"trainer": "ours", "attention": "sdpa", "share_prompts": True, "mask": "4-D", "trunk": True},
+    "ours-no-trunk": {"trainer": "ours", "attention": "sdpa", "share_prompts": True, "mask": "4-D", "trunk": False},
+    "ours-unpacked": {"trainer": "ours", "attention": "sdpa", "share_prompts": False, "mask": "2-D", "trunk": True},
+    "ours-flex": {"trainer": "ours", "attention": "flex_attention", "share_prompts": True, "mask": "BlockMask",
+                  "trunk": True},
     "trl": {"trainer": "trl"},
     "trl-precompute": {"trainer": "trl", "precompute": True},
     "trl-liger": {"trainer": "trl", "liger": True},
@@ -74,7 +81,7 @@ TRAINERS = {
     "trl-padding-free": {"trainer": "trl", "padding_free": True},
 }
 VARIANTS = {f"{t}:{l}": {**opts, "loss": loss} for t, opts in TRAINERS.items() for l, loss in LOSSES.items()}
-DEFAULT_VARIANTS = ",".join(f"{t}:rpo" for t in TRAINERS) + ",ours:dpo,trl:dpo,trl-precompute:dpo"
+DEFAULT_VARIANTS = ",".join(f"{t}:rpo" for t in TRAINERS) + ",ours:dpo,ours-no-trunk:dpo,trl:dpo,trl-precompute:dpo"
 STEP1_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}  # relative, max(1, |loss|): bf16 rounds at ~4e-3
 BETA, ALPHA = 0.1, 1.0
 
@@ -90,7 +97,7 @@ def train_config(args, lengths: dict) -> dict:
             "learning_rate": 5e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.1, "epochs": 1,
             "max_steps": steps, "micro_batch_size": mb, "global_batch_size": mb,
             "max_length": lengths["max_length"], "max_prompt_length": lengths["max_prompt_length"],
-            "weight_decay": 0.0, "max_grad_norm": 1.0,
+            "weight_decay": 0.0, "max_grad_norm": 1.0, "trunk_cache": True,
             "precision": args.precision or ("bfloat16" if args.device == "cuda" else "float32"),
             "checkpoint_every": 10**9,  # neither trainer checkpoints inside the timed steps
             "seed": 42, "threads": args.threads or torch.get_num_threads()}
@@ -108,20 +115,22 @@ def method_of(loss: str) -> dict:
 def worker_reference(spec: dict) -> dict:
     """Our one-off reference pass (rpo.train.reference_logps), written to the cache the runs share."""
     import time
-    from rpo import train
+    from rpo import train, trunk
     cfg = spec["cfg"]
+    top = trunk.top_layers_of(cfg)  # the trunk of the default config: ours:*'s runs read it
     t0 = time.perf_counter()
     train.reference_logps(spec["model_dir"], spec["pairs"], spec["cache"], max_length=cfg["max_length"],
                           max_prompt_length=cfg["max_prompt_length"], batch_size=spec["ref_batch_size"],
-                          dtype=cfg["precision"])
+                          dtype=cfg["precision"], top_layers=top, trunk_path=spec["trunk"] if top else None)
     if spec["device"] == "cuda":
         torch.cuda.synchronize()
     return {"seconds": time.perf_counter() - t0, "peak_mib": common.peak_memory_mib(spec["device"])}
 
 
 def worker_ours(spec: dict, opts: dict) -> dict:
-    from rpo import train
-    cfg = {**spec["cfg"], "attention": opts["attention"], "share_prompts": opts["share_prompts"]}
+    from rpo import train, trunk
+    cfg = {**spec["cfg"], "attention": opts["attention"], "share_prompts": opts["share_prompts"],
+           "trunk_cache": opts["trunk"]}
     probe = common.Probe(spec["device"]).start_step_clock()
     train.summed_logps = probe.wrap(train.summed_logps)  # observes the trainer's own calls
     work = Path(spec["run_dir"])
@@ -129,12 +138,12 @@ def worker_ours(spec: dict, opts: dict) -> dict:
         ref_dir=spec["model_dir"], pairs_path=spec["pairs"], reference_cache=spec["cache"],
         out_dir=work / "out" / "model", metrics_path=work / "out" / "metrics.jsonl",
         summary_path=work / "out" / "train_summary.json", ckpt_dir=work / "ckpt", cfg=cfg,
-        method=method_of(opts["loss"]))
+        method=method_of(opts["loss"]), trunk_path=spec["trunk"] if trunk.top_layers_of(cfg) else None)
     metrics = [json.loads(l) for l in (work / "out" / "metrics.jsonl").read_text().splitlines()]
     return {"steps": probe.measured(spec["warmup"]), "n_steps": len(probe.steps),
             "step1_loss": metrics[0]["loss"], "losses": [m["loss"] for m in metrics],
             "peak_mib": common.peak_memory_mib(spec["device"]),
-            "attention": summary["attention"], "policy_masks": probe.masks}
+            "attention": summary["attention"], "policy_masks": probe.masks, "trunk": summary["trunk"]}
 
 
 def worker_trl(spec: dict, opts: dict) -> dict:
@@ -254,7 +263,7 @@ def summarise(variant: str, runs: list[dict]) -> dict:
     for r in runs:
         for k, n in r["policy_masks"].items():
             masks[k] = masks.get(k, 0) + n
-    extra = {k: runs[0][k] for k in ("attention", "liger_modules", "padding_free_in_effect") if k in runs[0]}
+    extra = {k: runs[0][k] for k in ("attention", "trunk", "liger_modules", "padding_free_in_effect") if k in runs[0]}
     return {"variant": variant, "status": "ran", "runs": len(runs), "measured_steps": len(steps),
             "median_step_s": common.median(secs), "tokens_per_s": tokens / sum(secs),
             "tokens_per_step": tokens / len(steps),
@@ -267,13 +276,17 @@ def summarise(variant: str, runs: list[dict]) -> dict:
                 "precompute_reference": runs[0]["precompute_reference"]} if "init_seconds" in runs[0] else {})}
 
 
-def check_path(row: dict) -> None:
-    """Raise when a variant's run did not take the path its name claims (no silent fallback)."""
+def check_path(row: dict, top_layers) -> None:
+    """Raise when a variant's run did not take the path its name claims (no silent fallback); the trunk is
+    the claim only with LoRA on the top layers (`top_layers`)."""
     opts = VARIANTS[row["variant"]]
     if opts["trainer"] == "ours":
         if row["attention"] != opts["attention"] or set(row["policy_masks"]) != {opts["mask"]}:
             raise RuntimeError(f"{row['variant']} claims {opts['attention']} with {opts['mask']} masks, but its "
                                f"model ran {row['attention']} on masks {row['policy_masks']}")
+        trunk = row["trunk"]
+        if (opts["trunk"] and bool(top_layers)) != bool(trunk and trunk["layer_calls_skipped"]):
+            raise RuntimeError(f"{row['variant']} claims trunk={opts['trunk']}, but its run had trunk {trunk}")
     elif opts.get("liger") and not row["liger_modules"]:
         raise RuntimeError(f"{row['variant']}: use_liger_kernel=True but no module was patched by Liger")
 
@@ -320,7 +333,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=2, help="runs of each variant, interleaved")
     ap.add_argument("--micro-batch", type=int, default=4, help="pairs per micro-batch (= global batch)")
     ap.add_argument("--lora-top-layers", type=int, default=8,
-                    help="LoRA on the top k layers (the quickstart's 8); 0 = every layer")
+                    help="LoRA on the top k layers (the quickstart's 8; --smoke: 1); 0 = every layer (no trunk)")
     ap.add_argument("--precision", choices=["float32", "bfloat16"], default=None,
                     help="training precision (default: bfloat16 on cuda, float32 on cpu; bfloat16 on cpu is autocast)")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {sorted(VARIANTS)}, or all")
@@ -342,8 +355,9 @@ def main(argv=None) -> int:
     if args.worker:
         worker_main(args.spec, args.worker, args.result)
         return 0
-    if args.smoke:
+    if args.smoke:  # LoRA on the top layer of the tiny model's 2: the trunk path runs too
         args.steps, args.warmup, args.repeats = min(args.steps, 2), 1, 1
+        args.lora_top_layers = min(args.lora_top_layers, 1)
     if args.warmup < 1:
         ap.error("--warmup must be >= 1 (a measured step needs the previous step's end as its start)")
     args.lora_top_layers = args.lora_top_layers or None
@@ -357,7 +371,8 @@ def main(argv=None) -> int:
     tok = load_tokenizer(mdir)
     n_pairs = cfg["micro_batch_size"] * cfg["max_steps"]
     pairs = common.write_pairs(common.make_pairs(tok, n_pairs, **lengths), work / "pairs.jsonl")
-    spec = {"model_dir": str(mdir), "pairs": str(pairs), "cache": str(work / "reference.pt"), "cfg": cfg,
+    spec = {"model_dir": str(mdir), "pairs": str(pairs), "cache": str(work / "reference.pt"),
+            "trunk": str(work / "reference_trunk.f32"), "cfg": cfg,
             "device": args.device, "warmup": args.warmup, "ref_batch_size": cfg["micro_batch_size"],
             "threads": args.threads}
     spec_path = work / "spec.json"
@@ -391,7 +406,7 @@ def main(argv=None) -> int:
                                                             "reason": skipped[v]} for v in variants]
     for r in rows:
         if r["status"] == "ran":
-            check_path(r)
+            check_path(r, cfg["lora"]["top_layers"])
     best = compare(rows, cfg["precision"])
     table = common.print_table(rows, COLUMNS)
     for v, reason in skipped.items():

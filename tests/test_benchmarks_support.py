@@ -158,7 +158,8 @@ def test_sharded_check_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_train_throughput_smoke(tmp_path):
-    variants = "ours:dpo,trl:dpo,ours:rpo,ours-unpacked:rpo,ours-flex:rpo,trl:rpo,trl-liger:rpo,trl-padding-free:rpo"
+    variants = ("ours:dpo,trl:dpo,ours:rpo,ours-no-trunk:rpo,ours-unpacked:rpo,ours-flex:rpo,trl:rpo,trl-liger:rpo,"
+                "trl-padding-free:rpo")
     rc, res = _run("train_throughput", tmp_path, "--variants", variants)
     assert rc == 0 and res["tokens_per_step_equal"]  # every trainer that ran saw the same batches
     by = {r["variant"]: r for r in res["results"]}
@@ -170,6 +171,10 @@ def test_train_throughput_smoke(tmp_path):
     assert by["ours:rpo"]["policy_masks"].keys() == {"4-D"}
     assert by["ours-unpacked:rpo"]["policy_masks"].keys() == {"2-D"}
     assert by["ours-unpacked:rpo"]["step1_loss"] == pytest.approx(by["ours:rpo"]["step1_loss"], abs=1e-5)
+    # LoRA on the top layer of 2: the default starts at layer 1 from the trunk, ours-no-trunk runs both layers
+    assert by["ours:rpo"]["trunk"]["layer"] == 1 and by["ours:rpo"]["trunk"]["layer_calls_skipped"] > 0
+    assert by["ours-no-trunk:rpo"]["trunk"] is None
+    assert by["ours-no-trunk:rpo"]["step1_loss"] == pytest.approx(by["ours:rpo"]["step1_loss"], abs=1e-5)
     flex_problem = batching.flex_attention_problem("cpu", backward=True)
     if flex_problem:  # torch 2.13 on CPU: no FlexAttention backward, said so
         assert by["ours-flex:rpo"]["status"] == "skipped" and flex_problem in by["ours-flex:rpo"]["reason"]

@@ -1,6 +1,6 @@
 """Training throughput: our trainer (rpo.train.train_preference) vs TRL's DPOTrainer, same everything.
 
-    python -m benchmarks.train_throughput                       # SmolLM2-135M on CPU, ~11 min on 2 cores
+    python -m benchmarks.train_throughput                       # SmolLM2-135M on CPU, ~34 min on 2 cores
     python -m benchmarks.train_throughput --smoke               # tiny random model, seconds
     python -m benchmarks.train_throughput --device cuda --shape 8b --steps 20   # a GPU (benchmarks/gpu_check.py)
 

@@ -9,7 +9,8 @@ Both training stages run rpo.loop.run_loop (AdamW, the transformers warmup sched
 accumulation up to the global batch, LoRA (peft) or full fine-tuning, on one process, data parallel, or
 FSDP2-sharded: rpo.distributed). Preference training reads the reference log-probs from the cache
 written once by `reference_logps`, so a LoRA policy never needs a second model in memory and every method
-and every eta reuses the same reference forwards.
+and every eta reuses the same reference forwards. With LoRA on the top layers only, that pass also writes the
+input of the first LoRA layer (rpo.trunk), and every policy forward starts there.
 
 Interruption: sharded checkpoints (rpo.checkpoint) every `checkpoint_every` optimizer steps, bound to
 the identity of the run (its config, world size, the content of the model it starts from, its data and

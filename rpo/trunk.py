@@ -4,8 +4,8 @@ With LoRA on the top k of n layers only (training.lora.top_layers, the quickstar
 0..n-k-1 carry no adapter: they are the reference's own layers, frozen, in the policy at every step. So
 the input of layer n-k, for every token of every pair, is the same in the reference pass and in every
 forward of training, for every method and epoch. The reference pass already computes it; it writes it
-to a float32 file (`write`), and training starts each policy forward at layer n-k from it (`read` a
-micro-batch at a time, `Trunk.hooked`). The frozen layers then run once per pair per reference model
+to a float32 file (`write`), and training starts each policy forward at layer n-k from it (`Reader`, a
+micro-batch at a time; `Trunk.hooked`). The frozen layers then run once per pair per reference model
 instead of once per pair, epoch and method. A response's hidden states depend only on its own causal
 prefix, so the value is that of the full forward up to float rounding (tests/test_trunk.py).
 

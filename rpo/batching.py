@@ -125,7 +125,8 @@ def summed_logps(model, batch: dict[str, torch.Tensor], *, chunk_tokens: int = 1
     targets = ids[:, first:]
     mask = lab[:, first:]
     head = _plain_lm_head(model)
-    def same(hidden):
+
+    def same(hidden):  # the rows the model runs are the batch's own
         return hidden
     if head is None:
         logits = _forward(model, trunk, same, same, input_ids=ids, attention_mask=attn, logits_to_keep=keep)

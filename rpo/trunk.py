@@ -91,6 +91,7 @@ class Trunk:
         not: rpo.batching.summed_logps) and back."""
         layers = decoder_layers(model)
         below, at = layers[:self.layer], layers[self.layer]
+        saved = [layer.__dict__.get("forward") for layer in below]
         if self.states is None:
             def grab(module, args, kwargs):
                 self.captured = from_model(_hidden_of(args, kwargs).detach())
@@ -104,17 +105,20 @@ class Trunk:
                     raise ValueError(f"trunk states of shape {tuple(start.shape)} for hidden states "
                                      f"{tuple(h.shape)} at layer {self.layer}")
                 x = start.to(device=h.device, dtype=h.dtype)
+                self.skipped += len(below)  # counted where the states enter: the path that ran
                 return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
             for layer in below:
                 layer.forward = _passthrough  # an instance attribute: nn.Module.__call__ runs it
             handle = at.register_forward_pre_hook(swap, with_kwargs=True)
-            self.skipped += len(below)
         try:
             yield self
         finally:
             handle.remove()
-            for layer in below:
-                layer.__dict__.pop("forward", None)
+            for layer, forward in zip(below, saved):
+                if forward is None:
+                    layer.__dict__.pop("forward", None)  # back to the class's forward
+                else:
+                    layer.forward = forward  # one set before, e.g. by accelerate's hooks
 
 
 def packed_maps(packed: dict):

@@ -92,6 +92,12 @@ def test_a_forward_from_the_trunk_equals_the_whole_forward(model_dir, pairs_file
     other, _ = value_and_grads(model, batch, share, trunk.Trunk(LAYERS - TOP, grab.captured.flip(0)))
     assert (other - want).abs().max() > 1e-2
     assert all("forward" not in layer.__dict__ for layer in trunk.decoder_layers(model))  # hooks undone
+    # a forward set on a layer before (accelerate's hooks do that) is put back, not dropped
+    layer0 = trunk.decoder_layers(model)[0]
+    own = layer0.forward
+    layer0.forward = own
+    value_and_grads(model, batch, share, trunk.Trunk(LAYERS - TOP, grab.captured))
+    assert layer0.__dict__["forward"] is own
 
 
 def test_the_reference_pass_writes_transformers_hidden_states(model_dir, pairs_file, tmp_path):

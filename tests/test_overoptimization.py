@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -318,7 +319,13 @@ def test_study_dag_end_to_end(tmp_path):
         for seed in (1, 2):
             d = tmp_path / f"results/overopt/runs/{run}/seed{seed}"
             assert loop.snapshot_steps(d / "snapshots") == [2, 4]
-            assert json.loads((d / "train_summary.json").read_text())["config"]["seed"] == seed
+            summary = json.loads((d / "train_summary.json").read_text())
+            assert summary["config"]["seed"] == seed
+            assert summary["trunk"]["layer"] == 1  # .test's training: LoRA on the top layer, from the trunk
+    # every training starts before any measurement (study_train's priority): no core idles at the end
+    started = re.findall(r"^(?:local)?rule (study_train|study_evaluate):", res.stdout + res.stderr, re.M)
+    assert started.count("study_train") == 4 and started.count("study_evaluate") == 4
+    assert started.index("study_evaluate") > len(started) - 1 - started[::-1].index("study_train"), started
     # seeds differ (data order, LoRA init): their step-4 margins are not the same
     m = {r["seed"]: r["value"] for r in rows if r["method"] == "dpo-beta0.5" and r["step"] == "4"
          and r["metric"] == "proxy_margin"}

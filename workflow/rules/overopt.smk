@@ -98,6 +98,9 @@ rule study_train:
                                       "metrics_path": output.metrics, "summary_path": output.summary}),
         launch=launcher("training"),
     threads: STUDY["training"]["threads"]
+    # every training before any measurement: measurements become ready one at a time as trainings end, and
+    # the last training alone would leave a core idle (README "Overoptimization": its cost)
+    priority: 1
     resources:
         **res("training"),
     log:

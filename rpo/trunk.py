@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from rpo import io
+from rpo.distributed import unwrap
 
 DTYPE = np.float32
 
@@ -30,7 +31,7 @@ DTYPE = np.float32
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder layers of a llama-family causal LM (bare, under PEFT or DDP), called as
     `layer(hidden_states, ...)` -> hidden_states by the model's forward."""
-    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    inner = unwrap(model)
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     layers = getattr(getattr(base, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or len(layers) != base.config.num_hidden_layers:

@@ -1,7 +1,11 @@
 # RPO reproduction: SFT -> reference log-probs -> DPO / RPO -> generations -> judgments -> Table 1.
 #   snakemake --cores all results/table1.csv                                  (offline quickstart)
 #   snakemake --cores all results/table1.csv --configfile config/<other>.yaml
+import sys
+
 from snakemake.utils import min_version
+
+from eval import preflight
 
 min_version("9.0")
 
@@ -27,12 +31,18 @@ include: "workflow/rules/report.smk"
 include: "workflow/rules/overopt.smk"
 
 
-onstart:
-    # Not in a dry run: before any job, what the evaluation stages will need (eval/preflight.py: API keys,
-    # judge models, MT-Bench's files), then the record of who holds the lock (rpo/locks.py).
-    from eval import preflight
+# A dry run (snakemake -n) gets what the preflight can check offline, as warnings: planning a paper run on a
+# laptop needs no key and no hub. Parsing itself touches no network (every cluster job re-parses this file).
+if preflight.dry_run_requested(workflow, sys.argv[1:]):
+    preflight.check(config, online=False, dryrun=True, gpu_limit=preflight.gpu_limit(workflow))
 
-    preflight.check(config)
+
+onstart:
+    # Not in a dry run: before any job, everything the jobs of this run will need (eval/preflight.py: judge
+    # endpoints and keys, hub models and data, benchmark files, harness datasets, settings the scorers
+    # require), then the record of who holds the lock (rpo/locks.py).
+    preflight.check(config, rules={job.rule.name for job in workflow.dag.needrun_jobs()}, online=True,
+                    gpu_limit=preflight.gpu_limit(workflow))
     locks.write_owner()
 
 

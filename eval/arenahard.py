@@ -191,13 +191,49 @@ def load_baseline_answers(questions: Sequence[dict], answer_dir) -> dict[str, di
     return out
 
 
+def v01_files(repo_id: str = HUB_REPO, revision: str | None = None, cache_dir: str | None = None, *,
+              fetch: bool = True) -> tuple[Path, Path]:
+    """Local paths of Arena-Hard v0.1's question and baseline-answer files: from the hub cache, or (`fetch`)
+    downloaded into it. The run's preflight fetches them on the submitting host (eval.preflight), so the
+    generation and judging jobs read the cache and need no network; a file neither cached nor fetchable is
+    a FileNotFoundError naming the config key and the fix."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    kw = dict(repo_id=repo_id, repo_type="dataset", revision=revision, cache_dir=cache_dir)
+    paths = []
+    for filename in (HUB_V01_QUESTIONS, HUB_V01_BASELINE):
+        cached = try_to_load_from_cache(filename=filename, **kw)
+        if isinstance(cached, str) and Path(cached).is_file():
+            paths.append(Path(cached))
+            continue
+        why = "not in the hub cache and not fetched (offline)"
+        if fetch:
+            try:
+                paths.append(Path(hf_hub_download(filename=filename, **kw)))
+                continue
+            except Exception as e:  # noqa: BLE001  (offline, hub down, no such file: say why)
+                why = f"could not be fetched ({type(e).__name__}: {str(e)[:200]})"
+        raise FileNotFoundError(
+            f"benchmarks.arenahard.version 'v0.1' reads {filename} of the HF dataset {repo_id}, which is {why}; "
+            f"fill the hub cache on a machine with network (huggingface-cli download {repo_id} {HUB_V01_QUESTIONS} "
+            f"{HUB_V01_BASELINE} --repo-type dataset), or set benchmarks.arenahard.version: v2.0 (offline)")
+    return paths[0], paths[1]
+
+
+def prefetch(version: str, *, fetch: bool) -> None:
+    """What `load_benchmark(version)` will read is on this machine (v0.1: fetched into the hub cache when
+    `fetch`); raises FileNotFoundError naming the config key and the fix."""
+    if version == V2:
+        data_dir()
+    elif version == V01:
+        v01_files(fetch=fetch)
+    else:
+        raise ValueError(f"Arena-Hard version {version!r}: expected one of {VERSIONS}")
+
+
 def load_v01_from_hub(repo_id: str = HUB_REPO, revision: str | None = None,
                       cache_dir: str | None = None) -> tuple[list[dict], dict[str, dict[str, str]]]:
     """Arena-Hard v0.1 (500 questions, gpt-4-0314 baseline answers) from the HF dataset repo."""
-    from huggingface_hub import hf_hub_download
-    kw = dict(repo_id=repo_id, repo_type="dataset", revision=revision, cache_dir=cache_dir)
-    qpath = hf_hub_download(filename=HUB_V01_QUESTIONS, **kw)
-    bpath = hf_hub_download(filename=HUB_V01_BASELINE, **kw)
+    qpath, bpath = v01_files(repo_id, revision, cache_dir)
     questions = load_questions(qpath, expected=V01_N_QUESTIONS)
     for q in questions:
         if q["category"] != "arena-hard-v0.1":

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # The offline task: the harness's ifeval on the prompts held out from training (config lm_eval.tasks).
 LOCAL_IFEVAL = "ifeval_heldout"
+LOCAL_TASKS = frozenset({LOCAL_IFEVAL})  # tasks whose data this package writes (no hub dataset)
 JUDGE = "lm-eval"
 METRIC_PREFIX = "lm_eval/"
 # ci_low/ci_high = value -/+ z * the harness's stderr: a normal 95% interval, as the harness's stderr implies.
@@ -186,6 +187,42 @@ def load_tasks(tm, tasks: list[dict]) -> list:
         top = loaded["groups"].get(name) or loaded["tasks"].get(name)
         objects += [top] if top is not None else list(loaded["tasks"].values())  # a tag: its tasks
     return objects
+
+
+def task_datasets(names: list[str]) -> dict[str, list[str]]:
+    """{task, group or tag name: the hub datasets its leaf tasks read}, from the harness's task index
+    alone (no task is built, no dataset loaded: the run's preflight asks this in seconds)."""
+    from lm_eval.tasks import TaskManager
+    index = TaskManager().task_index
+
+    def leaves(name: str, seen: frozenset) -> set[str]:
+        entry = index.get(name)
+        if entry is None:
+            raise TaskDataError(f"{name!r} is not a task, group or tag of the installed lm-eval")
+        if name in seen:
+            return set()
+        kind = getattr(entry.kind, "name", str(entry.kind)).upper()
+        if kind == "TAG":
+            subs = [n for n, e in index.items() if name in (e.tags or ()) and n != name]
+        elif kind == "GROUP":
+            subs = [t if isinstance(t, str) else t.get("task") for t in (entry.cfg or {}).get("task", [])]
+        else:
+            path = (entry.cfg or {}).get("dataset_path")
+            return {path} if path and path not in ("json", "csv", "parquet", "text") else set()
+        return set().union(*(leaves(n, seen | {name}) for n in subs if isinstance(n, str))) if subs else set()
+
+    return {n: sorted(leaves(n, frozenset())) for n in names}
+
+
+def dataset_cached(repo: str) -> bool:
+    """Whether a hub dataset has been read on this machine before: prepared in the datasets cache
+    (HF_DATASETS_CACHE) or downloaded into the hub cache (HF_HUB_CACHE)."""
+    from datasets import config as ds_config
+    from huggingface_hub import constants
+    owner, _, name = repo.rpartition("/")
+    prepared = Path(ds_config.HF_DATASETS_CACHE) / (f"{owner}___{name}" if owner else name)
+    downloaded = Path(constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}"
+    return prepared.is_dir() or (downloaded / "snapshots").is_dir()
 
 
 def check_datasets(*, tasks: list[dict], out: str) -> None:

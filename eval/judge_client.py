@@ -123,8 +123,14 @@ def _choice_problem(data) -> str | None:
 class OpenAIClient:
     """Chat completions from an OpenAI-compatible endpoint, cached and retried.
 
-    `n_calls` counts HTTP requests actually sent (retries included); `n_cache_hits` the answers that
-    came from the cache.
+    Identical requests (same model, messages, sampling parameters, attempt) are one call by default: the
+    second is answered from the first's cached completion, within a job and across jobs. With
+    `reuse_identical=False` every request is its own call, as the authors' scripts call the judge once per
+    judged item: the key then also holds `scope` (the judging job) and the request's occurrence among
+    identical requests of this client, so a re-run in the same order still finds each one in the cache.
+
+    `accounting()` says what this client was asked and did: items asked, distinct requests, completions
+    received from the endpoint, answers from the cache, HTTP requests sent (retries included).
     """
 
     kind = "openai"
@@ -133,7 +139,7 @@ class OpenAIClient:
     def __init__(self, base_url: str | None, model: str, api_key_env: str | None, *, max_concurrency: int,
                  max_retries: int, timeout_s: float, cache_dir: str | os.PathLike | None,
                  backoff_base_s: float, backoff_max_s: float, constrain: bool,
-                 constrain_request: str):
+                 constrain_request: str, reuse_identical: bool = True, scope: str | None = None):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if max_retries < 0:
@@ -151,8 +157,14 @@ class OpenAIClient:
             raise ValueError(f"constrain_request {constrain_request!r}: expected one of {list(REQUEST_FIELDS)}")
         self.constrain = bool(constrain)
         self.constrain_request = constrain_request
+        self.reuse_identical = bool(reuse_identical)
+        self.scope = scope
         self.n_calls = 0
         self.n_cache_hits = 0
+        self.n_items = 0
+        self.n_received = 0
+        self._keys_asked: set[str] = set()
+        self._occurrences: dict[str, int] = {}
         self._init_runtime()
         if api_key_env:
             self._api_key()  # fail now, not after the first batch is queued
@@ -311,15 +323,74 @@ class OpenAIClient:
         return ({**params, "constraint": {"choice": choices}},
                 {**params, **request_fields(choices, self.constrain_request)}, choices)
 
-    def _key(self, messages: list[dict], params: dict, attempt: int) -> str:
-        return cache_key(self.model, messages, self._constrained(params)[0], attempt)
+    def probe(self, timeout_s: float = 10.0) -> str | None:
+        """Why this judge cannot be used, or None: one cheap request before a run (eval.preflight).
+
+        GET `{base_url}/models` (OpenAI, vLLM and llama.cpp servers answer it; no tokens are billed) with
+        the key, sent to this base URL only (redirects are not followed): unreachable, a rejected key, or
+        a listed set of models without this one is a problem. An endpoint without `/models` (404 or 405)
+        is asked one chat completion of max_tokens 1 instead. Not retried and not cached."""
+        import httpx
+        try:
+            key = self._api_key()
+        except JudgeAuthError as e:
+            return str(e)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        try:
+            with httpx.Client(timeout=httpx.Timeout(timeout_s), trust_env=not _is_loopback(self.base_url),
+                              follow_redirects=False) as http:
+                resp = http.get(f"{self.base_url}/models", headers=headers)
+                if resp.status_code in (404, 405):
+                    resp = http.post(self.url, headers=headers, json={
+                        "model": self.model, "max_tokens": 1, "temperature": 0.0,
+                        "messages": [{"role": "user", "content": "Say OK."}]})
+        except httpx.HTTPError as e:
+            return self.redact(f"{self.base_url} is not reachable ({type(e).__name__}: {e})")
+        body = self.redact(resp.text[:200])
+        if resp.status_code in (401, 403):
+            hint = (f"check the key in ${self.api_key_env}" if self.api_key_env else
+                    "no API key is configured: set api_key_env to the NAME of the variable holding it")
+            return f"{resp.request.url} rejected the request with HTTP {resp.status_code}: {hint} ({body!r})"
+        if resp.status_code != 200:
+            return f"{resp.request.url} answered HTTP {resp.status_code} ({body!r})"
+        if resp.request.url.path.endswith("/models"):
+            try:
+                served = [m.get("id") for m in resp.json().get("data", []) if isinstance(m, dict)]
+            except (ValueError, AttributeError):
+                return f"{resp.request.url} answered 200 with a body that is not a model list ({body!r})"
+            if served and self.model not in served:
+                shown = ", ".join(map(str, served[:10])) + (" ..." if len(served) > 10 else "")
+                return f"{self.base_url} does not serve the model {self.model!r} (it lists: {shown})"
+        return None
+
+    def _key(self, messages: list[dict], params: dict, attempt: int, item: str | None = None) -> str:
+        return cache_key(self.model, messages, self._constrained(params)[0], attempt, item)
+
+    def _item(self, messages: list[dict], params: dict, attempt: int) -> str | None:
+        """None when identical requests share one call; else this request's own identity: the client's
+        scope and its occurrence among the identical requests it was asked so far."""
+        if self.reuse_identical:
+            return None
+        base = self._key(messages, params, attempt)
+        with self._lock:
+            k = self._occurrences.get(base, 0)
+            self._occurrences[base] = k + 1
+        return f"{self.scope or ''}#{k}"
+
+    def accounting(self) -> dict:
+        """What this client was asked and did (module docstring of OpenAIClient)."""
+        with self._lock:
+            return {"reuse_identical": self.reuse_identical, "items": self.n_items,
+                    "distinct_requests": len(self._keys_asked), "reused_identical": self.n_items - len(self._keys_asked),
+                    "completions_received": self.n_received, "cache_hits": self.n_cache_hits,
+                    "http_requests": self.n_calls}
 
     # ---- public API
-    def complete_record(self, messages: list[dict], params: dict, attempt: int = 0) -> dict:
+    def complete_record(self, messages: list[dict], params: dict, attempt: int = 0, item: str | None = None) -> dict:
         """The cache record of one chat completion ({"response", "finish_reason", "usage"[, "logprobs"]}),
-        from the cache when the same request (and attempt) was answered before."""
+        from the cache when the same request (and attempt, and item) was answered before."""
         keyed, sent, choices = self._constrained(params)
-        key = cache_key(self.model, messages, keyed, attempt)
+        key = cache_key(self.model, messages, keyed, attempt, item)
         cache = self.cache
         if cache is not None:
             hit = cache.get(key)
@@ -343,14 +414,15 @@ class OpenAIClient:
             rec["logprobs"] = choice["logprobs"]
         if attempt:
             rec["attempt"] = attempt
+        with self._lock:
+            self.n_received += 1
         if cache is not None:
             cache.put(key, rec)
         return rec
 
     def complete(self, messages: list[dict], **params) -> str:
         """Text of one chat completion; `attempt=k` (k > 0) re-asks it as a new call."""
-        messages, full, attempt = split_request({"messages": messages, **params})
-        return self.complete_record(messages, full, attempt)["response"]
+        return self.complete_records([{"messages": messages, **params}])[0]["response"]
 
     def complete_many(self, requests: list) -> list[str]:
         """Texts of complete() over many requests (see split_request), results in order."""
@@ -363,10 +435,14 @@ class OpenAIClient:
         or is interrupted only the calls in flight are lost: the first error cancels the queued calls,
         waits for the running ones, and is raised.
         """
-        norm = [split_request(r) for r in requests]
+        norm = [(*split_request(r),) for r in requests]
         if not norm:
             return []
-        keys = [self._key(m, p, a) for m, p, a in norm]
+        norm = [(m, p, a, self._item(m, p, a)) for m, p, a in norm]
+        keys = [self._key(m, p, a, item) for m, p, a, item in norm]
+        with self._lock:
+            self.n_items += len(keys)
+            self._keys_asked.update(keys)
         unique: dict[str, int] = {}
         for i, k in enumerate(keys):
             unique.setdefault(k, i)
@@ -378,11 +454,11 @@ class OpenAIClient:
             return [results[k] for k in keys]
         abort = threading.Event()  # set by the first failure: queued calls then never go out
 
-        def task(messages, params, attempt):
+        def task(messages, params, attempt, item):
             if abort.is_set():
                 raise cf.CancelledError()
             try:
-                return self.complete_record(messages, params, attempt)
+                return self.complete_record(messages, params, attempt, item)
             except BaseException:
                 abort.set()
                 raise

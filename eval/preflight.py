@@ -1,43 +1,109 @@
-"""Start-up checks of what the evaluation stages will need, run when the workflow starts (common.smk):
-a missing API key, judge model or benchmark data file fails the run in seconds, with the fix, instead
-of failing the judging jobs after hours of training.
+"""One check, at the start of a run, of everything the run's jobs will need, so that a run that cannot
+finish stops before its first job (not after GPU hours or billed judge calls), each problem naming its
+config key and its fix.
 
-    every LLM judge the config uses     openai: its api_key_env is set in the environment (the key itself
-                                        is never read here); llamacpp: its GGUF resolves to a file and
-                                        llama_cpp.server is importable; `constrain: true` is refused for
-                                        an official GPT-4 judge (eval.judge_constraint)
-    MT-Bench (when enabled)             its data files (installed, cached, or fetched once: eval.fetch)
-    generation.backend vllm             the vllm package is installed (found, not imported)
+    settings       combinations the scorers require: Arena-Hard v2.0 needs a category; AlpacaEval's LC
+                   win rate needs all 805 instructions; the offline IFEval task needs IFEval prompts
+    judges         every LLM judge a judging job will call: an `openai` judge's key variable is set and
+                   its endpoint answers one cheap request (eval.judge_client.OpenAIClient.probe: GET
+                   /models, the key sent to the configured base URL only); a `llamacpp` judge's GGUF and
+                   llama.cpp's server; `constrain` refused for an official GPT-4 judge
+    hub sources    the base model and the data (`hf:`) are in the hub cache or reachable; `file` sources
+                   and local model directories exist
+    benchmark data MT-Bench's files; Arena-Hard's (v0.1 from the hub: fetched into the hub cache now, on
+                   the submitting host, so that no compute node needs the network for them); AlpacaEval's
+                   LC file df_gamed.csv when `lc_win_rate: required` (fetched likewise)
+    lm-eval        every hub task's dataset is in the cache or reachable
+    backend        generation.backend vllm: the vllm package is installed
 
-(AlpacaEval's LC files and the harness's datasets have their own start-up checks:
-eval.alpacaeval_metrics.check_lc_available and the check_lm_eval_datasets rule.)
-A dry run (`snakemake -n`) only warns: planning a paper run on a laptop needs no key.
+Which checks run follows the jobs: the Snakefile's `onstart` passes the rules of the jobs this run will
+execute (`rules`), so `results/overoptimization.csv` asks nothing of the judges. A real run may use the
+network (`online`); a dry run (`snakemake -n`) checks what it can offline and only warns, so a paper run
+can be planned on a laptop without a key or the hub. Parsing the workflow never calls this.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
+import sys
+import time
+from collections.abc import Iterable
 
 log = logging.getLogger(__name__)
 
 BENCHMARKS = ("mtbench", "alpacaeval", "arenahard")
+JUDGE_RULES = {"judge_table1": "table1", "judge_validity": "judge_validity",
+               **{f"judge_{b}": b for b in BENCHMARKS}}
+HUB_TIMEOUT_S = 10.0
 
 
 class PreflightError(RuntimeError):
     """What a run is missing, each problem with its config key and its fix."""
 
 
-def used_judges(config: dict) -> list[tuple[str, dict]]:
-    """(config key, judge block) of every judge this run will call."""
-    out = [("table1.judge", config["table1"]["judge"])]
+def _needs(rules: set[str] | None, *names: str) -> bool:
+    """Whether a job of any of the rules `names` will run (every rule when `rules` is None)."""
+    return rules is None or any(n in rules for n in names)
+
+
+def _offline(online: bool) -> bool:
+    from huggingface_hub import constants
+    return not online or bool(constants.HF_HUB_OFFLINE)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Settings the scorers require together
+# ---------------------------------------------------------------------------------------------------
+
+def settings_problems(config: dict, rules: set[str] | None = None) -> list[str]:
+    out = []
+    bench = config["benchmarks"]
+    ah = bench["arenahard"]
+    if ah["enabled"] and ah["version"] == "v2.0" and not ah["category"] and _needs(
+            rules, "generate_arenahard", "judge_arenahard", "score_arenahard"):
+        out.append("benchmarks.arenahard.category: Arena-Hard v2.0 scores each category against its own baseline "
+                   "(hard_prompt: o3-mini, creative_writing: gemini-2.0-flash), so it needs one; set category: "
+                   "hard_prompt, or version: v0.1 (the paper configs' version)")
+    ae = bench["alpacaeval"]
+    if ae["enabled"] and ae["lc_win_rate"] == "required" and ae["n_questions"] is not None and _needs(
+            rules, "generate_alpacaeval", "score_alpacaeval"):
+        out.append(f"benchmarks.alpacaeval: lc_win_rate 'required' needs all 805 instructions (alpaca_eval's GLM "
+                   f"indexes them by position), but n_questions is {ae['n_questions']}; set n_questions: null, "
+                   "or lc_win_rate: if_available")
+    lm = config["lm_eval"]
+    if lm["enabled"] and _needs(rules, "make_lm_eval_ifeval", "run_lm_eval"):
+        from eval.harness import LOCAL_IFEVAL
+        for i, t in enumerate(lm["tasks"]):
+            if t["name"] == LOCAL_IFEVAL and config["data"]["source"] != "synthetic:verifiable":
+                out.append(f"lm_eval.tasks[{i}]: {LOCAL_IFEVAL!r} evaluates the held-out IFEval prompts of "
+                           f"data.source synthetic:verifiable, and data.source is {config['data']['source']!r}; "
+                           "use the harness task 'ifeval' (google/IFEval, from the hub), or lm_eval.enabled: false")
+    if _needs(rules, "judge_validity") and config["judge_validity"]["enabled"] \
+            and config["data"]["source"] != "synthetic:verifiable":
+        out.append("judge_validity.enabled: the judge is checked against gold verdicts, which only "
+                   "data.source synthetic:verifiable has; set judge_validity.enabled: false")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Judges
+# ---------------------------------------------------------------------------------------------------
+
+def used_judges(config: dict, rules: set[str] | None = None) -> list[tuple[str, dict]]:
+    """(config key, judge block) of every LLM judge the run's judging jobs will call."""
+    out = []
+    if _needs(rules, "judge_table1") and config["table1"]["judge"]["kind"] != "gold":
+        out.append(("table1.judge", config["table1"]["judge"]))
     bench = config["benchmarks"]
     for b in BENCHMARKS:
-        if bench[b]["enabled"]:
+        if bench[b]["enabled"] and _needs(rules, f"judge_{b}"):
             own = bench[b].get("judge")
             out.append((f"benchmarks.{b}.judge", own) if own else ("benchmarks.judge", bench["judge"]))
     validity = config["judge_validity"]
-    if validity["enabled"]:  # asked once per constrain value: check the constrained ask when there is one
+    if (validity["enabled"] if rules is None else "judge_validity" in rules):
+        # asked once per constrain value: check the constrained ask when there is one
         block = validity["judge"] or bench["judge"]
         out.append(("judge_validity.judge", {**block, "constrain": any(validity["constrain"])}))
     seen, unique = set(), []
@@ -48,7 +114,7 @@ def used_judges(config: dict) -> list[tuple[str, dict]]:
     return unique
 
 
-def judge_problems(key: str, judge: dict) -> list[str]:
+def judge_problems(key: str, judge: dict, *, online: bool = False) -> list[str]:
     from eval.judge_constraint import check_constrain
     try:
         check_constrain(judge, key)
@@ -60,6 +126,11 @@ def judge_problems(key: str, judge: dict) -> list[str]:
         if var and not os.environ.get(var):
             return [f"{key}: the judge {judge['model']!r} reads its API key from ${var}, which is not set "
                     f"(export {var}=...; the key is never written anywhere)"]
+        if online:
+            problem = openai_probe(judge)
+            if problem:
+                return [f"{key}: {problem} (judge {judge['model']!r}; fix {key}.base_url / {key}.model, "
+                        "or start the server)"]
     elif kind == "llamacpp":
         from eval.judges import resolve_gguf
         problems = []
@@ -73,31 +144,215 @@ def judge_problems(key: str, judge: dict) -> list[str]:
     return []
 
 
-def mtbench_problems(config: dict) -> list[str]:
-    if not config["benchmarks"]["mtbench"]["enabled"]:
-        return []
-    from eval import mtbench
+def openai_probe(judge: dict) -> str | None:
+    """OpenAIClient.probe of one `openai` judge block (its defaults filled from the schema); asked once per
+    endpoint, model and key variable, however many config keys name that judge."""
+    from eval.judge_config import resolve_judge
+    cfg = resolve_judge(judge)
+    return _probe(cfg["base_url"], cfg["model"], cfg["api_key_env"], float(cfg["timeout_s"]), cfg["constrain_request"])
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(base_url: str, model: str, api_key_env: str | None, timeout_s: float, constrain_request: str) -> str | None:
+    """(cleared by every `check`, so a new run asks again)"""
+    from eval.judge_client import OpenAIClient
+    client = OpenAIClient(base_url, model, api_key_env, max_concurrency=1, max_retries=0, timeout_s=timeout_s,
+                          cache_dir=None, backoff_base_s=1.0, backoff_max_s=1.0, constrain=False,
+                          constrain_request=constrain_request)
+    return client.probe(timeout_s=min(HUB_TIMEOUT_S, timeout_s))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models and data on the hub or on disk
+# ---------------------------------------------------------------------------------------------------
+
+def hub_problem(key: str, repo: str, *, repo_type: str, revision: str | None, online: bool) -> str | None:
+    """None when `repo` is in the hub cache, or (online) the hub answers for it; else the problem."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import errors as hub_errors
+    kind = "dataset" if repo_type == "dataset" else "model"
+    fill = (f"huggingface-cli download {repo}" + (" --repo-type dataset" if kind == "dataset" else "")
+            + (f" --revision {revision}" if revision else ""))
     try:
-        mtbench.data_dir()
-    except FileNotFoundError as e:
-        return [f"benchmarks.mtbench: {e}"]
+        snapshot_download(repo_id=repo, repo_type=repo_type, revision=revision, local_files_only=True,
+                          allow_patterns=["*.json"])
+        return None
+    except Exception:  # noqa: BLE001  (not cached: ask the hub, if we may)
+        pass
+    if _offline(online):
+        return (f"{key}: the hub {kind} {repo!r} is not in the hub cache ({os.environ.get('HF_HUB_CACHE') or 'default'}) "
+                f"and the hub is not asked (offline); fill the cache on a machine with network: {fill}")
+    try:
+        HfApi().repo_info(repo, repo_type=repo_type, revision=revision, timeout=HUB_TIMEOUT_S)
+        return None
+    except hub_errors.GatedRepoError:
+        return (f"{key}: the hub {kind} {repo!r} is gated: accept its licence on its hub page and export HF_TOKEN "
+                "with access to it")
+    except (hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError) as e:
+        return f"{key}: the hub has no {kind} {repo!r}" + (f" at revision {revision!r}" if revision else "") + \
+            f" ({type(e).__name__}), or it is private (export HF_TOKEN)"
+    except Exception as e:  # noqa: BLE001  (network errors of every kind)
+        return f"{key}: the hub {kind} {repo!r} is not reachable ({type(e).__name__}: {str(e)[:200]}); {fill}"
+
+
+def model_problems(key: str, source: str, *, online: bool) -> list[str]:
+    from rpo.models import find_packaged_gguf, parse_source
+    kind, name, extra = parse_source(source)
+    if kind == "hf":
+        problem = hub_problem(key, name, repo_type="model", revision=extra, online=online)
+        return [problem] if problem else []
+    if kind == "pypi":
+        try:
+            find_packaged_gguf(name, extra)
+        except (FileNotFoundError, ModuleNotFoundError) as e:
+            return [f"{key}: {e}"]
+        return []
+    from pathlib import Path
+    if not (Path(name).expanduser() / "config.json").is_file():
+        return [f"{key}: {source!r} is not a model directory (no config.json)"]
     return []
 
 
-def backend_problems(config: dict) -> list[str]:
-    if config["generation"]["backend"] == "vllm" and importlib.util.find_spec("vllm") is None:
+def data_problems(key: str, data: dict, *, online: bool) -> list[str]:
+    source = data["source"]
+    if source.startswith("hf:"):
+        repo, _, revision = source[len("hf:"):].partition("@")
+        problem = hub_problem(f"{key}.source", repo, repo_type="dataset", revision=revision or None, online=online)
+        return [problem] if problem else []
+    if source == "file":
+        from pathlib import Path
+        return [f"{key}.splits.{split}: no file {path!r}" for split, path in data["splits"].items()
+                if not Path(path).is_file()]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Benchmark data and harness tasks
+# ---------------------------------------------------------------------------------------------------
+
+def benchmark_data_problems(config: dict, rules: set[str] | None, *, online: bool) -> list[str]:
+    bench = config["benchmarks"]
+    out = []
+    if bench["mtbench"]["enabled"] and _needs(rules, "generate_mtbench", "judge_mtbench"):
+        from eval import fetch, mtbench
+        try:
+            if online:
+                mtbench.data_dir()  # fetched once into $RPO_CACHE when not installed
+            elif fetch.installed_dir(mtbench.DATA_PACKAGE, mtbench._DATA_SUBDIR) is None and not \
+                    (fetch.cache_root() / f"{mtbench.DATA_DIST}-{mtbench.DATA_VERSION}").is_dir():
+                out.append(f"benchmarks.mtbench: MT-Bench's data files are neither installed nor in {fetch.cache_root()} "
+                           "(a real run downloads them once: pip must reach the package index)")
+        except FileNotFoundError as e:
+            out.append(f"benchmarks.mtbench: {e}")
+    ah = bench["arenahard"]
+    if ah["enabled"] and _needs(rules, "generate_arenahard", "judge_arenahard", "score_arenahard"):
+        from eval import arenahard
+        try:
+            arenahard.prefetch(ah["version"], fetch=not _offline(online))
+        except FileNotFoundError as e:
+            out.append(str(e) if str(e).startswith("benchmarks.arenahard") else f"benchmarks.arenahard: {e}")
+    ae = bench["alpacaeval"]
+    if ae["enabled"] and ae["lc_win_rate"] == "required" and _needs(rules, "score_alpacaeval"):
+        from eval.alpacaeval_metrics import locate_glm_files
+        files, reason = locate_glm_files(ae["precomputed_dir"], fetch=not _offline(online))
+        if files is None:
+            out.append(f"benchmarks.alpacaeval.lc_win_rate is 'required' but the LC win rate cannot be computed: "
+                       f"{reason}. Or set lc_win_rate: if_available (the LC cell then stays empty with this reason)")
+    return out
+
+
+def lm_eval_problems(config: dict, rules: set[str] | None, *, online: bool) -> list[str]:
+    lm = config["lm_eval"]
+    if not lm["enabled"] or not _needs(rules, "run_lm_eval", "check_lm_eval_datasets"):
+        return []
+    from eval import harness
+    hub_tasks = [(i, t["name"]) for i, t in enumerate(lm["tasks"]) if t["name"] not in harness.LOCAL_TASKS]
+    if not hub_tasks:
+        return []
+    try:
+        datasets = harness.task_datasets([name for _, name in hub_tasks])
+    except harness.TaskDataError as e:
+        return [f"lm_eval.tasks: {e}"]
+    out = []
+    for i, name in hub_tasks:
+        for repo in datasets[name]:
+            if harness.dataset_cached(repo):
+                continue
+            problem = hub_problem(f"lm_eval.tasks[{i}] ({name})", repo, repo_type="dataset", revision=None,
+                                  online=online)
+            if problem:
+                out.append(problem)
+    return out
+
+
+def gpu_limit(workflow) -> int | None:
+    """The run's `gpu` resource limit (`--resources gpu=N`, a profile's `resources`), None without one."""
+    r = workflow.global_resources.get("gpu")
+    value = getattr(r, "value", r)
+    return None if value is None else int(value)
+
+
+def gpu_problems(config: dict, gpu_limit: int | None) -> list[str]:
+    """A stage whose job launches more GPUs than the run may use (`--resources gpu=N`, profiles/gpu: 1)
+    would be scheduled as if it used fewer (Snakemake scales a request down to the limit), beside other
+    GPU jobs on the same GPUs."""
+    if gpu_limit is None:
+        return []
+    return [f"resources.{stage}.gpus: its jobs launch {r['gpus']} GPUs, but this run may use gpu={gpu_limit} "
+            f"(the profile's resources); run with --resources gpu={r['gpus']} (or more) on a machine that has them"
+            for stage, r in config["resources"].items() if r.get("gpus", 0) > gpu_limit]
+
+
+def backend_problems(config: dict, rules: set[str] | None = None) -> list[str]:
+    generates = rules is None or any(r.startswith("generate_") or r == "run_lm_eval" for r in rules)
+    if generates and config["generation"]["backend"] == "vllm" and importlib.util.find_spec("vllm") is None:
         return ["generation.backend: vllm needs the vllm package (pip install -e '.[vllm]' on the CUDA machines), "
                 "or set generation.backend: hf"]
     return []
 
 
-def check(config: dict, *, dryrun: bool = False) -> list[str]:
-    """Every problem found; raises PreflightError listing them unless `dryrun` (then they are logged)."""
-    problems = [p for key, judge in used_judges(config) for p in judge_problems(key, judge)]
-    problems += mtbench_problems(config) + backend_problems(config)
+# ---------------------------------------------------------------------------------------------------
+# All of it
+# ---------------------------------------------------------------------------------------------------
+
+def dry_run_requested(workflow, argv: list[str]) -> bool:
+    """Whether the command the user typed is a dry run (`-n`, `-np`, `--dry-run`, `--dryrun`): Snakemake
+    knows it only after parsing, and only the user's own process (not a job re-parsing) should warn."""
+    from snakemake_interface_executor_plugins.settings import ExecMode
+    if workflow.exec_mode != ExecMode.DEFAULT:
+        return False
+    return any(a in ("--dry-run", "--dryrun") or (a.startswith("-") and not a.startswith("--") and a[1:].isalpha()
+                                                  and "n" in a[1:]) for a in argv)
+
+
+def check(config: dict, *, rules: Iterable[str] | None = None, online: bool = False, dryrun: bool = False,
+          gpu_limit: int | None = None) -> list[str]:
+    """Every problem found for the jobs of `rules` (None: everything the config enables); raises
+    PreflightError listing them unless `dryrun` (then they are printed as warnings). `online`: the judge
+    endpoints and the hub may be asked (a real run); otherwise only what is on this machine is checked.
+    `gpu_limit`: the run's `gpu` resource limit (None: none)."""
+    start = time.monotonic()
+    _probe.cache_clear()
+    rules = None if rules is None else set(rules)
+    problems = settings_problems(config, rules)
+    problems += [p for key, judge in used_judges(config, rules) for p in judge_problems(key, judge, online=online)]
+    if _needs(rules, "materialise_base"):
+        problems += model_problems("base_model.source", config["base_model"]["source"], online=online)
+    if _needs(rules, "make_data"):
+        problems += data_problems("data", config["data"], online=online)
+    if rules is not None and "study_data" in rules:
+        from rpo.config import deep_merge
+        problems += data_problems("overoptimization.data", deep_merge(config["data"], config["overoptimization"]["data"]),
+                                  online=online)
+    problems += benchmark_data_problems(config, rules, online=online)
+    problems += lm_eval_problems(config, rules, online=online)
+    problems += backend_problems(config, rules) + gpu_problems(config, gpu_limit)
+    took = time.monotonic() - start
     if problems and not dryrun:
-        raise PreflightError("this run cannot finish; fix before anything is trained:\n  - "
-                             + "\n  - ".join(problems))
+        raise PreflightError(f"this run cannot finish ({len(problems)} problem(s) found in {took:.1f} s before "
+                             "any job); fix them first:\n  - " + "\n  - ".join(problems))
     for p in problems:
-        log.warning("preflight (dry run, not fatal): %s", p)
+        print(f"rpo preflight (dry run, not fatal): {p}", file=sys.stderr)
+    print(f"rpo preflight: {f'{len(problems)} problem(s)' if problems else 'nothing missing'} in {took:.1f} s "
+          f"({'dry run, offline' if dryrun else ('online' if online else 'offline')})", file=sys.stderr)
     return problems

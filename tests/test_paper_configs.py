@@ -136,7 +136,8 @@ def test_two_nodes_keep_the_global_batch(tmp_path):
     train = [j for j in jobs(out) if j["rule"] == "train_preference"]
     assert len(train) == 2
     for j in train:
-        assert j["resources"]["nodes"] == "2" and j["resources"]["gpu"] == "8"
+        # SLURM's --gpus is the job's total: 8 GPUs on each of 2 nodes are booked per node, --gres=gpu:8
+        assert j["resources"]["nodes"] == "2" and j["resources"]["gres"] == "gpu:8" and "gpu" not in j["resources"]
         assert args_of(j)["cfg"]["world_size"] == 16 and args_of(j)["cfg"]["gradient_accumulation_steps"] == 4
         assert j["shell"].startswith("srun --nodes 2 --ntasks-per-node 1 bash -c ")
 
@@ -160,6 +161,23 @@ def test_single_gpu_config_with_the_local_gpu_profile(tmp_path):
     assert {args_of(j)["backend"] for j in js if j["rule"] == "run_lm_eval"} == {"vllm"}
 
 
+def test_the_local_gpu_profile_books_the_gpus_a_training_launches(tmp_path):
+    cfg = yaml.safe_load((REPO / "config/single-gpu.yaml").read_text())
+    cfg["resources"]["training"]["gpus"] = 2  # 128 = 8 x 2 x 8
+    path = tmp_path / "two-gpus.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    # the profile's one GPU: Snakemake would run the 2-GPU training as gpu=1 beside other GPU jobs; refused
+    out = dry_run(tmp_path, path, "profiles/gpu")
+    assert ("rpo preflight (dry run, not fatal): resources.training.gpus: its jobs launch 2 GPUs, but this run may "
+            "use gpu=1") in out
+    js = jobs(dry_run(tmp_path, path, "profiles/gpu", "--resources=gpu=2"))
+    train = [j for j in js if j["rule"] == "train_preference"]
+    assert len(train) == 2 and {j["resources"]["gpu"] for j in train} == {"2"}
+    assert {j["resources"]["gpu"] for j in js if j["rule"] == "generate_table1"} == {"1"}
+    assert all(j["shell"].startswith("accelerate launch --multi_gpu --num_processes 2 --num_machines 1") and
+               "--main_process_port $(python -m rpo.launch free-port)" in j["shell"] for j in train)
+
+
 def test_quickstart_with_the_method_zoo_switched_on(tmp_path):
     cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
     cfg["method_zoo"]["enabled"] = True
@@ -177,9 +195,19 @@ def test_quickstart_with_the_method_zoo_switched_on(tmp_path):
     assert args_of(soup)["ref_dir"] == "results/models/soup/model"
 
 
-def test_paper_config_without_the_lc_file_stops_at_start_up(tmp_path):
-    # lc_win_rate: required, the hub offline and an empty cache: the dry run fails before any job, naming why
+def test_paper_config_without_the_lc_file_plans_offline_and_stops_at_start_up(tmp_path):
+    # lc_win_rate: required, the hub offline and an empty cache. Parsing touches no network: the dry run plans
+    # the whole DAG and warns (before, it failed while parsing, fetching df_gamed.csv); a real run stops in its
+    # preflight, before any job, naming the file and the fix
     (tmp_path / "empty").mkdir()
-    out = dry_run(tmp_path, "config/paper-beta.yaml", "profiles/slurm", hub_cache=tmp_path / "empty", check=False)
-    assert "lc_win_rate is 'required'" in out and "df_gamed.csv" in out and "tatsu-lab/alpaca_eval" in out
-    assert "rule materialise_base" not in out
+    out = dry_run(tmp_path, "config/paper-beta.yaml", "profiles/slurm", hub_cache=tmp_path / "empty")
+    assert "rpo preflight (dry run, not fatal): benchmarks.alpacaeval.lc_win_rate is 'required'" in out
+    assert "df_gamed.csv" in out and "rule materialise_base" in out
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty"), "OPENAI_API_KEY": "sk-unused"}
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+           "--configfile", str(REPO / "config/paper-beta.yaml"), "--cores", "1", "results/table1.csv"]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "this run cannot finish" in run.stderr
+    assert "benchmarks.alpacaeval.lc_win_rate is 'required'" in run.stderr
+    assert not (tmp_path / "results" / "models").exists()  # no job ran

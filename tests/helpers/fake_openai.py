@@ -67,10 +67,13 @@ def judge_answer(request: dict) -> dict:
 class FakeOpenAIServer:
     """Counts and records requests; `behave` decides each answer (default: judge_answer)."""
 
-    def __init__(self):
+    def __init__(self, models=("fake", "fake-judge")):
         self.lock = threading.Lock()
         self.requests: list[dict] = []
         self.headers: list[dict] = []
+        self.models = list(models)   # what GET /v1/models lists
+        self.get_status = 200        # its status (e.g. 401, or 404 for a server without the route)
+        self.gets: list[tuple[str, str | None]] = []  # (path, Authorization header) of every GET
         self.answered: list[str] = []  # last-message contents that got a 200
         self.behave = lambda n, req, hdrs: (200, {}, judge_answer(req))
         fake = self
@@ -79,9 +82,11 @@ class FakeOpenAIServer:
             def log_message(self, *a):  # keep test output clean
                 pass
 
-            def do_GET(self):  # GET /v1/models: what a readiness probe asks
-                data = json.dumps({"object": "list", "data": [{"id": "fake", "object": "model"}]}).encode()
-                self._send(200, {}, data)
+            def do_GET(self):  # GET /v1/models: what a readiness probe (and the run's preflight) asks
+                with fake.lock:
+                    fake.gets.append((self.path, self.headers.get("Authorization")))
+                data = json.dumps({"object": "list", "data": [{"id": m, "object": "model"} for m in fake.models]})
+                self._send(fake.get_status, {}, data.encode())
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

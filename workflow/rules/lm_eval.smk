@@ -11,10 +11,6 @@ LM_EVAL_TASKS = [{"name": t["name"], "num_fewshot": t["num_fewshot"] if t["num_f
                   else LM_EVAL["num_fewshot"]} for t in LM_EVAL["tasks"]]
 LM_EVAL_LOCAL = LOCAL_IFEVAL in {t["name"] for t in LM_EVAL_TASKS}
 LM_EVAL_HUB = [t for t in LM_EVAL_TASKS if t["name"] != LOCAL_IFEVAL]
-if LM_EVAL["enabled"] and LM_EVAL_LOCAL and config["data"]["source"].startswith("hf:"):
-    # its documents are the held-out IFEval prompts (by key); a hub preference set has none
-    raise ValueError(f"config lm_eval.tasks: {LOCAL_IFEVAL!r} evaluates the held-out IFEval prompts of "
-                     f"data.source synthetic:verifiable, not {config['data']['source']!r}; use the hub task 'ifeval'")
 LM_EVAL_TASK_DIR = f"{RESULTS}/data/lm_eval"
 LM_EVAL_IFEVAL = {"yaml": f"{LM_EVAL_TASK_DIR}/{LOCAL_IFEVAL}.yaml", "data": f"{LM_EVAL_TASK_DIR}/{LOCAL_IFEVAL}.jsonl",
                   "summary": f"{LM_EVAL_TASK_DIR}/{LOCAL_IFEVAL}_summary.json"}

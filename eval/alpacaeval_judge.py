@@ -65,7 +65,7 @@ class CachedJudgeClient:
         if model != self._judge.model:
             raise ValueError(f"AlpacaEval asked for judge model {model!r}, the configured judge is "
                              f"{self._judge.model!r}")
-        rec = self._judge.complete_record(messages, params)
+        rec = self._judge.complete_records([{"messages": messages, **params}])[0]
         finish = rec.get("finish_reason") if rec.get("finish_reason") in _FINISH_REASONS else "stop"
         usage = rec.get("usage") or {}
         return ChatCompletion.model_validate({

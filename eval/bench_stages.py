@@ -15,7 +15,7 @@ from eval import (alpacaeval, alpacaeval_judge, alpacaeval_metrics, arenahard, a
                   arenahard_protocol, generation, mtbench, mtbench_judge)
 from rpo.io import write_json
 from eval import judge_config
-from eval.judges import get_judge
+from eval.judges import get_judge, is_empty, write_calls
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def generate_mtbench(*, model_name, ref_dir, policy_dir, out, n_questions, max_n
                              seed=seed, limit=n_questions, batch_size=batch_size)
 
 
-def judge_mtbench(*, model_name, answers, out, judge, judge_max_tokens, rating_attempts):
+def judge_mtbench(*, model_name, answers, out, calls_out, judge, judge_max_tokens, rating_attempts):
     questions = mtbench.load_questions()
     answer_rows = mtbench.load_answers(answers)
     questions = [q for q in questions if q["question_id"] in answer_rows]
@@ -51,8 +51,11 @@ def judge_mtbench(*, model_name, answers, out, judge, judge_max_tokens, rating_a
                                       mtbench.load_reference_answers())
     for r in requests:
         r["max_tokens"] = judge_max_tokens
-    with get_judge(judge) as j:
+    empty = sum(is_empty(t) for q in questions for t in answer_rows[q["question_id"]]["choices"][0]["turns"])
+    with get_judge(judge, scope=out) as j:
         mtbench_judge.write_judgments(requests, j, out, model_id=model_name, attempts=rating_attempts)
+        write_calls(calls_out, j, benchmark="mtbench", models=[model_name], judged=len(requests),
+                    unit="question turns", empty={model_name: empty})
 
 
 def score_mtbench(*, model_name, judgments, out, judge_label, bootstrap):
@@ -99,12 +102,15 @@ def generate_alpacaeval(*, model_name, ref_dir, policy_dir, out, n_questions, ma
     alpacaeval.write_model_outputs(alpacaeval.make_model_outputs(eval_set, gen, model_name), out)
 
 
-def judge_alpacaeval(*, outputs, out, judge, annotator_dir):
+def judge_alpacaeval(*, outputs, out, calls_out, judge, annotator_dir):
     model_outputs = alpacaeval.read_model_outputs(outputs)
     eval_set = {r["instruction"]: r for r in alpacaeval.load_eval_set()}
     reference = [eval_set[r["instruction"]] for r in model_outputs]
-    with get_judge(judge) as j:
+    model = model_outputs[0]["generator"] if model_outputs else "?"
+    with get_judge(judge, scope=out) as j:
         annotations = alpacaeval_judge.annotate(model_outputs, j, annotator_dir, reference=reference)
+        write_calls(calls_out, j, benchmark="alpacaeval", models=[model], judged=len(model_outputs),
+                    unit="instructions", empty={model: sum(is_empty(r["output"]) for r in model_outputs)})
     alpacaeval.write_annotations(annotations, out)
 
 
@@ -144,17 +150,20 @@ def generate_arenahard(*, model_name, ref_dir, policy_dir, out, version, categor
                               model_name=model_name, desc=f"arena-hard {model_name}")
 
 
-def judge_arenahard(*, model_name, answers, out, judge, version, category, n_questions, judge_max_tokens,
-                    subset="first"):
+def judge_arenahard(*, model_name, answers, out, calls_out, judge, version, category, n_questions,
+                    judge_max_tokens, subset="first"):
     from rpo.data import read_records
     questions, baselines = _arena_questions(version, n_questions, category, subset)
     model_answers = arenahard.answers_from_generations(read_records(answers))
     if judge_max_tokens is None:  # null: the version's own setting (v0.1 4096, v2.0 16000)
         judge_max_tokens = arenahard_protocol.JUDGE_SETTINGS[version]["max_tokens"]
-    with get_judge(judge) as j:
+    with get_judge(judge, scope=out) as j:
         arenahard_judge.judge_answers(questions, model_answers, baselines, j, out, model=model_name,
                                       judge_name=judge_config.judge_label(judge), max_tokens=judge_max_tokens,
                                       version=version)
+        write_calls(calls_out, j, benchmark="arenahard", models=[model_name], judged=len(questions),
+                    unit="questions (2 games each)",
+                    empty={model_name: sum(is_empty(model_answers.get(q["uid"])) for q in questions)})
 
 
 def score_arenahard(*, model_name, judgments, out, judge_label, version, category, bootstrap):

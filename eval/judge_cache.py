@@ -24,8 +24,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def cache_key(model: str, messages: list[dict], params: dict, attempt: int = 0) -> str:
-    """sha256 of the canonical JSON of (judge model, messages, sampling parameters[, attempt]).
+def cache_key(model: str, messages: list[dict], params: dict, attempt: int = 0, item: str | None = None) -> str:
+    """sha256 of the canonical JSON of (judge model, messages, sampling parameters[, attempt][, item]).
 
     The URL and the key are deliberately not part of it: the same model behind another address (a
     llama.cpp server on a new port, a proxy) answers from the same cache. `attempt` > 0 is a re-ask of
@@ -36,6 +36,8 @@ def cache_key(model: str, messages: list[dict], params: dict, attempt: int = 0) 
     obj = {"model": model, "messages": messages, "params": params}
     if attempt:
         obj["attempt"] = int(attempt)
+    if item is not None:  # judge.reuse_identical false: each judged item its own call (the judge client)
+        obj["item"] = item
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 

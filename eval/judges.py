@@ -157,17 +157,43 @@ def resolve_gguf(model: str) -> Path:
     return path
 
 
-def get_judge(cfg: dict) -> Judge:
+def get_judge(cfg: dict, scope: str | None = None) -> Judge:
     """The judge of one config block ({kind: gold} or an LLM judge), its defaults from the schema.
 
     The block's keys are the constructors' keyword arguments, so no list of keys lives here: the
-    schema says which kind takes which.
+    schema says which kind takes which. `scope` names the judging job (its output file): with
+    `reuse_identical: false` an item's call is its own within that job (eval.judge_client).
     """
     cfg = resolve_judge(cfg)
     if cfg["kind"] == "gold":
         return GoldJudge()
     kw = {k: v for k, v in cfg.items() if k not in ("kind", "model")}
     kw["name"] = judge_label(cfg)
+    kw["scope"] = scope
     if cfg["kind"] == "openai":
         return OpenAIJudge(kw.pop("base_url"), cfg["model"], kw.pop("api_key_env"), **kw)
     return LlamaCppJudge(resolve_gguf(cfg["model"]), **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# what a judging job asked
+
+
+def write_calls(out: str, judge: Judge, *, benchmark: str, models: list[str], judged: int, unit: str,
+                empty: dict[str, int]) -> dict:
+    """The judge-call record of one judging job (results/judge_calls/<benchmark>/<job>.json): how many
+    `unit`s were judged, what the judge client was asked and did (OpenAIClient.accounting: requests,
+    distinct ones, identical ones reused, completions received in this run, cache answers) and how many
+    judged answers were empty (`empty`: model or side -> count). make_table1 shows them under the tables."""
+    from rpo.io import write_json
+    rec = {"benchmark": benchmark, "models": models, "judge": judge.name, "judged": judged, "unit": unit,
+           "empty_answers": empty}
+    rec.update(judge.accounting() if hasattr(judge, "accounting") else {"llm_calls": False})
+    if any(empty.values()):
+        log.warning("%s %s: judged %d %s with empty answers %s", benchmark, " vs ".join(models), judged, unit, empty)
+    write_json(out, rec, sort_keys=True)
+    return rec
+
+
+def is_empty(answer) -> bool:
+    return not str(answer or "").strip()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from eval import figures, judge_config, results_table
 from eval.generation import answer_prompts
-from eval.judges import get_judge
+from eval.judges import get_judge, is_empty, write_calls
 from eval.pairwise_judge import PROTOCOLS, judge_items
 
 
@@ -43,6 +43,9 @@ def select_prompts(prompts: list[dict], n: int | None, protocol: str = "both_ord
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"table1.protocol {protocol!r}: expected one of {list(PROTOCOLS)}")
+    if n is not None and n > len(prompts):
+        log.warning("table1.generation.n_prompts is %d, but the test split has %d prompts: all %d are answered "
+                    "and judged (n in table1.csv says how many had a verdict)", n, len(prompts), len(prompts))
     if n is None or n >= len(prompts):
         return prompts
     if protocol == "paper":
@@ -62,7 +65,9 @@ def generate_table1_answers(*, model_name: str, ref_dir: str, policy_dir: str | 
 
 
 def judge_pair(*, model_a: str, model_b: str, answers_a: str, answers_b: str, prompts_path: str,
-               judge: dict, out: str, protocol: str = "both_orders", judge_max_tokens: int = 1024) -> None:
+               judge: dict, out: str, calls_out: str, protocol: str = "both_orders",
+               judge_max_tokens: int = 1024) -> None:
+    """One pair's judgments (`out`) and what judging them asked (`calls_out`, eval.judges.write_calls)."""
     prompts = _read_jsonl(prompts_path)
     a = {r["id"]: r for r in _read_jsonl(answers_a)}
     b = {r["id"]: r for r in _read_jsonl(answers_b)}
@@ -77,12 +82,16 @@ def judge_pair(*, model_a: str, model_b: str, answers_a: str, answers_b: str, pr
     # order the win rate's bootstrap resamples in, so their tables stay as before).
     ids = [p["id"] for p in prompts if p["id"] in a] if protocol == "paper" else sorted(a)
     items = [(by_id[pid], a[pid]["responses"][0], b[pid]["responses"][0]) for pid in ids]
-    with get_judge(judge) as j:
+    empty = {model_a: sum(is_empty(x) for _, x, _ in items), model_b: sum(is_empty(y) for _, _, y in items),
+             "both": sum(is_empty(x) and is_empty(y) for _, x, y in items)}
+    with get_judge(judge, scope=out) as j:
         if judge.get("kind") == "gold":
             results, used = j.compare_many(items), "gold"
         else:  # an LLM judge under the configured protocol; every call is cached by the client
             results, used = judge_items(protocol, j, items, max_tokens=judge_max_tokens), protocol
         name = get_judge_label(judge, j)
+        write_calls(calls_out, j, benchmark="table1", models=[model_a, model_b], judged=len(items), unit="prompts",
+                    empty=empty)
     rows = [{"id": pid, "model_a": model_a, "model_b": model_b, "outcome": o, "judge": name, "protocol": used,
              **details} for pid, (o, details) in zip(ids, results)]
     n_invalid = sum(r["outcome"] is None for r in rows)
@@ -114,11 +123,39 @@ def _pooled_rows(seed_pairs: dict, outcomes: dict, rows: list[dict], bootstrap: 
     return out
 
 
+def calls_markdown(records: list[dict], labels: dict[str, str]) -> str:
+    """table1.md's note on the judge calls behind its numbers (eval.judges.write_calls records): per
+    benchmark, the items judged, the requests they needed, how many identical ones were answered once
+    (judge.reuse_identical), and the empty answers judged."""
+    if not records:
+        return ""
+    lines = ["", "## Judge calls", "",
+             "| benchmark | models | judge | judged | requests | distinct | identical, reused | empty answers |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        models = " vs ".join(labels.get(m, m) for m in r["models"])
+        counts = r["empty_answers"]
+        keys = [m for m in r["models"] if m in counts] + sorted(set(counts) - set(r["models"]))
+        empty = ", ".join(f"{labels.get(k, k)} {counts[k]}" for k in keys if counts[k]) or "0"
+        if r.get("llm_calls") is False:  # the gold judge: no LLM calls
+            lines.append(f"| {r['benchmark']} | {models} | {r['judge']} | {r['judged']} {r['unit']} | 0 | 0 | 0 | {empty} |")
+            continue
+        lines.append(f"| {r['benchmark']} | {models} | {r['judge']} | {r['judged']} {r['unit']} | {r['items']} | "
+                     f"{r['distinct_requests']} | {r['reused_identical']} | {empty} |")
+    reuse = {r.get("reuse_identical") for r in records if r.get("llm_calls") is not False}
+    if True in reuse:
+        lines += ["", "Identical requests (the same judge prompt, e.g. two models with the same answer) are asked "
+                      "once and their verdict reused (judge.reuse_identical: true, the default); false asks once per "
+                      "item, as the authors' scripts do."]
+    return "\n".join(lines) + "\n"
+
+
 def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dict[str, str],
                 figure: str, raw_figure: str, labels: dict[str, str], pair_order: list[list[str]],
                 bootstrap: dict, scores: list[str] = (), paper_series: str | None = None,
                 comparison: tuple[str, str] | None = None, methods_metrics: dict | None = None,
-                methods_figure: str | None = None, seed_pairs: dict | None = None) -> None:
+                methods_figure: str | None = None, seed_pairs: dict | None = None,
+                judge_calls: list[str] = ()) -> None:
     """Table 1 and the benchmark rows as results/table1.csv (tidy) and table1.md; the figures; with a
     paper series, the paper's numbers beside ours (`comparison`: its csv and md paths). Every path is the
     rule's output. `seed_pairs` ({"a_vs_b": [[a_s, b_s] per seed]}, with several training seeds): a
@@ -149,6 +186,7 @@ def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dic
     if protocols - {"gold"}:
         md += (f"Judging protocol: {', '.join(sorted(protocols))} (paper: the authors' gpt_eval.py, one order per "
                "prompt; both_orders: each prompt in both orders); n counts the prompts with a verdict.\n")
+    md += calls_markdown([json.loads(Path(p).read_text()) for p in judge_calls], labels)
     io.write_text(out_md, md)
     if methods_figure and methods_metrics:
         # every method: the chosen log-ratio over training and its final win rate against Ref

@@ -247,6 +247,7 @@ def test_judge_arenahard_uses_the_versions_max_tokens_and_scores_it(tmp_path):
                  "api_key_env": None, "max_retries": 0, "cache_dir": str(tmp_path / "cache")}
         out = tmp_path / "judgment.jsonl"
         bench_stages.judge_arenahard(model_name="rpo", answers=str(answers), out=str(out), judge=judge,
+                                   calls_out=str(tmp_path / "calls.json"),
                                    version="v2.0", category="hard_prompt", n_questions=1, judge_max_tokens=None)
         assert _Chat.seen == [16000, 16000]  # null -> v2.0's own max_tokens, both games
         bench_stages.score_arenahard(model_name="rpo", judgments=str(out), out=str(tmp_path / "s.json"),

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from eval import pairwise_judge as pj
-from eval.table1 import judge_pair, make_table1, select_prompts
+from eval.table1 import calls_markdown, judge_pair, make_table1, select_prompts
 
 # --------------------------------------------------------------------------------------------------
 # the authors' prompt, draws and verdicts
@@ -281,7 +281,8 @@ def test_table1_paper_protocol_through_an_openai_judge(judge_server, tmp_path):
                                               "m2": ["meh hi", "meh x", "good bye", "good b", "meh z"]})
     judge_pair(model_a="m1", model_b="m2", answers_a=str(paths["m1"]), answers_b=str(paths["m2"]),
                prompts_path=str(tmp_path / "prompts.jsonl"), judge=_judge_cfg(judge_server, tmp_path),
-               out=str(tmp_path / "j.jsonl"), protocol="paper", judge_max_tokens=99)
+               out=str(tmp_path / "j.jsonl"), calls_out=str(tmp_path / "calls.json"), protocol="paper",
+               judge_max_tokens=99)
     rows = [json.loads(line) for line in (tmp_path / "j.jsonl").read_text().splitlines()]
     # draws 1 1 0 1 1 (seed 0), in dataset order p0..p4:
     # p0 swap: A shows m2 "meh hi", B m1 "good hi" -> [[B]] -> mapped back A: m1 wins      -> 1
@@ -314,7 +315,7 @@ def test_table1_both_orders_through_an_openai_judge(judge_server, tmp_path):
     cfg = _judge_cfg(judge_server, tmp_path)
     args = dict(model_a="m1", model_b="m2", answers_a=str(paths["m1"]), answers_b=str(paths["m2"]),
                 prompts_path=str(tmp_path / "prompts.jsonl"), judge=cfg, protocol="both_orders")
-    judge_pair(out=str(tmp_path / "j.jsonl"), **args)
+    judge_pair(out=str(tmp_path / "j.jsonl"), calls_out=str(tmp_path / "c.json"), **args)
     rows = [json.loads(line) for line in (tmp_path / "j.jsonl").read_text().splitlines()]
     # p0: m1 good in both orders -> 1; p1: invalid in both orders -> None; p2: m2 good -> 0
     assert [r["outcome"] for r in rows] == [1.0, None, 0.0]
@@ -324,5 +325,34 @@ def test_table1_both_orders_through_an_openai_judge(judge_server, tmp_path):
     t = _table(tmp_path, tmp_path / "j.jsonl")
     # the invalid prompt is left out: (1 + 0) / 2 = 50 %, n = 2
     assert float(t[("m1", "m2")]["value"]) == 50.0 and t[("m1", "m2")]["n"] == "2"
-    judge_pair(out=str(tmp_path / "j2.jsonl"), **args)
+    judge_pair(out=str(tmp_path / "j2.jsonl"), calls_out=str(tmp_path / "c2.json"), **args)
     assert len(judge_server.requests) == 6  # a re-run is served from the judge cache
+    calls = json.loads((tmp_path / "c2.json").read_text())
+    assert (calls["items"], calls["distinct_requests"], calls["completions_received"], calls["cache_hits"]) == \
+        (6, 6, 0, 6)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_identical_requests_are_reused_or_asked_per_item(judge_server, tmp_path, reuse):
+    # p0: both models answer "good same" -> its two orders are one identical request; p1: both answers empty
+    paths = _write_pair(tmp_path, ["say hi", "say bye", "say more"],
+                        {"m1": ["good same", "", "good a"], "m2": ["good same", "", "meh b"]})
+    cfg = {**_judge_cfg(judge_server, tmp_path), "reuse_identical": reuse}
+    args = dict(model_a="m1", model_b="m2", answers_a=str(paths["m1"]), answers_b=str(paths["m2"]),
+                prompts_path=str(tmp_path / "prompts.jsonl"), judge=cfg, protocol="both_orders")
+    judge_pair(out=str(tmp_path / "j.jsonl"), calls_out=str(tmp_path / "c.json"), **args)
+    calls = json.loads((tmp_path / "c.json").read_text())
+    # 3 prompts x 2 orders = 6 requests; p0's and p1's two orders are identical requests
+    expected_distinct = 4 if reuse else 6
+    assert len(judge_server.requests) == expected_distinct
+    assert (calls["items"], calls["distinct_requests"], calls["reused_identical"], calls["completions_received"]) == \
+        (6, expected_distinct, 6 - expected_distinct, expected_distinct)
+    assert calls["reuse_identical"] is reuse and calls["judged"] == 3 and calls["unit"] == "prompts"
+    assert calls["empty_answers"] == {"m1": 1, "m2": 1, "both": 1}
+    # a re-run of the job (the same output) asks nothing again, per item too
+    judge_pair(out=str(tmp_path / "j.jsonl"), calls_out=str(tmp_path / "c2.json"), **args)
+    assert len(judge_server.requests) == expected_distinct
+    assert json.loads((tmp_path / "c2.json").read_text())["cache_hits"] == expected_distinct
+    md = calls_markdown([calls], {"m1": "One"})
+    assert "| table1 | One vs m2 | openai:fake-model | 3 prompts | 6 | %d | %d | One 1, m2 1, both 1 |" % (
+        expected_distinct, 6 - expected_distinct) in md

@@ -16,12 +16,6 @@ validate(config, "../schemas/config.schema.yaml", set_default=True)
 resolve_methods(config)
 check_config(config)
 
-from eval.alpacaeval_metrics import check_lc_available  # noqa: E402
-
-# A run that asks for AlpacaEval's LC win rate and cannot produce it says so now, not after hours
-# (fetches alpaca_eval's df_gamed.csv into the hub cache once; a cached copy needs no network).
-check_lc_available(config["benchmarks"]["alpacaeval"])
-
 RESULTS = "results"
 METHODS = sorted(config["methods"])
 MODELS = ["ref"] + METHODS
@@ -79,16 +73,20 @@ def launcher(stage):
 
 
 def res(stage):
-    """Snakemake resources of a stage: `gpu` (the SLURM plugin's GPU request, and the local GPU profile's
-    limit), nodes, memory and runtime in minutes. Placement follows from them: a stage that asks for GPUs
-    goes to $RPO_GPU_PARTITION when that is set (profiles/slurm); every other job to the profile's default
-    partition. CPUs per task are the rule's threads."""
+    """Snakemake resources of a stage: the GPUs its job launches (one node: `gpu`, the SLURM plugin's
+    --gpus and what the local GPU profile counts; several nodes: `gres` gpu:<per node>, since --gpus would
+    be the job's total), nodes, memory and runtime in minutes. Placement follows from them: a stage that asks
+    for GPUs goes to $RPO_GPU_PARTITION when that is set (profiles/slurm); every other job to the profile's
+    default partition. CPUs per task are the rule's threads."""
     from rpo import launch
 
     r = config["resources"][stage]
     out = {"mem_mb": r["mem_mb"], "runtime": r["runtime"]}
     if r["gpus"]:
-        out["gpu"] = r["gpus"]
+        if r["nodes"] > 1:
+            out["gres"] = f"gpu:{r['gpus']}"
+        else:
+            out["gpu"] = r["gpus"]
         partition = launch.gpu_partition()
         if partition:
             out["slurm_partition"] = partition
@@ -96,6 +94,9 @@ def res(stage):
         out["nodes"] = r["nodes"]
     return out
 
+
+# What each judging job asked of its judge (eval.judges.write_calls): items, requests, reuse, empty answers
+JUDGE_CALLS = f"{RESULTS}/judge_calls"
 
 # A training run's per-step metrics: the train_preference rule's output, the figures' input
 TRAIN_METRICS = f"{RESULTS}/train/{{method}}/metrics.jsonl"

@@ -4,7 +4,8 @@ rule judge_table1:
         b=f"{RESULTS}/generations/table1/{{b}}.jsonl",
         prompts=f"{RESULTS}/data/prompts_test.jsonl",
     output:
-        f"{RESULTS}/judgments/table1/{{a}}_vs_{{b}}.jsonl",
+        judgments=f"{RESULTS}/judgments/table1/{{a}}_vs_{{b}}.jsonl",
+        calls=f"{JUDGE_CALLS}/table1/{{a}}_vs_{{b}}.json",
     wildcard_constraints:
         a=MODEL_NAMES,
         b=MODEL_NAMES,
@@ -14,7 +15,7 @@ rule judge_table1:
                        "protocol": config["table1"]["protocol"],
                        "judge_max_tokens": config["table1"]["judge_max_tokens"]},
             lambda w, input, output: {"answers_a": input.a, "answers_b": input.b, "prompts_path": input.prompts,
-                                      "out": output[0]}),
+                                      "out": output.judgments, "calls_out": output.calls}),
     threads: judge_threads(config["table1"]["judge"])
     resources:
         **res("judge"),
@@ -28,13 +29,14 @@ rule judge_mtbench:
     input:
         f"{RESULTS}/mtbench/model_answer/{{model}}.jsonl",
     output:
-        f"{RESULTS}/mtbench/model_judgment/{{model}}_single.jsonl",
+        judgments=f"{RESULTS}/mtbench/model_judgment/{{model}}_single.jsonl",
+        calls=f"{JUDGE_CALLS}/mtbench/{{model}}.json",
     params:
         **job_params(
             lambda w: {"model_name": w.model, "judge": bench_judge("mtbench"),
                        "judge_max_tokens": config["benchmarks"]["mtbench"]["judge_max_tokens"],
                        "rating_attempts": config["benchmarks"]["mtbench"]["rating_attempts"]},
-            lambda w, input, output: {"answers": input[0], "out": output[0]}),
+            lambda w, input, output: {"answers": input[0], "out": output.judgments, "calls_out": output.calls}),
     threads: judge_threads(bench_judge("mtbench"))
     resources:
         **res("judge"),
@@ -51,11 +53,12 @@ rule judge_alpacaeval:
         annotations=f"{RESULTS}/alpacaeval/{{model}}/annotations.json",
         # alpaca_eval's annotator config (its prompt, our judge's client): kept beside the annotations
         annotator=directory(f"{RESULTS}/alpacaeval/{{model}}/annotator"),
+        calls=f"{JUDGE_CALLS}/alpacaeval/{{model}}.json",
     params:
         **job_params(
             lambda w: {"judge": bench_judge("alpacaeval")},
             lambda w, input, output: {"outputs": input[0], "out": output.annotations,
-                                      "annotator_dir": output.annotator}),
+                                      "annotator_dir": output.annotator, "calls_out": output.calls}),
     threads: judge_threads(bench_judge("alpacaeval"))
     resources:
         **res("judge"),
@@ -69,7 +72,8 @@ rule judge_arenahard:
     input:
         f"{RESULTS}/arenahard/model_answer/{{model}}.jsonl",
     output:
-        f"{RESULTS}/arenahard/model_judgment/{{model}}.jsonl",
+        judgments=f"{RESULTS}/arenahard/model_judgment/{{model}}.jsonl",
+        calls=f"{JUDGE_CALLS}/arenahard/{{model}}.json",
     params:
         **job_params(
             lambda w: {"model_name": w.model, "judge": bench_judge("arenahard"),
@@ -78,7 +82,7 @@ rule judge_arenahard:
                        "n_questions": config["benchmarks"]["arenahard"]["n_questions"],
                        "judge_max_tokens": config["benchmarks"]["arenahard"]["judge_max_tokens"],
                        **bench_subset("arenahard")},
-            lambda w, input, output: {"answers": input[0], "out": output[0]}),
+            lambda w, input, output: {"answers": input[0], "out": output.judgments, "calls_out": output.calls}),
     threads: judge_threads(bench_judge("arenahard"))
     resources:
         **res("judge"),

@@ -1,4 +1,6 @@
 JUDGMENTS = [f"{RESULTS}/judgments/table1/{a}_vs_{b}.jsonl" for a, b in get_table1_pairs()]
+CALLS = [f"{JUDGE_CALLS}/table1/{a}_vs_{b}.json" for a, b in get_table1_pairs()] + [
+    f"{JUDGE_CALLS}/{b}/{m}.json" for b in BENCHMARKS for m in MODELS]
 SCORES = [f"{RESULTS}/scores/{b}/{m}.json" for b in BENCHMARKS for m in MODELS] + LM_EVAL_SCORES  # lm_eval.smk
 
 
@@ -80,6 +82,7 @@ rule make_table1:
     input:
         resolved_config=f"{RESULTS}/config.resolved.yaml",
         judgments=JUDGMENTS,
+        calls=CALLS,
         metrics=[TRAIN_METRICS.format(method=m) for m in METHODS],
         scores=SCORES,
     output:
@@ -97,7 +100,7 @@ rule make_table1:
                        "pair_order": config["table1"]["pairs"], "bootstrap": config["table1"]["bootstrap"],
                        **({"seed_pairs": seed_pairs()} if seed_pairs() else {})},
             lambda w, input, output: {
-                "judgments": list(input.judgments), "scores": list(input.scores),
+                "judgments": list(input.judgments), "scores": list(input.scores), "judge_calls": list(input.calls),
                 "metrics": {m: TRAIN_METRICS.format(method=m) for m in config["figures"]["logps_methods"]},
                 "methods_metrics": {m: TRAIN_METRICS.format(method=m) for m in METHODS},
                 "out_csv": output.csv, "out_md": output.md, "figure": output.figure,

@@ -79,7 +79,8 @@ def main(argv=None, commands=COMMANDS, prog="rpo") -> int:
     ap.add_argument("--paths", default="{}", help="JSON object of more keyword arguments: the paths a "
                     "Snakemake rule takes from its input and output (kept apart from --args, whose "
                     "changes Snakemake tracks to re-run the job)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=None, help="the job's CPU threads; each of several ranks on a "
+                    "node takes its share (rpo.launch.rank_threads)")
     ns = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -95,8 +96,11 @@ def main(argv=None, commands=COMMANDS, prog="rpo") -> int:
         kwargs.update(more)
     if ns.threads:
         import torch
-        torch.set_num_threads(ns.threads)
-        os.environ.setdefault("OMP_NUM_THREADS", str(ns.threads))
+
+        from rpo.launch import rank_threads
+        threads = rank_threads(ns.threads)
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     commands[ns.command](**kwargs)
     return 0
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
+import sys
 
 
 def world_size(gpus: int, nodes: int = 1) -> int:
@@ -36,24 +38,47 @@ def accumulation_steps(global_batch_size: int, micro_batch_size: int, world: int
     return global_batch_size // per_step
 
 
-def launch_prefix(*, gpus: int, nodes: int = 1, cpu: bool = False, main_process_port: int = 29500) -> str:
-    """The shell words that run `python -m rpo <command> ...` on `gpus` x `nodes` processes."""
+# The rendezvous port of a training job. One node: a port that is free on this host when the job starts
+# (two trainings on one host never share one). Several nodes: every node must compute the same port
+# without talking, so it comes from the SLURM job id (SLURM_JOB_ID is the same on all of the job's nodes).
+FREE_PORT = "$(python -m rpo.launch free-port)"
+SLURM_PORT = "$((20000 + SLURM_JOB_ID % 30000))"
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on now (the kernel's choice for port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def launch_prefix(*, gpus: int, nodes: int = 1, cpu: bool = False, main_process_port: int | None = None) -> str:
+    """The shell words that run `python -m rpo <command> ...` on `gpus` x `nodes` processes; the rendezvous
+    port is `main_process_port` when given, else chosen when the job starts (FREE_PORT, SLURM_PORT)."""
     n = world_size(gpus, nodes)
     if n == 1:
         return "python -m rpo"
     # On CPU, accelerate's own --cpu flag needs mpirun for several processes; torchrun's launcher with
     # ACCELERATE_USE_CPU gives the ranks gloo instead.
     words = (["env", "ACCELERATE_USE_CPU=true"] if cpu else []) + ["accelerate", "launch", "--multi_gpu"]
-    words += ["--num_processes", str(n), "--num_machines", str(nodes), "--mixed_precision", "no",
-              "--main_process_port", str(main_process_port)]
+    words += ["--num_processes", str(n), "--num_machines", str(nodes), "--mixed_precision", "no"]
+    port = str(main_process_port) if main_process_port is not None else None
     if nodes == 1:
-        return " ".join(shlex.quote(w) for w in words) + " -m rpo"
+        return (" ".join(shlex.quote(w) for w in words) + f" --main_process_port {port or FREE_PORT}"
+                " -m rpo")
     # Several nodes (SLURM): one launcher per node, rank from SLURM_NODEID, rendezvous on the first host.
     # The inner command is single-quoted so that the variables expand on each node, not here.
-    inner = " ".join(shlex.quote(w) for w in words)
+    inner = " ".join(shlex.quote(w) for w in words) + f" --main_process_port {port or SLURM_PORT}"
     return ("srun --nodes {n} --ntasks-per-node 1 bash -c '{inner} --machine_rank $SLURM_NODEID "
             "--main_process_ip $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1) -m rpo \"$@\"' rpo"
             ).format(n=nodes, inner=inner)
+
+
+def rank_threads(threads: int, environ=os.environ) -> int:
+    """CPU threads of one process of a job that has `threads` CPUs: the job's share of each of its ranks on
+    this node (accelerate / torchrun set LOCAL_WORLD_SIZE), so 8 ranks of a job with 8 CPUs take 1 each."""
+    local = int(environ.get("LOCAL_WORLD_SIZE") or 1)
+    return max(1, threads // max(1, local))
 
 
 def gpu_partition() -> str | None:
@@ -61,3 +86,9 @@ def gpu_partition() -> str | None:
     (optional: unset, such jobs go to the profile's default partition). Read on the submitting host only,
     when the workflow computes the jobs' resources."""
     return os.environ.get("RPO_GPU_PARTITION") or None
+
+
+if __name__ == "__main__":  # `python -m rpo.launch free-port`: the shell's way to FREE_PORT
+    if sys.argv[1:] != ["free-port"]:
+        sys.exit("usage: python -m rpo.launch free-port")
+    print(free_port())

@@ -55,6 +55,33 @@ def test_launch_prefix_forms():
     multi = launch.launch_prefix(gpus=8, nodes=2)
     assert multi.startswith("srun --nodes 2 --ntasks-per-node 1 bash -c ")
     assert "--num_processes 16 --num_machines 2" in multi and "$SLURM_NODEID" in multi
+    # the rendezvous port: on one node a free one when the job starts (two trainings on a host never share
+    # one); across nodes one every node derives from the SLURM job id
+    assert eight.endswith(" --main_process_port $(python -m rpo.launch free-port) -m rpo")
+    assert "--main_process_port $((20000 + SLURM_JOB_ID % 30000))" in multi
+    ports = [subprocess.run([sys.executable, "-m", "rpo.launch", "free-port"], capture_output=True, text=True,
+                            env=_env(), check=True).stdout for _ in range(2)]
+    assert all(1024 < int(p) < 65536 for p in ports)
+    assert launch.launch_prefix(gpus=2, main_process_port=29517).endswith("--main_process_port 29517 -m rpo")
+
+
+def test_every_rank_takes_its_share_of_the_jobs_threads(monkeypatch):
+    assert launch.rank_threads(8, {}) == 8  # one process: all of them
+    assert launch.rank_threads(8, {"LOCAL_WORLD_SIZE": "8"}) == 1
+    assert launch.rank_threads(8, {"LOCAL_WORLD_SIZE": "2"}) == 4
+    assert launch.rank_threads(2, {"LOCAL_WORLD_SIZE": "8"}) == 1  # never 0
+    # and `python -m rpo --threads N` applies it in each rank (accelerate / torchrun set LOCAL_WORLD_SIZE)
+    import torch
+
+    from rpo.__main__ import main
+    seen = []
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    before = torch.get_num_threads()
+    try:
+        main(["probe", "--threads", "4"], commands={"probe": lambda: seen.append(torch.get_num_threads())})
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2]
 
 
 def test_every_rank_runs_as_many_micro_batches():

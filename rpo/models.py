@@ -171,6 +171,21 @@ def load_policy(ref_dir, model_dir, *, dtype: str = "float32", device: str | Non
     return load_model(model_dir, dtype=dtype, device=device)
 
 
+def portable_base(model_dir: str | Path) -> tuple[str, str | None]:
+    """How a saved adapter names the model it sits on, so that it loads from anywhere: the hub id and the
+    commit when the model came from the hub (a `model_source.json` pointer to a hub snapshot), else the
+    model directory's absolute path (never a path relative to the project)."""
+    d = Path(model_dir)
+    pointer = d / POINTER
+    if pointer.is_file():
+        info = json.loads(pointer.read_text())
+        kind, name, _ = parse_source(info["source"])
+        if kind == "hf":
+            return name, info.get("revision")
+        return str(Path(info["path"]).resolve()), None
+    return str(d.resolve()), None
+
+
 def _write_json(path: Path, obj) -> None:
     from rpo.io import write_json
     write_json(path, obj, sort_keys=True)

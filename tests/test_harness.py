@@ -341,13 +341,29 @@ def test_quickstart_dry_run_has_the_harness_jobs(tmp_path):
         assert f"results/scores/lm_eval/{m}.json" in out.split("rule make_table1:")[1].split("\n")[1]
 
 
-def test_the_offline_ifeval_with_hub_preference_data_is_a_start_up_error(tmp_path):
-    # paper-beta (it extends paper-common) with the offline task instead of the hub's
-    # (and AlpacaEval's LC not required, whose start-up check would stop first without the hub)
-    cfg = {"extends": "config/paper-beta.yaml", "lm_eval": {"tasks": [{"name": "ifeval_heldout"}]},
-           "benchmarks": {"alpacaeval": {"lc_win_rate": "if_available"}}}
+def test_the_offline_ifeval_with_hub_preference_data_is_refused_up_front(tmp_path):
+    # paper-beta (it extends paper-common) with the held-out task instead of the hub's: its preference data has
+    # no IFEval prompts. A dry run plans it and warns; a real run stops in its preflight (tests/test_preflight.py)
+    cfg = {"extends": "config/paper-beta.yaml", "lm_eval": {"tasks": [{"name": "ifeval_heldout"}]}}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(cfg))
     run = snakemake(tmp_path, path, "results/table1.csv", "-n")
-    assert run.returncode != 0
-    assert "config lm_eval.tasks: 'ifeval_heldout' evaluates the held-out IFEval prompts" in run.stdout + run.stderr
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert ("rpo preflight (dry run, not fatal): lm_eval.tasks[0]: 'ifeval_heldout' evaluates the held-out prompts "
+            "by their IFEval key (meta.key, which data.source synthetic:verifiable writes), and data.source is "
+            "'hf:HuggingFaceH4/ultrafeedback_binarized', a hub preference set without them") in run.stderr
+
+
+def test_the_packaged_ifeval_task_holds_every_packaged_prompt(tmp_path):
+    from rpo import verifiable
+    summary = harness.make_ifeval_task(task=harness.PACKAGED_IFEVAL, out_yaml=str(tmp_path / "t.yaml"),
+                                       out_data=str(tmp_path / "t.jsonl"), out_summary=str(tmp_path / "s.json"))
+    rows = verifiable.load_prompts()
+    usable = [r for r in rows if verifiable.row_problem(r) is None]
+    # google/IFEval's 541 prompts; those the offline verifiers cannot check are excluded and counted
+    assert summary["prompts"] == len(rows) == 541 and summary["evaluated_prompts"] == len(usable)
+    assert summary["excluded_unsupported_offline"] + summary["excluded_random_parameters"] == 541 - len(usable) > 0
+    docs = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert [str(d["key"]) for d in docs] == [r["key"] for r in usable]
+    task = yaml.safe_load((tmp_path / "t.yaml").read_text())
+    assert task["task"] == "ifeval_packaged" and task["include"] == str(harness.harness_ifeval_yaml())

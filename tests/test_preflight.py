@@ -123,17 +123,22 @@ def test_a_llamacpp_judge_without_its_model_fails():
 # settings the scorers require
 # ---------------------------------------------------------------------------------------------------
 
-def test_settings_that_would_fail_after_judging_fail_first():
+def test_settings_that_would_fail_after_judging_fail_first(tmp_path):
     cfg = resolved()
     cfg["benchmarks"]["arenahard"]["category"] = None  # v2.0 (the quickstart's version) needs a category
     cfg["benchmarks"]["alpacaeval"]["lc_win_rate"] = "required"  # with n_questions 4: the GLM needs all 805
-    cfg["data"] = {**cfg["data"], "source": "file", "splits": {"train": "a.jsonl", "test": "b.jsonl"}}
+    # UltraFeedback-shaped test rows in a file: no IFEval keys for the held-out IFEval task
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"}) + "\n")
+    cfg["data"] = {**cfg["data"], "source": "file", "splits": {"train": str(test), "test": str(test)}}
     problems = preflight.settings_problems(cfg)
     assert [p.split(":")[0] for p in problems] == ["benchmarks.arenahard.category", "benchmarks.alpacaeval",
                                                    "lm_eval.tasks[0]"]
     assert "set category: hard_prompt, or version: v0.1" in problems[0]
     assert "n_questions is 4; set n_questions: null, or lc_win_rate: if_available" in problems[1]
-    assert "'ifeval_heldout' evaluates the held-out IFEval prompts of data.source synthetic:verifiable" in problems[2]
+    assert f"'ifeval_heldout' evaluates the held-out prompts by their IFEval key (meta.key, which data.source " \
+           f"synthetic:verifiable writes), and row 1 of {test} (data.splits.test) has none; use 'ifeval_packaged'" \
+           in problems[2]
     # only for the jobs that will run them
     assert preflight.settings_problems(cfg, {"make_data", "train_preference"}) == []
 

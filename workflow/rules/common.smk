@@ -262,10 +262,17 @@ def train_params(stage_cfg, ckpt_dir, extra=None, **inputs):
 
 
 # the harness's task files, inputs of run_lm_eval (the LM_EVAL_* names are lm_eval.smk's)
+def local_task_files(task):
+    """The files rule make_lm_eval_ifeval writes for one offline IFEval task."""
+    return {"yaml": f"{LM_EVAL_TASK_DIR}/{task}.yaml", "data": f"{LM_EVAL_TASK_DIR}/{task}.jsonl",
+            "summary": f"{LM_EVAL_TASK_DIR}/{task}_summary.json"}
+
+
 def lm_eval_task_inputs(wildcards):
     out = []
-    if LM_EVAL_LOCAL:
-        out += [LM_EVAL_IFEVAL["yaml"], LM_EVAL_IFEVAL["data"]]
+    for task in LM_EVAL_LOCAL:
+        files = local_task_files(task)
+        out += [files["yaml"], files["data"]]
     if LM_EVAL_HUB:
         out.append(LM_EVAL_DATASETS)
     return out

@@ -1,38 +1,41 @@
 # EleutherAI's lm-evaluation-harness on every model (eval/harness.py), when lm_eval.enabled:
-#   make_lm_eval_ifeval      the offline IFEval task (the harness's ifeval on the held-out IFEval prompts)
+#   make_lm_eval_ifeval      an offline IFEval task (the harness's ifeval on the held-out, or all packaged, prompts)
 #   check_lm_eval_datasets   the hub tasks' datasets, resolved before any model job (fails naming the task)
 #   run_lm_eval              simple_evaluate per model -> results/lm_eval/<model>/ (the harness's own files)
 #   score_lm_eval            its tidy rows -> results/scores/lm_eval/<model>.json (into table1.csv)
-from eval.harness import LOCAL_IFEVAL
+from eval.harness import LOCAL_IFEVAL, LOCAL_TASKS
 
 LM_EVAL = config["lm_eval"]
 # each task with its few-shot count resolved (its own, else lm_eval.num_fewshot, else the task's default)
 LM_EVAL_TASKS = [{"name": t["name"], "num_fewshot": t["num_fewshot"] if t["num_fewshot"] is not None
                   else LM_EVAL["num_fewshot"]} for t in LM_EVAL["tasks"]]
-LM_EVAL_LOCAL = LOCAL_IFEVAL in {t["name"] for t in LM_EVAL_TASKS}
-LM_EVAL_HUB = [t for t in LM_EVAL_TASKS if t["name"] != LOCAL_IFEVAL]
+LM_EVAL_LOCAL = sorted({t["name"] for t in LM_EVAL_TASKS} & LOCAL_TASKS)  # tasks whose data make_lm_eval_ifeval writes
+LM_EVAL_HUB = [t for t in LM_EVAL_TASKS if t["name"] not in LOCAL_TASKS]
 LM_EVAL_TASK_DIR = f"{RESULTS}/data/lm_eval"
-LM_EVAL_IFEVAL = {"yaml": f"{LM_EVAL_TASK_DIR}/{LOCAL_IFEVAL}.yaml", "data": f"{LM_EVAL_TASK_DIR}/{LOCAL_IFEVAL}.jsonl",
-                  "summary": f"{LM_EVAL_TASK_DIR}/{LOCAL_IFEVAL}_summary.json"}
 LM_EVAL_DATASETS = f"{LM_EVAL_TASK_DIR}/hub_datasets.json"
 LM_EVAL_SCORES = [f"{RESULTS}/scores/lm_eval/{m}.json" for m in MODELS] if LM_EVAL["enabled"] else []
 
 
+
 rule make_lm_eval_ifeval:
+    # ifeval_heldout: the held-out IFEval prompts (checked against the training prompts); ifeval_packaged: all
+    # 541 packaged ones (for data that is not IFEval's)
     input:
-        prompts=f"{RESULTS}/data/prompts_test.jsonl",
-        train=f"{RESULTS}/data/train.jsonl",
+        unpack(lambda w: {"prompts": f"{RESULTS}/data/prompts_test.jsonl", "train": f"{RESULTS}/data/train.jsonl"}
+               if w.task == LOCAL_IFEVAL else {}),
     output:
-        **LM_EVAL_IFEVAL,
+        **local_task_files("{task}"),
+    wildcard_constraints:
+        task="|".join(sorted(LOCAL_TASKS)),
     params:
         **job_params(
-            lambda w: {"prompts_file": config["data"]["synthetic"]["prompts_file"]},
-            lambda w, input, output: {"prompts_test": input.prompts, "train": input.train, "out_yaml": output.yaml,
-                                      "out_data": output.data, "out_summary": output.summary}),
+            lambda w: {"task": w.task, "prompts_file": config["data"]["synthetic"]["prompts_file"]},
+            lambda w, input, output: {"prompts_test": input.get("prompts"), "train": input.get("train"),
+                                      "out_yaml": output.yaml, "out_data": output.data, "out_summary": output.summary}),
     resources:
         **res("cpu"),
     log:
-        "logs/make_lm_eval_ifeval/ifeval.log",
+        "logs/make_lm_eval_ifeval/{task}.log",
     shell:
         "python -m eval make-lm-eval-ifeval --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 

@@ -416,9 +416,14 @@ def test_paper_configs_share_their_common_file():
     from rpo.config import resolve_extends
     beta, gemma = (resolve_extends(yaml.safe_load((ROOT / f"config/paper-{s}.yaml").read_text()), ROOT)
                    for s in ("beta", "gemma"))
-    # the series differ exactly where the paper's set-up table does (paper.md, Section 6)
-    assert sorted(k for k in beta if beta[k] != gemma[k]) == ["base_model", "data", "methods", "paper",
-                                                              "resources", "training"]
+    # the series differ where the paper's set-up table does (paper.md, Section 6), and where the authors' evaluation
+    # scripts differ per series (Table 1's question and stop ids, AlpacaEval's prompt and stop ids)
+    assert sorted(k for k in beta if beta[k] != gemma[k]) == ["base_model", "benchmarks", "data", "methods", "paper",
+                                                              "resources", "table1", "training"]
     assert {k for k in beta["training"] if beta["training"][k] != gemma["training"][k]} == {"epochs"}
+    assert {k for k in beta["data"] | gemma["data"] if beta["data"].get(k) != gemma["data"].get(k)} == {
+        "source", "splits", "columns"}
+    assert {k for k in beta["table1"] if beta["table1"][k] != gemma["table1"][k]} == {"prompt", "generation"}
+    assert {k for k in beta["benchmarks"] if beta["benchmarks"][k] != gemma["benchmarks"][k]} == {"alpacaeval"}
     assert beta["table1"]["protocol"] == gemma["table1"]["protocol"] == "paper"
     assert beta["training"]["sharding"] == "full" and beta["resources"]["training"]["gpus"] == 8

@@ -164,7 +164,7 @@ def test_mtbench_through_vllm_two_turns_per_category_temperatures(tiny_model_dir
 def test_alpacaeval_and_arenahard_through_vllm_equal_the_hf_files(tiny_model_dir, adapter, fake, tmp_path):
     tok = load_tokenizer(tiny_model_dir)
     kw = dict(model_name="dpo", ref_dir=str(tiny_model_dir), policy_dir=str(adapter), n_questions=2,
-              subset="shortest", max_new_tokens=6, batch_size=1, seed=0)
+              subset="shortest", max_new_tokens=6, batch_size=1, seed=0, temperature=0.0, top_p=1.0)
     for b in ("hf", "vllm"):
         extra = {"backend": "vllm", "vllm_dtype": "bfloat16"} if b == "vllm" else {}
         bench_stages.generate_alpacaeval(**kw, **extra, out=str(tmp_path / b / "model_outputs.json"))

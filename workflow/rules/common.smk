@@ -222,12 +222,13 @@ def generation_backend():
 
 
 def bench_gen_params(benchmark, **extra):
-    """job_params of a benchmark's generation rule."""
+    """job_params of a benchmark's generation rule; its `dtype` only when set (eval/generation.py)."""
 
     def settings(w):
         b = config["benchmarks"][benchmark]
         return {"model_name": w.model, "n_questions": b["n_questions"], "max_new_tokens": b["max_new_tokens"],
-                "batch_size": b["batch_size"], "seed": config["seed"], **generation_backend(), **extra}
+                "batch_size": b["batch_size"], "seed": config["seed"], **generation_backend(),
+                **({"dtype": b["dtype"]} if b["dtype"] else {}), **extra}
 
     return job_params(settings, lambda w, input, output: {"ref_dir": input.ref, "policy_dir": policy_of(input),
                                                          "out": output[0]})

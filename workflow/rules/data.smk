@@ -13,6 +13,15 @@ rule materialise_base:
         "python -m rpo materialise-model --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
+def data_settings(data):
+    """make_data's data settings: data.chat_format is the training jobs' (rule train_*), not the data's, and
+    data.humaneval_decontamination travels as its own argument, only when on; so the default's make_data keeps
+    its parameters (and a run with them re-samples nothing)."""
+    settings = {k: v for k, v in data.items() if k not in ("chat_format", "humaneval_decontamination")}
+    mode = data["humaneval_decontamination"]
+    return {"data_cfg": settings, **({} if mode == "off" else {"humaneval_decontamination": mode})}
+
+
 rule make_data:
     input:
         base=f"{RESULTS}/models/base",
@@ -30,7 +39,7 @@ rule make_data:
         # hub/file source can lack them, and only there is it a parameter, so switching the judge of the
         # synthetic data does not re-run this rule (and with it every training job).
         **job_params(
-            lambda w: {"data_cfg": config["data"], "seed": config["seed"],
+            lambda w: {**data_settings(config["data"]), "seed": config["seed"],
                        "check_gold_meta": config["table1"]["judge"]["kind"] == "gold"
                                           and config["data"]["source"] != "synthetic:verifiable"},
             lambda w, input, output: {"base_dir": input.base, **dict(output.items())}),

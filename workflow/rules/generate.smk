@@ -1,3 +1,22 @@
+def mtbench_template():
+    """benchmarks.mtbench.template fastchat: the FastChat conversation template the answers are generated with,
+    as named (fastchat_template) or as the authors' FastChat picks it by the base model's name (eval/fastchat.py)."""
+    b = config["benchmarks"]["mtbench"]
+    if b["template"] != "fastchat":
+        return {}
+    from eval.fastchat import get_template, template_for
+
+    name = b["fastchat_template"] or template_for(config["base_model"]["source"])
+    get_template(name)  # a known template, or the error naming the key
+    return {"fastchat_template": name}
+
+
+def bench_decoding(benchmark):
+    """The decoding settings of a sampled benchmark (AlpacaEval, Arena-Hard): rpo/sampling.py."""
+    b = config["benchmarks"][benchmark]
+    return {k: b[k] for k in ("temperature", "top_p", "add_special_tokens", "stop_token_ids")}
+
+
 rule generate_table1:
     input:
         ref=lambda w: get_base_dir(w.model),
@@ -10,6 +29,7 @@ rule generate_table1:
             # a further seed's run also samples with its own seed (at temperature > 0)
             lambda w: {"model_name": w.model, "seed": config["seed"] + SEEDS.index(run_seed(w.model)),
                        "protocol": config["table1"]["protocol"],  # which prompts: paper = the first n_prompts
+                       "prompt": config["table1"]["prompt"],  # which question of each: the judge is shown the same
                        **{k: v for k, v in config["table1"]["generation"].items() if k != "threads"},
                        **generation_backend()},
             lambda w, input, output: {"ref_dir": input.ref, "policy_dir": policy_of(input),
@@ -30,7 +50,7 @@ rule generate_mtbench:
     output:
         f"{RESULTS}/mtbench/model_answer/{{model}}.jsonl",
     params:
-        **bench_gen_params("mtbench"),
+        **bench_gen_params("mtbench", **mtbench_template()),
     threads: config["benchmarks"]["threads"]
     resources:
         **res("generation"),
@@ -47,7 +67,8 @@ rule generate_alpacaeval:
     output:
         f"{RESULTS}/alpacaeval/{{model}}/model_outputs.json",
     params:
-        **bench_gen_params("alpacaeval", **bench_subset("alpacaeval")),
+        **bench_gen_params("alpacaeval", **bench_subset("alpacaeval"), **bench_decoding("alpacaeval"),
+                           prompt_template=config["benchmarks"]["alpacaeval"]["prompt_template"]),
     threads: config["benchmarks"]["threads"]
     resources:
         **res("generation"),
@@ -65,7 +86,8 @@ rule generate_arenahard:
         f"{RESULTS}/arenahard/model_answer/{{model}}.jsonl",
     params:
         **bench_gen_params("arenahard", version=config["benchmarks"]["arenahard"]["version"],
-                           category=config["benchmarks"]["arenahard"]["category"], **bench_subset("arenahard")),
+                           category=config["benchmarks"]["arenahard"]["category"], **bench_subset("arenahard"),
+                           **bench_decoding("arenahard")),
     threads: config["benchmarks"]["threads"]
     resources:
         **res("generation"),

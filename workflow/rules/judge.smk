@@ -11,7 +11,7 @@ rule judge_table1:
     params:
         **job_params(
             lambda w: {"model_a": w.a, "model_b": w.b, "judge": config["table1"]["judge"],
-                       "protocol": config["table1"]["protocol"],
+                       "protocol": config["table1"]["protocol"], "prompt": config["table1"]["prompt"],
                        "judge_max_tokens": config["table1"]["judge_max_tokens"]},
             lambda w, input, output: {"answers_a": input.a, "answers_b": input.b, "prompts_path": input.prompts,
                                       "out": output[0]}),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import jinja2
 import pytest
-
+from conftest import chat_tokenizer
 from transformers import AutoTokenizer
 
 from rpo.chat_format import authors_texts, pair_ids
@@ -39,34 +39,19 @@ CORPUS = ["what is two plus two", "four is the answer", "and times three", "twel
           "system user assistant im start end bos eos", "hello world, how are you"] * 10
 
 
-def build_tokenizer(path, *, template: str, specials: list[str], bos: str, eos: str, pad: str):
-    """A byte-level BPE trained on CORPUS with the series' special tokens and chat template, saved as files."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=bos, eos_token=eos, pad_token=pad)
-    tok.chat_template = template
-    tok.save_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)  # read back from the files
-
-
 @pytest.fixture(scope="module")
 def beta_tok(tmp_path_factory):
     # mistral-7b-sft-beta: <s> and </s> are special tokens, <|user|> & co. are plain text
-    return build_tokenizer(tmp_path_factory.mktemp("beta"), template=ZEPHYR_TEMPLATE,
-                           specials=["<unk>", "<s>", "</s>"], bos="<s>", eos="</s>", pad="</s>")
+    return chat_tokenizer(tmp_path_factory.mktemp("beta"), template=ZEPHYR_TEMPLATE, corpus=CORPUS,
+                          specials=["<unk>", "<s>", "</s>"], bos="<s>", eos="</s>", pad="</s>")
 
 
 @pytest.fixture(scope="module")
 def gemma_tok(tmp_path_factory):
     # the ChatML gemma tokenizer: <bos>, <eos> and the two ChatML markers are special tokens
-    return build_tokenizer(tmp_path_factory.mktemp("gemma"), template=GEMMA_TEMPLATE,
-                           specials=["<pad>", "<eos>", "<bos>", "<unk>", "<|im_start|>", "<|im_end|>"],
-                           bos="<bos>", eos="<eos>", pad="<pad>")
+    return chat_tokenizer(tmp_path_factory.mktemp("gemma"), template=GEMMA_TEMPLATE, corpus=CORPUS,
+                          specials=["<pad>", "<eos>", "<bos>", "<unk>", "<|im_start|>", "<|im_end|>"],
+                          bos="<bos>", eos="<eos>", pad="<pad>")
 
 
 def user(t):

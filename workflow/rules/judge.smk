@@ -100,7 +100,7 @@ rule judge_validity:
         **job_params(
             lambda w: {"judge": validity_judge(), "pairs": VALIDITY_PAIRS,
                        "constrain": config["judge_validity"]["constrain"],
-                       "n_prompts": config["judge_validity"]["n_prompts"],
+                       "n_prompts": config["judge_validity"]["n_prompts"], "prompt": config["table1"]["prompt"],
                        "judge_max_tokens": config["judge_validity"]["judge_max_tokens"],
                        "bootstrap": config["table1"]["bootstrap"]},
             lambda w, input, output: {"answers": dict(zip(VALIDITY_MODELS, input.answers)),

@@ -23,7 +23,7 @@ HUMANEVAL_SOURCE, HUMANEVAL_SPLIT = "hf:openai/openai_humaneval", "test"  # upst
 # decontaminate.py's HUMAN_EVAL_STRINGS_OK. Its fourth entry is written `"return " ".join(strings)"`, which
 # Python reads as two adjacent literals: the string below (so HumanEval's `return ''.join(strings)` is filtered).
 KEPT_SOLUTIONS = ("return x + y", "return len(string)", "return n**2", "return .join(strings)")
-MODES = ("off", "if_available", "required")
+MODES = ("disabled", "if_available", "required")
 
 
 def docstring(prompt: str, where: str = "HumanEval prompt") -> str:

@@ -123,3 +123,14 @@ def test_offline_without_humaneval_required_stops(tmp_path, tiny_model_dir, hub_
     with pytest.raises(DataError, match="humaneval_decontamination is 'required' but HumanEval cannot be loaded"):
         _make(tmp_path, tiny_model_dir, "required")
     assert not (tmp_path / "train.jsonl").exists()
+
+
+def test_table1_dataset_prompt_is_required_of_every_held_out_row_at_the_data_stage(tmp_path, tiny_model_dir):
+    train = write_jsonl([pair(0, "hello world")], tmp_path / "tr.jsonl")
+    test = write_jsonl([pair(1, "hi"), {**pair(2, "yo"), "meta": {"dataset_prompt": "write a short answer 2"}}],
+                       tmp_path / "te.jsonl")
+    out = {k: str(tmp_path / f"{k}.jsonl") for k in ("train", "test", "prompts")}
+    with pytest.raises(DataError, match=r"table1.prompt is dataset_prompt, but 1 test rows have no dataset prompt.*'p1'"):
+        make_data(data_cfg={"source": "file", "splits": {"train": str(train), "test": str(test)}},
+                  base_dir=str(tiny_model_dir), summary=str(tmp_path / "s.json"), seed=0, require_dataset_prompt=True,
+                  **out)

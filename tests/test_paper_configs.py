@@ -130,6 +130,7 @@ def test_paper_config_on_slurm_resolves_the_whole_dag(tmp_path, series, accum_fi
                for j in by_rule[r])
     data = args_of(by_rule["make_data"][0])
     assert data["humaneval_decontamination"] == "required" and "chat_format" not in data["data_cfg"]
+    assert data.get("require_dataset_prompt", False) is (series == "beta")  # checked at the data stage
     # the harness on every model: the model cards' tasks and few-shot counts, their datasets checked first
     harness = {j["wildcards"]: args_of(j) for j in by_rule["run_lm_eval"]}
     assert sorted(harness) == ["model=dpo", "model=ref", "model=rpo"]
@@ -177,8 +178,12 @@ def test_single_gpu_config_with_the_local_gpu_profile(tmp_path):
     for rule in ("generate_table1", "generate_mtbench", "generate_alpacaeval", "generate_arenahard"):
         assert {(args_of(j)["backend"], args_of(j)["vllm_dtype"]) for j in js if j["rule"] == rule} == \
             {("vllm", "bfloat16")}, rule
-    # not the paper: the model's own template and decoding defaults (greedy benchmarks, the whole history)
-    assert all("chat_format" not in args_of(j) for j in js if j["rule"] in ("train_sft", "train_preference"))
+    # not the paper: the model's own template and decoding defaults (greedy benchmarks, the whole history); the
+    # default's data and training jobs get no new parameter (so a finished run re-runs none of them)
+    assert all("chat_format" not in args_of(j) for j in js if j["rule"] in ("train_sft", "train_preference",
+                                                                             "reference_logps"))
+    data = next(args_of(j) for j in js if j["rule"] == "make_data")
+    assert not {"chat_format", "humaneval_decontamination", "require_dataset_prompt"} & (set(data["data_cfg"]) | set(data))
     assert {args_of(j)["prompt"] for j in js if j["rule"] == "generate_table1"} == {"history"}
     assert {args_of(j)["backend"] for j in js if j["rule"] == "run_lm_eval"} == {"vllm"}
 

@@ -19,7 +19,7 @@ def data_settings(data):
     its parameters (and a run with them re-samples nothing)."""
     settings = {k: v for k, v in data.items() if k not in ("chat_format", "humaneval_decontamination")}
     mode = data["humaneval_decontamination"]
-    return {"data_cfg": settings, **({} if mode == "off" else {"humaneval_decontamination": mode})}
+    return {"data_cfg": settings, **({} if mode == "disabled" else {"humaneval_decontamination": mode})}
 
 
 rule make_data:
@@ -40,6 +40,9 @@ rule make_data:
         # synthetic data does not re-run this rule (and with it every training job).
         **job_params(
             lambda w: {**data_settings(config["data"]), "seed": config["seed"],
+                       # Table 1 asks the dataset's prompt string: every held-out row must carry one (only then a
+                       # parameter, so the default's make_data keeps its parameters)
+                       **({"require_dataset_prompt": True} if config["table1"]["prompt"] == "dataset_prompt" else {}),
                        "check_gold_meta": config["table1"]["judge"]["kind"] == "gold"
                                           and config["data"]["source"] != "synthetic:verifiable"},
             lambda w, input, output: {"base_dir": input.base, **dict(output.items())}),

@@ -20,7 +20,7 @@ stage, the reference log-probs and preference training (rpo.train.tokenize_pairs
               Beta series (zephyr template): prompt `<s><|system|>\\n</s>\\n<|user|>\\n{q}</s>\\n`, response
               `<|assistant|>\\n{a}</s>\\n</s>`. Gemma series (ChatML template writing bos and eos): prompt
               `<bos><|im_start|>system\\n<|im_end|>\\n<|im_start|>user\\n{q}<|im_end|>\\n`, response
-              `<|im_start|>assistant\\n{a}<|im_end|>\\n<eos>` (/work/notes/i23_findings.md, section 2).
+              `<|im_start|>assistant\\n{a}<|im_end|>\\n<eos>` (docs/authors_text.md, section 2).
 
 Truncation (rpo.batching.fit) applies to the ids either way.
 """

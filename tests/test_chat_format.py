@@ -5,7 +5,7 @@ written here from its published logic: the alignment-handbook fork's apply_chat_
 automatic empty system message (YSLIU627/Regularized-Preference-Optimization @ d0389c4,
 alignment-handbook/src/alignment/data.py), rendered with jinja2 as transformers renders chat templates
 (trim_blocks, lstrip_blocks), then TRL v0.11.0's DPOTrainer._tokenize (_build_tokenized_answer, then
-trl.trainer.utils.add_bos_token_if_needed / add_eos_token_if_needed); /work/notes/i23_findings.md, section 2.
+trl.trainer.utils.add_bos_token_if_needed / add_eos_token_if_needed); docs/authors_text.md, section 2.
 
 Run: pytest -q tests/test_chat_format.py        (a few seconds)
 """

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -76,10 +77,28 @@ def load_eval_set(path=None) -> list[dict]:
     return [{k: r[k] for k in _KEYS} for r in rows]
 
 
-def generation_prompts(eval_set: Sequence[dict]) -> list[dict]:
-    """Prompts for rpo.sampling.generate_answers: ids "alpaca_eval/<position>", one user turn each."""
-    return [{"id": f"alpaca_eval/{i}", "messages": [{"role": "user", "content": r["instruction"]}]}
-            for i, r in enumerate(eval_set)]
+def check_prompt_template(template: str) -> None:
+    """An alpaca_eval model config's prompt_template for one instruction: `{instruction}` once, no other
+    placeholder (alpaca_eval's make_prompts finds them with the pattern `{([^ \\s]+?)}`)."""
+    found = re.findall(r"{([^ \s]+?)}", template)
+    if found != ["instruction"]:
+        raise ValueError(f"benchmarks.alpacaeval.prompt_template: expected the placeholder {{instruction}} once and "
+                         f"no other, found {found}")
+
+
+def generation_prompts(eval_set: Sequence[dict], prompt_template: str | None = None) -> list[dict]:
+    """Prompts for rpo.sampling.generate_answers: ids "alpaca_eval/<position>", one user turn each; with a
+    `prompt_template` (an alpaca_eval model config's, e.g. the authors' zephyr-7b-alpha/prompt.txt) also its text:
+    the template with its first `{instruction}` replaced, as alpaca_eval's make_prompts does (not str.format)."""
+    if prompt_template is not None:
+        check_prompt_template(prompt_template)
+    out = []
+    for i, r in enumerate(eval_set):
+        row = {"id": f"alpaca_eval/{i}", "messages": [{"role": "user", "content": r["instruction"]}]}
+        if prompt_template is not None:
+            row["text"] = prompt_template.replace("{instruction}", r["instruction"], 1)
+        out.append(row)
+    return out
 
 
 def make_model_outputs(eval_set: Sequence[dict], answers, generator: str) -> list[dict]:

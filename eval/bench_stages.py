@@ -29,18 +29,20 @@ def _write_rows(rows: list[dict], out: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 def generate_mtbench(*, model_name, ref_dir, policy_dir, out, n_questions, max_new_tokens, batch_size, seed,
-                     backend="hf", vllm_dtype=None):
+                     backend="hf", vllm_dtype=None, dtype=None, fastchat_template=None):
+    """`fastchat_template`: FastChat's conversation template (eval.fastchat; benchmarks.mtbench.template
+    fastchat) instead of the model's chat template; `dtype`: benchmarks.mtbench.dtype (eval.generation)."""
     generation.check_backend(backend, vllm_dtype)
     questions = mtbench.load_questions()
     if backend == "vllm":
         from eval.vllm_backend import generate_mtbench_answers
-        engine = generation.vllm_engine(ref_dir, policy_dir, seed=seed, vllm_dtype=vllm_dtype)
+        engine = generation.vllm_engine(ref_dir, policy_dir, seed=seed, vllm_dtype=vllm_dtype, dtype=dtype)
         generate_mtbench_answers(engine, questions, out, model_id=model_name, max_new_tokens=max_new_tokens,
-                                 seed=seed, limit=n_questions)
+                                 seed=seed, limit=n_questions, fastchat_template=fastchat_template)
         return
-    tok, model = generation.load_hf(ref_dir, policy_dir)
+    tok, model = generation.load_hf(ref_dir, policy_dir, dtype)
     mtbench.generate_answers(model, tok, questions, out, model_id=model_name, max_new_tokens=max_new_tokens,
-                             seed=seed, limit=n_questions, batch_size=batch_size)
+                             seed=seed, limit=n_questions, batch_size=batch_size, fastchat_template=fastchat_template)
 
 
 def judge_mtbench(*, model_name, answers, out, calls_out, judge, judge_max_tokens, rating_attempts):
@@ -92,13 +94,18 @@ def _alpaca_eval_set(n_questions, subset):
 
 
 def generate_alpacaeval(*, model_name, ref_dir, policy_dir, out, n_questions, max_new_tokens, batch_size, seed,
-                        subset="first", backend="hf", vllm_dtype=None):
+                        temperature, top_p, subset="first", backend="hf", vllm_dtype=None, dtype=None,
+                        add_special_tokens=False, stop_token_ids=(), prompt_template=None):
+    """Answers with benchmarks.alpacaeval's decoding settings; `prompt_template`: an alpaca_eval model config's
+    prompt (the authors' prompt.txt) instead of the chat template. Answers are stripped, as alpaca_eval's
+    evaluate_from_model strips them."""
     eval_set = _alpaca_eval_set(n_questions, subset)
     gen = generation.answer_prompts(
-        backend=backend, vllm_dtype=vllm_dtype, ref_dir=ref_dir, policy_dir=policy_dir,
-        prompts=alpacaeval.generation_prompts(eval_set), out=Path(out).with_suffix(".gen.jsonl"),
-        max_new_tokens=max_new_tokens, **generation.GREEDY, batch_size=batch_size, seed=seed,
-        model_name=model_name, desc=f"alpacaeval {model_name}")
+        backend=backend, vllm_dtype=vllm_dtype, dtype=dtype, ref_dir=ref_dir, policy_dir=policy_dir,
+        prompts=alpacaeval.generation_prompts(eval_set, prompt_template), out=Path(out).with_suffix(".gen.jsonl"),
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=0, batch_size=batch_size,
+        seed=seed, model_name=model_name, desc=f"alpacaeval {model_name}", add_special_tokens=add_special_tokens,
+        stop_token_ids=stop_token_ids)
     alpacaeval.write_model_outputs(alpacaeval.make_model_outputs(eval_set, gen, model_name), out)
 
 
@@ -142,12 +149,14 @@ def _arena_questions(version: str, n_questions, category, subset="first"):
 
 
 def generate_arenahard(*, model_name, ref_dir, policy_dir, out, version, category, n_questions, max_new_tokens,
-                       batch_size, seed, subset="first", backend="hf", vllm_dtype=None):
+                       batch_size, seed, temperature, top_p, subset="first", backend="hf", vllm_dtype=None, dtype=None,
+                       add_special_tokens=False, stop_token_ids=()):
     questions, _ = _arena_questions(version, n_questions, category, subset)
-    generation.answer_prompts(backend=backend, vllm_dtype=vllm_dtype, ref_dir=ref_dir, policy_dir=policy_dir,
-                              prompts=arenahard.generation_prompts(questions), out=out,
-                              max_new_tokens=max_new_tokens, **generation.GREEDY, batch_size=batch_size, seed=seed,
-                              model_name=model_name, desc=f"arena-hard {model_name}")
+    generation.answer_prompts(backend=backend, vllm_dtype=vllm_dtype, dtype=dtype, ref_dir=ref_dir,
+                              policy_dir=policy_dir, prompts=arenahard.generation_prompts(questions), out=out,
+                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=0,
+                              batch_size=batch_size, seed=seed, model_name=model_name, desc=f"arena-hard {model_name}",
+                              add_special_tokens=add_special_tokens, stop_token_ids=stop_token_ids)
 
 
 def judge_arenahard(*, model_name, answers, out, calls_out, judge, version, category, n_questions,

@@ -5,11 +5,13 @@
            from `<out>.partial` (the default; runs on CPU)
     vllm   eval.vllm_backend: one vLLM engine per job, LoRA served unmerged, the same prompt tokens, stop
            tokens and file format, written atomically at the end (pip install '.[vllm]', a CUDA GPU)
+
+A stage's `dtype` (table1.generation.dtype, benchmarks.<name>.dtype; null: the backend's own) is the precision its
+answers are computed in: vLLM's dtype (null: generation.vllm_dtype), or the HF backend's weights (null: float32).
 """
 from __future__ import annotations
 
 BACKENDS = ("hf", "vllm")
-GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}  # AlpacaEval's and Arena-Hard's answers
 
 
 def check_backend(backend: str, vllm_dtype: str | None) -> None:
@@ -19,31 +21,38 @@ def check_backend(backend: str, vllm_dtype: str | None) -> None:
         raise ValueError("generation.backend vllm: no vllm_dtype given (the config's generation.vllm_dtype)")
 
 
-def load_hf(ref_dir: str, policy_dir: str | None):
-    """(tokenizer, model) of the HF backend: the reference's tokenizer; the policy, a LoRA adapter merged."""
+def load_hf(ref_dir: str, policy_dir: str | None, dtype: str | None = None):
+    """(tokenizer, model) of the HF backend: the reference's tokenizer; the policy, a LoRA adapter merged, in
+    `dtype` (None: float32)."""
     import torch
 
     from rpo.models import load_policy, load_tokenizer
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_tokenizer(ref_dir), load_policy(ref_dir, policy_dir or ref_dir, device=device).eval()
+    model = load_policy(ref_dir, policy_dir or ref_dir, device=device, dtype=dtype or "float32")
+    return load_tokenizer(ref_dir), model.eval()
 
 
-def vllm_engine(ref_dir: str, policy_dir: str | None, *, seed: int, vllm_dtype: str):
+def vllm_engine(ref_dir: str, policy_dir: str | None, *, seed: int, vllm_dtype: str, dtype: str | None = None):
+    """The job's vLLM engine, computing in the stage's `dtype`, else generation.vllm_dtype."""
     from eval.vllm_backend import Engine
-    return Engine(ref_dir=ref_dir, policy_dir=policy_dir, seed=seed, dtype=vllm_dtype)
+    return Engine(ref_dir=ref_dir, policy_dir=policy_dir, seed=seed, dtype=dtype or vllm_dtype)
 
 
 def answer_prompts(*, backend: str, ref_dir: str, policy_dir: str | None, prompts: list[dict], out,
                    max_new_tokens: int, temperature: float, top_p: float, top_k: int, batch_size: int, seed: int,
-                   model_name: str, desc: str, vllm_dtype: str | None = None) -> list[dict]:
-    """One model's answers to `prompts` ([{"id", "messages"}]) in rpo.sampling's answer file `out`."""
+                   model_name: str, desc: str, vllm_dtype: str | None = None, dtype: str | None = None,
+                   add_special_tokens: bool = False, stop_token_ids=(), answer_text: str = "stripped") -> list[dict]:
+    """One model's answers to `prompts` ([{"id", "messages"[, "text"]}]) in rpo.sampling's answer file `out`;
+    `add_special_tokens`, `stop_token_ids`, `answer_text` as rpo.sampling describes them."""
     check_backend(backend, vllm_dtype)
+    text = {"add_special_tokens": add_special_tokens, "extra_stop_ids": tuple(stop_token_ids),
+            "answer_text": answer_text}
     if backend == "vllm":
-        engine = vllm_engine(ref_dir, policy_dir, seed=seed, vllm_dtype=vllm_dtype)
+        engine = vllm_engine(ref_dir, policy_dir, seed=seed, vllm_dtype=vllm_dtype, dtype=dtype)
         return engine.write_answers(prompts, out, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    top_p=top_p, top_k=top_k, seed=seed, model_name=model_name)
+                                    top_p=top_p, top_k=top_k, seed=seed, model_name=model_name, **text)
     from rpo.sampling import generate_answers
-    tok, model = load_hf(ref_dir, policy_dir)
+    tok, model = load_hf(ref_dir, policy_dir, dtype)
     return generate_answers(model, tok, prompts, out, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, top_k=top_k, batch_size=batch_size, seed=seed, model_name=model_name,
-                            desc=desc)
+                            desc=desc, **text)

@@ -192,13 +192,15 @@ def validity_items(prompts: list[dict], answers: dict[str, dict[str, dict]], pai
 
 def judge_validity(*, answers: dict[str, str], prompts_path: str, pairs: list[list[str]], judge: dict,
                    constrain: list[bool], judge_max_tokens: int, n_prompts: int | None, bootstrap: dict,
-                   out_csv: str, out_jsonl: str) -> list[dict]:
+                   out_csv: str, out_jsonl: str, prompt: str = "history") -> list[dict]:
     """results/judge_validity.csv (COLUMNS; one row per statistic and judge setting, and gold's length
-    row) and the pairs' verdicts as judge_validity.jsonl. `answers`: model -> Table 1 answer file."""
+    row) and the pairs' verdicts as judge_validity.jsonl. `answers`: model -> Table 1 answer file; `prompt`:
+    table1.prompt, so the judge sees the question the models were asked (eval.table1.question_prompts)."""
+    from eval.table1 import question_prompts
     from rpo.data import read_records
     from rpo.io import atomic_open, write_jsonl
-    items = validity_items(read_records(prompts_path), {m: _read_answers(p) for m, p in answers.items()},
-                           pairs, n_prompts)
+    items = validity_items(question_prompts(read_records(prompts_path), prompt),
+                           {m: _read_answers(p) for m, p in answers.items()}, pairs, n_prompts)
     boot = {"n_boot": bootstrap["n"], "seed": bootstrap["seed"], "ci": bootstrap["ci"]}
     rows = [{**r, "judge": GOLD_LABEL, "constrain": ""} for r in statistics(items, None, **boot)]
     for c in constrain:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval import fetch
+from eval import fastchat, fetch
 from rpo import sampling as _generate
 from rpo.io import read_json_objects, write_jsonl, write_text
 
@@ -223,11 +223,31 @@ def select_questions(questions: list[dict], limit: int | None) -> list[dict]:
     return questions
 
 
-def turn_prompts(questions: list[dict], turn: int, answers: dict) -> list[dict]:
-    """The generation prompts of one turn: turn 2's hold the model's own turn-1 answer (`answers[qid][0]`)."""
-    return [{"id": _qkey(q["question_id"], turn),
-             "messages": _turn_messages(q, answers[q["question_id"]][0] if turn == 2 else None)}
-            for q in questions]
+def turn_prompts(questions: list[dict], turn: int, answers: dict, template: dict | None = None) -> list[dict]:
+    """The generation prompts of one turn: turn 2's hold the model's own turn-1 answer (`answers[qid][0]`). With a
+    FastChat `template` (eval.fastchat) each prompt also holds its text, FastChat's conversation."""
+    out = []
+    for q in questions:
+        messages = _turn_messages(q, answers[q["question_id"]][0] if turn == 2 else None)
+        row = {"id": _qkey(q["question_id"], turn), "messages": messages}
+        if template is not None:
+            row["text"] = fastchat.prompt_text(template, messages)
+        out.append(row)
+    return out
+
+
+def text_settings(tok, template: dict | None) -> dict:
+    """How prompts are tokenized and answers stop: the model's chat template as it stands (None), or FastChat's
+    (`tokenizer([prompt])`: special tokens added; the template's stop ids and one-token stop strings)."""
+    if template is None:
+        return {}
+    return {"add_special_tokens": True, "extra_stop_ids": tuple(sorted(fastchat.stop_ids(template, tok)))}
+
+
+def answer_of(row: dict, template: dict | None) -> str:
+    """A generated row's answer text: as decoded, or cut as FastChat cuts it (eval.fastchat.answer_text)."""
+    text = row["responses"][0]
+    return text if template is None else fastchat.answer_text(template, text)
 
 
 def write_answer_file(out_path, model_id: str, answers: dict, *, n_cut: int, max_new_tokens: int) -> list[dict]:
@@ -246,10 +266,12 @@ def write_answer_file(out_path, model_id: str, answers: dict, *, n_cut: int, max
 
 def generate_answers(model, tok, questions: list[dict], out_path, *, model_id: str, max_new_tokens: int,
                      seed: int = 0, limit: int | None = None, batch_size: int = 16, top_p: float = SAMPLED_TOP_P,
-                     top_k: int = SAMPLED_TOP_K) -> list[dict]:
+                     top_k: int = SAMPLED_TOP_K, fastchat_template: str | None = None) -> list[dict]:
     """Answer both turns of each question into FastChat's model_answer/<model_id>.jsonl format.
 
-    As in FastChat's gen_model_answer.py: the conversation is the model's own chat template; turn 2's
+    As in FastChat's gen_model_answer.py: the conversation is the model's own chat template, or with
+    `fastchat_template` FastChat's own (eval.fastchat: its prompt text tokenized with special tokens, its stops, its
+    cut of the answer, as the authors generated; benchmarks.mtbench.template fastchat); turn 2's
     prompt is [user q1, assistant <own answer 1>, user q2]; the temperature comes from the question's
     category (0 = greedy); a sampled answer uses top_k=50, top_p=1, the defaults HF `generate` applied
     there. Generation itself is rpo.sampling.generate_answers (batched, seeded per batch, resumable),
@@ -272,7 +294,10 @@ def generate_answers(model, tok, questions: list[dict], out_path, *, model_id: s
                       tokenizer=_generate.tokenizer_fingerprint(tok),
                       max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
                       top_p=top_p, top_k=top_k, questions=[(q["question_id"], q["category"], q["turns"])
-                                                           for q in questions])
+                                                           for q in questions],
+                      **({"fastchat_template": fastchat_template} if fastchat_template else {}))
+    template = fastchat.get_template(fastchat_template) if fastchat_template else None
+    text = text_settings(tok, template)
     stamp = work / "settings.sha256"
     if not stamp.is_file() or stamp.read_text().strip() != fp:
         for old in work.iterdir():
@@ -288,16 +313,16 @@ def generate_answers(model, tok, questions: list[dict], out_path, *, model_id: s
     for turn in (1, 2):
         for temp in sorted(groups):
             qs = groups[temp]
-            prompts = turn_prompts(qs, turn, answers)
+            prompts = turn_prompts(qs, turn, answers, template)
             part = work / f"turn{turn}_temp{temp:g}.jsonl"
             rows = _reuse(part, prompts)
             if rows is None:
                 rows = _generate.generate_answers(
                     model, tok, prompts, part, max_new_tokens=max_new_tokens, temperature=temp,
                     top_p=top_p, top_k=top_k, batch_size=batch_size, seed=seed, model_name=model_id,
-                    desc=f"MT-Bench {model_id} turn {turn} T={temp:g}", weights=weights)
+                    desc=f"MT-Bench {model_id} turn {turn} T={temp:g}", weights=weights, **text)
             for q, r in zip(qs, rows):
-                answers[q["question_id"]].append(r["responses"][0])
+                answers[q["question_id"]].append(answer_of(r, template))
                 cut += not r["finished"][0]
     rows = write_answer_file(out_path, model_id, answers, n_cut=cut, max_new_tokens=max_new_tokens)
     for f in work.iterdir():
@@ -314,7 +339,8 @@ def _reuse(part: Path, prompts: list[dict]) -> list[dict] | None:
         rows = [r for _, r in _read_jsonl(part)]
     except (MTBenchDataError, FileNotFoundError):
         return None
-    if [(r.get("id"), r.get("messages")) for r in rows] != [(p["id"], p["messages"]) for p in prompts]:
+    if ([(r.get("id"), r.get("messages"), r.get("text")) for r in rows]
+            != [(p["id"], p["messages"], p.get("text")) for p in prompts]):
         return None
     return rows
 

@@ -2,6 +2,7 @@
 
     select_prompts            the prompts of the protocol: `paper` the first n in dataset order (the authors'
                               test_prefs[:200]), `both_orders` n drawn by id hash
+    question_prompts          what the models are asked and the judge is shown (`table1.prompt`)
     generate_table1_answers   one model's answers to the held-out prompts (generation.backend: hf or vllm)
     judge_pair                both models' answers judged prompt by prompt (one JSONL per pair), with the
                               gold judge or an LLM judge under `table1.protocol` (eval.pairwise_judge)
@@ -53,22 +54,64 @@ def select_prompts(prompts: list[dict], n: int | None, protocol: str = "both_ord
     return sorted(prompts, key=lambda p: hashlib.sha1(str(p["id"]).encode()).hexdigest())[:n]
 
 
+# table1.prompt: which question of a held-out prompt row the models answer and the judge sees
+QUESTIONS = ("history", "dataset_prompt", "first_message", "first_user_message")
+
+
+def question_of(row: dict, mode: str) -> str | None:
+    """The one question `mode` asks of a prompt row (None for `history`: the whole conversation):
+    dataset_prompt      the dataset's own prompt string (meta.dataset_prompt; the authors' gen_eval.py, beta)
+    first_message       the conversation's first message, whatever its role (gen_eval_gemma.py: chosen[0]["content"])
+    first_user_message  its first user message"""
+    if mode not in QUESTIONS:
+        raise ValueError(f"table1.prompt {mode!r}: expected one of {list(QUESTIONS)}")
+    msgs = row["messages"]
+    if mode == "dataset_prompt":
+        text = (row.get("meta") or {}).get("dataset_prompt")
+        if not isinstance(text, str):
+            raise ValueError(f"prompt {row['id']!r}: table1.prompt is dataset_prompt, but the row has no dataset prompt "
+                             "string (meta.dataset_prompt: a hub or file source with a string 'prompt' column beside "
+                             "whole conversations, as UltraFeedback's)")
+        return text
+    if mode == "first_message":
+        return msgs[0]["content"]
+    if mode == "first_user_message":
+        return next(m["content"] for m in msgs if m["role"] == "user")  # a prompt always has a user turn
+    return None
+
+
+def question_prompts(prompts: list[dict], mode: str) -> list[dict]:
+    """The prompt rows as `mode` asks them: one user message holding question_of, or the rows as they are."""
+    out = []
+    for p in prompts:
+        q = question_of(p, mode)
+        out.append(p if q is None else {**p, "messages": [{"role": "user", "content": q}]})
+    return out
+
+
 def generate_table1_answers(*, model_name: str, ref_dir: str, policy_dir: str | None, prompts_path: str,
                             out: str, n_prompts: int | None, max_new_tokens: int, temperature: float,
                             top_p: float, top_k: int, batch_size: int, seed: int, backend: str = "hf",
-                            vllm_dtype: str | None = None, protocol: str = "both_orders") -> None:
-    prompts = select_prompts(_read_jsonl(prompts_path), n_prompts, protocol)
-    answer_prompts(backend=backend, vllm_dtype=vllm_dtype, ref_dir=ref_dir, policy_dir=policy_dir,
+                            vllm_dtype: str | None = None, protocol: str = "both_orders", prompt: str = "history",
+                            dtype: str | None = None, add_special_tokens: bool = False, stop_token_ids=(),
+                            answer_text: str = "stripped") -> None:
+    """One model's Table 1 answers: the protocol's prompts asked as `prompt` (table1.prompt), decoded with
+    table1.generation's settings (eval.generation, rpo.sampling)."""
+    prompts = question_prompts(select_prompts(_read_jsonl(prompts_path), n_prompts, protocol), prompt)
+    answer_prompts(backend=backend, vllm_dtype=vllm_dtype, dtype=dtype, ref_dir=ref_dir, policy_dir=policy_dir,
                    prompts=[{"id": p["id"], "messages": p["messages"]} for p in prompts], out=out,
                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                   batch_size=batch_size, seed=seed, model_name=model_name, desc=f"answers {model_name}")
+                   batch_size=batch_size, seed=seed, model_name=model_name, desc=f"answers {model_name}",
+                   add_special_tokens=add_special_tokens, stop_token_ids=stop_token_ids, answer_text=answer_text)
 
 
 def judge_pair(*, model_a: str, model_b: str, answers_a: str, answers_b: str, prompts_path: str,
                judge: dict, out: str, calls_out: str, protocol: str = "both_orders",
-               judge_max_tokens: int = 1024) -> None:
-    """One pair's judgments (`out`) and what judging them asked (`calls_out`, eval.judges.write_calls)."""
-    prompts = _read_jsonl(prompts_path)
+               judge_max_tokens: int = 1024, prompt: str = "history") -> None:
+    """Both models' answers judged prompt by prompt (`out`), and what judging them asked (`calls_out`,
+    eval.judges.write_calls); the judge is shown the question the models were asked (`prompt`,
+    table1.prompt: question_prompts)."""
+    prompts = question_prompts(_read_jsonl(prompts_path), prompt)
     a = {r["id"]: r for r in _read_jsonl(answers_a)}
     b = {r["id"]: r for r in _read_jsonl(answers_b)}
     if set(a) != set(b):

@@ -8,13 +8,17 @@ generates, Table 1's, MT-Bench's, AlpacaEval's and Arena-Hard's, when `generatio
     generate_mtbench_answers   MT-Bench's two turns -> FastChat's model_answer file (as mtbench.generate_answers)
 
 The same as the HF backend, by construction:
-* the prompts: rpo.sampling.encode_prompt (the tokenizer's chat template, the assistant turn opened) makes
-  the token ids, which go to vLLM as they are (a TokensPrompt), so vLLM never renders the template itself;
-* where an answer stops: the tokenizer's eos and pad ids (rpo.sampling.stop_token_ids) and no other.
-  vLLM would also stop on the eos ids of the model's generation_config.json, which the HF sampler does
-  not; ignore_eos=True with exactly these ids as stop_token_ids makes both stop on the same tokens;
+* the prompts: rpo.sampling.encode_row (the tokenizer's chat template with the assistant turn opened, or the
+  prompt row's text; with add_special_tokens, tokenized as vLLM tokenizes a string prompt: the BOS in front)
+  makes the token ids, which go to vLLM as they are (a TokensPrompt), so vLLM never renders the template itself;
+* where an answer stops: the tokenizer's eos and pad ids and the stage's stop_token_ids
+  (rpo.sampling.stop_token_ids) and no other. vLLM would also stop on the eos ids of the model's
+  generation_config.json, which the HF sampler does not; ignore_eos=True with exactly these ids as
+  stop_token_ids makes both stop on the same tokens;
 * the text: the generated ids before the first stop id, decoded by the same tokenizer
-  (rpo.sampling.decode_answer), not by vLLM's incremental detokenizer; the rows (rpo.sampling.answer_row);
+  (rpo.sampling.decode_answer), not by vLLM's incremental detokenizer; the rows (rpo.sampling.answer_row).
+  Except answer_text "raw" (the authors' Table 1: gen_eval*.py keep `outputs[0].text`): vLLM's own text,
+  unstripped, which the HF backend can only approach (its decode, unstripped);
 * the decoding settings: the caller's temperature, top_p, top_k and max_new_tokens (MT-Bench: its
   per-category temperature for each prompt, top_k 50).
 Different: the sampling RNG. Each request has its own seed, derived from the job seed and the prompt id
@@ -31,7 +35,7 @@ import json
 import logging
 from pathlib import Path
 
-from eval import mtbench
+from eval import fastchat, mtbench
 from rpo import io, sampling
 
 log = logging.getLogger(__name__)
@@ -46,12 +50,14 @@ def require_vllm():
 
 
 def rows_from_outputs(tok, prompts: list[dict], encoded: list[list[int]], outputs, stop_ids,
-                      model_name: str) -> list[dict]:
+                      model_name: str, answer_text: str = "stripped") -> list[dict]:
     """The HF backend's answer rows from vLLM RequestOutputs (one per prompt, in order).
 
-    Each completion is cut at its first stop id and decoded as the HF backend decodes; it is `finished`
-    when it stopped on a stop id rather than at max_tokens (vLLM's finish_reason 'stop' or 'length').
+    Each completion is cut at its first stop id and decoded as the HF backend decodes (answer_text "raw":
+    vLLM's own text as it stands); it is `finished` when it stopped on a stop id rather than at max_tokens
+    (vLLM's finish_reason 'stop' or 'length').
     """
+    sampling.check_answer_text(answer_text)
     if len(outputs) != len(prompts):
         raise ValueError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
     rows = []
@@ -65,6 +71,8 @@ def rows_from_outputs(tok, prompts: list[dict], encoded: list[list[int]], output
                                    "expected 'stop' or 'length'")
             seq = list(c.token_ids)
             text, length = sampling.decode_answer(tok, seq, stop_ids)
+            if answer_text == "raw":
+                text = c.text
             # vLLM keeps the stop token in token_ids; finish_reason covers a version that drops it
             samples.append((text, length, length < len(seq) or c.finish_reason == "stop"))
         rows.append(sampling.answer_row(p, model_name, samples))
@@ -82,7 +90,6 @@ class Engine:
         from rpo.models import load_tokenizer, resolve_model_dir
 
         self.tok = load_tokenizer(ref_dir)
-        self.stop_ids = sorted(sampling.stop_token_ids(self.tok))
         adapter = policy_dir is not None and (Path(policy_dir) / "adapter_config.json").is_file()
         model_dir = resolve_model_dir(ref_dir if adapter or policy_dir is None else policy_dir)
         kwargs = {}
@@ -95,9 +102,10 @@ class Engine:
         self.lora = LoRARequest("policy", 1, str(Path(policy_dir).resolve())) if adapter else None
 
     def generate(self, prompts: list[dict], *, temperatures: list[float], max_new_tokens: int, top_p: float,
-                 top_k: int, seed: int, model_name: str) -> list[dict]:
-        """Answer rows for `prompts` = [{"id", "messages"}], one call to the engine; `temperatures`: one
-        per prompt (0 = greedy)."""
+                 top_k: int, seed: int, model_name: str, add_special_tokens: bool = False, extra_stop_ids=(),
+                 answer_text: str = "stripped") -> list[dict]:
+        """Answer rows for `prompts` = [{"id", "messages"[, "text"]}], one call to the engine; `temperatures`: one
+        per prompt (0 = greedy); the other settings as rpo.sampling.generate_answers takes them."""
         from vllm import SamplingParams
 
         ids = [p["id"] for p in prompts]
@@ -105,37 +113,43 @@ class Engine:
             raise ValueError("duplicate prompt ids in the generation input")
         if len(temperatures) != len(prompts):
             raise ValueError(f"{len(temperatures)} temperatures for {len(prompts)} prompts")
-        encoded = [sampling.encode_prompt(self.tok, p["messages"]) for p in prompts]
+        stop_ids = sorted(sampling.stop_token_ids(self.tok, extra_stop_ids))
+        encoded = [sampling.encode_row(self.tok, p, add_special_tokens) for p in prompts]
         params = [SamplingParams(n=1, temperature=t, top_p=top_p, top_k=top_k if top_k > 0 else -1,
                                  max_tokens=max_new_tokens, seed=sampling.derived_seed(seed, p["id"]),
-                                 stop_token_ids=self.stop_ids, ignore_eos=True)
+                                 stop_token_ids=stop_ids, ignore_eos=True)
                   for p, t in zip(prompts, temperatures)]
         outputs = self.llm.generate([{"prompt_token_ids": e} for e in encoded], params, lora_request=self.lora,
                                     use_tqdm=True)
-        return rows_from_outputs(self.tok, prompts, encoded, outputs, self.stop_ids, model_name)
+        return rows_from_outputs(self.tok, prompts, encoded, outputs, set(stop_ids), model_name, answer_text)
 
     def write_answers(self, prompts: list[dict], out_path, *, max_new_tokens: int, temperature: float,
-                      top_p: float, top_k: int, seed: int, model_name: str) -> list[dict]:
-        """rpo.sampling.generate_answers's file for `prompts`, written atomically once all are answered."""
+                      top_p: float, top_k: int, seed: int, model_name: str, **text) -> list[dict]:
+        """rpo.sampling.generate_answers's file for `prompts`, written atomically once all are answered; `text`:
+        add_special_tokens, extra_stop_ids, answer_text."""
         rows = self.generate(prompts, temperatures=[temperature] * len(prompts), max_new_tokens=max_new_tokens,
-                             top_p=top_p, top_k=top_k, seed=seed, model_name=model_name)
+                             top_p=top_p, top_k=top_k, seed=seed, model_name=model_name, **text)
         io.write_jsonl(rows, out_path)
         return rows
 
 
 def generate_mtbench_answers(engine: Engine, questions: list[dict], out_path, *, model_id: str,
-                             max_new_tokens: int, seed: int, limit: int | None = None) -> list[dict]:
+                             max_new_tokens: int, seed: int, limit: int | None = None,
+                             fastchat_template: str | None = None) -> list[dict]:
     """MT-Bench's answers as eval.mtbench.generate_answers writes them (its prompts, its per-category
-    temperatures, FastChat's file), with one engine call per turn: turn 2's prompts hold the turn-1 answers."""
+    temperatures, FastChat's file; with `fastchat_template`, FastChat's conversation, stops and cut), with one
+    engine call per turn: turn 2's prompts hold the turn-1 answers."""
     questions = mtbench.select_questions(questions, limit)
     temperatures = [mtbench.temperature_for(q["category"]) for q in questions]
+    template = fastchat.get_template(fastchat_template) if fastchat_template else None
+    text = mtbench.text_settings(engine.tok, template)
     answers: dict[object, list[str]] = {q["question_id"]: [] for q in questions}
     cut = 0
     for turn in (1, 2):
-        rows = engine.generate(mtbench.turn_prompts(questions, turn, answers), temperatures=temperatures,
+        rows = engine.generate(mtbench.turn_prompts(questions, turn, answers, template), temperatures=temperatures,
                                max_new_tokens=max_new_tokens, top_p=mtbench.SAMPLED_TOP_P,
-                               top_k=mtbench.SAMPLED_TOP_K, seed=seed, model_name=model_id)
+                               top_k=mtbench.SAMPLED_TOP_K, seed=seed, model_name=model_id, **text)
         for q, r in zip(questions, rows):
-            answers[q["question_id"]].append(r["responses"][0])
+            answers[q["question_id"]].append(mtbench.answer_of(r, template))
             cut += not r["finished"][0]
     return mtbench.write_answer_file(out_path, model_id, answers, n_cut=cut, max_new_tokens=max_new_tokens)

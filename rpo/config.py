@@ -74,6 +74,10 @@ def check_config(config: dict, where: str = "config") -> None:
             if split not in data.get("splits", {}):
                 raise ValueError(f"{where}: data.splits.{split} is required for source {data['source']!r} "
                                  "(a hub split name, or a file path for source 'file')")
+    if config.get("table1", {}).get("prompt") == "dataset_prompt" and data["source"] == "synthetic:verifiable":
+        raise ValueError(f"{where}: table1.prompt: dataset_prompt asks each held-out row's own prompt string, which "
+                         "only a hub or file source with a string prompt column beside whole conversations has "
+                         "(data.source is synthetic:verifiable)")
     for name, method in config["methods"].items():
         check_method(method, f"{where}: methods.{name}")
         if method.get("reference", "ref") == "soup" and not config["sft"]["enabled"]:

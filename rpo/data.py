@@ -12,7 +12,8 @@ Sources (config `data.source`):
     hf:<dataset id>        a hub dataset; `splits` names its splits (e.g. train_prefs / test_prefs)
     file                   local .jsonl / .parquet files; `splits` maps train/test to their paths
 Hub and file rows may hold `chosen`/`rejected` either as full conversations that start with the prompt
-(UltraFeedback's layout) or as a response string / list of messages next to a `prompt` column.
+(UltraFeedback's layout) or as a response string / list of messages next to a `prompt` column. When the
+conversations are whole and a `prompt` column holds a string too, that string is kept as meta.dataset_prompt.
 
 Every row is validated; a bad row fails the run with its file/split, row number and field, unless the
 config says `on_invalid: drop`, in which case each dropped row is counted by reason in the summary.
@@ -109,6 +110,11 @@ def from_columns(raw: dict, columns: dict, where: str) -> dict:
     rid = raw.get(columns.get("id") or "", None)
     # A normalised file's own `meta` (e.g. the gold judge's instructions) travels with the row.
     meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
+    raw_prompt = raw.get(columns["prompt"])
+    if isinstance(raw_prompt, str) and prompt is not raw_prompt:
+        # the dataset's own prompt string beside a conversation (UltraFeedback's `prompt`): what the authors'
+        # gen_eval.py asks the model for Table 1 (table1.prompt: dataset_prompt)
+        meta = {**meta, "dataset_prompt": raw_prompt}
     row = {"id": str(rid) if rid not in (None, "") else "", "prompt": prompt, "chosen": chosen,
            "rejected": rejected, "meta": meta}
     if not row["id"]:

@@ -189,9 +189,10 @@ def _device() -> str:
 
 def evaluate_snapshots(*, ref_dir, snapshots, prompts_path, pairs_path, ref_answers, out, beta: float,
                        max_length: int, max_prompt_length: int, kl_samples_per_prompt: int,
-                       max_new_tokens: int, batch_size: int, seed: int) -> int:
-    """Every snapshot of one run (and step 0, the reference) measured as the module docstring says;
-    writes the item records to `out` (JSONL) and returns the number of snapshots."""
+                       max_new_tokens: int, batch_size: int, seed: int, chat_format: str = "model") -> int:
+    """Every snapshot of one run (and step 0, the reference) measured as the module docstring says; the held-out
+    pairs are tokenised under `chat_format` (data.chat_format), as the run's training pairs were. Writes the item
+    records to `out` (JSONL) and returns the number of snapshots."""
     from rpo.train import tokenize_pairs
 
     steps = snapshot_steps(snapshots)
@@ -204,7 +205,7 @@ def evaluate_snapshots(*, ref_dir, snapshots, prompts_path, pairs_path, ref_answ
     if missing:
         raise ValueError(f"{ref_answers}: no reference answer for held-out prompts {missing[:5]}")
     items, _ = tokenize_pairs(tok, read_pairs(pairs_path), max_length=max_length,
-                              max_prompt_length=max_prompt_length)
+                              max_prompt_length=max_prompt_length, chat_format=chat_format)
     records = []
     # step 0: the policy is the reference (every Δ is 0 exactly, its answers are the reference's)
     records += [{"step": 0, "kind": "kl", "id": p["id"], "values": [0.0] * kl_samples_per_prompt,

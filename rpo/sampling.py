@@ -7,6 +7,16 @@ weights in memory and of the tokenizer, the decoding settings); a re-run with an
 discards it with a log line instead of mixing old answers into the new file, and keeps an answer only
 while its prompt is unchanged. Each batch is seeded from (seed, its first prompt id), so resumed and
 uninterrupted runs sample the same answers.
+
+How a prompt becomes token ids and an answer text (the settings of every generation stage):
+* a prompt row {"id", "messages"} is the chat template with the assistant turn opened; one that also holds
+  "text" (an AlpacaEval prompt template filled in, FastChat's conversation) is that string;
+* add_special_tokens False: the template's tokens as they stand (transformers' apply_chat_template); True: the
+  text tokenized as a string prompt is by vLLM's LLM.generate or FastChat's `tokenizer([prompt])`, the
+  tokenizer's BOS in front (the authors' scripts);
+* an answer stops at the tokenizer's eos and pad ids and at `stop_token_ids` (gen_eval_gemma.py's [3, 107]);
+* answer_text "stripped": decoded without special tokens, stripped; "raw": not stripped (the authors' Table 1
+  takes vLLM's text as it comes; the vLLM backend then takes vLLM's own detokenized text).
 """
 from __future__ import annotations
 
@@ -22,29 +32,47 @@ from rpo import io
 
 log = logging.getLogger(__name__)
 
+ANSWER_TEXTS = ("stripped", "raw")
+
 
 def derived_seed(seed: int, key: str) -> int:
     """A 32-bit seed from (seed, key): a batch's from its first prompt id here, a request's in eval.vllm_backend."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:4], "little")
 
 
-def encode_prompt(tok, messages: list[dict]) -> list[int]:
-    """The prompt's token ids: the model's own chat template with the assistant turn opened. Every backend
-    builds its prompts here, so they are the same tokens (eval.vllm_backend passes them to vLLM as is)."""
-    enc = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+def encode_prompt(tok, messages: list[dict], *, text: str | None = None, add_special_tokens: bool = False) -> list[int]:
+    """The prompt's token ids: `text`, or the model's own chat template with the assistant turn opened, tokenized
+    with or without the tokenizer's special tokens (module docstring). Every backend builds its prompts here, so
+    they are the same tokens (eval.vllm_backend passes them to vLLM as is)."""
+    if text is None and not add_special_tokens:
+        enc = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+    if text is None:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def stop_token_ids(tok) -> set[int]:
-    """Where an answer ends: the tokenizer's end-of-sequence and pad ids."""
-    return {tok.eos_token_id, tok.pad_token_id} - {None}
+def encode_row(tok, prompt: dict, add_special_tokens: bool = False) -> list[int]:
+    """encode_prompt of a prompt row ({"id", "messages"[, "text"]})."""
+    return encode_prompt(tok, prompt["messages"], text=prompt.get("text"), add_special_tokens=add_special_tokens)
 
 
-def decode_answer(tok, seq: list[int], stop_ids) -> tuple[str, int]:
+def stop_token_ids(tok, extra=()) -> set[int]:
+    """Where an answer ends: the tokenizer's end-of-sequence and pad ids, and the `extra` ids."""
+    return ({tok.eos_token_id, tok.pad_token_id} | {int(i) for i in extra}) - {None}
+
+
+def check_answer_text(answer_text: str) -> None:
+    if answer_text not in ANSWER_TEXTS:
+        raise ValueError(f"answer_text {answer_text!r}: expected one of {list(ANSWER_TEXTS)}")
+
+
+def decode_answer(tok, seq: list[int], stop_ids, *, strip: bool = True) -> tuple[str, int]:
     """(text, length) of one generated sequence: the tokens before its first stop token, decoded without
-    special tokens and stripped."""
+    special tokens and (`strip`) stripped."""
     length = next((pos for pos, t in enumerate(seq) if t in stop_ids), len(seq))
-    return tok.decode(seq[:length], skip_special_tokens=True).strip(), length
+    text = tok.decode(seq[:length], skip_special_tokens=True)
+    return (text.strip() if strip else text), length
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +116,23 @@ def generation_identity(model, tok, *, weights: str | None = None, **settings) -
             **{k: settings[k] for k in sorted(settings)}}
 
 
-def _read_done(path: Path, identity: dict, prompts: dict[str, list]) -> dict[str, dict]:
+def _prompt_key(row: dict) -> tuple:
+    """What an answer's prompt is: its messages and, when it has one, its text."""
+    return row.get("messages"), row.get("text")
+
+
+def _text_identity(add_special_tokens: bool, extra_stop_ids, answer_text: str) -> dict:
+    """The prompt/answer text settings as far as they differ from the defaults (whose partial files keep the
+    identity they had before these settings existed)."""
+    out = {"add_special_tokens": True} if add_special_tokens else {}
+    if extra_stop_ids:
+        out["stop_token_ids"] = sorted(int(i) for i in extra_stop_ids)
+    if answer_text != "stripped":
+        out["answer_text"] = answer_text
+    return out
+
+
+def _read_done(path: Path, identity: dict, prompts: dict[str, tuple]) -> dict[str, dict]:
     """Answers of `path` made by `identity` for prompts still in `prompts`; anything else is discarded."""
     if not path.is_file():
         return {}
@@ -108,7 +152,7 @@ def _read_done(path: Path, identity: dict, prompts: dict[str, list]) -> dict[str
         return {}
     done = {}
     for row in records[1:]:
-        if isinstance(row, dict) and prompts.get(row.get("id")) == row.get("messages"):
+        if isinstance(row, dict) and prompts.get(row.get("id")) == _prompt_key(row):
             done[row["id"]] = row
     if len(done) < len(records) - 1:
         log.warning("%s: discarding %d answers whose prompt changed or is gone", path, len(records) - 1 - len(done))
@@ -206,13 +250,16 @@ def generate_answers(model, tok, prompts: list[dict], out_path: str | Path, *, m
                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                      batch_size: int = 16,
                      seed: int = 0, num_return_sequences: int = 1, model_name: str = "",
-                     desc: str = "generate", weights: str | None = None) -> list[dict]:
-    """Generate answers for `prompts` = [{"id": str, "messages": [...]}, ...] into a JSONL file.
+                     desc: str = "generate", weights: str | None = None, add_special_tokens: bool = False,
+                     extra_stop_ids: tuple = (), answer_text: str = "stripped") -> list[dict]:
+    """Generate answers for `prompts` = [{"id": str, "messages": [...][, "text": str]}, ...] into a JSONL file.
 
-    Each output row: {"id", "model", "messages", "responses": [str] * num_return_sequences,
+    Each output row: {"id", "model", "messages"[, "text"], "responses": [str] * num_return_sequences,
     "n_tokens": [int], "finished": [bool]} (finished = the model stopped before max_new_tokens).
-    `weights`: the model's model_fingerprint, if the caller computed it already.
+    `weights`: the model's model_fingerprint, if the caller computed it already. `add_special_tokens`,
+    `extra_stop_ids` (a stage's stop_token_ids), `answer_text`: the module docstring.
     """
+    check_answer_text(answer_text)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     ids = [p["id"] for p in prompts]
@@ -221,8 +268,9 @@ def generate_answers(model, tok, prompts: list[dict], out_path: str | Path, *, m
     partial = out_path.with_name(out_path.name + ".partial")
     identity = generation_identity(model, tok, max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_p=top_p, top_k=top_k, seed=seed, num_return_sequences=num_return_sequences,
-                                   model_name=model_name, weights=weights)
-    done = _read_done(partial, identity, {p["id"]: p["messages"] for p in prompts})
+                                   model_name=model_name, weights=weights,
+                                   **_text_identity(add_special_tokens, extra_stop_ids, answer_text))
+    done = _read_done(partial, identity, {p["id"]: _prompt_key(p) for p in prompts})
     # Rewrite the partial file (its identity first, no cut last line, no discarded row) before appending;
     # atomically, so a kill now loses nothing that was kept.
     io.write_jsonl([{"partial_of": out_path.name, "identity": identity}, *done.values()], partial)
@@ -231,11 +279,11 @@ def generate_answers(model, tok, prompts: list[dict], out_path: str | Path, *, m
         log.info("%s: resuming, %d of %d answers already done", out_path, len(done), len(prompts))
 
     tok.padding_side = "left"  # decoder-only generation continues from the right edge
-    encoded = [encode_prompt(tok, p["messages"]) for p in todo]
+    encoded = [encode_row(tok, p, add_special_tokens) for p in todo]
     # Length-sorted batches waste less compute on padding; the output order is restored below.
     order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))
     device = next(model.parameters()).device
-    stop_ids = stop_token_ids(tok)
+    stop_ids = stop_token_ids(tok, extra_stop_ids)
     with partial.open("a", encoding="utf-8") as f, tqdm(total=len(todo), desc=desc, unit="prompt") as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
@@ -244,8 +292,8 @@ def generate_answers(model, tok, prompts: list[dict], out_path: str | Path, *, m
             new = sample(model, input_ids.to(device), attn.to(device), max_new_tokens=max_new_tokens,
                          num_return_sequences=num_return_sequences, temperature=temperature,
                          top_p=top_p, top_k=top_k, stop_ids=stop_ids, pad_id=tok.pad_token_id, generator=gen)
-            rows = [_answer_row(tok, todo[i], new, j, num_return_sequences, stop_ids, model_name)
-                    for j, i in enumerate(idx)]
+            rows = [_answer_row(tok, todo[i], new, j, num_return_sequences, stop_ids, model_name,
+                                strip=answer_text == "stripped") for j, i in enumerate(idx)]
             # One write per batch, so a kill leaves whole batches (and at most one cut line).
             f.write("".join(io.jsonl_line(r) for r in rows))
             f.flush()
@@ -257,19 +305,21 @@ def generate_answers(model, tok, prompts: list[dict], out_path: str | Path, *, m
     return rows
 
 
-def _answer_row(tok, prompt: dict, new: torch.Tensor, j: int, n: int, stop_ids, model_name: str) -> dict:
+def _answer_row(tok, prompt: dict, new: torch.Tensor, j: int, n: int, stop_ids, model_name: str, *,
+                strip: bool = True) -> dict:
     """The output row of the j-th prompt of a batch: its n decoded samples, cut at the first stop token."""
     samples = []
     for k in range(n):
         seq = new[j * n + k].tolist()
-        text, length = decode_answer(tok, seq, stop_ids)
+        text, length = decode_answer(tok, seq, stop_ids, strip=strip)
         samples.append((text, length, length < len(seq)))  # finished: a stop token before max_new_tokens
     return answer_row(prompt, model_name, samples)
 
 
 def answer_row(prompt: dict, model_name: str, samples: list[tuple[str, int, bool]]) -> dict:
-    """An answer file's row, whichever backend generated it: {"id", "model", "messages", "responses",
-    "n_tokens", "finished"}, from each sample's (text, length, finished)."""
+    """An answer file's row, whichever backend generated it: {"id", "model", "messages"[, "text"], "responses",
+    "n_tokens", "finished"}, from each sample's (text, length, finished); "text" when the prompt had one."""
     return {"id": prompt["id"], "model": model_name, "messages": prompt["messages"],
+            **({"text": prompt["text"]} if "text" in prompt else {}),
             "responses": [t for t, _, _ in samples], "n_tokens": [n for _, n, _ in samples],
             "finished": [f for _, _, f in samples]}

@@ -33,7 +33,8 @@ from tqdm import tqdm
 from rpo import checkpoint, io, losses
 from rpo import distributed as dist_
 from rpo import trunk as trunk_
-from rpo.batching import Truncation, collate, fit, flex_attention_problem, prompt_ids, response_ids, summed_logps
+from rpo.batching import Truncation, collate, fit, flex_attention_problem, summed_logps
+from rpo.chat_format import check_format, pair_ids
 from rpo.data import read_pairs
 from rpo.loop import SNAPSHOTS, run_loop, snapshot_steps
 from rpo.models import load_model, load_tokenizer, torch_dtype
@@ -45,17 +46,21 @@ log = logging.getLogger(__name__)
 # Data
 # ---------------------------------------------------------------------------------------------------
 
-def tokenize_pairs(tok, rows, *, max_length: int, max_prompt_length: int) -> tuple[list[dict], dict]:
-    """Token ids of every pair, with the truncation rule of rpo.batching applied and counted."""
+def tokenize_pairs(tok, rows, *, max_length: int, max_prompt_length: int,
+                   chat_format: str = "model") -> tuple[list[dict], dict]:
+    """Token ids of every pair under `chat_format` (rpo.chat_format: the model's template or the authors'
+    recipe), with the truncation rule of rpo.batching applied and counted."""
+    check_format(chat_format)
     counter = Truncation()
     out = []
     for r in rows:
-        p = prompt_ids(tok, r["prompt"])
-        c = response_ids(tok, r["prompt"], r["chosen"], p)
-        j = response_ids(tok, r["prompt"], r["rejected"], p)
+        try:
+            p, c, j = pair_ids(tok, r["prompt"], r["chosen"], r["rejected"], chat_format)
+        except ValueError as e:
+            raise ValueError(f"pair {r['id']!r}: {e}") from None
         p, (c, j) = fit(p, [c, j], max_length, max_prompt_length, counter)
         out.append({"id": r["id"], "prompt": p, "chosen": c, "rejected": j})
-    summary = {"pairs": len(out), **counter.as_dict()}
+    summary = {"pairs": len(out), "chat_format": chat_format, **counter.as_dict()}
     if counter.pairs:
         log.warning("truncated to max_length=%d / max_prompt_length=%d: %d pairs (%d prompts, %d responses)",
                     max_length, max_prompt_length, counter.pairs, counter.prompt, counter.response)
@@ -83,8 +88,9 @@ def pair_batch(items: list[dict], pad_id: int) -> dict:
 @torch.inference_mode()
 def reference_logps(model_dir, pairs_path, out_path, *, max_length: int, max_prompt_length: int,
                     batch_size: int = 8, dtype: str = "float32", attention: str | None = None,
-                    top_layers: int = 0, trunk_path=None) -> dict:
-    """Summed response log-probs of the reference model for every pair; `attention` as training.attention.
+                    top_layers: int = 0, trunk_path=None, chat_format: str = "model") -> dict:
+    """Summed response log-probs of the reference model for every pair, tokenised under `chat_format`
+    (data.chat_format); `attention` as training.attention.
     With `top_layers` (rpo.trunk.top_layers_of the training config), also the input of the first LoRA layer
     for every token, to `trunk_path` (rpo.trunk)."""
     if bool(top_layers) != (trunk_path is not None):
@@ -92,7 +98,7 @@ def reference_logps(model_dir, pairs_path, out_path, *, max_length: int, max_pro
                          f"(top_layers={top_layers}, trunk_path={trunk_path})")
     tok = load_tokenizer(model_dir)
     items, summary = tokenize_pairs(tok, read_pairs(pairs_path), max_length=max_length,
-                                    max_prompt_length=max_prompt_length)
+                                    max_prompt_length=max_prompt_length, chat_format=chat_format)
     device = _device()
     # flex_attention where it cannot train is refused here too: the run that needs this cache would fail
     # (and torch 2.13's CPU inductor fails to compile flex once both batch and length vary)
@@ -357,13 +363,13 @@ def _finish(model, world, tok, out_dir, summary_path, ckpt_dir, summary: dict, *
 # ---------------------------------------------------------------------------------------------------
 
 def train_sft(*, base_dir, pairs_path, out_dir, metrics_path, summary_path, ckpt_dir, cfg: dict,
-              grad_hook=None) -> dict:
-    """SFT on the chosen responses; writes the merged model to `out_dir`, the per-step metrics to
-    `metrics_path` and the run's summary (steps, truncation counts, the resolved config) to
-    `summary_path`; resumes from `ckpt_dir`."""
+              grad_hook=None, chat_format: str = "model") -> dict:
+    """SFT on the chosen responses, tokenised under `chat_format` (data.chat_format); writes the merged model
+    to `out_dir`, the per-step metrics to `metrics_path` and the run's summary (steps, truncation counts, the
+    resolved config) to `summary_path`; resumes from `ckpt_dir`."""
     tok = load_tokenizer(base_dir)
     items, tok_summary = tokenize_pairs(tok, read_pairs(pairs_path), max_length=cfg["max_length"],
-                                        max_prompt_length=cfg["max_prompt_length"])
+                                        max_prompt_length=cfg["max_prompt_length"], chat_format=chat_format)
     world = dist_.setup(cfg.get("sharding", "none"))
     device = world.device
     check_attention(cfg, device)
@@ -417,14 +423,15 @@ def _trunk_reader(model, cfg: dict, items, trunk_path, cache: dict, cache_path, 
 
 
 def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, metrics_path, summary_path, ckpt_dir,
-                     cfg: dict, method: dict, grad_hook=None, snapshots_path=None, trunk_path=None) -> dict:
+                     cfg: dict, method: dict, grad_hook=None, snapshots_path=None, trunk_path=None,
+                     chat_format: str = "model") -> dict:
     """Train the policy (LoRA adapters on `ref_dir`, or the whole model) with `method`'s loss against the
     cached reference log-probs; writes the model to `out_dir`, the per-step metrics to `metrics_path`
     and the run's summary to `summary_path`; resumes from `ckpt_dir`. With cfg["snapshot_every"] > 0,
     the policy after every that many steps (and after the last) goes to `snapshots_path`/step-XXXXXX
     (an adapter, or the whole model under full fine-tuning), saved like the final model. With
     training.trunk_cache (rpo.trunk), every policy forward starts at the first LoRA layer from the reference
-    pass's `trunk_path`."""
+    pass's `trunk_path`. Pairs are tokenised under `chat_format` (data.chat_format), as the reference pass's."""
     if bool(cfg.get("snapshot_every")) != (snapshots_path is not None):
         raise ValueError("train_preference: snapshot_every > 0 and snapshots_path go together "
                          f"(snapshot_every={cfg.get('snapshot_every')}, snapshots_path={snapshots_path})")
@@ -434,7 +441,7 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, metrics_p
     losses.check_hyperparameters(loss_name, hparams, where=f"method {method.get('name', loss_name)}")
     tok = load_tokenizer(ref_dir)
     items, tok_summary = tokenize_pairs(tok, read_pairs(pairs_path), max_length=cfg["max_length"],
-                                        max_prompt_length=cfg["max_prompt_length"])
+                                        max_prompt_length=cfg["max_prompt_length"], chat_format=chat_format)
     cache = torch.load(reference_cache, weights_only=False)
     if cache["fingerprint"] != fingerprint(items):
         raise ValueError(f"{reference_cache}: reference log-probs were computed for another tokenisation "

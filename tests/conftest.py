@@ -28,6 +28,44 @@ def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
+def add_bos_on_tokenize(tok):
+    """Make `tok` put its BOS before every text it tokenizes with special tokens (a TemplateProcessing
+    post-processor), as the Llama and Gemma tokenizers of the paper's models do; the chat template is unchanged."""
+    from tokenizers import processors
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    return tok
+
+
+def with_bos_tokenizer(model_dir, out):
+    """A copy of a tiny model directory whose tokenizer adds its BOS (add_bos_on_tokenize)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+    shutil.copytree(model_dir, out)
+    add_bos_on_tokenize(AutoTokenizer.from_pretrained(model_dir)).save_pretrained(out)
+    return out
+
+
+def chat_tokenizer(path, *, template: str, specials: list[str], bos: str, eos: str, pad: str, corpus=CORPUS,
+                   add_bos: bool = False):
+    """A byte-level BPE trained on `corpus` with the given special tokens and chat template, saved as tokenizer
+    files in `path` and read back (a stand-in for a hub model's tokenizer; with add_bos, it adds its BOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=bos, eos_token=eos, pad_token=pad)
+    tok.chat_template = template
+    if add_bos:
+        add_bos_on_tokenize(tok)
+    tok.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
 def make_adapter(model_dir, out):
     """A LoRA adapter with non-zero weights on the tiny model, saved as training saves one."""
     import torch

@@ -74,6 +74,14 @@ def test_shipped_config_validates_and_gets_defaults(cfg):
     assert cfg["data"]["splits"] == {}
     assert cfg["data"]["max_train"] is None
     assert cfg["base_model"]["dtype"] == "float32"
+    # the defaults keep the model's own text and today's decoding (the paper configs set the authors')
+    assert (cfg["data"]["chat_format"], cfg["data"]["humaneval_decontamination"]) == ("model", "disabled")
+    assert (cfg["table1"]["prompt"], cfg["table1"]["generation"]["answer_text"]) == ("history", "stripped")
+    assert cfg["table1"]["generation"]["add_special_tokens"] is False and cfg["table1"]["generation"]["dtype"] is None
+    assert {k: cfg["benchmarks"]["alpacaeval"][k] for k in ("temperature", "top_p", "stop_token_ids",
+                                                             "prompt_template")} == {
+        "temperature": 0.0, "top_p": 1.0, "stop_token_ids": [], "prompt_template": None}
+    assert cfg["benchmarks"]["mtbench"]["template"] == "model"
 
 
 def test_minimal_config_gets_all_defaults():
@@ -206,6 +214,16 @@ def test_bad_hyperparameter_value(cfg):
 def test_extra_method_with_other_loss_is_fine(cfg):
     cfg["methods"]["rpo_tokmean"] = {"loss": "rpo_mean", "beta": 0.1, "alpha": 1.0}  # rpo_mean: beta, alpha
     resolve(cfg)
+
+
+def test_table1_dataset_prompt_needs_a_dataset(cfg):
+    cfg["table1"]["prompt"] = "dataset_prompt"
+    validate(cfg, SCHEMA, set_default=True)
+    with pytest.raises(ValueError, match=r"table1.prompt: dataset_prompt .*\(data.source is synthetic:verifiable\)"):
+        check_config(cfg)
+    # a misspelt mode is a schema error, not a silent default
+    assert "'off' is not one of" in schema_error({**copy.deepcopy(cfg), "data": {**cfg["data"],
+                                                                                  "humaneval_decontamination": "off"}})
 
 
 def test_table1_pair_with_unknown_model(cfg):
@@ -416,9 +434,14 @@ def test_paper_configs_share_their_common_file():
     from rpo.config import resolve_extends
     beta, gemma = (resolve_extends(yaml.safe_load((ROOT / f"config/paper-{s}.yaml").read_text()), ROOT)
                    for s in ("beta", "gemma"))
-    # the series differ exactly where the paper's set-up table does (paper.md, Section 6)
-    assert sorted(k for k in beta if beta[k] != gemma[k]) == ["base_model", "data", "methods", "paper",
-                                                              "resources", "training"]
+    # the series differ where the paper's set-up table does (paper.md, Section 6), and where the authors' evaluation
+    # scripts differ per series (Table 1's question and stop ids, AlpacaEval's prompt and stop ids)
+    assert sorted(k for k in beta if beta[k] != gemma[k]) == ["base_model", "benchmarks", "data", "methods", "paper",
+                                                              "resources", "table1", "training"]
     assert {k for k in beta["training"] if beta["training"][k] != gemma["training"][k]} == {"epochs"}
+    assert {k for k in beta["data"] | gemma["data"] if beta["data"].get(k) != gemma["data"].get(k)} == {
+        "source", "splits", "columns"}
+    assert {k for k in beta["table1"] if beta["table1"][k] != gemma["table1"][k]} == {"prompt", "generation"}
+    assert {k for k in beta["benchmarks"] if beta["benchmarks"][k] != gemma["benchmarks"][k]} == {"alpacaeval"}
     assert beta["table1"]["protocol"] == gemma["table1"]["protocol"] == "paper"
     assert beta["training"]["sharding"] == "full" and beta["resources"]["training"]["gpus"] == 8

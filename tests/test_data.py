@@ -230,17 +230,19 @@ def test_write_jsonl_round_trip(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 def test_from_columns_ultrafeedback_layout():
-    raw = {"prompt": "ignored: the conversations carry the prompt",
+    raw = {"prompt": "Tell me a joke ",  # the dataset's own string, which need not equal the first turn
            "prompt_id": "pid-1",
            "chosen": [user("Tell me a joke"), asst("A good joke")],
            "rejected": [user("Tell me a joke"), asst("A bad joke")]}
     row = from_columns(raw, {**DEFAULT_COLUMNS, "id": "prompt_id"}, "W")
     assert row["id"] == "pid-1"
-    assert row["prompt"] == [user("Tell me a joke")]
+    assert row["prompt"] == [user("Tell me a joke")]  # the conversations carry the prompt
     assert row["chosen"] == [asst("A good joke")]
     assert row["rejected"] == [asst("A bad joke")]
-    # and it validates as a normalised row
-    assert validate_row(row, "W")["prompt"] == [user("Tell me a joke")]
+    # the string is kept for Table 1 (table1.prompt dataset_prompt: the authors' gen_eval.py asks it)
+    assert row["meta"] == {"dataset_prompt": "Tell me a joke "}
+    # and it validates as a normalised row, meta included
+    assert validate_row(row, "W")["meta"] == {"dataset_prompt": "Tell me a joke "}
 
 
 def test_from_columns_ultrafeedback_multiturn_prompt():
@@ -250,6 +252,7 @@ def test_from_columns_ultrafeedback_multiturn_prompt():
     assert row["prompt"] == conv  # every turn before the last
     assert row["chosen"] == [asst("good")]
     assert row["rejected"] == [asst("bad")]
+    assert row["meta"] == {}  # no prompt column (dpo-mix-7k's layout): no dataset prompt
 
 
 def test_from_columns_conversations_with_different_prefixes():

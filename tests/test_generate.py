@@ -91,3 +91,38 @@ def test_one_temperature_per_response_equals_separate_decodes(tiny_model_dir):
     assert torch.all(lps[~scored] == 0.0)
     with pytest.raises(ValueError, match="one per response"):
         sample(model, ids, attn, num_return_sequences=3, temperature=[0.0, 1.0], **kw)
+
+
+def test_the_authors_prompt_text_bos_stops_and_raw_text(tiny_model_dir, tmp_path):
+    """A prompt row's own text (an AlpacaEval template, FastChat's conversation) tokenized as a string prompt is
+    (the BOS in front), the stage's extra stop ids, and answers left unstripped (answer_text raw)."""
+    from conftest import with_bos_tokenizer
+    model_dir = with_bos_tokenizer(tiny_model_dir, tmp_path / "bos_model")
+    tok, model = load_tokenizer(model_dir), load_model(model_dir).eval()
+    prompts = [{**p, "text": f"<|im_start|>user\nhello world {i}<|im_end|>\n<|im_start|>assistant\n"}
+               for i, p in enumerate(PROMPTS)]
+    seen, real = [], model.forward
+
+    def spy(*a, **k):
+        if k["input_ids"].shape[1] > 1:
+            seen.extend(row[m.bool()].tolist() for row, m in zip(k["input_ids"], k["attention_mask"]))
+        return real(*a, **k)
+
+    model.forward = spy
+    plain = generate_answers(model, tok, prompts, tmp_path / "a.jsonl", max_new_tokens=8, batch_size=5,
+                             add_special_tokens=True)
+    assert sorted(seen) == sorted(tok(p["text"])["input_ids"] for p in prompts)  # the text, BOS first
+    assert all(ids[0] == tok.bos_token_id for ids in seen)
+    assert [r["text"] for r in plain] == [p["text"] for p in prompts]
+    # an extra stop id: the first token greedy decoding gives the first prompt ends its answer there
+    from rpo.sampling import encode_row, sample
+    ids = torch.tensor([encode_row(tok, prompts[0], True)])
+    first = int(sample(model, ids, torch.ones_like(ids), max_new_tokens=1)[0, 0])
+    assert first not in (tok.eos_token_id, tok.pad_token_id) and plain[0]["n_tokens"][0] > 0
+    cut = generate_answers(model, tok, prompts, tmp_path / "b.jsonl", max_new_tokens=8, batch_size=5,
+                           add_special_tokens=True, extra_stop_ids=(first,))
+    assert cut[0]["n_tokens"] == [0] and cut[0]["responses"] == [""] and cut[0]["finished"] == [True]
+    raw = generate_answers(model, tok, prompts, tmp_path / "c.jsonl", max_new_tokens=8, batch_size=5,
+                           add_special_tokens=True, answer_text="raw")
+    assert [r["responses"][0].strip() for r in raw] == [r["responses"][0] for r in plain]
+    assert any(r["responses"][0] != r["responses"][0].strip() for r in raw)  # the tiny model answers whitespace

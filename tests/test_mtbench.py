@@ -375,3 +375,129 @@ def test_interrupted_generation_resumes_from_finished_groups(tiny_model_dir, tmp
     monkeypatch.setattr(gen, "generate_answers", counting)
     mtbench.generate_answers(model, tok, QUESTIONS, out, **{**kw, "seed": 3})
     assert len(groups) == 6
+
+
+# ----------------------------------------------------------------------------- FastChat's conversation templates
+
+# The two templates of the paper's models as the authors' FastChat copy defines them, pinned as data:
+# YSLIU627/Regularized-Preference-Optimization @ d0389c4d9a8ab031cf25edd20a3e5fe283ee2c40,
+# eval/FastChat_local/fastchat/conversation.py, register_conv_template(Conversation(name="zephyr", ...)) and
+# register_conv_template(Conversation(name="h4_gemma_zephyr", ...)) (the latter also hard-coded in
+# llm_judge/gen_model_answer_gemma.py). Fields not given there keep the Conversation dataclass defaults.
+FASTCHAT_CONVERSATIONS = {
+    "zephyr": {"system_template": "<|system|>\n{system_message}", "system_message": "",
+               "roles": ("<|user|>", "<|assistant|>"), "sep_style": "CHATML", "sep": "</s>",
+               "stop_token_ids": [2], "stop_str": "</s>"},
+    "h4_gemma_zephyr": {"system_template": "<bos><|im_start|>system\n{system_message}",
+                        "system_message": "You are an AI assistant.", "roles": ("<|im_start|>user", "<|im_start|>assistant"),
+                        "sep_style": "CHATML", "sep": "<|im_end|>", "stop_token_ids": None,
+                        "stop_str": ["<|im_end|>", "<|endoftext|>"]},
+}
+
+
+def chatml_prompt(conv: dict, messages: list) -> str:
+    """Conversation.get_prompt for SeparatorStyle.CHATML, rebuilt here from its published logic."""
+    system_prompt = conv["system_template"].format(system_message=conv["system_message"])
+    ret = "" if system_prompt == "" else system_prompt + conv["sep"] + "\n"
+    for role, message in messages:
+        ret += role + "\n" + message + conv["sep"] + "\n" if message else role + "\n"
+    return ret
+
+
+def fastchat_turn_prompts(conv: dict, q1: str, a1: str, q2: str) -> tuple[str, str]:
+    """gen_model_answer.py's two prompts: append (user, q), (assistant, None); get_prompt; update_last_message."""
+    messages = [[conv["roles"][0], q1], [conv["roles"][1], None]]
+    first = chatml_prompt(conv, messages)
+    messages[-1][1] = a1
+    messages += [[conv["roles"][0], q2], [conv["roles"][1], None]]
+    return first, chatml_prompt(conv, messages)
+
+
+@pytest.mark.parametrize("name", ["zephyr", "h4_gemma_zephyr"])
+@pytest.mark.parametrize("a1", ["four", ""])  # an empty first answer: FastChat writes the role alone
+def test_our_fastchat_prompts_equal_fastchats(name, a1):
+    from eval import fastchat
+    conv = FASTCHAT_CONVERSATIONS[name]
+    want1, want2 = fastchat_turn_prompts(conv, "what is 2+2?", a1, "and times 3?")
+    ours = fastchat.get_template(name)
+    assert fastchat.prompt_text(ours, [{"role": "user", "content": "what is 2+2?"}]) == want1
+    assert fastchat.prompt_text(ours, [{"role": "user", "content": "what is 2+2?"},
+                                       {"role": "assistant", "content": a1},
+                                       {"role": "user", "content": "and times 3?"}]) == want2
+    # our copy of the data is FastChat's
+    stop_str = conv["stop_str"] if isinstance(conv["stop_str"], list) else [conv["stop_str"]]
+    assert (ours["system_template"], ours["system_message"], ours["roles"], ours["sep"], list(ours["stop_str"]),
+            list(ours["stop_token_ids"])) == (conv["system_template"], conv["system_message"], conv["roles"],
+                                              conv["sep"], stop_str, conv["stop_token_ids"] or [])
+
+
+def test_fastchat_prompts_read_back_as_the_authors_models_saw_them(tmp_path):
+    from conftest import chat_tokenizer
+
+    from eval import fastchat
+    first = [{"role": "user", "content": "hi"}]
+    assert fastchat.prompt_text(fastchat.get_template("zephyr"), first) == \
+        "<|system|>\n</s>\n<|user|>\nhi</s>\n<|assistant|>\n"
+    gemma = fastchat.prompt_text(fastchat.get_template("h4_gemma_zephyr"), first)
+    assert gemma == ("<bos><|im_start|>system\nYou are an AI assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                     "<|im_start|>assistant\n")
+    # FastChat tokenizes with `tokenizer([prompt])`: a gemma tokenizer adds its BOS before the literal one
+    tok = chat_tokenizer(tmp_path, template="", specials=["<pad>", "<eos>", "<bos>", "<unk>", "<|im_start|>",
+                                                          "<|im_end|>"], bos="<bos>", eos="<eos>", pad="<pad>",
+                         corpus=["hi you are an ai assistant system user"] * 5, add_bos=True)
+    ids = gen.encode_prompt(tok, first, text=gemma, add_special_tokens=True)
+    assert ids[:3] == [tok.bos_token_id, tok.bos_token_id, tok.convert_tokens_to_ids("<|im_start|>")]
+    # its stop strings that are one token stop the answer; <|endoftext|> is text in gemma's vocabulary
+    assert fastchat.stop_ids(fastchat.get_template("h4_gemma_zephyr"), tok) == {tok.convert_tokens_to_ids("<|im_end|>")}
+
+
+def test_fastchat_template_by_model_name_as_the_authors_adapters_pick_it():
+    from eval import fastchat
+    for name, template in (("hf:HuggingFaceH4/mistral-7b-sft-beta", "zephyr"),          # the paper's Ref, beta
+                           ("beta_ultra_rdpo_full_eta0.005_beta0.01_no_decay_new", "zephyr"),
+                           ("hf:HuggingFaceH4/zephyr-7b-gemma-sft-v0.1@main", "h4_gemma_zephyr"),  # "gemma" first
+                           ("../../../model/gemma_dpo", "h4_gemma_zephyr")):
+        assert fastchat.template_for(name) == template, name
+    with pytest.raises(ValueError, match=r"benchmarks.mtbench.fastchat_template: .*'hf:HuggingFaceTB/SmolLM2"):
+        fastchat.template_for("hf:HuggingFaceTB/SmolLM2-1.7B-Instruct")
+
+
+def test_fastchat_answer_cut():
+    from eval import fastchat
+    g = fastchat.get_template("h4_gemma_zephyr")
+    assert fastchat.answer_text(g, " Paris.<|endoftext|>x<|im_end|>y ") == "Paris."  # the earliest stop string
+    assert fastchat.answer_text(g, "<|im_end|>Paris ") == "<|im_end|>Paris"  # at index 0: not cut (find > 0)
+    assert fastchat.answer_text(fastchat.get_template("zephyr"), "\n Paris </s>") == "Paris"
+
+
+def test_generate_answers_with_fastchats_template(tiny_model_dir, tmp_path, monkeypatch):
+    from conftest import with_bos_tokenizer
+
+    from eval import fastchat
+    model_dir = with_bos_tokenizer(tiny_model_dir, tmp_path / "bos_model")
+    tok, model = load_tokenizer(model_dir), load_model(model_dir).eval()
+    seen, real_generate = [], gen.generate_answers
+
+    def spy_generate(model, tok, prompts, out, **kw):
+        seen.append((prompts, kw))
+        return real_generate(model, tok, prompts, out, **kw)
+
+    monkeypatch.setattr(gen, "generate_answers", spy_generate)
+    rows = mtbench.generate_answers(model, tok, QUESTIONS, tmp_path / "a.jsonl", model_id="tiny", max_new_tokens=6,
+                                    seed=1, batch_size=2, fastchat_template="zephyr")
+    zephyr = fastchat.get_template("zephyr")
+    answers = {r["question_id"]: r["choices"][0]["turns"] for r in rows}
+    questions = {q["question_id"]: q for q in QUESTIONS}
+    for prompts, kw in seen:
+        # tokenized as FastChat tokenizes: special tokens added (the BOS first), FastChat's stops
+        assert kw["add_special_tokens"] is True and kw["extra_stop_ids"] == (2,)
+        for p in prompts:
+            q = questions[int(p["id"].split("-")[1])]
+            turns = [{"role": "user", "content": q["turns"][0]}]
+            if p["id"].endswith("turn2"):  # the model's own first answer, as FastChat cut it
+                turns += [{"role": "assistant", "content": answers[q["question_id"]][0]},
+                          {"role": "user", "content": q["turns"][1]}]
+            assert p["text"] == fastchat.prompt_text(zephyr, turns)
+            ids = gen.encode_row(tok, p, kw["add_special_tokens"])
+            assert ids[0] == tok.bos_token_id and ids == tok(p["text"])["input_ids"]
+    assert len(seen) == 6  # 2 turns x 3 temperature groups

@@ -356,3 +356,62 @@ def test_identical_requests_are_reused_or_asked_per_item(judge_server, tmp_path,
     md = calls_markdown([calls], {"m1": "One"})
     assert "| table1 | One vs m2 | openai:fake-model | 3 prompts | 6 | %d | %d | One 1, m2 1, both 1 |" % (
         expected_distinct, 6 - expected_distinct) in md
+
+
+# --------------------------------------------------------------------------------------------------
+# table1.prompt: the question the models are asked is the one the judge sees
+
+
+class RecordingJudge:
+    """A judge that answers [[A]] and keeps every request (stands in for get_judge's client)."""
+
+    name = "openai:gpt-4"
+
+    def __init__(self):
+        self.requests = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def complete_many(self, reqs):
+        self.requests += reqs
+        return ["[[A]]"] * len(reqs)
+
+
+@pytest.mark.parametrize("mode,question", [
+    ("dataset_prompt", "the dataset's own prompt"),         # gen_eval.py (beta): dataset['prompt']
+    ("first_message", "you are a helpful assistant"),       # gen_eval_gemma.py: chosen[0]["content"], any role
+    ("first_user_message", "first question"),
+    ("history", "system: you are a helpful assistant\n\nuser: first question\n\nassistant: an answer\n\n"
+                "user: second question"),                   # our default: every turn, as 'role: content' lines
+])
+def test_the_judge_sees_the_question_the_models_were_asked(tmp_path, monkeypatch, mode, question):
+    import eval.table1 as t1
+    conv = [{"role": "system", "content": "you are a helpful assistant"}, {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "an answer"}, {"role": "user", "content": "second question"}]
+    prompts = [{"id": "p0", "messages": conv, "meta": {"dataset_prompt": "the dataset's own prompt"}}]
+    asked = t1.question_prompts(prompts, mode)[0]["messages"]
+    assert asked == (conv if mode == "history" else [{"role": "user", "content": question}])
+    judge = RecordingJudge()
+    monkeypatch.setattr(t1, "get_judge", lambda cfg, scope=None: judge)
+    paths = {}
+    for name, text in (("a", "answer A"), ("b", "answer B")):
+        paths[name] = tmp_path / f"{name}.jsonl"
+        paths[name].write_text(json.dumps({"id": "p0", "responses": [text]}) + "\n")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps(prompts[0]) + "\n")
+    judge_pair(model_a="rpo", model_b="dpo", answers_a=str(paths["a"]), answers_b=str(paths["b"]),
+               prompts_path=str(tmp_path / "prompts.jsonl"), judge={"kind": "openai", "model": "gpt-4"},
+               out=str(tmp_path / "j.jsonl"), calls_out=str(tmp_path / "c.json"), protocol="paper", prompt=mode)
+    (req,) = judge.requests
+    assert f"[Instruction]\n{question}\n\n[The Start of Assistant A's Answer]" in req["messages"][0]["content"]
+
+
+def test_a_dataset_prompt_the_row_lacks_is_an_error():
+    from eval.table1 import question_prompts
+    with pytest.raises(ValueError, match="prompt 'p0': table1.prompt is dataset_prompt, but the row has no dataset"):
+        question_prompts([{"id": "p0", "messages": [{"role": "user", "content": "q"}], "meta": {}}], "dataset_prompt")
+    with pytest.raises(ValueError, match="table1.prompt 'nope'"):
+        question_prompts([{"id": "p0", "messages": [{"role": "user", "content": "q"}]}], "nope")

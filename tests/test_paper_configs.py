@@ -103,13 +103,34 @@ def test_paper_config_on_slurm_resolves_the_whole_dag(tmp_path, series, accum_fi
     for rule in ("make_data", "judge_table1", "score_mtbench", "make_table1"):  # CPU-only rules on CPU nodes
         assert all("gpu" not in j["resources"] and j["resources"]["slurm_partition"] == "cpuq"
                    for j in by_rule[rule])
-    # Table 1 as the authors ran it (issue 10 §1): the first 200 test prompts, greedy, 1024 new tokens
+    # Table 1 as the authors ran it (issue 10 §1): the first 200 test prompts, greedy, 1024 new tokens; and as
+    # their gen_eval*.py (issue 23): vLLM in bf16 from a string prompt (BOS), vLLM's text as it comes, each series'
+    # question (beta: the dataset's prompt string; gemma: the first message) and stop ids
     gen = args_of(by_rule["generate_table1"][0])
     assert (gen["protocol"], gen["n_prompts"], gen["temperature"], gen["max_new_tokens"]) == ("paper", 200, 0.0, 1024)
-    # every answer from the default backend, hf (the vLLM dtype only travels with vllm, so it re-runs no hf job)
+    question, stops = {"beta": ("dataset_prompt", []), "gemma": ("first_message", [3, 107])}[series]
+    assert (gen["add_special_tokens"], gen["answer_text"], gen["dtype"], gen["prompt"], gen["stop_token_ids"]) == (
+        True, "raw", "bfloat16", question, stops)
+    # every answer through vLLM
     gens = [args_of(j) for r in by_rule if r.startswith("generate_") for j in by_rule[r]]
-    assert len(gens) == 4 * 3 and all(a["backend"] == "hf" and "vllm_dtype" not in a for a in gens)
-    assert {args_of(j)["protocol"] for j in by_rule["judge_table1"]} == {"paper"}
+    assert len(gens) == 4 * 3 and all(a["backend"] == "vllm" and a["vllm_dtype"] == "bfloat16" for a in gens)
+    assert {(args_of(j)["protocol"], args_of(j)["prompt"]) for j in by_rule["judge_table1"]} == {("paper", question)}
+    # AlpacaEval as the authors' models_configs: sampled at 0.7 / 1.0, 2048 tokens, their prompt.txt, bf16
+    alpaca = args_of(by_rule["generate_alpacaeval"][0])
+    template = {"beta": "<|system|>\n</s>\n<|user|>\n{instruction}</s>\n<|assistant|>\n",
+                "gemma": "<bos> <|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"}[series]
+    assert (alpaca["temperature"], alpaca["top_p"], alpaca["max_new_tokens"], alpaca["dtype"], alpaca["prompt_template"],
+            alpaca["add_special_tokens"], alpaca["stop_token_ids"]) == (0.7, 1.0, 2048, "bfloat16", template, True, stops)
+    # MT-Bench as the authors' FastChat: the conversation template its adapters pick by name, float16
+    mt = args_of(by_rule["generate_mtbench"][0])
+    assert (mt["fastchat_template"], mt["dtype"]) == ({"beta": "zephyr", "gemma": "h4_gemma_zephyr"}[series], "float16")
+    # the training text of the authors' handbook + TRL, for the reference pass and both trainings; HumanEval
+    # decontamination of the data, required
+    assert all(args_of(j)["chat_format"] == "authors" for r in ("reference_logps", "train_preference")
+               for j in by_rule[r])
+    data = args_of(by_rule["make_data"][0])
+    assert data["humaneval_decontamination"] == "required" and "chat_format" not in data["data_cfg"]
+    assert data.get("require_dataset_prompt", False) is (series == "beta")  # checked at the data stage
     # the harness on every model: the model cards' tasks and few-shot counts, their datasets checked first
     harness = {j["wildcards"]: args_of(j) for j in by_rule["run_lm_eval"]}
     assert sorted(harness) == ["model=dpo", "model=ref", "model=rpo"]
@@ -158,6 +179,13 @@ def test_single_gpu_config_with_the_local_gpu_profile(tmp_path):
     for rule in ("generate_table1", "generate_mtbench", "generate_alpacaeval", "generate_arenahard"):
         assert {(args_of(j)["backend"], args_of(j)["vllm_dtype"]) for j in js if j["rule"] == rule} == \
             {("vllm", "bfloat16")}, rule
+    # not the paper: the model's own template and decoding defaults (greedy benchmarks, the whole history); the
+    # default's data and training jobs get no new parameter (so a finished run re-runs none of them)
+    assert all("chat_format" not in args_of(j) for j in js if j["rule"] in ("train_sft", "train_preference",
+                                                                             "reference_logps"))
+    data = next(args_of(j) for j in js if j["rule"] == "make_data")
+    assert not {"chat_format", "humaneval_decontamination", "require_dataset_prompt"} & (set(data["data_cfg"]) | set(data))
+    assert {args_of(j)["prompt"] for j in js if j["rule"] == "generate_table1"} == {"history"}
     assert {args_of(j)["backend"] for j in js if j["rule"] == "run_lm_eval"} == {"vllm"}
 
 

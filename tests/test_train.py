@@ -298,3 +298,39 @@ def test_a_bf16_run_saves_its_model_in_bf16_and_counts_the_update_kept(tiny_mode
     # auto is the training precision (fp32 here): the quickstart's models stay as they were
     assert train.save_dtype({**base, "save_precision": "auto"}) == "float32"
     assert train.save_dtype({**base, "precision": "bfloat16", "save_precision": "auto"}) == "bfloat16"
+
+
+def test_authors_chat_format_reaches_every_stage_and_binds_the_reference_cache(tiny_model_dir, pairs_file, tmp_path):
+    """data.chat_format authors: the reference pass and training both tokenise with the authors' recipe (the
+    response holds the assistant header and ends with the tokenizer's EOS); a cache made under the model format
+    is refused by an authors-format training, never reused."""
+    from rpo.chat_format import pair_ids
+    LENGTHS = {"max_length": 128, "max_prompt_length": 64}  # the authors' prompts are longer: no cut here
+    from rpo.data import read_pairs
+    tok = load_tokenizer(tiny_model_dir)
+    rows = read_pairs(pairs_file)
+    items, summary = train.tokenize_pairs(tok, rows, **LENGTHS, chat_format="authors")
+    assert summary["chat_format"] == "authors" and summary["pairs_truncated"] == 0
+    for it, r in zip(items, rows):
+        assert (it["prompt"], it["chosen"], it["rejected"]) == pair_ids(tok, r["prompt"], r["chosen"], r["rejected"],
+                                                                        "authors")
+        assert tok.decode(it["chosen"]).startswith("<|im_start|>assistant\n")  # the header is the response's
+        assert it["chosen"][-1] == tok.eos_token_id
+    model_items, _ = train.tokenize_pairs(tok, rows, **LENGTHS)
+    assert [it["chosen"] for it in model_items] != [it["chosen"] for it in items]
+
+    cache = tmp_path / "ref.pt"
+    train.reference_logps(tiny_model_dir, pairs_file, cache, **LENGTHS)  # model format
+    kw = dict(ref_dir=tiny_model_dir, pairs_path=pairs_file, **run_paths(tmp_path / "o"), ckpt_dir=tmp_path / "c",
+              cfg={**CFG, **LENGTHS, "epochs": 1}, method={"loss": "rpo", "beta": 0.5, "eta": 0.1})
+    with pytest.raises(ValueError, match="another tokenisation or data"):
+        train.train_preference(reference_cache=cache, chat_format="authors", **kw)
+    authors_cache = tmp_path / "ref_authors.pt"
+    train.reference_logps(tiny_model_dir, pairs_file, authors_cache, **LENGTHS,
+                          chat_format="authors")
+    saved = torch.load(authors_cache, weights_only=False)
+    assert saved["chosen_lengths"].tolist() == [len(it["chosen"]) for it in items]  # every response token counted
+    summary = train.train_preference(reference_cache=authors_cache, chat_format="authors", **kw)
+    assert summary["tokenization"]["chat_format"] == "authors"
+    metrics = [json.loads(l) for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["loss/dpo"] == pytest.approx(0.6931, abs=2e-3)  # policy == reference at step 1: same ids

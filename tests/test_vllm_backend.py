@@ -99,6 +99,33 @@ def test_table1_answers_through_vllm_equal_the_hf_file(tiny_model_dir, adapter, 
     assert any(t[0] for t in texts["dpo"])  # text to compare (the tiny Ref answers newlines, stripped to "")
 
 
+def test_table1_the_authors_way_through_vllm(tiny_model_dir, fake, tmp_path):
+    """gen_eval*.py: one question per prompt (here the dataset's prompt string), the chat template's text as a
+    string prompt (vLLM puts the BOS in front), extra stop ids, vLLM's own text unstripped, the configured dtype."""
+    from conftest import with_bos_tokenizer
+    model_dir = with_bos_tokenizer(tiny_model_dir, tmp_path / "bos_model")
+    rows = [{**p, "meta": {"dataset_prompt": f"hello world {i}"}} for i, p in enumerate(PROMPTS)]
+    prompts = write_jsonl(rows, tmp_path / "prompts.jsonl")
+    tok = load_tokenizer(model_dir)
+    extra = tok("hello", add_special_tokens=False)["input_ids"][-1]
+    generate_table1_answers(**{**TABLE1, "protocol": "paper"}, model_name="ref", ref_dir=str(model_dir),
+                            policy_dir=None, prompts_path=str(prompts), out=str(tmp_path / "a.jsonl"),
+                            backend="vllm", vllm_dtype="float32", dtype="bfloat16", prompt="dataset_prompt",
+                            add_special_tokens=True, stop_token_ids=[extra], answer_text="raw")
+    (engine,) = fake.LLM.instances
+    (call,) = engine.calls
+    assert engine.kwargs["dtype"] == "bfloat16"  # the stage's dtype over generation.vllm_dtype
+    for r, p in zip(rows, call["prompts"]):
+        text = tok.apply_chat_template([{"role": "user", "content": r["meta"]["dataset_prompt"]}], tokenize=False,
+                                       add_generation_prompt=True)
+        assert p["prompt_token_ids"] == [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+    assert {tuple(sp.stop_token_ids) for sp in call["params"]} == {tuple(sorted({tok.eos_token_id, extra}))}
+    out = read_jsonl(tmp_path / "a.jsonl")
+    # vLLM's own detokenized text, as it comes (the fake's stands in for it)
+    assert all(r["responses"][0].startswith("<fake detokenizer text ") for r in out)
+    assert [r["messages"] for r in out] == [[{"role": "user", "content": f"hello world {i}"}] for i in range(4)]
+
+
 def test_rows_are_cut_at_the_stop_token_as_the_hf_backend_cuts(tiny_model_dir):
     tok = load_tokenizer(tiny_model_dir)
     eos, words = tok.eos_token_id, tok("hello world this is", add_special_tokens=False)["input_ids"]
@@ -164,7 +191,7 @@ def test_mtbench_through_vllm_two_turns_per_category_temperatures(tiny_model_dir
 def test_alpacaeval_and_arenahard_through_vllm_equal_the_hf_files(tiny_model_dir, adapter, fake, tmp_path):
     tok = load_tokenizer(tiny_model_dir)
     kw = dict(model_name="dpo", ref_dir=str(tiny_model_dir), policy_dir=str(adapter), n_questions=2,
-              subset="shortest", max_new_tokens=6, batch_size=1, seed=0)
+              subset="shortest", max_new_tokens=6, batch_size=1, seed=0, temperature=0.0, top_p=1.0)
     for b in ("hf", "vllm"):
         extra = {"backend": "vllm", "vllm_dtype": "bfloat16"} if b == "vllm" else {}
         bench_stages.generate_alpacaeval(**kw, **extra, out=str(tmp_path / b / "model_outputs.json"))
@@ -184,6 +211,51 @@ def test_alpacaeval_and_arenahard_through_vllm_equal_the_hf_files(tiny_model_dir
         assert all((sp.temperature, sp.max_tokens) == (0.0, 6) for sp in call["params"])
         assert call["lora_request"].lora_path == str(adapter.resolve())
     assert len(outputs) == len(arena_rows) == 2
+
+
+def test_alpacaeval_and_mtbench_the_authors_way_through_vllm(tiny_model_dir, fake, tmp_path, monkeypatch):
+    """AlpacaEval: the authors' prompt_template with {instruction}, a string prompt (BOS), sampled at 0.7 / 1.0;
+    MT-Bench: FastChat's conversation (eval/fastchat.py) with the BOS, its stops, the answer cut as FastChat cuts."""
+    from conftest import with_bos_tokenizer
+
+    from eval import alpacaeval, fastchat
+    model_dir = with_bos_tokenizer(tiny_model_dir, tmp_path / "bos_model")
+    tok = load_tokenizer(model_dir)
+    template = "<|system|>\n</s>\n<|user|>\n{instruction}</s>\n<|assistant|>\n"  # zephyr-7b-alpha/prompt.txt
+    bench_stages.generate_alpacaeval(model_name="ref", ref_dir=str(model_dir), policy_dir=None, n_questions=2,
+                                     subset="shortest", max_new_tokens=6, batch_size=1, seed=0, temperature=0.7,
+                                     top_p=1.0, backend="vllm", vllm_dtype="bfloat16", add_special_tokens=True,
+                                     prompt_template=template, out=str(tmp_path / "alpaca" / "model_outputs.json"))
+    (engine,) = fake.LLM.instances
+    (call,) = engine.calls
+    outputs = json.loads((tmp_path / "alpaca" / "model_outputs.json").read_text())
+    for p, o in zip(call["prompts"], outputs):
+        text = template.replace("{instruction}", o["instruction"])
+        assert p["prompt_token_ids"] == tok(text)["input_ids"] and p["prompt_token_ids"][0] == tok.bos_token_id
+    assert {(sp.temperature, sp.top_p, sp.max_tokens) for sp in call["params"]} == {(0.7, 1.0, 6)}
+    with pytest.raises(ValueError, match=r"prompt_template: expected the placeholder \{instruction\} once"):
+        alpacaeval.generation_prompts([{"instruction": "x"}], "{instruction} and {input}")
+
+    fake.LLM.instances.clear()
+    monkeypatch.setattr(mtbench, "load_questions", lambda path=None: QUESTIONS)
+    bench_stages.generate_mtbench(model_name="ref", ref_dir=str(model_dir), policy_dir=None, n_questions=None,
+                                  max_new_tokens=6, batch_size=1, seed=1, backend="vllm", vllm_dtype="bfloat16",
+                                  dtype="float16", fastchat_template="h4_gemma_zephyr", out=str(tmp_path / "mt.jsonl"))
+    (engine,) = fake.LLM.instances
+    assert engine.kwargs["dtype"] == "float16"
+    conv = fastchat.get_template("h4_gemma_zephyr")
+    turn1, turn2 = engine.calls
+    for q, p in zip(QUESTIONS, turn1["prompts"]):
+        text = fastchat.prompt_text(conv, [{"role": "user", "content": q["turns"][0]}])
+        assert p["prompt_token_ids"] == tok(text)["input_ids"]  # the tokenizer's BOS, then the literal "<bos>" text
+    answers = {r["question_id"]: r["choices"][0]["turns"] for r in read_jsonl(tmp_path / "mt.jsonl")}
+    # the fake's text is not FastChat-cut by anything: the answers are our decode, cut and stripped
+    assert all(a == fastchat.answer_text(conv, a) for turns in answers.values() for a in turns)
+    for q, p in zip(QUESTIONS, turn2["prompts"]):
+        text = fastchat.prompt_text(conv, [{"role": "user", "content": q["turns"][0]},
+                                           {"role": "assistant", "content": answers[q["question_id"]][0]},
+                                           {"role": "user", "content": q["turns"][1]}])
+        assert p["prompt_token_ids"] == tok(text)["input_ids"]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -223,12 +223,13 @@ def generation_backend():
 
 
 def bench_gen_params(benchmark, **extra):
-    """job_params of a benchmark's generation rule."""
+    """job_params of a benchmark's generation rule; its `dtype` only when set (eval/generation.py)."""
 
     def settings(w):
         b = config["benchmarks"][benchmark]
         return {"model_name": w.model, "n_questions": b["n_questions"], "max_new_tokens": b["max_new_tokens"],
-                "batch_size": b["batch_size"], "seed": config["seed"], **generation_backend(), **extra}
+                "batch_size": b["batch_size"], "seed": config["seed"], **generation_backend(),
+                **({"dtype": b["dtype"]} if b["dtype"] else {}), **extra}
 
     return job_params(settings, lambda w, input, output: {"ref_dir": input.ref, "policy_dir": policy_of(input),
                                                          "out": output[0]})
@@ -328,3 +329,42 @@ def study_records(w):
         raise ValueError("results/overoptimization.csv: overoptimization.grid is empty; give the study its runs "
                          "(config/config.yaml has the quickstart's grid)")
     return [STUDY_EVAL.format(run=run, seed=seed) for run in STUDY_RUNS for seed in STUDY_SEEDS]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The authors' text and decoding (issue 23): how the data, training and answer rules pass their settings
+# ---------------------------------------------------------------------------------------------------
+
+def data_settings(data):
+    """make_data's data settings: data.chat_format is the training jobs' (rule train_*), not the data's, and
+    data.humaneval_decontamination travels as its own argument, only when on; so the default's make_data keeps
+    its parameters (and a run with them re-samples nothing)."""
+    settings = {k: v for k, v in data.items() if k not in ("chat_format", "humaneval_decontamination")}
+    mode = data["humaneval_decontamination"]
+    return {"data_cfg": settings, **({} if mode == "disabled" else {"humaneval_decontamination": mode})}
+
+
+def mtbench_template():
+    """benchmarks.mtbench.template fastchat: the FastChat conversation template the answers are generated with,
+    as named (fastchat_template) or as the authors' FastChat picks it by the base model's name (eval/fastchat.py)."""
+    b = config["benchmarks"]["mtbench"]
+    if b["template"] != "fastchat":
+        return {}
+    from eval.fastchat import get_template, template_for
+
+    name = b["fastchat_template"] or template_for(config["base_model"]["source"])
+    get_template(name)  # a known template, or the error naming the key
+    return {"fastchat_template": name}
+
+
+def bench_decoding(benchmark):
+    """The decoding settings of a sampled benchmark (AlpacaEval, Arena-Hard): rpo/sampling.py."""
+    b = config["benchmarks"][benchmark]
+    return {k: b[k] for k in ("temperature", "top_p", "add_special_tokens", "stop_token_ids")}
+
+
+def chat_format_param(wildcards, data=None):
+    # How every training-side job turns a pair into token ids (rpo/chat_format.py): SFT, reference, training.
+    # Passed only when not the default, so that the default's jobs keep their parameters (and re-run nothing).
+    fmt = (data or config["data"])["chat_format"]
+    return {} if fmt == "model" else {"chat_format": fmt}

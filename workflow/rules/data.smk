@@ -30,7 +30,10 @@ rule make_data:
         # hub/file source can lack them, and only there is it a parameter, so switching the judge of the
         # synthetic data does not re-run this rule (and with it every training job).
         **job_params(
-            lambda w: {"data_cfg": config["data"], "seed": config["seed"],
+            lambda w: {**data_settings(config["data"]), "seed": config["seed"],
+                       # Table 1 asks the dataset's prompt string: every held-out row must carry one (only then a
+                       # parameter, so the default's make_data keeps its parameters)
+                       **({"require_dataset_prompt": True} if config["table1"]["prompt"] == "dataset_prompt" else {}),
                        "check_gold_meta": config["table1"]["judge"]["kind"] == "gold"
                                           and config["data"]["source"] != "synthetic:verifiable"},
             lambda w, input, output: {"base_dir": input.base, **dict(output.items())}),

@@ -10,6 +10,7 @@ rule generate_table1:
             # a further seed's run also samples with its own seed (at temperature > 0)
             lambda w: {"model_name": w.model, "seed": config["seed"] + SEEDS.index(run_seed(w.model)),
                        "protocol": config["table1"]["protocol"],  # which prompts: paper = the first n_prompts
+                       "prompt": config["table1"]["prompt"],  # which question of each: the judge is shown the same
                        **{k: v for k, v in config["table1"]["generation"].items() if k != "threads"},
                        **generation_backend()},
             lambda w, input, output: {"ref_dir": input.ref, "policy_dir": policy_of(input),
@@ -30,7 +31,7 @@ rule generate_mtbench:
     output:
         f"{RESULTS}/mtbench/model_answer/{{model}}.jsonl",
     params:
-        **bench_gen_params("mtbench"),
+        **bench_gen_params("mtbench", **mtbench_template()),
     threads: config["benchmarks"]["threads"]
     resources:
         **res("generation"),
@@ -47,7 +48,8 @@ rule generate_alpacaeval:
     output:
         f"{RESULTS}/alpacaeval/{{model}}/model_outputs.json",
     params:
-        **bench_gen_params("alpacaeval", **bench_subset("alpacaeval")),
+        **bench_gen_params("alpacaeval", **bench_subset("alpacaeval"), **bench_decoding("alpacaeval"),
+                           prompt_template=config["benchmarks"]["alpacaeval"]["prompt_template"]),
     threads: config["benchmarks"]["threads"]
     resources:
         **res("generation"),
@@ -65,7 +67,8 @@ rule generate_arenahard:
         f"{RESULTS}/arenahard/model_answer/{{model}}.jsonl",
     params:
         **bench_gen_params("arenahard", version=config["benchmarks"]["arenahard"]["version"],
-                           category=config["benchmarks"]["arenahard"]["category"], **bench_subset("arenahard")),
+                           category=config["benchmarks"]["arenahard"]["category"], **bench_subset("arenahard"),
+                           **bench_decoding("arenahard")),
     threads: config["benchmarks"]["threads"]
     resources:
         **res("generation"),

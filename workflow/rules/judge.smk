@@ -12,7 +12,7 @@ rule judge_table1:
     params:
         **job_params(
             lambda w: {"model_a": w.a, "model_b": w.b, "judge": config["table1"]["judge"],
-                       "protocol": config["table1"]["protocol"],
+                       "protocol": config["table1"]["protocol"], "prompt": config["table1"]["prompt"],
                        "judge_max_tokens": config["table1"]["judge_max_tokens"]},
             lambda w, input, output: {"answers_a": input.a, "answers_b": input.b, "prompts_path": input.prompts,
                                       "out": output.judgments, "calls_out": output.calls}),
@@ -104,7 +104,7 @@ rule judge_validity:
         **job_params(
             lambda w: {"judge": validity_judge(), "pairs": VALIDITY_PAIRS,
                        "constrain": config["judge_validity"]["constrain"],
-                       "n_prompts": config["judge_validity"]["n_prompts"],
+                       "n_prompts": config["judge_validity"]["n_prompts"], "prompt": config["table1"]["prompt"],
                        "judge_max_tokens": config["judge_validity"]["judge_max_tokens"],
                        "bootstrap": config["table1"]["bootstrap"]},
             lambda w, input, output: {"answers": dict(zip(VALIDITY_MODELS, input.answers)),

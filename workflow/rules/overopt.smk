@@ -18,7 +18,7 @@ rule study_data:
         **({"samples": f"{STUDY_DIR}/data/samples.jsonl"} if STUDY["data"]["source"] == "synthetic:verifiable" else {}),
     params:
         # the study scores every answer with the gold verifier: every held-out prompt must carry its instructions
-        **job_params(lambda w: {"data_cfg": STUDY["data"], "seed": config["seed"],
+        **job_params(lambda w: {**data_settings(STUDY["data"]), "seed": config["seed"],
                                 "check_gold_meta": STUDY["data"]["source"] != "synthetic:verifiable"},
                      lambda w, input, output: {"base_dir": input.base, **dict(output.items())}),
     threads: STUDY["data"]["synthetic"]["threads"]
@@ -42,7 +42,8 @@ rule study_reference_logps:
             lambda w: {"max_length": STUDY["training"]["max_length"],
                        "max_prompt_length": STUDY["training"]["max_prompt_length"],
                        "batch_size": config["reference"]["batch_size"], "dtype": STUDY["training"]["precision"],
-                       "attention": STUDY["training"]["attention"], "top_layers": STUDY_TRUNK_TOP},
+                       "attention": STUDY["training"]["attention"], "top_layers": STUDY_TRUNK_TOP,
+                       **chat_format_param(w, STUDY["data"])},
             lambda w, input, output: {"model_dir": input.ref, "pairs_path": input.train, "out_path": output.logps,
                                       **({"trunk_path": output.trunk} if STUDY_TRUNK_TOP else {})}),
     threads: config["reference"]["threads"]
@@ -91,7 +92,7 @@ rule study_train:
     params:
         **job_params(
             lambda w: {"ckpt_dir": f"{STUDY_DIR}/checkpoints/{w.run}-seed{w.seed}", "cfg": study_train_cfg(w.seed),
-                       "method": {"name": w.run, **STUDY["runs"][w.run]}},
+                       "method": {"name": w.run, **STUDY["runs"][w.run]}, **chat_format_param(w, STUDY["data"])},
             lambda w, input, output: {"ref_dir": input.ref, "pairs_path": input.train, "reference_cache": input.cache,
                                       **({"trunk_path": input.trunk} if STUDY_TRUNK_TOP else {}),
                                       "out_dir": output.model, "snapshots_path": output.snapshots,
@@ -125,6 +126,7 @@ rule study_evaluate:
         **job_params(
             lambda w: {"beta": STUDY["runs"][w.run]["beta"], "max_length": STUDY["training"]["max_length"],
                        "max_prompt_length": STUDY["training"]["max_prompt_length"], "seed": int(w.seed),
+                       **chat_format_param(w, STUDY["data"]),
                        **{k: v for k, v in config["overoptimization"]["eval"].items() if k != "threads"}},
             lambda w, input, output: {"ref_dir": input.ref, "snapshots": input.snapshots,
                                       "prompts_path": input.prompts, "pairs_path": input.pairs,

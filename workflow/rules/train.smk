@@ -12,7 +12,8 @@ rule train_sft:
         metrics=f"{RESULTS}/models/sft/metrics.jsonl",
         summary=f"{RESULTS}/models/sft/train_summary.json",
     params:
-        **train_params(train_cfg("sft"), f"{RESULTS}/checkpoints/sft", base_dir="base", pairs_path="train"),
+        **train_params(train_cfg("sft"), f"{RESULTS}/checkpoints/sft", extra=chat_format_param,
+                       base_dir="base", pairs_path="train"),
         launch=launcher("sft"),
     threads: config["sft"]["train"]["threads"]
     resources:
@@ -36,7 +37,8 @@ rule train_sft_seed:
         seed=r"\d+",
     params:
         **train_params(lambda w: {**train_cfg("sft"), "seed": int(w.seed)},
-                       lambda w: f"{RESULTS}/checkpoints/sft_seed{w.seed}", base_dir="base", pairs_path="train"),
+                       lambda w: f"{RESULTS}/checkpoints/sft_seed{w.seed}", extra=chat_format_param,
+                       base_dir="base", pairs_path="train"),
         launch=launcher("sft"),
     threads: config["sft"]["train"]["threads"]
     resources:
@@ -78,7 +80,8 @@ rule reference_logps:
             lambda w: {"max_length": config["training"]["max_length"],
                        "max_prompt_length": config["training"]["max_prompt_length"],
                        "batch_size": config["reference"]["batch_size"], "dtype": config["training"]["precision"],
-                       "attention": config["training"]["attention"], "top_layers": TRUNK_TOP},
+                       "attention": config["training"]["attention"], "top_layers": TRUNK_TOP,
+                       **chat_format_param(w)},
             lambda w, input, output: {"model_dir": input.ref, "pairs_path": input.train, "out_path": output.logps,
                                       **({"trunk_path": output.trunk} if TRUNK_TOP else {})}),
     threads: config["reference"]["threads"]
@@ -103,7 +106,8 @@ rule train_preference:
     params:
         **train_params(lambda w: {**train_cfg("training"), "seed": run_seed(w.method)},
                        lambda w: f"{RESULTS}/checkpoints/{w.method}",
-                       extra=lambda w: {"method": {"name": w.method, **config["methods"][run_method(w.method)]}},
+                       extra=lambda w: {"method": {"name": w.method, **config["methods"][run_method(w.method)]},
+                                        **chat_format_param(w)},
                        ref_dir="ref", pairs_path="train", reference_cache="cache",
                        **({"trunk_path": "trunk"} if TRUNK_TOP else {})),
         launch=launcher("training"),

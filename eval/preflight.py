@@ -238,6 +238,16 @@ def model_problems(key: str, source: str, *, online: bool) -> list[str]:
 
 
 def data_problems(key: str, data: dict, *, online: bool) -> list[str]:
+    out = []
+    if data.get("humaneval_decontamination") == "required":  # the authors' run_rpo.py filter (rpo.decontamination)
+        from rpo.decontamination import HUMANEVAL_SOURCE
+        problem = hub_problem(f"{key}.humaneval_decontamination 'required'", HUMANEVAL_SOURCE[len("hf:"):],
+                              repo_type="dataset", revision=None, online=online)
+        out += [problem] if problem else []
+    return out + _source_problems(key, data, online=online)
+
+
+def _source_problems(key: str, data: dict, *, online: bool) -> list[str]:
     source = data["source"]
     if source.startswith("hf:"):
         repo, _, revision = source[len("hf:"):].partition("@")

@@ -229,3 +229,15 @@ def test_reference_reuse_smoke(tmp_path):
     by = {r["trainer"]: r for r in res["results"]}
     assert by["ours"]["reference_passes"] == 1.0
     assert by["trl"]["reference_passes"] == pytest.approx(4.0)  # once per method
+
+
+def test_saved_sizes_counts_the_paper_models_parameters(tmp_path, monkeypatch):
+    from benchmarks import saved_sizes
+    monkeypatch.setattr(saved_sizes, "RESULTS", tmp_path)
+    rows = {r["model"]: r for r in saved_sizes.main([])}
+    # Mistral-7B-v0.1's published parameter count (its model card: 7.24B; 7,241,732,096 exactly)
+    assert rows["mistral-7b-sft-beta"]["parameters"] == 7_241_732_096
+    assert rows["mistral-7b-sft-beta"]["bf16_GB"] == 14.5 and rows["mistral-7b-sft-beta"]["fp32_GB"] == 29.0
+    # gemma-7b: 8.54B with its 256k-token embeddings tied to the head (counted once, as saved)
+    assert rows["zephyr-7b-gemma-sft"]["parameters"] == 8_537_680_896
+    assert (tmp_path / "saved_sizes.json").is_file()

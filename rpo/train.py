@@ -138,7 +138,7 @@ def _device() -> str:
 
 
 # CPU instruction sets with bf16 dot products (x86's /proc/cpuinfo "flags", Arm's "Features"); without one,
-# torch emulates bf16 matmuls (README "bf16 on the CPU")
+# torch emulates bf16 matmuls (docs/speed.md, "bf16 on the CPU")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 

@@ -1,4 +1,4 @@
-# The overoptimization study (issue 12; README "Overoptimization"):
+# The overoptimization study (issue 12; docs/overoptimization.md):
 #   snakemake --cores all results/overoptimization.csv
 # Its own data (more prompts, label noise: overoptimization.data over data), each run of
 # overoptimization.grid trained once per seed from the base model with snapshots every
@@ -100,7 +100,7 @@ rule study_train:
         launch=launcher("training"),
     threads: STUDY["training"]["threads"]
     # every training before any measurement: measurements become ready one at a time as trainings end, and
-    # the last training alone would leave a core idle (README "Overoptimization": its cost)
+    # the last training alone would leave a core idle (docs/overoptimization.md: its cost)
     priority: 1
     resources:
         **res("training"),

@@ -192,9 +192,12 @@ def lc_win_rate(annotations, *, eval_set: Sequence[dict] | None = None, precompu
             raise ValueError(f"annotated instruction not in the eval set: {r['instruction'][:80]!r}")
         seen[r["instruction"]] = seen.get(r["instruction"], 0) + 1
     dup = [s for s, c in seen.items() if c > 1]
-    if dup or len(seen) != len(pos):
+    if dup:
         raise ValueError(f"the GLM needs each of the {len(pos)} eval-set instructions annotated once: "
-                         f"{len(pos) - len(seen)} missing, {len(dup)} duplicated")
+                         f"{len(dup)} duplicated")
+    if len(seen) != len(pos):  # a subset (benchmarks.alpacaeval.n_questions): LC is not defined on it
+        return {"value": math.nan, "standard_error": math.nan,
+                "unavailable": f"the GLM needs all {len(pos)} instructions, {len(seen)} were answered"}
     df = pd.DataFrame(annotations)
     df.index = [pos[s] for s in df["instruction"]]  # alpaca_eval reads the eval-set position from the index
     df = df.sort_index()
@@ -212,8 +215,19 @@ def table_rows(model: str, wr: dict, lc: dict | None, *, judge: str,
     """eval.results_table rows (alpacaeval_wr with its bootstrap interval, alpacaeval_lc); LC is NaN when unavailable."""
     from eval.results_table import make_row
     rows = [make_row(model_a=model, model_b=baseline, metric="alpacaeval_wr", value=wr["value"], n=wr["n"],
-                     ci_low=wr["ci_low"], ci_high=wr["ci_high"], judge=judge)]
+                     ci_low=wr["ci_low"], ci_high=wr["ci_high"], judge=judge,
+                     note=f"0/{wr['n_missing']} preferences parsable" if math.isnan(wr["value"]) else None)]
     if lc is not None:
         rows.append(make_row(model_a=model, model_b=baseline, metric="alpacaeval_lc", value=lc["value"],
-                             n=lc.get("n", 0), judge=judge))
+                             n=lc.get("n", 0), judge=judge, note=_lc_note(lc)))
     return rows
+
+
+def _lc_note(lc: dict) -> str | None:
+    """The LC cell's short reason (the log has the whole): the GLM's file missing, or too few instructions."""
+    why = lc.get("unavailable")
+    if not why:
+        return None
+    if "df_gamed.csv" in why:
+        return "needs alpaca_eval's df_gamed.csv"
+    return why.replace("the GLM ", "")

@@ -268,5 +268,7 @@ def score(judgment_paths, baseline: str, *, version: str, category: str | None =
 def table_rows(result: dict, *, judge: str, metric: str = "arenahard") -> list[dict]:
     """eval.results_table rows for a score() result (model_b = the baseline)."""
     from eval.results_table import make_row
+    note = (f"{result['n_battles']} usable games of {2 * result['n_questions']}"
+            if math.isnan(result["score"]) else None)
     return [make_row(model_a=result["model"], model_b=result["baseline"], metric=metric, value=result["score"],
-                     ci_low=result["ci_low"], ci_high=result["ci_high"], n=result["n"], judge=judge)]
+                     ci_low=result["ci_low"], ci_high=result["ci_high"], n=result["n"], judge=judge, note=note)]

@@ -434,11 +434,13 @@ def table_rows(judgment_path, *, model_id: str, judge: str, n_boot: int = 1000, 
     n = the valid judgments behind the number."""
     from eval.results_table import make_row
     s = score(judgment_path, model=model)
+    rows = _judgment_rows(judgment_path, model)
     out = []
     for metric, key, n, turn in (("mtbench", "average", s["n"], None),
                                  ("mtbench_turn1", "first_turn", s["n_first_turn"], 1),
                                  ("mtbench_turn2", "second_turn", s["n_second_turn"], 2)):
         lo, hi = ci(judgment_path, n_boot, seed, turn=turn, level=level, model=model)
+        asked = sum(turn is None or r["turn"] == turn for r in rows)
         out.append(make_row(model_a=model_id, metric=metric, value=s[key], ci_low=lo, ci_high=hi, n=n,
-                            judge=judge))
+                            judge=judge, note=f"{n}/{asked} ratings parsable" if math.isnan(s[key]) else None))
     return out

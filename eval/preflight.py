@@ -87,18 +87,29 @@ def settings_problems(config: dict, rules: set[str] | None = None) -> list[str]:
                 out.append(f"lm_eval.tasks[{i}]: {PACKAGED_IFEVAL!r} evaluates every packaged IFEval prompt, and "
                            "data.source synthetic:verifiable trains on some of them; use "
                            f"{LOCAL_IFEVAL!r} (the held-out ones)")
-    if _needs(rules, "judge_validity") and config["judge_validity"]["enabled"] \
-            and config["data"]["source"] != "synthetic:verifiable":
-        out.append("judge_validity.enabled: the judge is checked against gold verdicts, which only "
-                   "data.source synthetic:verifiable has; set judge_validity.enabled: false")
+    validity = config["judge_validity"]["enabled"] if rules is None else "judge_validity" in rules
+    if validity and config["data"]["source"] != "synthetic:verifiable":
+        from rpo.data import gold_meta_problem
+        problem = test_rows_problem(config["data"], lambda row: gold_meta_problem(row) is not None,
+                                    "verifiable instructions (meta.instruction_id_list and kwargs)")
+        if problem:
+            out.append(f"judge_validity: the judge is checked against gold verdicts, which need test prompts with "
+                       f"verifiable instructions (data.source synthetic:verifiable has them), and {problem}; set "
+                       "judge_validity.enabled: false")
     return out
 
 
 def heldout_ifeval_problem(data: dict) -> str | None:
     """Why the test prompts of a hub or file source carry no IFEval keys, or None (a file whose every test
     row has meta.key, such as IFEval pairs written by hand)."""
+    return test_rows_problem(data, lambda row: (row.get("meta") or {}).get("key") in (None, ""), "them")
+
+
+def test_rows_problem(data: dict, lacks, what: str) -> str | None:
+    """Why a hub or file source's test rows lack `what` (`lacks(row)` is true for a row without it), naming the
+    first such row of a file (1-based); None when every row has it."""
     if data["source"].startswith("hf:"):
-        return f"data.source is {data['source']!r}, a hub preference set without them"
+        return f"data.source is {data['source']!r}, a hub preference set without {what}"
     from pathlib import Path
 
     from rpo.data import read_records
@@ -106,7 +117,7 @@ def heldout_ifeval_problem(data: dict) -> str | None:
     if not path or not Path(path).is_file():
         return None  # data_problems names the missing file
     for i, row in enumerate(read_records(path), 1):
-        if not ((row.get("meta") or {}).get("key") not in (None, "")):
+        if lacks(row):
             return f"row {i} of {path} (data.splits.test) has none"
     return None
 

@@ -37,6 +37,7 @@ BENCH_ORDER = (
     "arenahard",
 )
 _FLOATS = ("value", "ci_low", "ci_high")
+NOTE = "note"  # optional key of a row: why its value is NaN (rendered in the Markdown cell only)
 _STRINGS = ("model_a", "model_b", "metric", "judge")
 
 
@@ -54,8 +55,11 @@ def make_row(**fields) -> dict:
     """Validated table row.
 
     Required: model_a, metric, value, n, judge. Optional: model_b (default
-    empty), ci_low / ci_high (default NaN, e.g. MT-Bench has no CI).
+    empty), ci_low / ci_high (default NaN, e.g. MT-Bench has no CI), and
+    `note`: why a NaN value has no number (e.g. "0/6 ratings parsable"), shown
+    in its Markdown cell; not a CSV column (the CSV cell stays empty).
     """
+    note = fields.pop(NOTE, None)
     unknown = set(fields) - set(COLUMNS)
     if unknown:
         raise ValueError(f"make_row: unknown field(s) {sorted(unknown)}; columns are {COLUMNS}")
@@ -79,7 +83,10 @@ def make_row(**fields) -> dict:
     if isinstance(n, bool) or not isinstance(n, (int, float)) or n != int(n) or n < 0:
         raise ValueError(f"make_row: n must be an int >= 0, got {n!r}")
     row["n"] = int(n)
-    return {c: row[c] for c in COLUMNS}
+    out = {c: row[c] for c in COLUMNS}
+    if note:
+        out[NOTE] = str(note)
+    return out
 
 
 def _sort_key(row: dict) -> tuple:
@@ -161,8 +168,10 @@ def complete_pairs(rows: Iterable[dict]) -> list[dict]:
 
 
 def _cell(row: dict | None, digits: int) -> str:
-    if row is None or math.isnan(float(row["value"])):
+    if row is None:
         return "n/a"
+    if math.isnan(float(row["value"])):
+        return f"n/a ({row[NOTE]})" if row.get(NOTE) else "n/a"
     s = f"{float(row['value']):.{digits}f}"
     lo, hi = float(row["ci_low"]), float(row["ci_high"])
     if not (math.isnan(lo) or math.isnan(hi)):

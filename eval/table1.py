@@ -166,6 +166,35 @@ def _pooled_rows(seed_pairs: dict, outcomes: dict, rows: list[dict], bootstrap: 
     return out
 
 
+def judge_trust_markdown(rows: list[dict], validity: str | None) -> str:
+    """table1.md's line on how far Table 2's LLM judges can be trusted: each one's Cohen's kappa against the gold
+    verdicts on Table 1's answer pairs, from results/judge_validity.csv when the run made it
+    (judge_validity.enabled), else how to measure it."""
+    judges = sorted({r["judge"] for r in rows if r["metric"] not in (results_table.WIN_RATE,
+                                                                      results_table.POOLED_WIN_RATE)
+                     and not r["metric"].startswith("lm_eval/") and r["judge"] != judge_config.GOLD_LABEL})
+    if not judges:
+        return ""
+    kappa = {}
+    if validity:
+        import csv
+        with open(validity, newline="") as f:
+            kappa = {r["judge"]: r for r in csv.DictReader(f) if r["statistic"] == "kappa"}
+    lines = [""]
+    for j in judges:
+        r = kappa.get(j)
+        if r is None:
+            lines.append(f"Agreement of the Table 2 judge {j} with gold: not measured in this run "
+                         "(`snakemake --cores all results/judge_validity.csv` measures it on Table 1's answer pairs; "
+                         "docs/benchmarks.md, \"Judge validity\").")
+            continue
+        ci = f" [{float(r['ci_low']):.2f}, {float(r['ci_high']):.2f}]" if r["ci_low"] and r["ci_high"] else ""
+        value = f"{float(r['value']):.2f}" if r["value"] else "undefined"
+        lines.append(f"Agreement of the Table 2 judge {j} with gold on Table 1's answer pairs (results/judge_validity.csv): "
+                     f"Cohen's kappa {value}{ci}, n = {r['n']}.")
+    return "\n".join(lines) + "\n"
+
+
 def calls_markdown(records: list[dict], labels: dict[str, str]) -> str:
     """table1.md's note on the judge calls behind its numbers (eval.judges.write_calls records): per
     benchmark, the items judged, the requests they needed, how many identical ones were answered once
@@ -198,7 +227,7 @@ def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dic
                 bootstrap: dict, scores: list[str] = (), paper_series: str | None = None,
                 comparison: tuple[str, str] | None = None, methods_metrics: dict | None = None,
                 methods_figure: str | None = None, seed_pairs: dict | None = None,
-                judge_calls: list[str] = ()) -> None:
+                judge_calls: list[str] = (), validity: str | None = None) -> None:
     """Table 1 and the benchmark rows as results/table1.csv (tidy) and table1.md; the figures; with a
     paper series, the paper's numbers beside ours (`comparison`: its csv and md paths). Every path is the
     rule's output. `seed_pairs` ({"a_vs_b": [[a_s, b_s] per seed]}, with several training seeds): a
@@ -229,6 +258,7 @@ def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dic
     if protocols - {"gold"}:
         md += (f"Judging protocol: {', '.join(sorted(protocols))} (paper: the authors' gpt_eval.py, one order per "
                "prompt; both_orders: each prompt in both orders); n counts the prompts with a verdict.\n")
+    md += judge_trust_markdown(rows, validity)
     md += calls_markdown([json.loads(Path(p).read_text()) for p in judge_calls], labels)
     io.write_text(out_md, md)
     if methods_figure and methods_metrics:

@@ -236,6 +236,7 @@ def test_lc_unavailable_offline_is_nan_with_reason(tmp_path, monkeypatch):
     assert set(lc) == {"value", "standard_error", "unavailable"}  # no stand-in number
     rows = am.table_rows("m", am.win_rate(anns), lc, judge="j")
     assert math.isnan(rows[1]["value"]) and rows[1]["metric"] == "alpacaeval_lc"
+    assert rows[1]["note"] == "needs alpaca_eval's df_gamed.csv"  # Table 2's cell says why it has no number
 
 
 def test_lc_runs_alpaca_eval_glm_on_local_precomputed_files(tmp_path):
@@ -258,8 +259,13 @@ def test_lc_runs_alpaca_eval_glm_on_local_precomputed_files(tmp_path):
     lc = am.lc_win_rate(anns, eval_set=ev, precomputed_dir=tmp_path)
     assert "unavailable" not in lc and 0.0 < lc["value"] < 100.0 and lc["n"] == n
     assert lc["win_rate"] == pytest.approx(am.win_rate(anns)["value"])
-    with pytest.raises(ValueError, match="1 missing"):
-        am.lc_win_rate(anns[1:], eval_set=ev, precomputed_dir=tmp_path)
+    # a subset of the eval set (n_questions): LC is not defined on it; no number, the reason instead
+    sub = am.lc_win_rate(anns[1:], eval_set=ev, precomputed_dir=tmp_path)
+    assert math.isnan(sub["value"]) and sub["unavailable"] == f"the GLM needs all {n} instructions, {n - 1} were answered"
+    (lc_row,) = am.table_rows("m", am.win_rate(anns), sub, judge="j")[1:]
+    assert lc_row["note"] == f"needs all {n} instructions, {n - 1} were answered"
+    with pytest.raises(ValueError, match="1 duplicated"):
+        am.lc_win_rate(anns + anns[:1], eval_set=ev, precomputed_dir=tmp_path)
 
 
 def test_win_rate_interval_stays_inside_0_100():
@@ -271,7 +277,7 @@ def test_win_rate_interval_stays_inside_0_100():
     assert (wr["ci_low"], wr["ci_high"]) == (0.0, 37.5)
     rows = am.table_rows("rpo", wr, {"value": float("nan"), "unavailable": "offline"}, judge="j")
     assert rows[0]["metric"] == "alpacaeval_wr" and (rows[0]["ci_low"], rows[0]["ci_high"]) == (0.0, 37.5)
-    assert math.isnan(rows[1]["value"])
+    assert math.isnan(rows[1]["value"]) and rows[1]["note"] == "offline"
     same = am.win_rate([{"preference": 2.0}] * 3)  # every value 100: a degenerate interval at 100
     assert (same["ci_low"], same["ci_high"]) == (100.0, 100.0)
 

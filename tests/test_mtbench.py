@@ -87,6 +87,16 @@ def test_table_rows(tmp_path):
     assert by["mtbench"]["ci_low"] <= lo <= hi <= by["mtbench"]["ci_high"] and hi - lo < wide
 
 
+def test_a_score_without_a_parsable_rating_says_so(tmp_path):
+    # 3 questions x 2 turns, no parsable rating at all (score -1): no number, and the cell says why
+    path = _write([_judgment(q, t, -1) for q in (81, 82, 83) for t in (1, 2)], tmp_path / "j.jsonl")
+    by = {r["metric"]: r for r in mtbench.table_rows(path, model_id="rpo", judge="llamacpp:x")}
+    assert math.isnan(by["mtbench"]["value"]) and by["mtbench"]["note"] == "0/6 ratings parsable"
+    assert by["mtbench_turn1"]["note"] == "0/3 ratings parsable"
+    assert "note" not in {r["metric"]: r for r in mtbench.table_rows(_write(JUDGMENTS, tmp_path / "k.jsonl"),
+                                                                   model_id="rpo", judge="gpt-4")}["mtbench"]
+
+
 def test_bad_judgment_line_names_file_and_line(tmp_path):
     path = tmp_path / "j.jsonl"
     path.write_text(json.dumps(_judgment(81, 1, 8)) + "\n" + json.dumps({"question_id": 81, "turn": 1}) + "\n")

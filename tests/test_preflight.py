@@ -88,7 +88,7 @@ def test_a_missing_key_fails_naming_the_variable_and_the_config_key(monkeypatch)
 
 def test_the_endpoint_is_asked_once_with_the_key_and_must_serve_the_model(monkeypatch):
     monkeypatch.setenv("RPO_TEST_PREFLIGHT_KEY", "sk-preflight-1")
-    with FakeOpenAIServer() as server:
+    with FakeOpenAIServer(models=["fake", "fake-judge"]) as server:
         judge = {**OPENAI, "base_url": server.url, "model": "fake"}
         cfg = resolved(table1={"judge": judge}, benchmarks={"judge": judge})
         # table1.judge and benchmarks.judge are one endpoint and model: one probe, a GET of /models
@@ -131,9 +131,11 @@ def test_settings_that_would_fail_after_judging_fail_first(tmp_path):
     test = tmp_path / "test.jsonl"
     test.write_text(json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"}) + "\n")
     cfg["data"] = {**cfg["data"], "source": "file", "splits": {"train": str(test), "test": str(test)}}
+    cfg["judge_validity"]["enabled"] = True  # gold verdicts need verifiable instructions in the test rows
     problems = preflight.settings_problems(cfg)
     assert [p.split(":")[0] for p in problems] == ["benchmarks.arenahard.category", "benchmarks.alpacaeval",
-                                                   "lm_eval.tasks[0]"]
+                                                   "lm_eval.tasks[0]", "judge_validity"]
+    assert f"and row 1 of {test} (data.splits.test) has none; set judge_validity.enabled: false" in problems[3]
     assert "set category: hard_prompt, or version: v0.1" in problems[0]
     assert "n_questions is 4; set n_questions: null, or lc_win_rate: if_available" in problems[1]
     assert f"'ifeval_heldout' evaluates the held-out prompts by their IFEval key (meta.key, which data.source " \

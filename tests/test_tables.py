@@ -234,6 +234,34 @@ def test_render_markdown_table2_with_na():
     assert "- mtbench: judge llm-judge; baseline none" in lines
 
 
+def test_a_cell_without_a_number_says_why():
+    rows = _table1_rows() + [
+        make_row(model_a="dpo", metric="mtbench", value=math.nan, n=0, judge="llm-judge", note="0/6 ratings parsable"),
+        make_row(model_a="dpo", model_b="gpt4_turbo", metric="alpacaeval_lc", value=math.nan, n=0, judge="llm-judge",
+                 note="needs alpaca_eval's df_gamed.csv")]
+    lines = render_markdown(rows, model_labels={"dpo": "DPO"}).splitlines()
+    assert "| DPO | n/a (0/6 ratings parsable) | n/a (needs alpaca_eval's df_gamed.csv) |" in lines
+    # the note is the Markdown's only: the CSV cell stays empty, and the column set is unchanged
+    assert set(rows[-1]) == set(COLUMNS) | {"note"}
+
+
+def test_the_table2_judges_agreement_with_gold_is_printed_beside_it(tmp_path):
+    from eval.table1 import judge_trust_markdown
+    rows = _table1_rows() + _bench_rows()
+    # without judge_validity.csv: how to measure it
+    assert "Agreement of the Table 2 judge llm-judge with gold: not measured in this run" in \
+        judge_trust_markdown(rows, None)
+    validity = tmp_path / "judge_validity.csv"  # judge_validity.csv's columns; kappa of the judge, and another
+    validity.write_text("statistic,judge,constrain,value,ci_low,ci_high,n,n_prompts\n"
+                        "unparsable,llm-judge,true,0,0,0,144,24\n"
+                        "kappa,llm-judge,true,-0.0312,-0.0714,0,72,24\n"
+                        "kappa,other-judge,false,0.5,0.4,0.6,72,24\n")
+    assert ("Agreement of the Table 2 judge llm-judge with gold on Table 1's answer pairs (results/judge_validity.csv): "
+            "Cohen's kappa -0.03 [-0.07, 0.00], n = 72.") in judge_trust_markdown(rows, str(validity))
+    # Table 1 alone (its pairwise judge is checked by judge_validity itself): nothing to add
+    assert judge_trust_markdown(_table1_rows(), None) == ""
+
+
 def test_render_markdown_rejects_duplicate_pair():
     rows = _table1_rows()
     dup = dict(rows[0], judge="other-judge")

@@ -67,11 +67,11 @@ def judge_answer(request: dict) -> dict:
 class FakeOpenAIServer:
     """Counts and records requests; `behave` decides each answer (default: judge_answer)."""
 
-    def __init__(self, models=("fake", "fake-judge")):
+    def __init__(self, models=()):
         self.lock = threading.Lock()
         self.requests: list[dict] = []
         self.headers: list[dict] = []
-        self.models = list(models)   # what GET /v1/models lists
+        self.models = list(models)   # what GET /v1/models lists (none: it names no model, so any is accepted)
         self.get_status = 200        # its status (e.g. 401, or 404 for a server without the route)
         self.gets: list[tuple[str, str | None]] = []  # (path, Authorization header) of every GET
         self.answered: list[str] = []  # last-message contents that got a 200

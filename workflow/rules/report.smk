@@ -83,6 +83,7 @@ rule make_table1:
         resolved_config=f"{RESULTS}/config.resolved.yaml",
         judgments=JUDGMENTS,
         calls=CALLS,
+        validity=VALIDITY,  # judge_validity.csv when enabled: Table 2's judge's agreement with gold, printed beside it
         metrics=[TRAIN_METRICS.format(method=m) for m in METHODS],
         scores=SCORES,
     output:
@@ -101,6 +102,7 @@ rule make_table1:
                        **({"seed_pairs": seed_pairs()} if seed_pairs() else {})},
             lambda w, input, output: {
                 "judgments": list(input.judgments), "scores": list(input.scores), "judge_calls": list(input.calls),
+                "validity": input.validity[0] if input.validity else None,
                 "metrics": {m: TRAIN_METRICS.format(method=m) for m in config["figures"]["logps_methods"]},
                 "methods_metrics": {m: TRAIN_METRICS.format(method=m) for m in METHODS},
                 "out_csv": output.csv, "out_md": output.md, "figure": output.figure,

@@ -25,6 +25,8 @@ include: "workflow/rules/judge.smk"
 include: "workflow/rules/lm_eval.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/overopt.smk"
+include: "workflow/rules/reward_common.smk"
+include: "workflow/rules/reward.smk"
 
 
 onstart:

@@ -171,3 +171,33 @@ def plot_bon(rows: list[dict], out_png) -> dict[str, list[tuple[float, float]]]:
     with io.atomic_open(out_png, "wb") as f:
         fig.savefig(f, format="png", dpi=120)
     return drawn
+
+
+def make_bon(*, gold_path, score_paths: list[str], members: list[str], ns: list[int] | None, lam: float,
+             csv_path, figure, n: int, seed: int, ci: float, samples_seed: int) -> list[dict]:
+    """results/bon.csv and its figure from the gold scores of the samples (rpo.candidates.gold_candidates) and
+    each member's scores (score_paths[i] is members[i]'s); `ns` null = default_ns(N). `n`, `seed`, `ci`: the
+    bootstrap's; `samples_seed`: the seed the samples were drawn with (the CSV's seed column)."""
+    from rpo import io
+    if len(score_paths) != len(members) or not members:
+        raise ValueError(f"best-of-n: {len(score_paths)} score files for members {members}")
+    gold = io.read_jsonl(gold_path)
+    scores = [{r["id"]: r["scores"] for r in io.read_jsonl(p)} for p in score_paths]
+    prompts = []
+    for g in gold:
+        missing = [p for p, s in zip(score_paths, scores) if g["id"] not in s]
+        if missing:
+            raise ValueError(f"best-of-n: prompt {g['id']!r} of {gold_path} has no scores in {missing}")
+        m = [s[g["id"]] for s in scores]
+        if any(len(x) != len(g["gold"]) for x in m):
+            raise ValueError(f"best-of-n: prompt {g['id']!r}: {[len(x) for x in m]} member scores for "
+                             f"{len(g['gold'])} samples")
+        prompts.append({"id": g["id"], "scores": m, "gold": g["gold"]})
+    big_n = len(prompts[0]["gold"]) if prompts else 0
+    ns = sorted(set(ns)) if ns else default_ns(big_n)
+    if ns[-1] > big_n:
+        raise ValueError(f"best_of_n.ns: {ns[-1]} exceeds the {big_n} samples per prompt (best_of_n.n_samples)")
+    rows = bon_rows(prompts, members, ns, lam=lam, n_boot=n, boot_seed=seed, ci=ci, seed=samples_seed)
+    write_rows(rows, csv_path)
+    plot_bon(rows, figure)
+    return rows

@@ -51,6 +51,18 @@ def _evaluate_snapshots(**kw) -> None:
     evaluate_snapshots(**kw)
 
 
+def _train_reward_model(**kw) -> None:
+    from rpo.reward import train_reward_model
+    train_reward_model(**kw)
+
+
+def _candidates(name):
+    def run(**kw):
+        from rpo import candidates
+        getattr(candidates, name)(**kw)
+    return run
+
+
 def _write_config(config: dict, out: str) -> None:
     """The resolved config as YAML, keys in their order (results/config.resolved.yaml)."""
     import yaml
@@ -69,6 +81,8 @@ COMMANDS = {
     "reference-answers": _reference_answers,
     "evaluate-snapshots": _evaluate_snapshots,
     "write-config": _write_config,
+    "train-reward-model": _train_reward_model,
+    **{f"{stage}-candidates": _candidates(f"{stage}_candidates") for stage in ("sample", "gold", "score")},
 }
 
 

@@ -149,3 +149,19 @@ def resolve_study(config: dict, schema: dict) -> dict:
     if out["training"]["max_prompt_length"] >= out["training"]["max_length"]:
         raise ValueError("overoptimization.training: max_prompt_length must be < max_length")
     return out
+
+
+def resolve_reward_models(config: dict, schema: dict) -> dict:
+    """The reward models' training config: `training` with reward_models.training's keys on top, checked
+    against the schema's training part (a misspelt key fails here, naming reward_models.training)."""
+    import jsonschema
+
+    merged = deep_merge(config["training"], config["reward_models"]["training"])
+    try:
+        jsonschema.validate(merged, {"$defs": schema["$defs"], "$ref": "#/$defs/train"})
+    except jsonschema.ValidationError as e:
+        where = ".".join(str(p) for p in e.absolute_path)
+        raise ValueError(f"reward_models.training{'.' + where if where else ''}: {e.message}") from None
+    if merged["max_prompt_length"] >= merged["max_length"]:
+        raise ValueError("reward_models.training: max_prompt_length must be < max_length")
+    return merged

@@ -59,3 +59,234 @@ def ensemble_objective(scores, objective: str, *, lam: float = 0.5) -> np.ndarra
     if objective == "uwo":
         return arr.mean(axis=0) - lam * arr.var(axis=0, ddof=0)
     raise ValueError(f"ensemble objective {objective!r}: expected one of {OBJECTIVES}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model: a scalar head on the last token
+# ---------------------------------------------------------------------------------------------------
+
+# written beside every member: how to load it and what its score means
+CARD = "reward_model.json"
+
+
+class LastTokenReward(torch.nn.Module):
+    """The reward of each sequence of a right-padded batch: the sequence-classification model's score head
+    on the final hidden state of its LAST real token (`last`: its index per row). The index is given, not
+    found from pad ids as transformers' pooling does (where pad = eos, as for SmolLM2, a response that ends
+    in eos would be scored one token early). Training runs through this module, so DDP and FSDP2 see its
+    forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model  # AutoModelForSequenceClassification, or peft's wrapper of it
+
+    def inner(self):
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def forward(self, input_ids, attention_mask, last):
+        inner = self.inner()
+        hidden = inner.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return inner.score(hidden[rows, last]).squeeze(-1).float()
+
+    def gradient_checkpointing_enable(self, **kw):  # rpo.loop calls it on the model it trains
+        self.model.gradient_checkpointing_enable(**kw)
+
+
+def _seq_cls(model_dir, *, dtype: str, device, attention: str | None, pad_token_id: int):
+    from transformers import AutoModelForSequenceClassification
+
+    from rpo.models import resolve_model_dir, torch_dtype
+    kw = {"attn_implementation": attention} if attention else {}
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_model_dir(model_dir), num_labels=1,
+                                                               dtype=torch_dtype(dtype), **kw)
+    model.config.pad_token_id = pad_token_id  # transformers' own pooling (for users of the saved model)
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def prepare_reward_model(base_dir, cfg: dict, device, *, pad_token_id: int) -> LastTokenReward:
+    """A member to train (fp32 master weights): the base with a freshly initialised head, whole (full
+    fine-tuning) or with LoRA adapters (the head always trains: peft's modules_to_save). The head and the
+    LoRA matrices are drawn from the global RNG, seeded here with cfg["seed"], the member's seed."""
+    torch.manual_seed(cfg["seed"])
+    model = _seq_cls(base_dir, dtype="float32", device=device, attention=cfg.get("attention"),
+                     pad_token_id=pad_token_id)
+    if cfg["finetuning"] == "lora":
+        from peft import LoraConfig, get_peft_model
+        lora = cfg["lora"]
+        n = model.config.num_hidden_layers
+        layers = list(range(max(0, n - lora["top_layers"]), n)) if lora.get("top_layers") else None
+        # task_type SEQ_CLS: peft trains and saves the score head in full beside the adapters
+        model = get_peft_model(model, LoraConfig(
+            r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=lora["target_modules"],
+            layers_to_transform=layers, task_type="SEQ_CLS"))
+    model.train()
+    return LastTokenReward(model)
+
+
+def load_reward_model(model_dir, *, base_dir=None, device="cpu", dtype: str = "float32") -> LastTokenReward:
+    """A trained member for scoring: a LoRA member is its base (`base_dir`, default the one its card names)
+    with the adapter merged in; a fully fine-tuned member is its own model."""
+    import json
+    from pathlib import Path
+
+    from rpo.models import load_tokenizer
+    model_dir = Path(model_dir)
+    card = json.loads((model_dir / CARD).read_text())
+    if (model_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+        base_dir = base_dir or card["base_model"]
+        pad = load_tokenizer(base_dir).pad_token_id
+        base = _seq_cls(base_dir, dtype=dtype, device=device, attention=None, pad_token_id=pad)
+        model = PeftModel.from_pretrained(base, model_dir).merge_and_unload()
+    else:
+        model = _seq_cls(model_dir, dtype=dtype, device=device, attention=None,
+                         pad_token_id=load_tokenizer(model_dir).pad_token_id)
+    return LastTokenReward(model).eval()
+
+
+def sequence_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """rpo.batching.collate's right-padded batch and the index of each sequence's last token."""
+    from rpo.batching import collate
+    batch = collate(seqs, pad_id)
+    batch["last"] = batch["attention_mask"].sum(dim=1) - 1
+    return batch
+
+
+@torch.inference_mode()
+def score_sequences(model: LastTokenReward, seqs: list[tuple[list[int], list[int]]], pad_id: int, *,
+                    batch_size: int) -> torch.Tensor:
+    """The reward of each (prompt ids, response ids) sequence, batched in length order."""
+    device = next(model.parameters()).device
+    out = torch.zeros(len(seqs))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        b = {k: v.to(device) for k, v in sequence_batch([seqs[i] for i in idx], pad_id).items()}
+        out[idx] = model(b["input_ids"], b["attention_mask"], b["last"]).cpu()
+    return out
+
+
+def pair_accuracy(model: LastTokenReward, items: list[dict], pad_id: int, *, batch_size: int) -> dict:
+    """How a member ranks tokenised pairs: accuracy (ties half), mean margin s_w - s_l, the pairs' count."""
+    seqs = [(it["prompt"], it[side]) for it in items for side in ("chosen", "rejected")]
+    s = score_sequences(model, seqs, pad_id, batch_size=batch_size)
+    margin = s[0::2] - s[1::2]
+    acc = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
+    return {"pairs": len(items), "accuracy": float(acc), "mean_margin": float(margin.mean())}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training one member with rpo.loop
+# ---------------------------------------------------------------------------------------------------
+
+def train_reward_model(*, base_dir, pairs_path, test_path, out_dir, metrics_path, summary_path, ckpt_dir,
+                       cfg: dict, l2: float, eval_batch_size: int, reference_cache=None, trunk_path=None,
+                       grad_hook=None) -> dict:
+    """Train one member (seed cfg["seed"]) on the pairs of `pairs_path` with reward_loss; resumes from
+    `ckpt_dir` (rpo.checkpoint: bound to the config, the base model's content, the tokenised data and
+    `l2`). Writes the member to `out_dir` (module docstring; CARD says how to load it), the per-step metrics
+    and a summary with its accuracy on the held-out pairs of `test_path` and on its training pairs. With
+    LoRA on the top layers and the reference pass's trunk (`reference_cache`, `trunk_path`: rpo.trunk, made
+    by the same base model on the same pairs), every training forward starts at the first LoRA layer."""
+    import json
+    from contextlib import nullcontext
+    from pathlib import Path
+
+    from rpo import checkpoint, io
+    from rpo import distributed as dist_
+    from rpo import trunk as trunk_
+    from rpo.data import read_pairs
+    from rpo.loop import run_loop
+    from rpo.models import load_tokenizer, resolve_model_dir
+    from rpo.train import (_autocast, _fingerprint_on_main, _load_device, _load_trainable, _run_cfg, check_attention,
+                           check_precision, fingerprint, pair_batch, tokenize_pairs)
+    if (reference_cache is None) != (trunk_path is None):
+        raise ValueError("train_reward_model: reference_cache and trunk_path go together (the trunk's layout is "
+                         "the cache's)")
+    tok = load_tokenizer(base_dir)
+    pad = tok.pad_token_id
+    tokenize = dict(max_length=cfg["max_length"], max_prompt_length=cfg["max_prompt_length"])
+    items, tok_summary = tokenize_pairs(tok, read_pairs(pairs_path), **tokenize)
+    test_items, _ = tokenize_pairs(tok, read_pairs(test_path), **tokenize)
+    world = dist_.setup(cfg.get("sharding", "none"))
+    device = world.device
+    check_attention(cfg, device)
+    check_precision(cfg["precision"], device)
+    model = prepare_reward_model(base_dir, cfg, _load_device(world), pad_token_id=pad)
+    sharded = world.sharding == "full"
+    reader, layer = None, None
+    if trunk_path is not None:
+        if sharded or cfg["finetuning"] != "lora" or not cfg["lora"].get("top_layers"):
+            raise ValueError("reward_models: the trunk needs LoRA on the top layers of an unsharded model")
+        cache = torch.load(reference_cache, weights_only=False)
+        if cache["fingerprint"] != fingerprint(items):
+            raise ValueError(f"{reference_cache}: made for another tokenisation or data than {pairs_path}; "
+                             "the reward models' trunk needs the same pairs, max_length and max_prompt_length")
+        layer = trunk_.depth(model.model.config.num_hidden_layers, cfg["lora"]["top_layers"])
+        trunk_.check_frozen(model.model, layer)
+        trunk_.check(trunk_path, cache.get("trunk"), layer=layer, hidden_size=model.model.config.hidden_size,
+                     items=items, cache_path=reference_cache)
+        reader = trunk_.Reader(trunk_path, items, model.model.config.hidden_size)
+    skipped = [0]
+
+    def same(hidden):
+        return hidden
+
+    def step_fn(model, micro, step_items):
+        b, n_step = len(micro), len(step_items)
+        batch = {k: v.to(device) for k, v in sequence_batch(
+            [(it["prompt"], it["chosen"]) for it in micro] + [(it["prompt"], it["rejected"]) for it in micro],
+            pad).items()}
+        start = trunk_.Trunk(layer, reader.batch(micro).to(device)) if reader else None
+        hooked = start.hooked(dist_.unwrap(model).model, same, same) if start else nullcontext()
+        with _autocast(device, cfg["precision"], sharded=sharded), hooked:
+            s = model(batch["input_ids"], batch["attention_mask"], batch["last"])
+        skipped[0] += start.skipped if start else 0
+        sc, sr = s[:b], s[b:]
+        per = reward_loss(sc, sr, l2=l2)
+        with torch.no_grad():
+            bt = reward_loss(sc, sr, l2=0.0)
+            d = sc - sr
+
+        def share(x):  # this micro-batch's part of the global step's mean
+            return float(x.detach().sum()) / n_step
+        m = {"loss": share(per), "loss/bt": share(bt), "loss/l2": share(per - bt),
+             "accuracy": share((d > 0).float() + 0.5 * (d == 0).float()), "margin": share(d),
+             "scores/chosen": share(sc), "scores/rejected": share(sr)}
+        return per.sum() / n_step, m
+
+    identity = {"stage": "reward_model", "config": _run_cfg(cfg), "l2": l2,
+                "base_model": _fingerprint_on_main(base_dir, world), "data": fingerprint(items),
+                "trunk": checkpoint.tensors_fingerprint(cache["chosen_logps"]) if reader else None}
+    model, info = run_loop(model=model, items=items, step_fn=step_fn, cfg=cfg, metrics_path=metrics_path,
+                           ckpt_dir=ckpt_dir, identity=identity, desc=f"reward model seed {cfg['seed']}",
+                           world=world, grad_hook=grad_hook)
+    state = dist_.trainable_state(model, world)
+    if world.main:
+        inner = dist_.unwrap(model)
+        if dist_.is_sharded(inner):
+            inner = prepare_reward_model(base_dir, cfg, "cpu", pad_token_id=pad)
+            _load_trainable(inner, state)
+        inner.eval()
+        evals = {"heldout": pair_accuracy(inner, test_items, pad, batch_size=eval_batch_size),
+                 "train": pair_accuracy(inner, items, pad, batch_size=eval_batch_size)}
+        card = {"base_model": str(resolve_model_dir(base_dir)), "num_labels": 1, "score": "the score head on the "
+                "last token of prompt + response (chat template), raw (not standardised)",
+                "finetuning": cfg["finetuning"], "seed": cfg["seed"], "l2": l2,
+                "load": ("peft.PeftModel.from_pretrained(transformers.AutoModelForSequenceClassification"
+                         ".from_pretrained(base_model, num_labels=1), dir)"
+                         if cfg["finetuning"] == "lora" else
+                         "transformers.AutoModelForSequenceClassification.from_pretrained(dir)")}
+        with io.atomic_dir(Path(out_dir)) as tmp:
+            inner.model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            (tmp / CARD).write_text(json.dumps(card, indent=2) + "\n")
+        summary = {**info, **evals, "tokenization": tok_summary, "config": cfg, "l2": l2,
+                   "base_model": str(base_dir), "trunk": {"layer": layer, "layer_calls_skipped": skipped[0]}
+                   if reader else None}
+        io.write_json(summary_path, summary, sort_keys=True)
+    checkpoint.clear(ckpt_dir, world)
+    dist_.barrier(world)
+    return summary if world.main else {}

@@ -27,6 +27,7 @@ include: "workflow/rules/report.smk"
 include: "workflow/rules/overopt.smk"
 include: "workflow/rules/reward_common.smk"
 include: "workflow/rules/reward.smk"
+include: "workflow/rules/rso.smk"
 
 
 onstart:

@@ -63,6 +63,11 @@ def _candidates(name):
     return run
 
 
+def _rso_pairs(**kw) -> None:
+    from rpo.rso import make_rso_pairs
+    make_rso_pairs(**kw)
+
+
 def _write_config(config: dict, out: str) -> None:
     """The resolved config as YAML, keys in their order (results/config.resolved.yaml)."""
     import yaml
@@ -82,6 +87,7 @@ COMMANDS = {
     "evaluate-snapshots": _evaluate_snapshots,
     "write-config": _write_config,
     "train-reward-model": _train_reward_model,
+    "rso-pairs": _rso_pairs,
     **{f"{stage}-candidates": _candidates(f"{stage}_candidates") for stage in ("sample", "gold", "score")},
 }
 

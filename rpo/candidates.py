@@ -31,7 +31,7 @@ def sample_candidates(*, ref_dir, prompts_path, out, n: int, max_new_tokens: int
     that KL_bon(n) = log n - (n-1)/n applies) for each prompt of `prompts_path` (its first `n_prompts`)."""
     from rpo.models import load_model, load_tokenizer
     from rpo.sampling import generate_answers
-    prompts = io.read_jsonl(prompts_path)[:n_prompts]
+    prompts = read_prompts(prompts_path)[:n_prompts]
     if not prompts:
         raise ValueError(f"{prompts_path}: no prompts to sample")
     tok = load_tokenizer(ref_dir)
@@ -42,6 +42,17 @@ def sample_candidates(*, ref_dir, prompts_path, out, n: int, max_new_tokens: int
                             desc=f"sample {n} per prompt")
     cut = sum(not f for r in rows for f in r["finished"])
     log.info("%s: %d prompts x %d samples; %d cut at max_new_tokens=%d", out, len(rows), n, cut, max_new_tokens)
+    return rows
+
+
+def read_prompts(path) -> list[dict]:
+    """{"id", "messages", "meta"} of each row of a prompts file (rpo.data.prompts_of's rows) or of a
+    preference-pairs file (its prompts: RSO samples the training prompts)."""
+    rows = []
+    for n, r in io.read_json_objects(path):
+        if "messages" not in r and "prompt" not in r:
+            raise ValueError(f"{path}, line {n}: neither 'messages' (a prompts file) nor 'prompt' (a pairs file)")
+        rows.append({"id": r["id"], "messages": r.get("messages", r.get("prompt")), "meta": r.get("meta") or {}})
     return rows
 
 
@@ -61,7 +72,7 @@ def gold_candidates(*, prompts_path, samples_path, out) -> list[dict]:
     """The gold score (rpo.verifiable: the mean of IFEval's strict and loose instruction-following fractions)
     of every sample to its prompt, whose meta must carry the verifiable instructions."""
     from rpo import verifiable
-    prompts = {p["id"]: p for p in io.read_jsonl(prompts_path)}
+    prompts = {p["id"]: p for p in read_prompts(prompts_path)}
     rows = []
     for s in read_samples(samples_path):
         p = prompts.get(s["id"])

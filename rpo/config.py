@@ -9,7 +9,7 @@ from rpo import launch, losses
 from rpo.models import parse_source
 
 
-HPARAM_EXCLUDE = ("loss", "name", "reference")  # method keys that are not loss hyperparameters
+HPARAM_EXCLUDE = ("loss", "name", "reference", "sampling")  # method keys that are not loss hyperparameters
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -76,6 +76,9 @@ def check_config(config: dict, where: str = "config") -> None:
                                  "(a hub split name, or a file path for source 'file')")
     for name, method in config["methods"].items():
         check_method(method, f"{where}: methods.{name}")
+        if "sampling" in method and method.get("reference", "ref") != "ref":
+            raise ValueError(f"{where}: methods.{name}: RSO's sampling draws its candidates from the Ref model; "
+                             "reference must be ref")
         if method.get("reference", "ref") == "soup" and not config["sft"]["enabled"]:
             raise ValueError(f"{where}: methods.{name}.reference: 'soup' averages SFT models trained here, "
                              "so it needs sft.enabled: true")

@@ -4,8 +4,10 @@ tidy CSV and the figure; a second run has nothing to do. Then (slow) kill -9 of 
 and of the sampling job: each re-run resumes (from the checkpoint, from the .partial file) and redoes
 nothing that had finished.
 
-Run: pytest tests/test_bon_workflow.py -q             (about 2 minutes on 2 CPU cores)
-     pytest tests/test_bon_workflow.py -q -m slow     (the kill -9 test, about 3 minutes more)
+Then RSO as a method on the same run: its rejection-sampled pairs, its training, its Table 1 judgment.
+
+Every test here runs Snakemake for more than a minute, so all are slow:
+    pytest tests/test_bon_workflow.py -q -m slow     (about 10 minutes on 2 shared CPU cores)
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 from test_workflow import REPO, snakemake, tiny_config
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +135,6 @@ def _mtimes(tmp: Path) -> dict[str, float]:
             if p.is_file() and "checkpoints" not in p.parts and not p.name.endswith(".partial")}
 
 
-@pytest.mark.slow
 def test_kill9_of_training_and_sampling_resumes_and_redoes_nothing_finished(tmp_path):
     config = tiny_config(tmp_path)
     cfg = yaml.safe_load(config.read_text())
@@ -167,3 +170,38 @@ def test_kill9_of_training_and_sampling_resumes_and_redoes_nothing_finished(tmp_
     log = (tmp_path / "logs/sample_bon/samples.log").read_text()
     assert f"resuming, {done_samples} of 4 answers already done" in log
     assert (tmp_path / "results/bon.csv").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# RSO: a method with `sampling`, on the same run
+# ---------------------------------------------------------------------------------------------------
+
+def test_rso_method_trains_on_its_rejection_sampled_pairs_and_is_judged(bon_run):
+    tmp, config = bon_run
+    cfg = yaml.safe_load(config.read_text())
+    # the hinge loss's beta (gamma in the paper) is not the sampling's beta
+    cfg["methods"]["rso"] = {"loss": "hinge", "beta": 0.05,
+                             "sampling": {"n_candidates": 6, "m_accepted": 4, "beta": 0.5, "reward": "mean",
+                                          "labeller": "reward", "max_new_tokens": 6, "batch_size": 4}}
+    for b in ("mtbench", "alpacaeval", "arenahard"):
+        cfg["benchmarks"][b]["enabled"] = False
+    rso_config = tmp / "config-rso.yaml"
+    rso_config.write_text(yaml.safe_dump(cfg))
+    members = {p: p.stat().st_mtime for p in (tmp / "results/reward_models").rglob("*") if p.is_file()}
+    # Table 1 compares every method with Ref (table1.all_vs_ref), RSO included
+    plan = snakemake(tmp, rso_config, "-n", target="results/table1.csv")
+    assert plan.returncode == 0 and "results/judgments/table1/rso_vs_ref.jsonl" in plan.stdout
+    run = snakemake(tmp, rso_config, target="results/judgments/table1/rso_vs_ref.jsonl")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    summary = json.loads((tmp / "results/rso/rso/summary.json").read_text())
+    assert summary["prompts"] == 8 and summary["candidates"] == 48 and summary["pairs"] >= 1
+    assert summary["accepted"] <= 8 * 4 and summary["reward"] == "mean"
+    pairs = [json.loads(line) for line in (tmp / "results/rso/rso/train.jsonl").read_text().splitlines()]
+    assert len(pairs) == summary["pairs"] and all(p["id"].split("-rso")[0].startswith("p") for p in pairs)
+    assert all(p["meta"]["rso"]["chosen_reward"] > p["meta"]["rso"]["rejected_reward"] for p in pairs)
+    trained = json.loads((tmp / "results/train/rso/train_summary.json").read_text())
+    assert trained["method"]["beta"] == 0.05 and trained["method"]["sampling"]["beta"] == 0.5
+    assert trained["tokenization"]["pairs"] == len(pairs)  # trained on RSO's pairs, not the data's 8
+    assert (tmp / "results/judgments/table1/rso_vs_ref.jsonl").read_text().strip()
+    # the members were reused, not retrained
+    assert {p: p.stat().st_mtime for p in members} == members

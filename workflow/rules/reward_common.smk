@@ -34,3 +34,40 @@ def rm_train_cfg(seed):
 
 def bon_scores(w):
     return [f"{BON_DIR}/scores/seed{s}.jsonl" for s in RM_SEEDS]
+
+
+# ---------------------------------------------------------------------------------------------------
+# RSO (a method with `sampling`, workflow/rules/rso.smk): it trains on its own pairs, drawn from the Ref model's
+# candidates by rejection sampling, with the Ref model's log-probs (and trunk) of those pairs
+# ---------------------------------------------------------------------------------------------------
+RSO_DIR = f"{RESULTS}/rso"
+RSO_METHODS = sorted(m for m, spec in config["methods"].items() if "sampling" in spec)
+RSO_NAMES = "|".join(re.escape(m) for m in RSO_METHODS) or "^$"
+
+
+def method_pairs(method):
+    """The training pairs of a run (rule train_preference): RSO's own, or results/data/train.jsonl."""
+    m = run_method(method)
+    return f"{RSO_DIR}/{m}/train.jsonl" if m in RSO_METHODS else f"{RESULTS}/data/train.jsonl"
+
+
+def method_reference_cache(method):
+    m = run_method(method)
+    return f"{RSO_DIR}/{m}/train_logps.pt" if m in RSO_METHODS else reference_cache(reference_name(method))
+
+
+def method_reference_trunk(method):
+    m = run_method(method)
+    return f"{RSO_DIR}/{m}/train_trunk.f32" if m in RSO_METHODS else reference_trunk(reference_name(method))
+
+
+def rso_reward_inputs(w):
+    """What an RSO method's pairs need: the candidates' gold scores (gold reward or labeller) and the members'
+    scores (an ensemble reward)."""
+    s = config["methods"][w.rso]["sampling"]
+    out = {}
+    if "gold" in (s["reward"], s["labeller"]):
+        out["gold"] = f"{RSO_DIR}/{w.rso}/gold.jsonl"
+    if s["reward"] != "gold":
+        out["scores"] = [f"{RSO_DIR}/{w.rso}/scores/seed{seed}.jsonl" for seed in RM_SEEDS]
+    return out

@@ -46,7 +46,7 @@ RSO_NAMES = "|".join(re.escape(m) for m in RSO_METHODS) or "^$"
 
 
 def method_pairs(method):
-    """The training pairs of a run (rule train_preference): RSO's own, or results/data/train.jsonl."""
+    """The training pairs a run trains on (an input of train_preference): RSO's own, or results/data/train.jsonl."""
     m = run_method(method)
     return f"{RSO_DIR}/{m}/train.jsonl" if m in RSO_METHODS else f"{RESULTS}/data/train.jsonl"
 

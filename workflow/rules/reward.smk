@@ -49,6 +49,8 @@ rule sample_bon:
                                 "batch_size": config["best_of_n"]["batch_size"], "seed": config["best_of_n"]["seed"]},
                      lambda w, input, output: {"ref_dir": input.ref, "prompts_path": input.prompts, "out": output[0]}),
     threads: config["best_of_n"]["threads"]
+    # the longest job that the scoring waits for: first, beside the members' trainings
+    priority: 1
     resources:
         **res("generation"),
     log:

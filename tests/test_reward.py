@@ -179,6 +179,27 @@ def test_kill9_resumes_to_the_uninterrupted_member(tiny_model_dir, data, tmp_pat
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow  # two accelerate launches of 2 gloo ranks: about a minute
+@pytest.mark.parametrize("sharding", ["none", "full"])
+def test_two_ranks_train_the_member_one_process_trains(tiny_model_dir, data, tmp_path, sharding):
+    """DDP (sharding none) and FSDP2 (full) over 2 CPU ranks: the global batch and its gradient are one
+    process's, so the saved member is one process's within fp32 reduction-order rounding."""
+    from test_distributed import TOL_2RANKS, ok, run_ranks
+    cfg = {**CFG, "epochs": 2, "micro_batch_size": 1, "max_grad_norm": 100.0, "learning_rate": 1e-2}
+    train_member(tiny_model_dir, data, tmp_path / "one", cfg={**cfg, "world_size": 1})
+    ok(run_ranks({"stage": "reward", "base_dir": str(tiny_model_dir), **{k: str(v) for k, v in data.items()},
+                  **{k: str(v) for k, v in run_paths(tmp_path / "two").items()}, "ckpt_dir": str(tmp_path / "ck"),
+                  "cfg": {**cfg, "world_size": 2, "sharding": sharding}, "l2": 0.001, "eval_batch_size": 8}, 2))
+    summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["sharding"] == sharding
+    wa, wb = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], **TOL_2RANKS)
+    for x, y in zip(metrics(tmp_path / "two"), metrics(tmp_path / "one"), strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Candidates: gold and member scores of sampled responses
 # ---------------------------------------------------------------------------------------------------

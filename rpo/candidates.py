@@ -88,13 +88,16 @@ def gold_candidates(*, prompts_path, samples_path, out) -> list[dict]:
     return rows
 
 
-def score_candidates(*, model_dir, base_dir, samples_path, out, max_length: int, max_prompt_length: int,
-                     batch_size: int) -> list[dict]:
-    """One reward model's score of every sample (rpo.reward.score_sequences), each (prompt, response)
-    tokenised and cut as the model's training pairs were (rpo.batching's rule, counted in the log)."""
+def score_candidates(*, model_dirs: list, base_dir, samples_path, outs: list, max_length: int,
+                     max_prompt_length: int, batch_size: int) -> list[list[dict]]:
+    """Every member's score of every sample (rpo.reward.score_with_members: LoRA members on the top layers share
+    the frozen layers below them), each (prompt, response) tokenised and cut as the members' training pairs
+    were (rpo.batching's rule, counted in the log); member i's scores go to outs[i]."""
     from rpo.batching import Truncation, fit, prompt_ids, response_ids
     from rpo.models import load_tokenizer
-    from rpo.reward import load_reward_model, score_sequences
+    from rpo.reward import score_with_members
+    if len(model_dirs) != len(outs) or not outs:
+        raise ValueError(f"score_candidates: {len(model_dirs)} members for {len(outs)} output files")
     tok = load_tokenizer(base_dir)
     samples = read_samples(samples_path)
     counter = Truncation()
@@ -107,9 +110,11 @@ def score_candidates(*, model_dir, base_dir, samples_path, out, max_length: int,
     if counter.pairs:
         log.warning("%s: cut to max_length=%d / max_prompt_length=%d: %d prompts' samples (%s)", samples_path,
                     max_length, max_prompt_length, counter.pairs, counter.as_dict())
-    model = load_reward_model(model_dir, base_dir=base_dir, device=_device())
-    scores = score_sequences(model, seqs, tok.pad_token_id, batch_size=batch_size).tolist()
     n = len(samples[0]["responses"])
-    rows = [{"id": s["id"], "scores": scores[i * n:(i + 1) * n]} for i, s in enumerate(samples)]
-    io.write_jsonl(rows, out)
-    return rows
+    every = []
+    for scores, out in zip(score_with_members(model_dirs, base_dir, seqs, tok.pad_token_id, batch_size=batch_size,
+                                              device=_device()), outs):
+        rows = [{"id": s["id"], "scores": scores[i * n:(i + 1) * n].tolist()} for i, s in enumerate(samples)]
+        io.write_jsonl(rows, out)
+        every.append(rows)
+    return every

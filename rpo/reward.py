@@ -290,3 +290,91 @@ def train_reward_model(*, base_dir, pairs_path, test_path, out_dir, metrics_path
     checkpoint.clear(ckpt_dir, world)
     dist_.barrier(world)
     return summary if world.main else {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several members scoring the same sequences: their shared frozen layers run once
+# ---------------------------------------------------------------------------------------------------
+
+class _Stop(Exception):
+    """Raised at the trunk layer: the forward has given what it was run for."""
+
+
+def _states_below(model: LastTokenReward, layer: int, batch: dict) -> torch.Tensor:
+    """The input of decoder layer `layer` for every token of `batch` ([sequences, width, hidden]); the layers
+    from `layer` up do not run."""
+    from rpo.trunk import decoder_layers
+    box = {}
+
+    def grab(module, args, kwargs):
+        box["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
+        raise _Stop
+    handle = decoder_layers(model.model).__getitem__(layer).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(batch["input_ids"], batch["attention_mask"], batch["last"])
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return box["h"]
+
+
+def lora_floor(model_dir) -> int | None:
+    """The lowest decoder layer a LoRA member's adapter changes (its weights' `layers.<i>.` names), or None
+    for a fully fine-tuned member: below it the member is its base model."""
+    import re
+    from pathlib import Path
+
+    from safetensors import safe_open
+    path = Path(model_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        return None
+    with safe_open(path, "pt") as f:
+        layers = {int(m.group(1)) for k in f.keys() if (m := re.search(r"\.layers\.(\d+)\.", k))}
+    if not layers:
+        raise ValueError(f"{path}: no decoder layer in the adapter's weights")
+    return min(layers)
+
+
+@torch.inference_mode()
+def score_with_members(model_dirs: list, base_dir, seqs: list[tuple[list[int], list[int]]], pad_id: int, *,
+                       batch_size: int, device="cpu") -> list[torch.Tensor]:
+    """Each member's reward of each sequence. LoRA members whose adapters all start at or above one layer L
+    (LoRA on the top layers) share their base below it: layers 0..L-1 run once per batch (rpo.trunk.Trunk
+    then starts every member's forward at L from those states) and each member runs only its own layers.
+    Otherwise each member is loaded and runs whole (load_reward_model)."""
+    from rpo import trunk as trunk_
+    floors = [lora_floor(d) for d in model_dirs]
+    if any(f is None for f in floors) or min(floors) == 0:
+        return [score_sequences(load_reward_model(d, base_dir=base_dir, device=device), seqs, pad_id,
+                                batch_size=batch_size) for d in model_dirs]
+    from peft import PeftModel
+    layer = min(floors)
+    base = LastTokenReward(_seq_cls(base_dir, dtype="float32", device=device, attention=None,
+                                    pad_token_id=pad_id)).eval()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+    batches = []
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        b = {k: v.to(device) for k, v in sequence_batch([seqs[i] for i in idx], pad_id).items()}
+        batches.append((idx, b, _states_below(base, layer, b)))
+    peft_model, out = None, []
+    for i, d in enumerate(model_dirs):
+        name = f"m{i}"
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(base.model, d, adapter_name=name).eval()
+        else:
+            peft_model.load_adapter(d, adapter_name=name)
+            peft_model.set_adapter(name)
+            peft_model.delete_adapter(f"m{i - 1}")
+        member = LastTokenReward(peft_model).eval()
+        scores = torch.zeros(len(seqs))
+
+        def same(hidden):
+            return hidden
+        for idx, b, states in batches:
+            start = trunk_.Trunk(layer, states)
+            with start.hooked(peft_model, same, same):
+                scores[idx] = member(b["input_ids"], b["attention_mask"], b["last"]).cpu()
+        out.append(scores)
+    return out

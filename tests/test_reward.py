@@ -179,6 +179,35 @@ def test_kill9_resumes_to_the_uninterrupted_member(tiny_model_dir, data, tmp_pat
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_members_on_the_top_layers_share_the_layers_below(data, tmp_path):
+    """Scoring several LoRA members on the top 2 of 4 layers runs layers 0-1 once and each member from layer 2:
+    the same scores as each member loaded and run whole."""
+    model_dir = build_tiny_model(tmp_path / "model4", layers=4)
+    cfg = {**CFG, "lora": {**CFG["lora"], "top_layers": 2}}
+    dirs = []
+    for seed in (1, 2, 3):
+        train_member(model_dir, data, tmp_path / f"m{seed}", cfg={**cfg, "seed": seed})
+        dirs.append(tmp_path / f"m{seed}" / "model")
+    assert [reward.lora_floor(d) for d in dirs] == [2, 2, 2]
+    tok = load_tokenizer(model_dir)
+    items, _ = train.tokenize_pairs(tok, read_pairs(data["test_path"]), max_length=64, max_prompt_length=32)
+    seqs = [(it["prompt"], it[side]) for it in items for side in ("chosen", "rejected")]
+    calls = []  # attention calls: a layer the trunk passes through calls none
+    from transformers.models.llama.modeling_llama import LlamaAttention
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, a: calls.append(1) if isinstance(m, LlamaAttention) else None)
+    try:
+        shared = reward.score_with_members(dirs, model_dir, seqs, tok.pad_token_id, batch_size=3)
+    finally:
+        handle.remove()
+    # 3 batches: layers 0-1 once each (6), then 2 layers per member and batch (18); whole would be 36
+    assert len(calls) == 3 * 2 + 3 * 3 * 2
+    for d, got in zip(dirs, shared, strict=True):
+        want = reward.score_sequences(reward.load_reward_model(d), seqs, tok.pad_token_id, batch_size=4)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(shared[0], shared[1])  # three members, three scorings
+
+
 @pytest.mark.slow  # two accelerate launches of 2 gloo ranks: about a minute
 @pytest.mark.parametrize("sharding", ["none", "full"])
 def test_two_ranks_train_the_member_one_process_trains(tiny_model_dir, data, tmp_path, sharding):
@@ -218,9 +247,9 @@ def test_candidates_are_scored_by_the_gold_and_by_each_member(tiny_model_dir, da
     assert gold[0]["gold"][1] == verifiable.gold_score_for(rows[0]["responses"][1], p0["prompt"][-1]["content"],
                                                            p0["meta"])["score"]
     train_member(tiny_model_dir, data, tmp_path / "rm")
-    scored = candidates.score_candidates(model_dir=tmp_path / "rm" / "model", base_dir=tiny_model_dir,
-                                         samples_path=samples, out=tmp_path / "s.jsonl", max_length=64,
-                                         max_prompt_length=32, batch_size=5)
+    (scored,) = candidates.score_candidates(model_dirs=[tmp_path / "rm" / "model"], base_dir=tiny_model_dir,
+                                            samples_path=samples, outs=[tmp_path / "s.jsonl"], max_length=64,
+                                            max_prompt_length=32, batch_size=5)
     member = reward.load_reward_model(tmp_path / "rm" / "model")
     tok = load_tokenizer(tiny_model_dir)
     from rpo.batching import prompt_ids, response_ids

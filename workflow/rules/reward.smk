@@ -77,25 +77,23 @@ rule gold_bon:
 
 
 rule score_bon:
-    # one member's score of every sample
+    # every member's score of every sample, in one job: LoRA members on the top layers share the layers below
     input:
-        model=f"{RM_DIR}/seed{{seed}}/model",
+        models=[f"{RM_DIR}/seed{s}/model" for s in RM_SEEDS],
         base=get_ref_dir(),
         samples=f"{BON_DIR}/samples.jsonl",
     output:
-        f"{BON_DIR}/scores/seed{{seed}}.jsonl",
-    wildcard_constraints:
-        seed=r"\d+",
+        BON_SCORES,
     params:
         **job_params(lambda w: {"max_length": RM_TRAIN["max_length"], "max_prompt_length": RM_TRAIN["max_prompt_length"],
                                 "batch_size": config["reward_models"]["eval_batch_size"]},
-                     lambda w, input, output: {"model_dir": input.model, "base_dir": input.base,
-                                               "samples_path": input.samples, "out": output[0]}),
+                     lambda w, input, output: {"model_dirs": list(input.models), "base_dir": input.base,
+                                               "samples_path": input.samples, "outs": list(output)}),
     threads: config["best_of_n"]["threads"]
     resources:
         **res("generation"),
     log:
-        "logs/score_bon/seed{seed}.log",
+        "logs/score_bon/scores.log",
     shell:
         "python -m rpo score-candidates --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
@@ -103,7 +101,7 @@ rule score_bon:
 rule best_of_n:
     input:
         gold=f"{BON_DIR}/gold.jsonl",
-        scores=bon_scores,
+        scores=BON_SCORES,
     output:
         csv=f"{RESULTS}/bon.csv",
         figure=report(f"{RESULTS}/figures/bon.png", category="Figures"),

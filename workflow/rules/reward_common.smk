@@ -32,8 +32,7 @@ def rm_train_cfg(seed):
             "gradient_accumulation_steps": accum}
 
 
-def bon_scores(w):
-    return [f"{BON_DIR}/scores/seed{s}.jsonl" for s in RM_SEEDS]
+BON_SCORES = [f"{BON_DIR}/scores/seed{s}.jsonl" for s in RM_SEEDS]  # each member's scores of the samples
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -69,5 +68,9 @@ def rso_reward_inputs(w):
     if "gold" in (s["reward"], s["labeller"]):
         out["gold"] = f"{RSO_DIR}/{w.rso}/gold.jsonl"
     if s["reward"] != "gold":
-        out["scores"] = [f"{RSO_DIR}/{w.rso}/scores/seed{seed}.jsonl" for seed in RM_SEEDS]
+        out["scores"] = rso_score_files(w)
     return out
+
+
+def rso_score_files(w):
+    return [f"{RSO_DIR}/{w.rso}/scores/seed{seed}.jsonl" for seed in RM_SEEDS]

@@ -45,25 +45,25 @@ rule rso_gold:
 
 
 rule rso_scores:
+    # every member's score of every candidate, in one job (as score_bon)
     input:
-        model=f"{RM_DIR}/seed{{seed}}/model",
+        models=[f"{RM_DIR}/seed{s}/model" for s in RM_SEEDS],
         base=get_ref_dir(),
         samples=f"{RSO_DIR}/{{rso}}/candidates.jsonl",
     output:
-        f"{RSO_DIR}/{{rso}}/scores/seed{{seed}}.jsonl",
+        [f"{RSO_DIR}/{{rso}}/scores/seed{s}.jsonl" for s in RM_SEEDS],
     wildcard_constraints:
         rso=RSO_NAMES,
-        seed=r"\d+",
     params:
         **job_params(lambda w: {"max_length": RM_TRAIN["max_length"], "max_prompt_length": RM_TRAIN["max_prompt_length"],
                                 "batch_size": config["reward_models"]["eval_batch_size"]},
-                     lambda w, input, output: {"model_dir": input.model, "base_dir": input.base,
-                                               "samples_path": input.samples, "out": output[0]}),
+                     lambda w, input, output: {"model_dirs": list(input.models), "base_dir": input.base,
+                                               "samples_path": input.samples, "outs": list(output)}),
     threads: config["best_of_n"]["threads"]
     resources:
         **res("generation"),
     log:
-        "logs/rso_scores/{rso}-seed{seed}.log",
+        "logs/rso_scores/{rso}.log",
     shell:
         "python -m rpo score-candidates --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 

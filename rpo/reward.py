@@ -70,11 +70,12 @@ CARD = "reward_model.json"
 
 
 class LastTokenReward(torch.nn.Module):
-    """The reward of each sequence of a right-padded batch: the sequence-classification model's score head
-    on the final hidden state of its LAST real token (`last`: its index per row). The index is given, not
-    found from pad ids as transformers' pooling does (where pad = eos, as for SmolLM2, a response that ends
-    in eos would be scored one token early). Training runs through this module, so DDP and FSDP2 see its
-    forward."""
+    """The reward of each sequence of a batch: the sequence-classification model's score head on the final
+    hidden state of its LAST token, `last` (one flat index per sequence into the batch's [rows x width]
+    positions: reward_inputs). The position is given, not found from pad ids as transformers' pooling does
+    (where pad = eos, as for SmolLM2, a response that ends in eos would be scored one token early), so the
+    rows may also be packed (several sequences of one prompt in a row). Training runs through this module,
+    so DDP and FSDP2 see its forward."""
 
     def __init__(self, model):
         super().__init__()
@@ -83,11 +84,11 @@ class LastTokenReward(torch.nn.Module):
     def inner(self):
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
-    def forward(self, input_ids, attention_mask, last):
+    def forward(self, input_ids, attention_mask, last, position_ids=None):
         inner = self.inner()
-        hidden = inner.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return inner.score(hidden[rows, last]).squeeze(-1).float()
+        hidden = inner.model(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids).last_hidden_state
+        return inner.score(hidden.reshape(-1, hidden.shape[-1])[last]).squeeze(-1).float()
 
     def gradient_checkpointing_enable(self, **kw):  # rpo.loop calls it on the model it trains
         self.model.gradient_checkpointing_enable(**kw)
@@ -146,12 +147,39 @@ def load_reward_model(model_dir, *, base_dir=None, device="cpu", dtype: str = "f
     return LastTokenReward(model).eval()
 
 
-def sequence_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
-    """rpo.batching.collate's right-padded batch and the index of each sequence's last token."""
-    from rpo.batching import collate
+def same(hidden):
+    """rpo.trunk's map between a batch's [sequences, width, hidden] layout and the rows the model runs, when
+    they are the same rows."""
+    return hidden
+
+
+def reward_inputs(seqs: list[tuple[list[int], list[int]]], pad_id: int, *, attention: str | None,
+                  device="cpu") -> tuple[dict, tuple]:
+    """The model inputs of (prompt ids, response ids) sequences and the maps of rpo.trunk between their
+    [sequences, width, hidden] layout (rpo.batching.collate's) and the rows the model runs. Sequences of one
+    prompt share a row, the prompt once (rpo.batching._share_prompts, under sdpa or eager attention: each
+    response attends to the prompt and to itself only, at the positions it has alone), so a prompt's tokens
+    run once for all its responses; else one right-padded row per sequence. "last": each sequence's last
+    token as a flat index into the rows' positions."""
+    from rpo.batching import _share_prompts, collate
+    from rpo.trunk import packed_maps
     batch = collate(seqs, pad_id)
-    batch["last"] = batch["attention_mask"].sum(dim=1) - 1
-    return batch
+    ids, attn, lab = batch["input_ids"], batch["attention_mask"], batch["labels_mask"]
+    end = attn.sum(dim=1) - 1
+    packed = _share_prompts(ids, lab, attention if attention in ("sdpa", "eager") else None, 0, attn)
+    if packed is None:
+        inputs = {"input_ids": ids, "attention_mask": attn, "position_ids": None,
+                  "last": torch.arange(len(seqs)) * ids.shape[1] + end}
+        maps = (same, same)
+    else:
+        inputs = {"input_ids": packed["input_ids"], "attention_mask": packed["attention_mask"],
+                  "position_ids": packed["position_ids"], "last": packed["where"][torch.arange(len(seqs)), end]}
+        maps = packed_maps(packed)
+    return {k: (v.to(device) if v is not None else None) for k, v in inputs.items()}, maps
+
+
+def attention_of(model: LastTokenReward) -> str | None:
+    return getattr(model.inner().config, "_attn_implementation", None)
 
 
 @torch.inference_mode()
@@ -160,12 +188,16 @@ def score_sequences(model: LastTokenReward, seqs: list[tuple[list[int], list[int
     """The reward of each (prompt ids, response ids) sequence, batched in length order."""
     device = next(model.parameters()).device
     out = torch.zeros(len(seqs))
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        b = {k: v.to(device) for k, v in sequence_batch([seqs[i] for i in idx], pad_id).items()}
-        out[idx] = model(b["input_ids"], b["attention_mask"], b["last"]).cpu()
+    for idx in _batches(seqs, batch_size):
+        b, _ = reward_inputs([seqs[i] for i in idx], pad_id, attention=attention_of(model), device=device)
+        out[idx] = model(**b).cpu()
     return out
+
+
+def _batches(seqs, batch_size: int) -> list[list[int]]:
+    """Batches of sequence indices: by prompt, then length, so a prompt's sequences share batches (and rows)."""
+    order = sorted(range(len(seqs)), key=lambda i: (tuple(seqs[i][0]), len(seqs[i][1])))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
 
 def pair_accuracy(model: LastTokenReward, items: list[dict], pad_id: int, *, batch_size: int) -> dict:
@@ -230,19 +262,18 @@ def train_reward_model(*, base_dir, pairs_path, test_path, out_dir, metrics_path
                      items=items, cache_path=reference_cache)
         reader = trunk_.Reader(trunk_path, items, model.model.config.hidden_size)
     skipped = [0]
-
-    def same(hidden):
-        return hidden
+    attention = attention_of(model)
 
     def step_fn(model, micro, step_items):
         b, n_step = len(micro), len(step_items)
-        batch = {k: v.to(device) for k, v in sequence_batch(
+        # [chosen_1..B, rejected_1..B], the layout of the trunk file's reader (rpo.train.pair_batch)
+        batch, maps = reward_inputs(
             [(it["prompt"], it["chosen"]) for it in micro] + [(it["prompt"], it["rejected"]) for it in micro],
-            pad).items()}
+            pad, attention=attention if cfg.get("share_prompts", True) else None, device=device)
         start = trunk_.Trunk(layer, reader.batch(micro).to(device)) if reader else None
-        hooked = start.hooked(dist_.unwrap(model).model, same, same) if start else nullcontext()
+        hooked = start.hooked(dist_.unwrap(model).model, *maps) if start else nullcontext()
         with _autocast(device, cfg["precision"], sharded=sharded), hooked:
-            s = model(batch["input_ids"], batch["attention_mask"], batch["last"])
+            s = model(**batch)
         skipped[0] += start.skipped if start else 0
         sc, sr = s[:b], s[b:]
         per = reward_loss(sc, sr, l2=l2)
@@ -301,7 +332,7 @@ class _Stop(Exception):
 
 
 def _states_below(model: LastTokenReward, layer: int, batch: dict) -> torch.Tensor:
-    """The input of decoder layer `layer` for every token of `batch` ([sequences, width, hidden]); the layers
+    """The input of decoder layer `layer` for every position of `batch`'s rows (reward_inputs); the layers
     from `layer` up do not run."""
     from rpo.trunk import decoder_layers
     box = {}
@@ -311,7 +342,7 @@ def _states_below(model: LastTokenReward, layer: int, batch: dict) -> torch.Tens
         raise _Stop
     handle = decoder_layers(model.model).__getitem__(layer).register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        model(batch["input_ids"], batch["attention_mask"], batch["last"])
+        model(**batch)
     except _Stop:
         pass
     finally:
@@ -352,12 +383,10 @@ def score_with_members(model_dirs: list, base_dir, seqs: list[tuple[list[int], l
     layer = min(floors)
     base = LastTokenReward(_seq_cls(base_dir, dtype="float32", device=device, attention=None,
                                     pad_token_id=pad_id)).eval()
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
     batches = []
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        b = {k: v.to(device) for k, v in sequence_batch([seqs[i] for i in idx], pad_id).items()}
-        batches.append((idx, b, _states_below(base, layer, b)))
+    for idx in _batches(seqs, batch_size):
+        b, _ = reward_inputs([seqs[i] for i in idx], pad_id, attention=attention_of(base), device=device)
+        batches.append((idx, b, _states_below(base, layer, b)))  # in the rows' own layout
     peft_model, out = None, []
     for i, d in enumerate(model_dirs):
         name = f"m{i}"
@@ -369,12 +398,9 @@ def score_with_members(model_dirs: list, base_dir, seqs: list[tuple[list[int], l
             peft_model.delete_adapter(f"m{i - 1}")
         member = LastTokenReward(peft_model).eval()
         scores = torch.zeros(len(seqs))
-
-        def same(hidden):
-            return hidden
         for idx, b, states in batches:
             start = trunk_.Trunk(layer, states)
-            with start.hooked(peft_model, same, same):
-                scores[idx] = member(b["input_ids"], b["attention_mask"], b["last"]).cpu()
+            with start.hooked(peft_model, same, same):  # the states are already in the rows' layout
+                scores[idx] = member(**b).cpu()
         out.append(scores)
     return out

@@ -131,6 +131,36 @@ def test_the_saved_member_loads_as_its_card_says(tiny_model_dir, data, tmp_path)
         assert mine.item() == pytest.approx(theirs.item(), abs=1e-5)
 
 
+def test_a_prompts_sequences_in_one_packed_row_score_as_alone(tiny_model_dir):
+    """Responses of one prompt share a row (the prompt once, each response attending to it and to itself):
+    every score equals the sequence's own forward, and in training the packed batch gives the unpacked loss."""
+    member = reward.prepare_reward_model(tiny_model_dir, CFG, "cpu", pad_token_id=2).eval()
+    tok = load_tokenizer(tiny_model_dir)
+    from rpo.batching import prompt_ids, response_ids
+    msgs = [[{"role": "user", "content": f"write a short answer in lowercase letters only {i}"}] for i in range(2)]
+    seqs = []
+    for m in msgs:
+        p = prompt_ids(tok, m)
+        seqs += [(p, response_ids(tok, m, [{"role": "assistant", "content": t}], p))
+                 for t in ("hello world", "HELLO World this is answer", "no")]
+    packed, _ = reward.reward_inputs(seqs, tok.pad_token_id, attention="sdpa")
+    plain, _ = reward.reward_inputs(seqs, tok.pad_token_id, attention=None)
+    assert packed["input_ids"].shape[0] == 2 and plain["input_ids"].shape[0] == 6  # one row per prompt
+    with torch.no_grad():
+        alone = torch.stack([member(**reward.reward_inputs([s], tok.pad_token_id, attention="sdpa")[0])[0]
+                             for s in seqs])
+        torch.testing.assert_close(member(**packed), alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(member(**plain), alone, rtol=1e-5, atol=1e-5)
+
+
+def test_training_with_packed_prompts_follows_unpacked(tiny_model_dir, data, tmp_path):
+    train_member(tiny_model_dir, data, tmp_path / "packed")
+    train_member(tiny_model_dir, data, tmp_path / "plain", cfg={**CFG, "share_prompts": False})
+    for a, b in zip(metrics(tmp_path / "packed")[:4], metrics(tmp_path / "plain")[:4], strict=True):
+        for k in ("loss", "margin", "scores/chosen"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=2e-6), k
+
+
 def test_full_finetuning_saves_a_whole_model(tiny_model_dir, data, tmp_path):
     train_member(tiny_model_dir, data, tmp_path / "full", cfg={**CFG, "finetuning": "full", "learning_rate": 1e-3})
     d = tmp_path / "full" / "model"

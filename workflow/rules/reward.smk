@@ -89,7 +89,8 @@ rule score_bon:
                                 "batch_size": config["reward_models"]["eval_batch_size"]},
                      lambda w, input, output: {"model_dirs": list(input.models), "base_dir": input.base,
                                                "samples_path": input.samples, "outs": list(output)}),
-    threads: config["best_of_n"]["threads"]
+    # forward passes over fixed sequences, as the reference pass: its threads
+    threads: config["reference"]["threads"]
     resources:
         **res("generation"),
     log:

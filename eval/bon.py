@@ -80,6 +80,10 @@ def default_ns(big_n: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------------
 
 COLUMNS = ("objective", "member", "n", "kl_bon", "metric", "value", "ci_low", "ci_high", "n_prompts", "seed")
+# proxy: the objective's own score of the pick; gold: the gold score of the pick; gold_gain: gold minus the same
+# prompt's n = 1 gold (the mean gold of its samples), paired per prompt, so the prompts' own levels cancel from
+# its interval
+METRICS = ("proxy", "gold", "gold_gain")
 SINGLE, POOLED, ENSEMBLE = "single", "members", "ensemble"
 OBJECTIVE_LABELS = {SINGLE: "single RM (mean of members)", "mean": "mean", "wco": "WCO (min)", "uwo": "UWO"}
 
@@ -103,21 +107,26 @@ def bon_rows(prompts: list[dict], members: list[str], ns, *, lam: float, n_boot:
     """The CSV rows (COLUMNS): `prompts` = [{"id", "scores": [k, N], "gold": [N]}], `members` names the k
     members (in the order of "scores"). Per (objective, member, n, metric): the mean over prompts and its
     percentile bootstrap interval over prompts; the single members also pooled (member POOLED: per prompt
-    the mean of the members' values, Coste et al.'s single-RM line). `seed`: the samples' seed."""
+    the mean of the members' values, Coste et al.'s single-RM line); metrics METRICS. `seed`: the samples' seed."""
     from eval.bootstrap import bootstrap_mean
     if not prompts:
         raise ValueError("best-of-n: no prompts")
-    per = [prompt_curves(p["scores"], p["gold"], ns, lam=lam) for p in prompts]
+    # n = 1 is every gain's baseline, computed whether or not it is listed
+    per = [prompt_curves(p["scores"], p["gold"], sorted(set(ns) | {1}), lam=lam) for p in prompts]
     keys = [(SINGLE, str(i)) for i in range(len(members))] + [(SINGLE, POOLED)] + \
         [(o, ENSEMBLE) for o in ("mean", "wco", "uwo")]
     rows = []
     for objective, member in keys:
         for n in ns:
-            for j, metric in enumerate(("proxy", "gold")):
+            for metric in METRICS:
+                j = 0 if metric == "proxy" else 1
+
+                def value(c, key, n=n, j=j, metric=metric):  # one prompt's value of one curve
+                    return c[key][n][j] - (c[key][1][j] if metric == "gold_gain" else 0.0)
                 if member == POOLED:
-                    vals = [np.mean([c[(SINGLE, str(i))][n][j] for i in range(len(members))]) for c in per]
+                    vals = [np.mean([value(c, (SINGLE, str(i))) for i in range(len(members))]) for c in per]
                 else:
-                    vals = [c[(objective, member)][n][j] for c in per]
+                    vals = [value(c, (objective, member)) for c in per]
                 value, lo, hi = bootstrap_mean(vals, n_boot=n_boot, seed=boot_seed, ci=ci)
                 name = members[int(member)] if member.isdigit() else member
                 rows.append({"objective": objective, "member": name, "n": n, "kl_bon": kl_bon(n), "metric": metric,
@@ -137,18 +146,19 @@ def write_rows(rows: list[dict], path) -> None:
 
 
 def plot_bon(rows: list[dict], out_png) -> dict[str, list[tuple[float, float]]]:
-    """Coste et al.'s best-of-n figure: gold (left) and proxy (right) score against KL_bon, one line per
-    objective (the single members pooled, mean, WCO, UWO) with its bootstrap band; returns the plotted
-    {objective/metric: [(kl, value)]}."""
+    """Coste et al.'s best-of-n figure: gold (left), its gain over n = 1 (middle) and proxy (right) score
+    against KL_bon, one line per objective (the single members pooled, mean, WCO, UWO) with its bootstrap
+    band; returns the plotted {objective/metric: [(kl, value)]}."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4.2))
+    fig = Figure(figsize=(14, 4.2))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3)
     drawn = {}
     for ax, metric, ylabel in ((axes[0], "gold", "gold score (IFEval verifiers)"),
-                               (axes[1], "proxy", "proxy score (the objective's own)")):
+                               (axes[1], "gold_gain", "gold gain over n = 1 (paired per prompt)"),
+                               (axes[2], "proxy", "proxy score (the objective's own)")):
         for objective, label in OBJECTIVE_LABELS.items():
             member = POOLED if objective == SINGLE else ENSEMBLE
             pts = sorted((r["kl_bon"], r["value"], r["ci_low"], r["ci_high"]) for r in rows

@@ -115,12 +115,16 @@ def test_rows_pool_members_and_bootstrap_over_prompts(tmp_path):
     assert ns == [1, 2, 4, 8] and bon.default_ns(12) == [1, 2, 4, 8, 12]
     rows = bon.bon_rows(prompts, ["rm-seed1", "rm-seed2", "rm-seed3"], ns, lam=0.5, n_boot=200, boot_seed=0,
                         ci=0.95, seed=7)
-    # 3 members + pooled + 3 ensembles, 4 ns, 2 metrics
-    assert len(rows) == 7 * 4 * 2
+    # 3 members + pooled + 3 ensembles, 4 ns, 3 metrics
+    assert len(rows) == 7 * 4 * 3
     by = {(r["objective"], r["member"], r["n"], r["metric"]): r for r in rows}
     per_prompt = [[bon.best_of_n(p["scores"][i], p["gold"], [4])[4][1] for i in range(3)] for p in prompts]
     assert by[("single", "members", 4, "gold")]["value"] == pytest.approx(np.mean(per_prompt))
     assert by[("single", "rm-seed2", 4, "gold")]["value"] == pytest.approx(np.mean([v[1] for v in per_prompt]))
+    # the gain is paired per prompt: gold(4) - gold(1) of each prompt, averaged
+    gain = [bon.best_of_n(p["scores"][1], p["gold"], [4])[4][1] - np.mean(p["gold"]) for p in prompts]
+    assert by[("single", "rm-seed2", 4, "gold_gain")]["value"] == pytest.approx(np.mean(gain))
+    assert by[("wco", "ensemble", 1, "gold_gain")]["value"] == 0 == by[("wco", "ensemble", 1, "gold_gain")]["ci_high"]
     for r in rows:
         assert r["ci_low"] <= r["value"] <= r["ci_high"] and r["n_prompts"] == 5 and r["seed"] == 7
         assert r["kl_bon"] == pytest.approx(math.log(r["n"]) - (r["n"] - 1) / r["n"])
@@ -129,4 +133,7 @@ def test_rows_pool_members_and_bootstrap_over_prompts(tmp_path):
     assert tuple(back[0]) == bon.COLUMNS and len(back) == len(rows)
     drawn = bon.plot_bon(rows, tmp_path / "bon.png")
     assert (tmp_path / "bon.png").read_bytes()[:4] == b"\x89PNG"
-    assert set(drawn) == {f"{o}/{m}" for o in ("single", "mean", "wco", "uwo") for m in ("gold", "proxy")}
+    assert set(drawn) == {f"{o}/{m}" for o in ("single", "mean", "wco", "uwo") for m in ("gold", "gold_gain", "proxy")}
+    # without n = 1 among the ns, the gain still has its baseline
+    rows2 = bon.bon_rows(prompts, ["a", "b", "c"], [2, 8], lam=0.5, n_boot=50, boot_seed=0, ci=0.95, seed=0)
+    assert {r["n"] for r in rows2} == {2, 8}

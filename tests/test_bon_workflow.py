@@ -48,7 +48,7 @@ def test_bon_csv_figure_and_members(bon_run):
     keys = {(r["objective"], r["member"]) for r in rows}
     assert keys == {*(("single", f"rm-seed{s}") for s in seeds), ("single", "members"),
                     ("mean", "ensemble"), ("wco", "ensemble"), ("uwo", "ensemble")}
-    assert len(rows) == len(keys) * len(ns) * 2
+    assert len(rows) == len(keys) * len(ns) * 3  # proxy, gold, gold_gain
     for r in rows:
         assert r["n_prompts"] == "4" and r["seed"] == "0"  # the 4 held-out prompts; best_of_n.seed
         assert float(r["ci_low"]) <= float(r["value"]) <= float(r["ci_high"])

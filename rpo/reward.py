@@ -2,7 +2,7 @@
 Overoptimization", ICLR 2024; code: tlc4418/llm_optimization).
 
     python -m rpo train-reward-model --args '<json>'   (one member: train_reward_model)
-    python -m rpo score-candidates   --args '<json>'   (one member's score of every sampled response)
+    python -m rpo score-candidates   --args '<json>'   (every member's score of sampled responses: rpo.candidates)
 
 A member is the base/SFT model with a scalar head (transformers' AutoModelForSequenceClassification,
 num_labels 1) whose score is read at the LAST token of prompt + response (Open-Assistant's `pooling: last`,

@@ -29,6 +29,9 @@ include: "workflow/rules/judge.smk"
 include: "workflow/rules/lm_eval.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/overopt.smk"
+include: "workflow/rules/reward_common.smk"
+include: "workflow/rules/reward.smk"
+include: "workflow/rules/rso.smk"
 
 
 # A dry run (snakemake -n) gets what the preflight can check offline, as warnings: planning a paper run on a

@@ -36,6 +36,11 @@ def _judge_validity(**kw):
     judge_validity(**kw)
 
 
+def _best_of_n(**kw):
+    from eval.bon import make_bon
+    make_bon(**kw)
+
+
 def _bench(name):
     def run(**kw):
         from eval import bench_stages
@@ -52,7 +57,7 @@ def _harness(name):
 
 COMMANDS = {"generate-table1": _generate_table1, "judge-table1": _judge_pair, "make-table1": _make_table1,
             "table1-variance": _table1_variance, "overoptimization": _overoptimization,
-            "judge-validity": _judge_validity,
+            "judge-validity": _judge_validity, "best-of-n": _best_of_n,
             **{f"{stage}-{b}": _bench(f"{stage}_{b}") for stage in ("generate", "judge", "score")
                for b in ("mtbench", "alpacaeval", "arenahard")},
             "make-lm-eval-ifeval": _harness("make_ifeval_task"), "check-lm-eval": _harness("check_datasets"),

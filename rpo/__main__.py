@@ -51,6 +51,23 @@ def _evaluate_snapshots(**kw) -> None:
     evaluate_snapshots(**kw)
 
 
+def _train_reward_model(**kw) -> None:
+    from rpo.reward import train_reward_model
+    train_reward_model(**kw)
+
+
+def _candidates(name):
+    def run(**kw):
+        from rpo import candidates
+        getattr(candidates, name)(**kw)
+    return run
+
+
+def _rso_pairs(**kw) -> None:
+    from rpo.rso import make_rso_pairs
+    make_rso_pairs(**kw)
+
+
 def _write_config(config: dict, out: str) -> None:
     """The resolved config as YAML, keys in their order (results/config.resolved.yaml)."""
     import yaml
@@ -69,6 +86,9 @@ COMMANDS = {
     "reference-answers": _reference_answers,
     "evaluate-snapshots": _evaluate_snapshots,
     "write-config": _write_config,
+    "train-reward-model": _train_reward_model,
+    "rso-pairs": _rso_pairs,
+    **{f"{stage}-candidates": _candidates(f"{stage}_candidates") for stage in ("sample", "gold", "score")},
 }
 
 

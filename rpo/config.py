@@ -9,7 +9,7 @@ from rpo import launch, losses
 from rpo.models import parse_source
 
 
-HPARAM_EXCLUDE = ("loss", "name", "reference")  # method keys that are not loss hyperparameters
+HPARAM_EXCLUDE = ("loss", "name", "reference", "sampling")  # method keys that are not loss hyperparameters
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -80,6 +80,9 @@ def check_config(config: dict, where: str = "config") -> None:
                          "(data.source is synthetic:verifiable)")
     for name, method in config["methods"].items():
         check_method(method, f"{where}: methods.{name}")
+        if "sampling" in method and method.get("reference", "ref") != "ref":
+            raise ValueError(f"{where}: methods.{name}: RSO's sampling draws its candidates from the Ref model; "
+                             "reference must be ref")
         if method.get("reference", "ref") == "soup" and not config["sft"]["enabled"]:
             raise ValueError(f"{where}: methods.{name}.reference: 'soup' averages SFT models trained here, "
                              "so it needs sft.enabled: true")
@@ -153,3 +156,19 @@ def resolve_study(config: dict, schema: dict) -> dict:
     if out["training"]["max_prompt_length"] >= out["training"]["max_length"]:
         raise ValueError("overoptimization.training: max_prompt_length must be < max_length")
     return out
+
+
+def resolve_reward_models(config: dict, schema: dict) -> dict:
+    """The reward models' training config: `training` with reward_models.training's keys on top, checked
+    against the schema's training part (a misspelt key fails here, naming reward_models.training)."""
+    import jsonschema
+
+    merged = deep_merge(config["training"], config["reward_models"]["training"])
+    try:
+        jsonschema.validate(merged, {"$defs": schema["$defs"], "$ref": "#/$defs/train"})
+    except jsonschema.ValidationError as e:
+        where = ".".join(str(p) for p in e.absolute_path)
+        raise ValueError(f"reward_models.training{'.' + where if where else ''}: {e.message}") from None
+    if merged["max_prompt_length"] >= merged["max_length"]:
+        raise ValueError("reward_models.training: max_prompt_length must be < max_length")
+    return merged

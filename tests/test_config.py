@@ -410,7 +410,7 @@ def test_shipped_method_zoo_is_valid_and_off(cfg):
     validate(cfg, SCHEMA, set_default=True)
     resolve_methods(cfg)
     check_config(cfg)
-    zoo = {"ipo", "exo", "hinge", "minor_dpo", "ada_dpo", "ipo_sft", "rpo_soup"}
+    zoo = {"ipo", "exo", "hinge", "minor_dpo", "ada_dpo", "ipo_sft", "rpo_soup", "rso"}
     assert set(cfg["methods"]) == {"dpo", "rpo"} | zoo
     assert all([m, "ref"] in cfg["table1"]["pairs"] for m in zoo)
 

@@ -4,7 +4,7 @@
     accelerate launch --multi_gpu --num_processes 2 tests/helpers/dist_worker.py '<json>'
 
 The JSON holds the stage's keyword arguments plus:
-    stage        "preference" (default) or "sft"
+    stage        "preference" (default), "sft" or "reward" (rpo.reward.train_reward_model)
     dump_dir     where to save, per rank, each step's synchronised gradients (full tensors) and, at the
                  first step, how each trainable parameter is held (DTensor or not, local/full elements)
     kill_at      SIGKILL this process (a real kill -9) in step `kill_at` before its optimizer step
@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from rpo import train
+from rpo import reward, train
 
 kwargs = json.loads(sys.argv[1])
 stage = kwargs.pop("stage", "preference")
@@ -43,5 +43,5 @@ def hook(step, model):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-fn = train.train_sft if stage == "sft" else train.train_preference
+fn = {"sft": train.train_sft, "reward": reward.train_reward_model}.get(stage, train.train_preference)
 fn(**kwargs, grad_hook=hook)

@@ -96,9 +96,10 @@ rule reference_logps:
 rule train_preference:
     input:
         ref=lambda w: reference_dir(reference_name(w.method)),
-        train=f"{RESULTS}/data/train.jsonl",
-        cache=lambda w: reference_cache(reference_name(w.method)),
-        **({"trunk": lambda w: reference_trunk(reference_name(w.method))} if TRUNK_TOP else {}),
+        # a method's pairs and their reference log-probs: the data's, or RSO's own (reward_common.smk)
+        train=lambda w: method_pairs(w.method),
+        cache=lambda w: method_reference_cache(w.method),
+        **({"trunk": lambda w: method_reference_trunk(w.method)} if TRUNK_TOP else {}),
     output:
         model=directory(f"{RESULTS}/train/{{method}}/model"),
         metrics=TRAIN_METRICS,

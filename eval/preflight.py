@@ -87,15 +87,24 @@ def settings_problems(config: dict, rules: set[str] | None = None) -> list[str]:
                 out.append(f"lm_eval.tasks[{i}]: {PACKAGED_IFEVAL!r} evaluates every packaged IFEval prompt, and "
                            "data.source synthetic:verifiable trains on some of them; use "
                            f"{LOCAL_IFEVAL!r} (the held-out ones)")
-    validity = config["judge_validity"]["enabled"] if rules is None else "judge_validity" in rules
-    if validity and config["data"]["source"] != "synthetic:verifiable":
+    if config["data"]["source"] != "synthetic:verifiable":
+        # the gold scorer (the IFEval verifiers) needs verifiable instructions in the rows it scores
         from rpo.data import gold_meta_problem
-        problem = test_rows_problem(config["data"], lambda row: gold_meta_problem(row) is not None,
-                                    "verifiable instructions (meta.instruction_id_list and kwargs)")
-        if problem:
-            out.append(f"judge_validity: the judge is checked against gold verdicts, which need test prompts with "
-                       f"verifiable instructions (data.source synthetic:verifiable has them), and {problem}; set "
-                       "judge_validity.enabled: false")
+
+        def no_gold(row):
+            return gold_meta_problem(row) is not None
+        what = "verifiable instructions (meta.instruction_id_list and kwargs)"
+        validity = config["judge_validity"]["enabled"] if rules is None else "judge_validity" in rules
+        for needed, split, key, fix in (
+                (validity, "test", "judge_validity", "set judge_validity.enabled: false"),
+                (rules is not None and "gold_bon" in rules, "test", "best_of_n",
+                 "best-of-n is measured by the gold verifiers: use data.source synthetic:verifiable"),
+                (rules is not None and "rso_gold" in rules, "train", "methods.<rso>.sampling.labeller",
+                 "label RSO's samples with a reward model (sampling.labeller) or use synthetic:verifiable data")):
+            problem = needed and test_rows_problem(config["data"], no_gold, what, split=split)
+            if problem:
+                out.append(f"{key}: the gold verifiers score these prompts, which need {what} "
+                           f"(data.source synthetic:verifiable has them), and {problem}; {fix}")
     return out
 
 
@@ -105,20 +114,20 @@ def heldout_ifeval_problem(data: dict) -> str | None:
     return test_rows_problem(data, lambda row: (row.get("meta") or {}).get("key") in (None, ""), "them")
 
 
-def test_rows_problem(data: dict, lacks, what: str) -> str | None:
-    """Why a hub or file source's test rows lack `what` (`lacks(row)` is true for a row without it), naming the
+def test_rows_problem(data: dict, lacks, what: str, split: str = "test") -> str | None:
+    """Why a hub or file source's `split` rows lack `what` (`lacks(row)` is true for a row without it), naming the
     first such row of a file (1-based); None when every row has it."""
     if data["source"].startswith("hf:"):
         return f"data.source is {data['source']!r}, a hub preference set without {what}"
     from pathlib import Path
 
     from rpo.data import read_records
-    path = data["splits"].get("test")
+    path = data["splits"].get(split)
     if not path or not Path(path).is_file():
         return None  # data_problems names the missing file
     for i, row in enumerate(read_records(path), 1):
         if lacks(row):
-            return f"row {i} of {path} (data.splits.test) has none"
+            return f"row {i} of {path} (data.splits.{split}) has none"
     return None
 
 

@@ -143,6 +143,12 @@ def test_settings_that_would_fail_after_judging_fail_first(tmp_path):
            in problems[2]
     # only for the jobs that will run them
     assert preflight.settings_problems(cfg, {"make_data", "train_preference"}) == []
+    # best-of-n is measured by the gold verifiers, RSO's gold labeller ranks training prompts' samples: both need
+    # verifiable instructions, which these rows lack
+    (bon,) = preflight.settings_problems(cfg, {"gold_bon"})
+    assert bon.startswith("best_of_n: the gold verifiers score these prompts") and "data.splits.test" in bon
+    (rso,) = preflight.settings_problems(cfg, {"rso_gold"})
+    assert rso.startswith("methods.<rso>.sampling.labeller:") and "data.splits.train" in rso
 
 
 def test_a_stage_with_more_gpus_than_the_run_may_use_is_refused():

@@ -29,8 +29,8 @@ def _write_rows(rows: list[dict], out: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 def generate_mtbench(*, model_name, ref_dir, policy_dir, out, n_questions, max_new_tokens, batch_size, seed,
-                     backend="hf", vllm_dtype=None):
-    generation.check_backend(backend, vllm_dtype)
+                     backend="hf", vllm_dtype=None, gguf=None):
+    generation.check_backend(backend, vllm_dtype, gguf)
     questions = mtbench.load_questions()
     if backend == "vllm":
         from eval.vllm_backend import generate_mtbench_answers
@@ -38,7 +38,7 @@ def generate_mtbench(*, model_name, ref_dir, policy_dir, out, n_questions, max_n
         generate_mtbench_answers(engine, questions, out, model_id=model_name, max_new_tokens=max_new_tokens,
                                  seed=seed, limit=n_questions)
         return
-    tok, model = generation.load_hf(ref_dir, policy_dir)
+    tok, model = generation.load_sampler(backend, ref_dir, policy_dir, gguf)
     mtbench.generate_answers(model, tok, questions, out, model_id=model_name, max_new_tokens=max_new_tokens,
                              seed=seed, limit=n_questions, batch_size=batch_size)
 
@@ -89,10 +89,10 @@ def _alpaca_eval_set(n_questions, subset):
 
 
 def generate_alpacaeval(*, model_name, ref_dir, policy_dir, out, n_questions, max_new_tokens, batch_size, seed,
-                        subset="first", backend="hf", vllm_dtype=None):
+                        subset="first", backend="hf", vllm_dtype=None, gguf=None):
     eval_set = _alpaca_eval_set(n_questions, subset)
     gen = generation.answer_prompts(
-        backend=backend, vllm_dtype=vllm_dtype, ref_dir=ref_dir, policy_dir=policy_dir,
+        backend=backend, vllm_dtype=vllm_dtype, gguf=gguf, ref_dir=ref_dir, policy_dir=policy_dir,
         prompts=alpacaeval.generation_prompts(eval_set), out=Path(out).with_suffix(".gen.jsonl"),
         max_new_tokens=max_new_tokens, **generation.GREEDY, batch_size=batch_size, seed=seed,
         model_name=model_name, desc=f"alpacaeval {model_name}")
@@ -136,9 +136,9 @@ def _arena_questions(version: str, n_questions, category, subset="first"):
 
 
 def generate_arenahard(*, model_name, ref_dir, policy_dir, out, version, category, n_questions, max_new_tokens,
-                       batch_size, seed, subset="first", backend="hf", vllm_dtype=None):
+                       batch_size, seed, subset="first", backend="hf", vllm_dtype=None, gguf=None):
     questions, _ = _arena_questions(version, n_questions, category, subset)
-    generation.answer_prompts(backend=backend, vllm_dtype=vllm_dtype, ref_dir=ref_dir, policy_dir=policy_dir,
+    generation.answer_prompts(backend=backend, vllm_dtype=vllm_dtype, gguf=gguf, ref_dir=ref_dir, policy_dir=policy_dir,
                               prompts=arenahard.generation_prompts(questions), out=out,
                               max_new_tokens=max_new_tokens, **generation.GREEDY, batch_size=batch_size, seed=seed,
                               model_name=model_name, desc=f"arena-hard {model_name}")

@@ -53,9 +53,10 @@ def select_prompts(prompts: list[dict], n: int | None, protocol: str = "both_ord
 def generate_table1_answers(*, model_name: str, ref_dir: str, policy_dir: str | None, prompts_path: str,
                             out: str, n_prompts: int | None, max_new_tokens: int, temperature: float,
                             top_p: float, top_k: int, batch_size: int, seed: int, backend: str = "hf",
-                            vllm_dtype: str | None = None, protocol: str = "both_orders") -> None:
+                            vllm_dtype: str | None = None, protocol: str = "both_orders",
+                            gguf: dict | None = None) -> None:
     prompts = select_prompts(_read_jsonl(prompts_path), n_prompts, protocol)
-    answer_prompts(backend=backend, vllm_dtype=vllm_dtype, ref_dir=ref_dir, policy_dir=policy_dir,
+    answer_prompts(backend=backend, vllm_dtype=vllm_dtype, gguf=gguf, ref_dir=ref_dir, policy_dir=policy_dir,
                    prompts=[{"id": p["id"], "messages": p["messages"]} for p in prompts], out=out,
                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    batch_size=batch_size, seed=seed, model_name=model_name, desc=f"answers {model_name}")

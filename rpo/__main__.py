@@ -51,6 +51,11 @@ def _evaluate_snapshots(**kw) -> None:
     evaluate_snapshots(**kw)
 
 
+def _export_gguf(**kw) -> None:
+    from rpo.gguf import export
+    export(**kw)
+
+
 def _write_config(config: dict, out: str) -> None:
     """The resolved config as YAML, keys in their order (results/config.resolved.yaml)."""
     import yaml
@@ -69,6 +74,7 @@ COMMANDS = {
     "reference-answers": _reference_answers,
     "evaluate-snapshots": _evaluate_snapshots,
     "write-config": _write_config,
+    "export-gguf": _export_gguf,
 }
 
 

@@ -8,7 +8,9 @@ sampled, side by side in one run; and the HF sampler against one `model.generate
 Generators:
     hf             rpo.sampling.generate_answers with the transformers model, as the rules run it
     llamacpp-f32   the same function with an rpo.llamacpp.Engine on the model's GGUF (rpo.gguf.write_model,
-    llamacpp-f16   f32 or f16 weights), written once before the runs; writing it is timed apart
+    llamacpp-f16   with f32, f16, bf16 or q8_0 weights), written once before the runs; writing it is timed
+    llamacpp-bf16  apart
+    llamacpp-q8_0
     naive          `model.generate(do_sample=False)` once per prompt with the same stop tokens (greedy only)
 Modes:
     greedy         Table 1's answers: one per prompt, temperature 0, batches of 16 prompts
@@ -39,7 +41,7 @@ MODES = {
     "greedy": {"num_return_sequences": 1, "temperature": 0.0, "top_p": 1.0, "top_k": 0},
     "sampled": {"num_return_sequences": 4, "temperature": 0.8, "top_p": 0.95, "top_k": 50},
 }
-GENERATORS = ("hf", "llamacpp-f32", "llamacpp-f16", "naive")
+GENERATORS = ("hf", "llamacpp-f32", "llamacpp-f16", "llamacpp-bf16", "llamacpp-q8_0", "naive")
 
 
 def get_prompts(args, tok, n: int) -> list[dict]:

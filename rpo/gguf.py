@@ -9,9 +9,11 @@
 
 The metadata keys and the one change to the weights follow llama.cpp's convert_hf_to_gguf.py (LlamaModel)
 and convert_lora_to_gguf.py: q_proj and k_proj rows (a LoRA's lora_B rows) are permuted from transformers'
-rotate-half RoPE layout back to the interleaved pairs llama.cpp's LLAMA graph rotates. Weights stay
-unquantised: f32 by default (the HF backend's own precision, so greedy answers stay as close to it as the
-kernels allow), or f16 (half the file; 1-D norm weights stay f32, as llama.cpp requires).
+rotate-half RoPE layout back to the interleaved pairs llama.cpp's LLAMA graph rotates. Weights are f32 by
+default (the HF backend's own precision, so greedy answers stay as close to it as the kernels allow); f16 and
+bf16 halve the file (bf16 runs on AVX512-BF16 CPUs' dot products), q8_0 quantises to 8 bits (gguf's own
+quantiser); 1-D norm weights stay f32, as llama.cpp requires. docs/measurements.md has each one's speed and
+share of greedy answers identical to the HF backend's.
 The vocabulary is written so that llama.cpp can load the file (a byte-level BPE tokenizer as llama.cpp's
 "gpt2" type); this package never tokenizes with it: prompts go in as rpo.sampling.encode_prompt's ids.
 """
@@ -28,7 +30,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("f32", "f16")
+DTYPES = ("f32", "f16", "bf16", "q8_0")  # the weights' type in a model GGUF; 1-D tensors always f32
 DIGEST_KEY = "rpo.source_digest"    # sha256 of the source files (source_digest)
 ARCHITECTURES = ("LlamaForCausalLM",)
 # the files a model's or an adapter's numbers come from
@@ -198,7 +200,8 @@ def write_model(model_dir, path, *, dtype: str = "f32", tokenizer_dir=None, mode
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     n_vocab = model.get_input_embeddings().weight.shape[0]
     w.add_vocab_size(n_vocab)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
     _add_vocab(w, tok, n_vocab, model_dir)
     w.add_string(DIGEST_KEY, digest)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
@@ -211,9 +214,18 @@ def write_model(model_dir, path, *, dtype: str = "f32", tokenizer_dir=None, mode
                 a = _permute_rope(a, n_head)
             elif name.endswith("k_proj.weight"):
                 a = _permute_rope(a, n_kv)
-            if dtype == "f16" and a.ndim > 1:
-                a = a.astype(np.float16)
-            w.add_tensor(_tensor_name(name_map, name, model_dir), np.ascontiguousarray(a))
+            gname = _tensor_name(name_map, name, model_dir)
+            if dtype == "f32" or a.ndim == 1:
+                w.add_tensor(gname, np.ascontiguousarray(a))
+            elif dtype == "f16":
+                w.add_tensor(gname, a.astype(np.float16))
+            else:
+                qtype = gguf.GGMLQuantizationType.BF16 if dtype == "bf16" else gguf.GGMLQuantizationType.Q8_0
+                block = gguf.GGML_QUANT_SIZES[qtype][0]
+                if a.shape[-1] % block:
+                    raise ValueError(f"{model_dir}: tensor {name!r} has rows of {a.shape[-1]} values, not a multiple of "
+                                     f"{dtype}'s blocks of {block}: use generation.llamacpp_dtype f32 or f16")
+                w.add_tensor(gname, gguf.quants.quantize(np.ascontiguousarray(a), qtype), raw_dtype=qtype)
     out = _finish(w, path)
     log.info("wrote %s (%s, %.0f MB) from %s", out, dtype, out.stat().st_size / 1e6, model_dir)
     return out

@@ -13,8 +13,9 @@ not all (tests/test_llamacpp.py and docs/measurements.md count how many).
 
 A batch is decoded as llama.cpp's parallel sequences: each prompt is prefilled once and its KV cache copied
 to its other responses' sequences (as rpo.sampling.sample repeats its cache), then one llama_decode per step
-carries one token of every unfinished sequence; a finished sequence leaves the batch (the HF loop keeps
-computing it). Each sequence has its own KV stream (kv_unified off), so attention reads only its own tokens.
+carries one token of every sequence, finished ones included (as the HF loop does: a batch of only some of
+the sequences decodes slower in llama.cpp, measured). Each sequence has its own KV stream (kv_unified off),
+so attention reads only its own tokens.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from rpo.sampling import next_tokens, temperature_groups
 
 log = logging.getLogger(__name__)
 
-GGUF_FILE_TYPES = {0: "f32", 1: "f16"}  # general.file_type (llama_ftype) of rpo.gguf's files
+GGUF_FILE_TYPES = {0: "f32", 1: "f16", 32: "bf16", 7: "q8_0"}  # general.file_type (llama_ftype) of rpo.gguf's files
 _BACKEND = []
 
 
@@ -208,9 +209,10 @@ class Engine:
                 done |= torch.isin(nxt, stop)
                 if bool(done.all()):
                     break
-                active = (~done).nonzero().squeeze(-1).tolist()
-                self._decode(batch, [(int(nxt[r]), lengths[r // n] + step, r, True) for r in active])
-                logits[active] = self._logits(len(active))
+                # every sequence, a finished one fed its pad token as in rpo.sampling.sample: llama.cpp
+                # decodes a batch over some of its KV streams far slower than one over all of them
+                self._decode(batch, [(int(t), lengths[r // n] + step, r, True) for r, t in enumerate(nxt.tolist())])
+                logits = self._logits(rows)
         finally:
             lib.llama_batch_free(batch)
         tokens = torch.stack(new, dim=1)

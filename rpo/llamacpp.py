@@ -8,8 +8,8 @@ llama.cpp as they are), the stop ids and max_new_tokens, and the whole choice of
 rpo.sampling.next_tokens on llama.cpp's logits (greedy argmax; temperature, top-k then top-p sampling drawn
 from the caller's seeded torch.Generator, row for row in the HF sampler's order, so one seed gives the same
 samples), and each token's log-prob (the log-softmax of the logits). What differs: the logits themselves
-(llama.cpp's CPU kernels, f32 or f16 weights), so greedy answers agree with the HF backend's on most prompts,
-not all (tests/test_llamacpp.py and docs/measurements.md count how many).
+(llama.cpp's CPU kernels; the GGUF's weight type), so greedy answers agree with the HF backend's on most
+prompts, not necessarily all (tests/test_llamacpp.py and docs/measurements.md count how many).
 
 A batch is decoded as llama.cpp's parallel sequences: each prompt is prefilled once and its KV cache copied
 to its other responses' sequences (as rpo.sampling.sample repeats its cache), then one llama_decode per step
@@ -65,11 +65,10 @@ class Engine:
     """A llama.cpp model (and LoRA adapter) ready to sample; `sources`: (model sources, adapter sources), the
     directories each GGUF must have been written from (rpo.gguf.source_digest), checked on load."""
 
-    def __init__(self, model_gguf, adapter_gguf=None, *, sources: tuple | None = None, n_threads: int | None = None,
-                 flash_attn: bool = False):
+    def __init__(self, model_gguf, adapter_gguf=None, *, sources: tuple | None = None, n_threads: int | None = None):
         lib = self.lib = _lib()
         self.n_threads = n_threads or torch.get_num_threads()
-        self.flash_attn = flash_attn
+        self.model = self.adapter = self.ctx = self._ctx_shape = None
         self.paths = [Path(model_gguf)] + ([Path(adapter_gguf)] if adapter_gguf else [])
         for p in self.paths:
             if not p.is_file():
@@ -79,10 +78,17 @@ class Engine:
         self.model = lib.llama_model_load_from_file(str(model_gguf).encode(), params)
         if not self.model:
             raise RuntimeError(f"{model_gguf}: llama.cpp cannot load this GGUF (its log above says why)")
+        try:
+            self._load(model_gguf, adapter_gguf, sources)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self, model_gguf, adapter_gguf, sources) -> None:
+        lib = self.lib
         self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
         self.dtype = GGUF_FILE_TYPES.get(int(_meta(lib, self.model, "general.file_type") or -1), "other")
         digests = [_meta(lib, self.model, DIGEST_KEY)]
-        self.adapter = None
         if adapter_gguf:
             self.adapter = lib.llama_adapter_lora_init(self.model, str(adapter_gguf).encode())
             if not self.adapter:
@@ -98,7 +104,6 @@ class Engine:
         self.fingerprint = f"llamacpp-{self.dtype}:" + "+".join(d or "?" for d in digests)
         log.info("llama.cpp engine: %s (%s)%s, %d threads", model_gguf, self.dtype,
                  f" + LoRA adapter {adapter_gguf}" if adapter_gguf else "", self.n_threads)
-        self.ctx, self._ctx_shape = None, None
 
     def close(self) -> None:
         lib = self.lib
@@ -134,8 +139,8 @@ class Engine:
         p.n_batch = p.n_ubatch = max(min(n_prefill, 2048), n_seq)
         p.n_threads = p.n_threads_batch = self.n_threads
         p.type_k = p.type_v = lib.GGML_TYPE_F32  # the HF backend's cache precision
-        p.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else \
-            lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # flash attention off: slower on this package's CPU at 16 and 64 sequences a step (measured)
+        p.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         p.no_perf = True
         ctx = lib.llama_init_from_model(self.model, p)
         if not ctx:

@@ -29,10 +29,10 @@ def _write_rows(rows: list[dict], out: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 def generate_mtbench(*, model_name, ref_dir, policy_dir, out, n_questions, max_new_tokens, batch_size, seed,
-                     backend="hf", vllm_dtype=None, dtype=None, fastchat_template=None):
+                     backend="hf", vllm_dtype=None, dtype=None, fastchat_template=None, gguf=None):
     """`fastchat_template`: FastChat's conversation template (eval.fastchat; benchmarks.mtbench.template
     fastchat) instead of the model's chat template; `dtype`: benchmarks.mtbench.dtype (eval.generation)."""
-    generation.check_backend(backend, vllm_dtype)
+    generation.check_backend(backend, vllm_dtype, gguf)
     questions = mtbench.load_questions()
     if backend == "vllm":
         from eval.vllm_backend import generate_mtbench_answers
@@ -40,7 +40,7 @@ def generate_mtbench(*, model_name, ref_dir, policy_dir, out, n_questions, max_n
         generate_mtbench_answers(engine, questions, out, model_id=model_name, max_new_tokens=max_new_tokens,
                                  seed=seed, limit=n_questions, fastchat_template=fastchat_template)
         return
-    tok, model = generation.load_hf(ref_dir, policy_dir, dtype)
+    tok, model = generation.load_sampler(backend, ref_dir, policy_dir, gguf, dtype)
     mtbench.generate_answers(model, tok, questions, out, model_id=model_name, max_new_tokens=max_new_tokens,
                              seed=seed, limit=n_questions, batch_size=batch_size, fastchat_template=fastchat_template)
 
@@ -95,13 +95,13 @@ def _alpaca_eval_set(n_questions, subset):
 
 def generate_alpacaeval(*, model_name, ref_dir, policy_dir, out, n_questions, max_new_tokens, batch_size, seed,
                         temperature, top_p, subset="first", backend="hf", vllm_dtype=None, dtype=None,
-                        add_special_tokens=False, stop_token_ids=(), prompt_template=None):
+                        add_special_tokens=False, stop_token_ids=(), prompt_template=None, gguf=None):
     """Answers with benchmarks.alpacaeval's decoding settings; `prompt_template`: an alpaca_eval model config's
     prompt (the authors' prompt.txt) instead of the chat template. Answers are stripped, as alpaca_eval's
     evaluate_from_model strips them."""
     eval_set = _alpaca_eval_set(n_questions, subset)
     gen = generation.answer_prompts(
-        backend=backend, vllm_dtype=vllm_dtype, dtype=dtype, ref_dir=ref_dir, policy_dir=policy_dir,
+        backend=backend, vllm_dtype=vllm_dtype, dtype=dtype, gguf=gguf, ref_dir=ref_dir, policy_dir=policy_dir,
         prompts=alpacaeval.generation_prompts(eval_set, prompt_template), out=Path(out).with_suffix(".gen.jsonl"),
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=0, batch_size=batch_size,
         seed=seed, model_name=model_name, desc=f"alpacaeval {model_name}", add_special_tokens=add_special_tokens,
@@ -150,9 +150,9 @@ def _arena_questions(version: str, n_questions, category, subset="first"):
 
 def generate_arenahard(*, model_name, ref_dir, policy_dir, out, version, category, n_questions, max_new_tokens,
                        batch_size, seed, temperature, top_p, subset="first", backend="hf", vllm_dtype=None, dtype=None,
-                       add_special_tokens=False, stop_token_ids=()):
+                       add_special_tokens=False, stop_token_ids=(), gguf=None):
     questions, _ = _arena_questions(version, n_questions, category, subset)
-    generation.answer_prompts(backend=backend, vllm_dtype=vllm_dtype, dtype=dtype, ref_dir=ref_dir,
+    generation.answer_prompts(backend=backend, vllm_dtype=vllm_dtype, dtype=dtype, gguf=gguf, ref_dir=ref_dir,
                               policy_dir=policy_dir, prompts=arenahard.generation_prompts(questions), out=out,
                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=0,
                               batch_size=batch_size, seed=seed, model_name=model_name, desc=f"arena-hard {model_name}",

@@ -5,20 +5,38 @@
            from `<out>.partial` (the default; runs on CPU)
     vllm   eval.vllm_backend: one vLLM engine per job, LoRA served unmerged, the same prompt tokens, stop
            tokens and file format, written atomically at the end (pip install '.[vllm]', a CUDA GPU)
+    llamacpp  rpo.sampling.generate_answers on an rpo.llamacpp.Engine: llama.cpp's forward passes on the
+           models' GGUF files (workflow/rules/gguf.smk writes them; LoRA applied unmerged), the hf
+           backend's prompt tokens, stop tokens, seeded next-token choice, batches and resumable files (CPU)
 
 A stage's `dtype` (table1.generation.dtype, benchmarks.<name>.dtype; null: the backend's own) is the precision its
-answers are computed in: vLLM's dtype (null: generation.vllm_dtype), or the HF backend's weights (null: float32).
+answers are computed in: vLLM's dtype (null: generation.vllm_dtype), or the HF backend's weights (null: float32);
+the llamacpp backend computes in its GGUF's type (generation.llamacpp_dtype).
 """
 from __future__ import annotations
 
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "llamacpp")
 
 
-def check_backend(backend: str, vllm_dtype: str | None) -> None:
+def check_backend(backend: str, vllm_dtype: str | None, gguf: dict | None = None) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"generation.backend: unknown backend {backend!r}; expected one of {list(BACKENDS)}")
     if backend == "vllm" and vllm_dtype is None:
         raise ValueError("generation.backend vllm: no vllm_dtype given (the config's generation.vllm_dtype)")
+    if backend == "llamacpp" and not (gguf or {}).get("model"):
+        raise ValueError("generation.backend llamacpp: no GGUF of the reference model given (gguf.model: the "
+                         "export rules' output, workflow/rules/gguf.smk)")
+
+
+def load_sampler(backend: str, ref_dir: str, policy_dir: str | None, gguf: dict | None = None,
+                 dtype: str | None = None):
+    """(tokenizer, sampler) of the hf backend (a transformers model, in `dtype`) or of llamacpp (an
+    rpo.llamacpp.Engine); rpo.sampling.generate_answers takes either."""
+    if backend == "llamacpp":
+        from rpo.llamacpp import engine_for
+        from rpo.models import load_tokenizer
+        return load_tokenizer(ref_dir), engine_for(ref_dir=ref_dir, policy_dir=policy_dir, gguf=gguf)
+    return load_hf(ref_dir, policy_dir, dtype)
 
 
 def load_hf(ref_dir: str, policy_dir: str | None, dtype: str | None = None):
@@ -41,10 +59,12 @@ def vllm_engine(ref_dir: str, policy_dir: str | None, *, seed: int, vllm_dtype: 
 def answer_prompts(*, backend: str, ref_dir: str, policy_dir: str | None, prompts: list[dict], out,
                    max_new_tokens: int, temperature: float, top_p: float, top_k: int, batch_size: int, seed: int,
                    model_name: str, desc: str, vllm_dtype: str | None = None, dtype: str | None = None,
-                   add_special_tokens: bool = False, stop_token_ids=(), answer_text: str = "stripped") -> list[dict]:
+                   add_special_tokens: bool = False, stop_token_ids=(), answer_text: str = "stripped",
+                   gguf: dict | None = None) -> list[dict]:
     """One model's answers to `prompts` ([{"id", "messages"[, "text"]}]) in rpo.sampling's answer file `out`;
-    `add_special_tokens`, `stop_token_ids`, `answer_text` as rpo.sampling describes them."""
-    check_backend(backend, vllm_dtype)
+    `add_special_tokens`, `stop_token_ids`, `answer_text` as rpo.sampling describes them; `gguf`: the llamacpp
+    backend's files ({"model": the reference's GGUF, "policy": the policy's, if any})."""
+    check_backend(backend, vllm_dtype, gguf)
     text = {"add_special_tokens": add_special_tokens, "extra_stop_ids": tuple(stop_token_ids),
             "answer_text": answer_text}
     if backend == "vllm":
@@ -52,7 +72,7 @@ def answer_prompts(*, backend: str, ref_dir: str, policy_dir: str | None, prompt
         return engine.write_answers(prompts, out, max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_p=top_p, top_k=top_k, seed=seed, model_name=model_name, **text)
     from rpo.sampling import generate_answers
-    tok, model = load_hf(ref_dir, policy_dir, dtype)
+    tok, model = load_sampler(backend, ref_dir, policy_dir, gguf, dtype)
     return generate_answers(model, tok, prompts, out, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, top_k=top_k, batch_size=batch_size, seed=seed, model_name=model_name,
                             desc=desc, **text)

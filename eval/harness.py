@@ -285,17 +285,23 @@ def run_lm_eval(*, model_name: str, ref_dir: str, policy_dir: str | None, tasks:
                 include_path: str | None = None, limit: int | None = None, batch_size: int = 8,
                 max_gen_toks: int | None = None, apply_chat_template: bool = True,
                 fewshot_as_multiturn: bool = True, bootstrap_iters: int = 100000, seed: int = 0,
-                backend: str = "hf", dtype: str = "auto") -> dict:
+                backend: str = "hf", dtype: str = "auto", gguf: dict | None = None) -> dict:
     """One model on the configured tasks; the harness's own files in `out_dir` (written to a temporary
-    sibling and renamed at the end, so an interrupted run leaves no half-written directory)."""
+    sibling and renamed at the end, so an interrupted run leaves no half-written directory). Backend
+    llamacpp: eval.lm_eval_llamacpp's model on the GGUFs `gguf` (generation tasks only)."""
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
 
     tm = get_task_manager(tasks, include_path)
     task_objects = load_tasks(tm, tasks)  # before the model: a missing dataset fails in seconds
-    model, model_args = harness_model(ref_dir=ref_dir, policy_dir=policy_dir, backend=backend, dtype=dtype,
-                                      seed=seed)
+    if backend == "llamacpp":
+        from eval.lm_eval_llamacpp import LlamaCppLM
+        model, model_args = LlamaCppLM(ref_dir=ref_dir, policy_dir=policy_dir, gguf=gguf, batch_size=batch_size,
+                                       seed=seed), None
+    else:
+        model, model_args = harness_model(ref_dir=ref_dir, policy_dir=policy_dir, backend=backend, dtype=dtype,
+                                          seed=seed)
     out, tmp = Path(out_dir), Path(f"{out_dir}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     # A path ending in .json: the harness writes results_<date>.json and samples_<task>_<date>.jsonl

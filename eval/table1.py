@@ -94,11 +94,11 @@ def generate_table1_answers(*, model_name: str, ref_dir: str, policy_dir: str | 
                             top_p: float, top_k: int, batch_size: int, seed: int, backend: str = "hf",
                             vllm_dtype: str | None = None, protocol: str = "both_orders", prompt: str = "history",
                             dtype: str | None = None, add_special_tokens: bool = False, stop_token_ids=(),
-                            answer_text: str = "stripped") -> None:
+                            answer_text: str = "stripped", gguf: dict | None = None) -> None:
     """One model's Table 1 answers: the protocol's prompts asked as `prompt` (table1.prompt), decoded with
     table1.generation's settings (eval.generation, rpo.sampling)."""
     prompts = question_prompts(select_prompts(_read_jsonl(prompts_path), n_prompts, protocol), prompt)
-    answer_prompts(backend=backend, vllm_dtype=vllm_dtype, dtype=dtype, ref_dir=ref_dir, policy_dir=policy_dir,
+    answer_prompts(backend=backend, vllm_dtype=vllm_dtype, dtype=dtype, gguf=gguf, ref_dir=ref_dir, policy_dir=policy_dir,
                    prompts=[{"id": p["id"], "messages": p["messages"]} for p in prompts], out=out,
                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    batch_size=batch_size, seed=seed, model_name=model_name, desc=f"answers {model_name}",

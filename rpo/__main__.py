@@ -68,6 +68,11 @@ def _rso_pairs(**kw) -> None:
     make_rso_pairs(**kw)
 
 
+def _export_gguf(**kw) -> None:
+    from rpo.gguf import export
+    export(**kw)
+
+
 def _write_config(config: dict, out: str) -> None:
     """The resolved config as YAML, keys in their order (results/config.resolved.yaml)."""
     import yaml
@@ -89,6 +94,7 @@ COMMANDS = {
     "train-reward-model": _train_reward_model,
     "rso-pairs": _rso_pairs,
     **{f"{stage}-candidates": _candidates(f"{stage}_candidates") for stage in ("sample", "gold", "score")},
+    "export-gguf": _export_gguf,
 }
 
 

@@ -18,6 +18,7 @@ seeds (eval.overoptimization); step 0 is the reference itself (KL 0 and margins 
 from __future__ import annotations
 
 import logging
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from rpo.batching import collate, summed_logps
 from rpo.data import read_pairs
 from rpo.loop import snapshot_steps
 from rpo.models import load_model, load_tokenizer
-from rpo.sampling import decode_answer, derived_seed, encode_prompt, left_pad, sample, stop_token_ids
+from rpo.sampling import decode_answer, derived_seed, encode_prompt, sample_prompts, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +43,18 @@ def decode(model, tok, prompts: list[dict], *, n: int, max_new_tokens: int, temp
     up to and including the first stop token, the decoded text, whether it stopped by itself, and the summed
     log-prob of those tokens under `model` (from the sampler's own logits: no second forward pass). The
     sampler is rpo.sampling's, seeded per batch from (seed, first prompt id); temperature 1 with
-    top_k 0 and top_p 1 samples from π itself."""
+    top_k 0 and top_p 1 samples from π itself. `model`: a transformers model or an rpo.llamacpp.Engine
+    (llama.cpp's logits, the same next-token choice and log-probs)."""
     encoded = [encode_prompt(tok, p["messages"]) for p in prompts]
-    device = next(model.parameters()).device
     stop = stop_token_ids(tok)
     out: list[dict | None] = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        ids, attn = left_pad([encoded[i] for i in idx], tok.pad_token_id)
         gen = torch.Generator().manual_seed(derived_seed(seed, prompts[idx[0]]["id"]))
-        new, lps = sample(model, ids.to(device), attn.to(device), max_new_tokens=max_new_tokens,
-                          num_return_sequences=n, temperature=temperature, top_p=1.0, top_k=0, stop_ids=stop,
-                          pad_id=tok.pad_token_id, generator=gen, return_logps=True)
+        new, lps = sample_prompts(model, [encoded[i] for i in idx], max_new_tokens=max_new_tokens,
+                                  num_return_sequences=n, temperature=temperature, top_p=1.0, top_k=0,
+                                  stop_ids=stop, pad_id=tok.pad_token_id, generator=gen, return_logps=True)
         for j, i in enumerate(idx):
             tokens, texts, finished, logps = [], [], [], []
             for k in range(n):
@@ -168,12 +168,14 @@ def outcome(a: float, b: float) -> float:
     return 1.0 if a > b else 0.0 if a < b else 0.5
 
 
-def reference_answers(*, ref_dir, prompts_path, out, max_new_tokens: int, batch_size: int) -> list[dict]:
+def reference_answers(*, ref_dir, prompts_path, out, max_new_tokens: int, batch_size: int, backend: str = "hf",
+                      gguf: str | None = None) -> list[dict]:
     """The reference's greedy answers to the held-out prompts and their gold scores (step 0 of every curve,
-    and the other side of every snapshot's gold win rate)."""
+    and the other side of every snapshot's gold win rate); backend "llamacpp" decodes on `gguf`, the
+    reference's GGUF."""
     tok = load_tokenizer(ref_dir)
     prompts = io.read_jsonl(prompts_path)
-    model = load_model(ref_dir, device=_device()).eval()
+    model = _sampler(backend, ref_dir, gguf)
     decoded = decode(model, tok, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0, seed=0,
                      batch_size=batch_size)
     scores = gold_scores(prompts, [d["texts"][0] for d in decoded])
@@ -187,14 +189,40 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _sampler(backend: str, ref_dir, gguf: str | None):
+    """What decodes the reference's answers: its transformers model (hf) or its GGUF on llama.cpp."""
+    if backend == "llamacpp":
+        from rpo.llamacpp import engine_for
+        return engine_for(ref_dir=ref_dir, policy_dir=None, gguf={"model": gguf})
+    if backend != "hf":
+        raise ValueError(f"overoptimization: sampling backend {backend!r}; expected 'hf' or 'llamacpp'")
+    return load_model(ref_dir, device=_device()).eval()
+
+
+def snapshot_engine(ref_dir, gguf: str, snapshot, tmp: Path):
+    """llama.cpp's engine of one snapshot: the reference's GGUF with the snapshot's LoRA adapter (or the
+    snapshot's full model) written as GGUF into `tmp`, a scratch folder of the measuring job (each snapshot is
+    decoded once, by that job only)."""
+    from rpo.gguf import export
+    from rpo.llamacpp import engine_for
+    path = export(model_dir=str(snapshot), base_dir=str(ref_dir), out=str(tmp / f"{Path(snapshot).name}.gguf"))
+    return engine_for(ref_dir=ref_dir, policy_dir=snapshot, gguf={"model": gguf, "policy": str(path)})
+
+
 def evaluate_snapshots(*, ref_dir, snapshots, prompts_path, pairs_path, ref_answers, out, beta: float,
                        max_length: int, max_prompt_length: int, kl_samples_per_prompt: int,
-                       max_new_tokens: int, batch_size: int, seed: int, chat_format: str = "model") -> int:
+                       max_new_tokens: int, batch_size: int, seed: int, chat_format: str = "model",
+                       backend: str = "hf", gguf: str | None = None) -> int:
     """Every snapshot of one run (and step 0, the reference) measured as the module docstring says; the held-out
     pairs are tokenised under `chat_format` (data.chat_format), as the run's training pairs were. Writes the item
-    records to `out` (JSONL) and returns the number of snapshots."""
+    records to `out` (JSONL) and returns the number of snapshots. Backend "llamacpp" decodes the answers and KL
+    samples on llama.cpp (snapshot_engine on `gguf`, the reference's GGUF; log π from its logits); log π_ref and
+    the pairs' log-probs are the transformers models' forward passes either way."""
     from rpo.train import tokenize_pairs
 
+    if backend not in ("hf", "llamacpp") or (backend == "llamacpp" and not gguf):
+        raise ValueError(f"overoptimization: sampling backend {backend!r} with GGUF {gguf!r}; expected 'hf', or "
+                         "'llamacpp' with the reference's GGUF")
     steps = snapshot_steps(snapshots)
     if not steps:
         raise ValueError(f"{snapshots}: no snapshots (step-XXXXXX directories); train with snapshot_every > 0")
@@ -234,9 +262,15 @@ def evaluate_snapshots(*, ref_dir, snapshots, prompts_path, pairs_path, ref_answ
         else:
             policy = load_model(path, device=device).eval()
         # one prefill per prompt for both: response 0 greedy (the gold score), then the temperature-1 samples
-        decoded = decode(policy, tok, prompts, n=1 + kl_samples_per_prompt, max_new_tokens=max_new_tokens,
-                         temperature=[0.0] + [1.0] * kl_samples_per_prompt, seed=seed * 1_000_003 + step,
-                         batch_size=batch_size)
+        settings = dict(n=1 + kl_samples_per_prompt, max_new_tokens=max_new_tokens,
+                        temperature=[0.0] + [1.0] * kl_samples_per_prompt, seed=seed * 1_000_003 + step,
+                        batch_size=batch_size)
+        if backend == "llamacpp":
+            with tempfile.TemporaryDirectory() as tmp, \
+                    snapshot_engine(ref_dir, gguf, path, Path(tmp)) as engine:
+                decoded = decode(engine, tok, prompts, **settings)
+        else:
+            decoded = decode(policy, tok, prompts, **settings)
         for r in kl_values(policy, ref, tok, _responses(decoded, slice(1, None)), batch_size):
             records.append({"step": step, "kind": "kl", **r})
         scores = gold_scores(prompts, [d["texts"][0] for d in decoded])

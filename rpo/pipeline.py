@@ -13,7 +13,8 @@ log = logging.getLogger(__name__)
 
 def make_data(*, data_cfg: dict, base_dir: str, train: str, test: str, prompts: str, summary: str,
               seed: int, samples: str | None = None, check_gold_meta: bool = False,
-              humaneval_decontamination: str = "disabled", require_dataset_prompt: bool = False) -> dict:
+              humaneval_decontamination: str = "disabled", require_dataset_prompt: bool = False,
+              backend: str = "hf", gguf: str | None = None) -> dict:
     """Materialise the preference data into the files the rule names: `train`, `test` (pairs), `prompts`
     (Table 1's held-out prompts), `summary` (counts; the hub revision a hub source resolved to) and, for
     the synthetic source, `samples` (every sampled response, the resumable generation cache).
@@ -25,14 +26,22 @@ def make_data(*, data_cfg: dict, base_dir: str, train: str, test: str, prompts: 
     prompts are taken before it, as the authors' scripts read the raw test split. The summary records what was
     removed, or that it was skipped and why. require_dataset_prompt (table1.prompt dataset_prompt) requires every
     held-out prompt to carry the dataset's prompt string (meta.dataset_prompt): checked here, not after training.
+    backend "llamacpp" samples the synthetic source's responses on llama.cpp from `gguf`, the base model's GGUF
+    (rpo.llamacpp; checked against `base_dir`'s files); "hf" with the transformers model.
     """
     if data_cfg["source"] == "synthetic:verifiable":
         if samples is None:
             raise ValueError("make_data: the synthetic source needs the `samples` path")
         from rpo.models import load_model, load_tokenizer
         tok = load_tokenizer(base_dir)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_model(base_dir, device=device).eval()
+        if backend == "llamacpp":
+            from rpo.llamacpp import engine_for
+            model = engine_for(ref_dir=base_dir, policy_dir=None, gguf={"model": gguf})
+        elif backend == "hf":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            model = load_model(base_dir, device=device).eval()
+        else:
+            raise ValueError(f"make_data: sampling backend {backend!r}; expected 'hf' or 'llamacpp'")
         # samples is the generation cache: an interrupted run resumes its sampling (same model and settings).
         splits, stats = data.build_synthetic(model, tok, data_cfg, seed, samples)
         test_prompts = splits.pop("test_prompts")

@@ -1,4 +1,5 @@
-"""Answer generation with the Hugging Face backend: batched, the model's own chat template, seeded.
+"""Answer generation: batched, the model's own chat template, seeded; the sampler of the HF backend, whose
+next-token choice (next_tokens) and answer files rpo.llamacpp's backend shares.
 
 Answers are appended to `<out>.partial` batch by batch and the finished file is written to `<out>` at
 the end, so an interrupted run resumes where it stopped and never regenerates a finished answer.
@@ -92,8 +93,11 @@ def model_fingerprint(model) -> str:
     It binds a resumable output to the model that actually generates (a merged LoRA adapter included),
     whatever directory it came from. Exact, and cheap next to generation: sha256 runs at about 1 GB/s
     (about 1 s for SmolLM2-135M in fp32 on the 2 shared CPU cores of this package's machine, measured;
-    about 15 s for a 7B model in bf16). GPU tensors are copied to the CPU one at a time.
+    about 15 s for a 7B model in bf16). GPU tensors are copied to the CPU one at a time. An engine that is not
+    a torch module (rpo.llamacpp.Engine) brings its own: the digest of the files its GGUFs were written from.
     """
+    if hasattr(model, "fingerprint"):
+        return model.fingerprint
     h = hashlib.sha256()
     with torch.no_grad():
         for name, t in model.state_dict().items():
@@ -186,6 +190,27 @@ def _next_tokens(logits, temperature: float, top_k: int, top_p: float, generator
     return logits.argmax(dim=-1)
 
 
+def temperature_groups(temperature: float | list[float], n: int, n_prompts: int, device=None) -> list:
+    """[(temperature, row indices)] of a batch of `n_prompts` x `n` responses (rows prompt-major): one float
+    for all, or one per response of a prompt (see `sample`)."""
+    temps = [float(temperature)] * n if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
+    if len(temps) != n:
+        raise ValueError(f"temperature: {len(temps)} values for num_return_sequences={n}; expected one per response")
+    row_temp = torch.tensor(temps * n_prompts)
+    return [(t, (row_temp == t).nonzero().squeeze(-1).to(device)) for t in sorted(set(temps))]
+
+
+def next_tokens(logits: torch.Tensor, groups: list, top_k: int, top_p: float, generator) -> torch.Tensor:
+    """One decoding step's token per row of `logits` [rows, vocab]: each temperature group (temperature_groups)
+    greedy (0) or sampled, in the groups' order, so that every backend draws the same from `generator`."""
+    if len(groups) == 1:
+        return _next_tokens(logits, groups[0][0], top_k, top_p, generator)
+    nxt = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for t, rows in groups:
+        nxt[rows] = _next_tokens(logits[rows], t, top_k, top_p, generator)
+    return nxt
+
+
 @torch.inference_mode()
 def sample(model, input_ids, attention_mask, *, max_new_tokens: int, num_return_sequences: int = 1,
            temperature: float | list[float] = 0.0, top_p: float = 1.0, top_k: int = 0, stop_ids=(),
@@ -202,11 +227,7 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens: int, num_return_
     are sampled together, so greedy rows draw nothing from `generator`.
     """
     n = num_return_sequences
-    temps = [float(temperature)] * n if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
-    if len(temps) != n:
-        raise ValueError(f"temperature: {len(temps)} values for num_return_sequences={n}; expected one per response")
-    row_temp = torch.tensor(temps * input_ids.shape[0])
-    groups = [(t, (row_temp == t).nonzero().squeeze(-1).to(input_ids.device)) for t in sorted(set(temps))]
+    groups = temperature_groups(temperature, n, input_ids.shape[0], input_ids.device)
     prefill_pos = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=prefill_pos,
                 use_cache=True, logits_to_keep=1)
@@ -222,12 +243,7 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens: int, num_return_
     position = attention_mask.sum(dim=1, keepdim=True)
     new, logps = [], []
     for _ in range(max_new_tokens):
-        if len(groups) == 1:
-            nxt = _next_tokens(logits, temps[0], top_k, top_p, generator)
-        else:
-            nxt = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-            for t, rows in groups:
-                nxt[rows] = _next_tokens(logits[rows], t, top_k, top_p, generator)
+        nxt = next_tokens(logits, groups, top_k, top_p, generator)
         if return_logps:
             lp = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
             logps.append(lp.masked_fill(done, 0.0))
@@ -246,13 +262,24 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens: int, num_return_
     return (tokens, torch.stack(logps, dim=1).cpu()) if return_logps else tokens
 
 
+def sample_prompts(model, prompts: list[list[int]], *, pad_id: int, **kw):
+    """`sample` for prompts given as token ids: by a transformers model (left-padded here), or by an engine
+    that takes the ids as they are (rpo.llamacpp.Engine.sample_ids, the same contract)."""
+    if hasattr(model, "sample_ids"):
+        return model.sample_ids(prompts, pad_id=pad_id, **kw)
+    device = next(model.parameters()).device
+    input_ids, attn = left_pad(prompts, pad_id)
+    return sample(model, input_ids.to(device), attn.to(device), pad_id=pad_id, **kw)
+
+
 def generate_answers(model, tok, prompts: list[dict], out_path: str | Path, *, max_new_tokens: int,
                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                      batch_size: int = 16,
                      seed: int = 0, num_return_sequences: int = 1, model_name: str = "",
                      desc: str = "generate", weights: str | None = None, add_special_tokens: bool = False,
                      extra_stop_ids: tuple = (), answer_text: str = "stripped") -> list[dict]:
-    """Generate answers for `prompts` = [{"id": str, "messages": [...][, "text": str]}, ...] into a JSONL file.
+    """Generate answers for `prompts` = [{"id": str, "messages": [...][, "text": str]}, ...] into a JSONL file,
+    with `model` a transformers model or an rpo.llamacpp.Engine.
 
     Each output row: {"id", "model", "messages"[, "text"], "responses": [str] * num_return_sequences,
     "n_tokens": [int], "finished": [bool]} (finished = the model stopped before max_new_tokens).
@@ -282,16 +309,14 @@ def generate_answers(model, tok, prompts: list[dict], out_path: str | Path, *, m
     encoded = [encode_row(tok, p, add_special_tokens) for p in todo]
     # Length-sorted batches waste less compute on padding; the output order is restored below.
     order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))
-    device = next(model.parameters()).device
     stop_ids = stop_token_ids(tok, extra_stop_ids)
     with partial.open("a", encoding="utf-8") as f, tqdm(total=len(todo), desc=desc, unit="prompt") as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            input_ids, attn = left_pad([encoded[i] for i in idx], tok.pad_token_id)
             gen = torch.Generator().manual_seed(derived_seed(seed, todo[idx[0]]["id"]))
-            new = sample(model, input_ids.to(device), attn.to(device), max_new_tokens=max_new_tokens,
-                         num_return_sequences=num_return_sequences, temperature=temperature,
-                         top_p=top_p, top_k=top_k, stop_ids=stop_ids, pad_id=tok.pad_token_id, generator=gen)
+            new = sample_prompts(model, [encoded[i] for i in idx], max_new_tokens=max_new_tokens,
+                                 num_return_sequences=num_return_sequences, temperature=temperature,
+                                 top_p=top_p, top_k=top_k, stop_ids=stop_ids, pad_id=tok.pad_token_id, generator=gen)
             rows = [_answer_row(tok, todo[i], new, j, num_return_sequences, stop_ids, model_name,
                                 strip=answer_text == "stripped") for j, i in enumerate(idx)]
             # One write per batch, so a kill leaves whole batches (and at most one cut line).

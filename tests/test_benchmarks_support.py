@@ -142,9 +142,15 @@ def test_loss_parity_smoke(tmp_path):
 
 
 def test_generation_throughput_smoke(tmp_path):
-    rc, res = _run("generation_throughput", tmp_path)
-    assert rc == 0 and res["identical_text"]
-    assert [r["generator"] for r in res["results"]] == ["naive", "ours"]
+    rc, res = _run("generation_throughput", tmp_path, "--generators", "hf,llamacpp-f32,naive")
+    assert rc == 0 and res["naive_identical_to_hf"]
+    by = {(r["generator"], r["mode"]): r for r in res["results"]}
+    assert list(by) == [("hf", "greedy"), ("llamacpp-f32", "greedy"), ("naive", "greedy"), ("hf", "sampled"),
+                        ("llamacpp-f32", "sampled")]
+    # llama.cpp ran on the GGUF it wrote; on the tiny model its greedy answers are the HF backend's
+    assert by[("llamacpp-f32", "greedy")]["gguf_export_s"] > 0 and by[("hf", "greedy")]["gguf_export_s"] is None
+    assert by[("llamacpp-f32", "greedy")]["identical_to_hf"] >= 5 / 6
+    assert by[("hf", "sampled")]["answers"] == 4 * by[("hf", "greedy")]["answers"]
 
 
 def test_sharded_check_smoke(tmp_path):

@@ -285,10 +285,12 @@ def test_one_setting_sends_every_generation_job_to_vllm(tiny_model_dir, fake, tm
 
 def test_bad_backend_settings_are_errors():
     # (the default, hf, in the paper configs' dry runs: tests/test_paper_configs.py)
-    with pytest.raises(ValueError, match=r"generation.backend: unknown backend 'tgi'; expected one of \['hf', 'vllm'\]"):
+    with pytest.raises(ValueError, match=r"generation.backend: unknown backend 'tgi'; expected one of \['hf', 'vllm', 'llamacpp'\]"):
         generation.check_backend("tgi", None)
     with pytest.raises(ValueError, match="no vllm_dtype given"):
         generation.check_backend("vllm", None)
+    with pytest.raises(ValueError, match="generation.backend llamacpp: no GGUF of the reference model"):
+        generation.check_backend("llamacpp", None, {"policy": "x.gguf"})
 
 
 def test_missing_vllm_is_a_clear_error(monkeypatch, tiny_model_dir, tmp_path):

@@ -217,9 +217,9 @@ def job_params(settings, paths):
 
 def generation_backend():
     """The answer backend of every generation job (config `generation`, eval/generation.py): vllm_dtype only
-    with vllm, so that changing it re-runs no hf job."""
+    with vllm, so that changing it re-runs no hf job (llamacpp's GGUFs are inputs: workflow/rules/gguf.smk)."""
     g = config["generation"]
-    return {"backend": "vllm", "vllm_dtype": g["vllm_dtype"]} if g["backend"] == "vllm" else {"backend": "hf"}
+    return {"backend": "vllm", "vllm_dtype": g["vllm_dtype"]} if g["backend"] == "vllm" else {"backend": g["backend"]}
 
 
 def bench_gen_params(benchmark, **extra):
@@ -232,7 +232,7 @@ def bench_gen_params(benchmark, **extra):
                 **({"dtype": b["dtype"]} if b["dtype"] else {}), **extra}
 
     return job_params(settings, lambda w, input, output: {"ref_dir": input.ref, "policy_dir": policy_of(input),
-                                                         "out": output[0]})
+                                                         "out": output[0], **gguf_paths(input)})
 
 
 def bench_subset(benchmark):
@@ -368,3 +368,53 @@ def chat_format_param(wildcards, data=None):
     # Passed only when not the default, so that the default's jobs keep their parameters (and re-run nothing).
     fmt = (data or config["data"])["chat_format"]
     return {} if fmt == "model" else {"chat_format": fmt}
+
+
+# The llamacpp generation backend's GGUF files (workflow/rules/gguf.smk; rpo/gguf.py): which a job needs as
+# inputs, and the arguments that hand them to it. The other backends add no input and no parameter.
+# ---------------------------------------------------------------------------------------------------
+LLAMACPP = config["generation"]["backend"] == "llamacpp"
+GGUF_DIR = f"{RESULTS}/gguf"
+GGUF_SOURCES = {"base": f"{RESULTS}/models/base", "sft": f"{RESULTS}/models/sft/model", "soup": SOUP_DIR}
+
+
+def gguf_of(model_dir):
+    """The GGUF of a reference model directory (base, sft or soup)."""
+    name = {d: n for n, d in GGUF_SOURCES.items()}[model_dir]
+    return f"{GGUF_DIR}/{name}.gguf"
+
+
+def gguf_inputs(wildcards):
+    """A generation job's GGUF inputs (with unpack): its reference's, and the policy's unless it is Ref."""
+    if not LLAMACPP:
+        return {}
+    out = {"gguf_model": gguf_of(get_base_dir(wildcards.model))}
+    if wildcards.model != "ref":
+        out["gguf_policy"] = f"{GGUF_DIR}/policy/{wildcards.model}.gguf"
+    return out
+
+
+def gguf_base_input(model_dir):
+    """The GGUF input (with unpack) of a job that samples from the reference model `model_dir` alone."""
+    return {"gguf_model": gguf_of(model_dir)} if LLAMACPP else {}
+
+
+def gguf_paths(input):
+    """The `gguf` argument of a generation job (eval.generation.answer_prompts), from its GGUF inputs."""
+    if not LLAMACPP:
+        return {}
+    named = dict(input.items())
+    return {"gguf": {"model": named["gguf_model"], "policy": named.get("gguf_policy")}}
+
+
+def gguf_arg(input):
+    """The `gguf` argument (the reference model's GGUF) of a job that samples from it alone: make_data, the
+    study's reference answers and snapshot measurements."""
+    named = dict(input.items())
+    return {"gguf": named["gguf_model"]} if LLAMACPP and "gguf_model" in named else {}
+
+
+def sampler_backend():
+    """The settings key of make_data's and the study's sampling jobs: only with llamacpp, so that the other
+    backends (whose sampling there is the hf sampler) re-run nothing."""
+    return {"backend": "llamacpp"} if LLAMACPP else {}

@@ -15,6 +15,8 @@ rule materialise_base:
 
 rule make_data:
     input:
+        # the llamacpp backend samples the synthetic source's responses from the base model's GGUF
+        **(gguf_base_input(f"{RESULTS}/models/base") if config["data"]["source"] == "synthetic:verifiable" else {}),
         base=f"{RESULTS}/models/base",
         # A file source's train/test files are inputs, so editing one in place re-runs this rule.
         **(config["data"]["splits"] if config["data"]["source"] == "file" else {}),
@@ -35,8 +37,9 @@ rule make_data:
                        # parameter, so the default's make_data keeps its parameters)
                        **({"require_dataset_prompt": True} if config["table1"]["prompt"] == "dataset_prompt" else {}),
                        "check_gold_meta": config["table1"]["judge"]["kind"] == "gold"
-                                          and config["data"]["source"] != "synthetic:verifiable"},
-            lambda w, input, output: {"base_dir": input.base, **dict(output.items())}),
+                                          and config["data"]["source"] != "synthetic:verifiable",
+                       **(sampler_backend() if config["data"]["source"] == "synthetic:verifiable" else {})},
+            lambda w, input, output: {"base_dir": input.base, **dict(output.items()), **gguf_arg(input)}),
     threads: config["data"]["synthetic"]["threads"]
     resources:
         **res("data"),

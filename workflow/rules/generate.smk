@@ -1,5 +1,6 @@
 rule generate_table1:
     input:
+        unpack(gguf_inputs),
         ref=lambda w: get_base_dir(w.model),
         prompts=f"{RESULTS}/data/prompts_test.jsonl",
         policy=_policy_input,
@@ -14,7 +15,7 @@ rule generate_table1:
                        **{k: v for k, v in config["table1"]["generation"].items() if k != "threads"},
                        **generation_backend()},
             lambda w, input, output: {"ref_dir": input.ref, "policy_dir": policy_of(input),
-                                      "prompts_path": input.prompts, "out": output[0]}),
+                                      "prompts_path": input.prompts, "out": output[0], **gguf_paths(input)}),
     threads: config["table1"]["generation"]["threads"]
     resources:
         **res("generation"),
@@ -26,6 +27,7 @@ rule generate_table1:
 
 rule generate_mtbench:
     input:
+        unpack(gguf_inputs),
         ref=lambda w: get_base_dir(w.model),
         policy=_policy_input,
     output:
@@ -43,6 +45,7 @@ rule generate_mtbench:
 
 rule generate_alpacaeval:
     input:
+        unpack(gguf_inputs),
         ref=lambda w: get_base_dir(w.model),
         policy=_policy_input,
     output:
@@ -61,6 +64,7 @@ rule generate_alpacaeval:
 
 rule generate_arenahard:
     input:
+        unpack(gguf_inputs),
         ref=lambda w: get_base_dir(w.model),
         policy=_policy_input,
     output:

@@ -56,6 +56,7 @@ rule check_lm_eval_datasets:
 
 rule run_lm_eval:
     input:
+        unpack(gguf_inputs),
         ref=lambda w: get_base_dir(w.model),
         policy=_policy_input,
         tasks=lm_eval_task_inputs,
@@ -68,7 +69,8 @@ rule run_lm_eval:
                        "backend": config["generation"]["backend"], "seed": config["seed"],
                        **{k: LM_EVAL[k] for k in ("limit", "batch_size", "max_gen_toks", "apply_chat_template",
                                                   "fewshot_as_multiturn", "bootstrap_iters", "dtype")}},
-            lambda w, input, output: {"ref_dir": input.ref, "policy_dir": policy_of(input), "out_dir": output[0]}),
+            lambda w, input, output: {"ref_dir": input.ref, "policy_dir": policy_of(input), "out_dir": output[0],
+                                      **gguf_paths(input)}),
     threads: LM_EVAL["threads"]
     resources:
         **res("generation"),

@@ -8,6 +8,7 @@
 
 rule study_data:
     input:
+        **(gguf_base_input(f"{RESULTS}/models/base") if STUDY["data"]["source"] == "synthetic:verifiable" else {}),
         base=f"{RESULTS}/models/base",
         **(STUDY["data"]["splits"] if STUDY["data"]["source"] == "file" else {}),
     output:
@@ -19,8 +20,9 @@ rule study_data:
     params:
         # the study scores every answer with the gold verifier: every held-out prompt must carry its instructions
         **job_params(lambda w: {**data_settings(STUDY["data"]), "seed": config["seed"],
-                                "check_gold_meta": STUDY["data"]["source"] != "synthetic:verifiable"},
-                     lambda w, input, output: {"base_dir": input.base, **dict(output.items())}),
+                                "check_gold_meta": STUDY["data"]["source"] != "synthetic:verifiable",
+                                **(sampler_backend() if STUDY["data"]["source"] == "synthetic:verifiable" else {})},
+                     lambda w, input, output: {"base_dir": input.base, **dict(output.items()), **gguf_arg(input)}),
     threads: STUDY["data"]["synthetic"]["threads"]
     resources:
         **res("data"),
@@ -58,14 +60,16 @@ rule study_reference_logps:
 rule study_reference_answers:
     # the reference's greedy answers and gold scores: step 0 of every curve and the other side of its win rates
     input:
+        **gguf_base_input(f"{RESULTS}/models/base"),
         ref=f"{RESULTS}/models/base",
         prompts=f"{STUDY_DIR}/data/prompts_test.jsonl",
     output:
         f"{STUDY_DIR}/reference/answers.jsonl",
     params:
         **job_params(lambda w: {"max_new_tokens": config["overoptimization"]["eval"]["max_new_tokens"],
-                                "batch_size": config["overoptimization"]["eval"]["batch_size"]},
-                     lambda w, input, output: {"ref_dir": input.ref, "prompts_path": input.prompts, "out": output[0]}),
+                                "batch_size": config["overoptimization"]["eval"]["batch_size"], **sampler_backend()},
+                     lambda w, input, output: {"ref_dir": input.ref, "prompts_path": input.prompts, "out": output[0],
+                                               **gguf_arg(input)}),
     threads: config["overoptimization"]["eval"]["threads"]
     resources:
         **res("generation"),
@@ -112,6 +116,7 @@ rule study_train:
 
 rule study_evaluate:
     input:
+        **gguf_base_input(f"{RESULTS}/models/base"),
         ref=f"{RESULTS}/models/base",
         snapshots=f"{STUDY_RUN}/snapshots",
         prompts=f"{STUDY_DIR}/data/prompts_test.jsonl",
@@ -127,10 +132,11 @@ rule study_evaluate:
             lambda w: {"beta": STUDY["runs"][w.run]["beta"], "max_length": STUDY["training"]["max_length"],
                        "max_prompt_length": STUDY["training"]["max_prompt_length"], "seed": int(w.seed),
                        **chat_format_param(w, STUDY["data"]),
-                       **{k: v for k, v in config["overoptimization"]["eval"].items() if k != "threads"}},
+                       **{k: v for k, v in config["overoptimization"]["eval"].items() if k != "threads"},
+                       **sampler_backend()},
             lambda w, input, output: {"ref_dir": input.ref, "snapshots": input.snapshots,
                                       "prompts_path": input.prompts, "pairs_path": input.pairs,
-                                      "ref_answers": input.ref_answers, "out": output[0]}),
+                                      "ref_answers": input.ref_answers, "out": output[0], **gguf_arg(input)}),
     threads: config["overoptimization"]["eval"]["threads"]
     resources:
         **res("generation"),

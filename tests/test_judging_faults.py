@@ -148,7 +148,7 @@ def _alpaca_inputs(tmp: Path) -> dict:
     outputs = alpacaeval.make_model_outputs(rows, [f"answer {i}" for i in range(6)], "rpo")
     alpacaeval.write_model_outputs(outputs, tmp / "model_outputs.json")
     return {"outputs": str(tmp / "model_outputs.json"), "out": str(tmp / "annotations.json"),
-            "annotator_dir": str(tmp / "annotator")}
+            "annotator_dir": str(tmp / "annotator"), "calls_out": str(tmp / "calls.json")}
 
 
 def _mtbench_inputs(tmp: Path) -> dict:
@@ -159,7 +159,7 @@ def _mtbench_inputs(tmp: Path) -> dict:
              "tstamp": 0} for q in qs]
     (tmp / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"model_name": "rpo", "answers": str(tmp / "answers.jsonl"), "out": str(tmp / "judgment.jsonl"),
-            "judge_max_tokens": 32, "rating_attempts": 2}
+            "calls_out": str(tmp / "calls.json"), "judge_max_tokens": 32, "rating_attempts": 2}
 
 
 def _arenahard_inputs(tmp: Path) -> dict:
@@ -168,7 +168,7 @@ def _arenahard_inputs(tmp: Path) -> dict:
     rows = [{"id": q["uid"], "responses": [f"answer {i}"]} for i, q in enumerate(qs[:3])]
     (tmp / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"model_name": "rpo", "answers": str(tmp / "answers.jsonl"), "out": str(tmp / "judgment.jsonl"),
-            "version": "v2.0", "category": "hard_prompt", "n_questions": 3, "judge_max_tokens": 32,
+            "calls_out": str(tmp / "calls.json"), "version": "v2.0", "category": "hard_prompt", "n_questions": 3, "judge_max_tokens": 32,
             "subset": "first"}
 
 
@@ -212,6 +212,9 @@ def test_kill_during_judging_then_rerun_repeats_no_finished_call(bench, tmp_path
         assert not set(again) & done  # no finished call was made twice
         assert len(again) == n_calls - len(done)
         assert Path(args["out"]).exists() and len(cached_keys(cache)) == n_calls
+        # the job's judge-call record counts the rerun: the finished calls from the cache, the rest received
+        calls = json.loads(Path(args["calls_out"]).read_text())
+        assert (calls["cache_hits"], calls["completions_received"]) == (len(done), n_calls - len(done))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -215,10 +215,12 @@ def test_quickstart_with_the_method_zoo_switched_on(tmp_path):
     count = {}
     for j in js:
         count[j["rule"]] = count.get(j["rule"], 0) + 1
-    # dpo, rpo + 7 zoo methods; one more SFT model (seed 43) and its soup; reference log-probs of Ref and soup
+    # dpo, rpo + 8 zoo methods; one more SFT model (seed 43) and its soup; reference log-probs of Ref and soup
     assert (count["train_preference"], count["train_sft"], count["train_sft_seed"], count["make_soup"],
-            count["reference_logps"]) == (9, 1, 1, 1, 2)
-    assert count["judge_table1"] == 3 + 7  # the paper's three pairs + each zoo method vs Ref
+            count["reference_logps"]) == (10, 1, 1, 1, 2)
+    assert count["judge_table1"] == 3 + 8  # the paper's three pairs + each zoo method vs Ref
+    rso = next(j for j in js if j["rule"] == "train_preference" and j["wildcards"] == "method=rso")
+    assert "/rso/" in args_of(rso)["pairs_path"]  # RSO trains on its own rejection-sampled pairs
     soup = next(j for j in js if j["rule"] == "train_preference" and "rpo_soup" in j["wildcards"])
     assert args_of(soup)["ref_dir"] == "results/models/soup/model"
 

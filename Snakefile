@@ -29,6 +29,7 @@ include: "workflow/rules/judge.smk"
 include: "workflow/rules/lm_eval.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/overopt.smk"
+include: "workflow/rules/rounds.smk"
 
 
 # A dry run (snakemake -n) gets what the preflight can check offline, as warnings: planning a paper run on a

@@ -51,6 +51,18 @@ def _evaluate_snapshots(**kw) -> None:
     evaluate_snapshots(**kw)
 
 
+def _rounds(name):
+    def run(**kw):
+        from rpo import rounds
+        getattr(rounds, name)(**kw)
+    return run
+
+
+def _train_round(**kw) -> None:
+    from rpo.round_train import train_round
+    train_round(**kw)
+
+
 def _write_config(config: dict, out: str) -> None:
     """The resolved config as YAML, keys in their order (results/config.resolved.yaml)."""
     import yaml
@@ -69,6 +81,14 @@ COMMANDS = {
     "reference-answers": _reference_answers,
     "evaluate-snapshots": _evaluate_snapshots,
     "write-config": _write_config,
+    # online rounds (rpo/rounds.py, rpo/round_train.py; workflow/rules/rounds.smk)
+    "round-prompts": _rounds("round_prompts"),
+    "sample-round": _rounds("sample_round"),
+    "label-round": _rounds("label_round"),
+    "train-round": _train_round,
+    "evaluate-round": _rounds("evaluate_round"),
+    "reference-records": _rounds("reference_records"),
+    "finish-rounds": _rounds("finish_rounds"),
 }
 
 

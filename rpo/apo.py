@@ -15,14 +15,13 @@ language model the same update is applied to the weights, as the parameter-space
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 from pathlib import Path
 
 import torch
-
-from rpo import io
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -82,13 +81,14 @@ def lora_delta(adapter_dir) -> dict[str, torch.Tensor]:
 
 
 def extrapolate_lora(new_dir, old_dir, alpha: float, out_dir) -> dict:
-    """Write to `out_dir` the adapter with ΔW = (1 + α)ΔŴ_new − αΔŴ_old (module docstring); `old_dir` None is
-    the reference itself (ΔŴ = 0: the new adapter with B scaled by 1 + α). α = 0 copies `new_dir`. Returns
-    what was written ({rank, modules})."""
+    """Write into `out_dir` (created if missing; the caller makes it atomic) the adapter with
+    ΔW = (1 + α)ΔŴ_new − αΔŴ_old (module docstring); `old_dir` None is the reference itself (ΔŴ = 0: the new
+    adapter with B scaled by 1 + α). α = 0 copies `new_dir`'s adapter. Returns what was written."""
     from safetensors.torch import save_file
     new_cfg, new_state = _read_adapter(new_dir)
     new_mods = _modules(new_state, new_dir)
-    with io.atomic_dir(out_dir) as tmp:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with contextlib.nullcontext(out_dir) as tmp:
         for f in Path(new_dir).iterdir():  # tokenizer and config files travel with the adapter
             if f.is_file() and f.name not in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
                 shutil.copy2(f, Path(tmp) / f.name)
@@ -119,8 +119,9 @@ def extrapolate_lora(new_dir, old_dir, alpha: float, out_dir) -> dict:
 
 
 def extrapolate_full(new_dir, old_dir, alpha: float, out_dir) -> dict:
-    """Write to `out_dir` the fully fine-tuned model Ŵ_new + α(Ŵ_new − Ŵ_old), tensor by tensor, in the new
-    model's dtype (`old_dir`: the previous round's proximal model, or the reference for round 1)."""
+    """Write into `out_dir` (created if missing; the caller makes it atomic) the fully fine-tuned model
+    Ŵ_new + α(Ŵ_new − Ŵ_old), tensor by tensor, in the new model's dtype (`old_dir`: the previous round's
+    proximal model, or the reference for round 1)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -132,7 +133,8 @@ def extrapolate_full(new_dir, old_dir, alpha: float, out_dir) -> dict:
         with safe_open(str(f), framework="pt") as st:
             old_index.update({k: f for k in st.keys()})
     n = 0
-    with io.atomic_dir(out_dir) as tmp:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with contextlib.nullcontext(out_dir) as tmp:
         for f in new_dir.iterdir():
             if not f.is_file():
                 continue

@@ -87,11 +87,10 @@ def round_slice(prompts_path, start: int, count: int) -> list[dict]:
 
 def sample_round(*, ref_dir, prompts_path, out, start: int, count: int, samples_per_prompt: int,
                  max_new_tokens: int, temperature: float, top_p: float, top_k: int, batch_size: int, seed: int,
-                 policy_dir=None, reference_out=None) -> int:
+                 policy_dir=None) -> int:
     """K samples per prompt of the round's slice from the previous round's policy (`policy_dir`, its adapter on
-    `ref_dir` or a whole model; None: the reference itself), into `out` (rpo.sampling.generate_answers: resumable
-    from its .partial file). With `reference_out`, one more sample per prompt from the reference (MPO's
-    regularisation data)."""
+    `ref_dir` (merged in memory) or a whole model; None: the reference itself, as for round 1 and for MPO's
+    reference samples), into `out` (rpo.sampling.generate_answers: resumable from its .partial file)."""
     import torch
 
     from rpo.models import load_model, load_policy, load_tokenizer
@@ -99,16 +98,11 @@ def sample_round(*, ref_dir, prompts_path, out, start: int, count: int, samples_
     prompts = [{"id": p["id"], "messages": p["messages"]} for p in round_slice(prompts_path, start, count)]
     tok = load_tokenizer(ref_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    decoding = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                    batch_size=batch_size)
-    if reference_out is not None:
-        ref = load_model(ref_dir, device=device).eval()
-        generate_answers(ref, tok, prompts, reference_out, num_return_sequences=1, seed=seed + 1, desc="reference",
-                         model_name="reference", **decoding)
-        del ref
     model = (load_policy(ref_dir, policy_dir, device=device) if policy_dir else load_model(ref_dir, device=device)).eval()
     rows = generate_answers(model, tok, prompts, out, num_return_sequences=samples_per_prompt, seed=seed,
-                            desc="sample round", model_name="policy", **decoding)
+                            desc="sample round", model_name="policy" if policy_dir else "reference",
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            batch_size=batch_size)
     return len(rows)
 
 

@@ -233,3 +233,17 @@ def test_every_tournament_size_returns_a_strictly_preferred_pair():
             got = rounds.tournament(lambda i, j: oracle.preference(scores[i], scores[j]), k)
             assert got is None or scores[got[0]] > scores[got[1]]
             assert (got is None) == (len(set(scores)) == 1)  # 0/1 scores: a pair whenever they are not all equal
+
+
+def test_round_prompts_from_ifeval_rows_and_from_pairs(tmp_path):
+    from conftest import tiny_pairs, write_jsonl
+    summary = rounds.round_prompts(out=tmp_path / "pool.jsonl", heldout=tmp_path / "heldout.jsonl", source="ifeval",
+                                   seed=1, n_train=10, n_test=4, prompts_file=str(REPO / ".test/data/ifeval_prompts.jsonl"))
+    pool, held = io.read_jsonl(tmp_path / "pool.jsonl"), io.read_jsonl(tmp_path / "heldout.jsonl")
+    assert (len(pool), len(held), summary["available"]) == (10, 4, 16)
+    assert not {p["id"] for p in pool} & {p["id"] for p in held}  # disjoint
+    assert pool[0]["meta"]["instruction_id_list"] == ["length_constraints:number_words"]
+    write_jsonl(tiny_pairs(6) + [{**tiny_pairs(1)[0], "id": "again"}], tmp_path / "pairs.jsonl")  # a prompt twice
+    rounds.round_prompts(out=tmp_path / "from_pairs.jsonl", source="pairs", seed=1, pairs_path=tmp_path / "pairs.jsonl")
+    rows = io.read_jsonl(tmp_path / "from_pairs.jsonl")
+    assert len(rows) == 6 and rows[0]["meta"] == LOWERCASE_META and rows[0]["messages"][0]["role"] == "user"

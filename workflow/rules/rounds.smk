@@ -84,7 +84,9 @@ rule sample_round_reference:
     output:
         f"{ROUND}/reference_samples.jsonl",
     params:
-        **job_params(lambda w: {**_sample_settings(w), "samples_per_prompt": 1},
+        # its own seed: not the policy's draws of round 1 (where the policy is the reference)
+        **job_params(lambda w: {**_sample_settings(w), "samples_per_prompt": 1,
+                                "seed": round_run(w)["seed"] * 1000 + 500 + int(w.r)},
                      lambda w, input, output: {"ref_dir": input.ref, "prompts_path": input.prompts, "out": output[0]}),
     threads: config["training"]["threads"]
     resources:

@@ -7,7 +7,6 @@ ROUND = f"{ROUND_DIR}/{{run}}/round{{r}}"
 ONLINE_DIR = f"{RESULTS}/online"
 ONLINE = config["online"]
 
-round_plan.check_study(config)
 ROUND_RUNS = {**round_plan.main_runs(config, SEEDS), **round_plan.study_runs(config)}
 ROUND_RUN_NAMES = "|".join(re.escape(r) for r in sorted(ROUND_RUNS)) or "^$"
 

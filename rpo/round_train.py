@@ -22,7 +22,6 @@ starts from, its tokenised data and the log-probs computed here).
 from __future__ import annotations
 
 import contextlib
-import logging
 from pathlib import Path
 
 import torch
@@ -35,10 +34,8 @@ from rpo.chat_format import check_format, pair_ids
 from rpo.losses import online as ol
 from rpo.loop import run_loop
 from rpo.models import load_model, load_tokenizer
-from rpo.train import (_autocast, _device, _fingerprint_on_main, _run_cfg, attention_of, check_attention,
+from rpo.train import (_autocast, _fingerprint_on_main, _run_cfg, attention_of, check_attention,
                        check_precision, prepare_model, save_trained)
-
-log = logging.getLogger(__name__)
 
 PROXIMAL = "proximal"  # APO: the trained policy π̂ inside the round's model directory
 
@@ -46,10 +43,6 @@ PROXIMAL = "proximal"  # APO: the trained policy π̂ inside the round's model d
 def data_kind(loss: str) -> str:
     """pairs, kept or groups: what loss `loss` trains on (every loss outside ONLINE_DATA is a pair loss)."""
     return ol.ONLINE_DATA.get(loss, "pairs")
-
-
-def selection_kinds() -> dict[str, str]:
-    return {"best_worst": "pairs", "tournament": "pairs", "top_k": "kept", "all": "groups"}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ include: "workflow/rules/overopt.smk"
 include: "workflow/rules/reward_common.smk"
 include: "workflow/rules/reward.smk"
 include: "workflow/rules/rso.smk"
+include: "workflow/rules/rounds.smk"
 
 
 # A dry run (snakemake -n) gets what the preflight can check offline, as warnings: planning a paper run on a

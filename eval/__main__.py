@@ -31,6 +31,11 @@ def _overoptimization(**kw):
     make_study(**kw)
 
 
+def _online(**kw):
+    from eval.online import make_online
+    make_online(**kw)
+
+
 def _judge_validity(**kw):
     from eval.judge_validity import judge_validity
     judge_validity(**kw)
@@ -56,7 +61,7 @@ def _harness(name):
 
 
 COMMANDS = {"generate-table1": _generate_table1, "judge-table1": _judge_pair, "make-table1": _make_table1,
-            "table1-variance": _table1_variance, "overoptimization": _overoptimization,
+            "table1-variance": _table1_variance, "overoptimization": _overoptimization, "online": _online,
             "judge-validity": _judge_validity, "best-of-n": _best_of_n,
             **{f"{stage}-{b}": _bench(f"{stage}_{b}") for stage in ("generate", "judge", "score")
                for b in ("mtbench", "alpacaeval", "arenahard")},

@@ -49,6 +49,8 @@ def item_values(records: list[dict]) -> dict[int, dict[str, dict[str, float]]]:
             out[step]["proxy_accuracy"][rid] = 100.0 * float(r["correct"])
             out[step]["proxy_margin"][rid] = float(r["margin"])
             out[step]["logratio_chosen"][rid] = float(r["logratio_chosen"])
+        elif r["kind"] == "proxy":  # the online rounds' labeller score of the greedy answer (rpo.rounds)
+            out[step]["proxy_score"][rid] = float(r["score"])
         else:
             raise ValueError(f"unknown record kind {r['kind']!r} (step {step}, id {rid})")
     return out
@@ -69,8 +71,9 @@ def _knob(spec: dict) -> tuple[str, float | str]:
     return key, spec["hparams"].get(key, "")
 
 
-def study_rows(runs: list[dict], *, n_boot: int, seed: int, ci: float) -> list[dict]:
-    """The CSV rows of every run (spec + records): per seed, then pooled over a run's seeds."""
+def study_rows(runs: list[dict], *, n_boot: int, seed: int, ci: float, metrics=METRICS) -> list[dict]:
+    """The CSV rows of every run (spec + records): per seed, then pooled over a run's seeds; `metrics`: the
+    metrics of item_values to report (eval.online's: kl, gold and its labeller's proxy_score)."""
     by_run: dict[str, list[dict]] = defaultdict(list)
     for r in runs:
         by_run[r["spec"]["name"]].append(r)
@@ -89,7 +92,7 @@ def study_rows(runs: list[dict], *, n_boot: int, seed: int, ci: float) -> list[d
                 kl_items = list(v[step]["kl"].values())
                 kl, kl_se = float(np.mean(kl_items)), _kl_se(kl_items)
                 per_seed_kl.append(kl)
-                for metric in METRICS:
+                for metric in metrics:
                     items = _items(v[step], metric)
                     value, lo, hi = bootstrap_mean(items, n_boot=n_boot, seed=seed, ci=ci)
                     rows.append({**base, "seed": rep["spec"]["seed"], "step": step, "kl": kl, "kl_se": kl_se,
@@ -97,7 +100,7 @@ def study_rows(runs: list[dict], *, n_boot: int, seed: int, ci: float) -> list[d
                                  "n": len(items)})
             if len(reps) > 1:
                 kl = float(np.mean(per_seed_kl))
-                for metric in METRICS:
+                for metric in metrics:
                     groups = [_items(v[step], metric) for v in values]
                     value, lo, hi = hierarchical_bootstrap(groups, n_boot=n_boot, seed=seed, ci=ci)
                     rows.append({**base, "seed": POOLED, "step": step, "kl": kl, "kl_se": _kl_se(per_seed_kl),

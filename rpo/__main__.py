@@ -71,6 +71,16 @@ def _rso_pairs(**kw) -> None:
 def _export_gguf(**kw) -> None:
     from rpo.gguf import export
     export(**kw)
+def _rounds(name):
+    def run(**kw):
+        from rpo import rounds
+        getattr(rounds, name)(**kw)
+    return run
+
+
+def _train_round(**kw) -> None:
+    from rpo.round_train import train_round
+    train_round(**kw)
 
 
 def _write_config(config: dict, out: str) -> None:
@@ -95,6 +105,14 @@ COMMANDS = {
     "rso-pairs": _rso_pairs,
     **{f"{stage}-candidates": _candidates(f"{stage}_candidates") for stage in ("sample", "gold", "score")},
     "export-gguf": _export_gguf,
+    # online rounds (rpo/rounds.py, rpo/round_train.py; workflow/rules/rounds.smk)
+    "round-prompts": _rounds("round_prompts"),
+    "sample-round": _rounds("sample_round"),
+    "label-round": _rounds("label_round"),
+    "train-round": _train_round,
+    "evaluate-round": _rounds("evaluate_round"),
+    "reference-records": _rounds("reference_records"),
+    "finish-rounds": _rounds("finish_rounds"),
 }
 
 

@@ -9,7 +9,7 @@ from rpo import launch, losses
 from rpo.models import parse_source
 
 
-HPARAM_EXCLUDE = ("loss", "name", "reference", "sampling")  # method keys that are not loss hyperparameters
+HPARAM_EXCLUDE = ("loss", "name", "reference", "sampling", "rounds")  # method keys that are not loss hyperparameters
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -86,6 +86,9 @@ def check_config(config: dict, where: str = "config") -> None:
         if method.get("reference", "ref") == "soup" and not config["sft"]["enabled"]:
             raise ValueError(f"{where}: methods.{name}.reference: 'soup' averages SFT models trained here, "
                              "so it needs sft.enabled: true")
+    from rpo import round_plan  # methods with rounds, and the online study's (issue 27)
+    round_plan.check_methods(config["methods"], f"{where}: methods")
+    round_plan.check_study(config)
     models = {"ref", *config["methods"]}
     pairs = {"table1.pairs": config["table1"]["pairs"],
              "judge_validity.pairs": config.get("judge_validity", {}).get("pairs") or []}

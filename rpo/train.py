@@ -436,6 +436,8 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, metrics_p
     if bool(cfg.get("snapshot_every")) != (snapshots_path is not None):
         raise ValueError("train_preference: snapshot_every > 0 and snapshots_path go together "
                          f"(snapshot_every={cfg.get('snapshot_every')}, snapshots_path={snapshots_path})")
+    if method.get("rounds"):
+        raise ValueError(f"method {method.get('name')!r} has rounds: it trains round by round (rpo.round_train)")
     loss_name = method["loss"]
     loss_fn = losses.get_loss(loss_name)
     hparams = {k: v for k, v in method.items() if k not in HPARAM_EXCLUDE}

@@ -37,6 +37,10 @@ h = (pc - rc) - (pr - rr) the log-ratio margin:
   minor_dpo    -log sigmoid(beta ((pc - rc) - max(0, pr - rr)));
   ada_dpo      min over tau in [tau0, tau_max] of -tau log sigmoid(beta h / tau) + (rho - log 2) tau.
 
+The online methods (rpo/losses/online.py, ONLINE_LOSSES: inpo, mpo, superhf, rloo_kl, rloo_chi2) are in
+the registry too; they need a round's own data (the previous policy's log-probs, reference samples, kept
+completions or groups of samples) and so train only as methods with `rounds` (rpo.round_train).
+
 Any loss without an SFT term (dpo and the related ones) also exists as
 "<name>+sft", which adds rpo's term eta * beta * (-pc); "dpo+sft" is rpo.
 
@@ -54,9 +58,10 @@ import torch
 
 from rpo.losses._common import TENSOR_ARGS, _check_hyperparameter, _check_tau_bounds
 from rpo.losses.paper import dpo, rewards, rpo, rpo_mean, rpo_seqmean
+from rpo.losses.online import ONLINE_LOSSES, ONLINE_TENSOR_ARGS, check_online_hyperparameters
 from rpo.losses.related import ada_dpo, exo_pair, hinge, ipo, minor_dpo
 
-__all__ = ["TENSOR_ARGS", "LOSSES", "RELATED_LOSSES", "SFT_BASES", "SFT_SUFFIX", "dpo", "rpo", "rpo_mean",
+__all__ = ["TENSOR_ARGS", "LOSSES", "RELATED_LOSSES", "ONLINE_LOSSES", "SFT_BASES", "SFT_SUFFIX", "dpo", "rpo", "rpo_mean",
            "rpo_seqmean", "ipo", "exo_pair", "hinge", "minor_dpo", "ada_dpo", "rewards", "get_loss",
            "preference_part", "loss_hyperparameters", "check_hyperparameters"]
 
@@ -123,6 +128,8 @@ def get_loss(name: str) -> Callable[..., torch.Tensor]:
             return LOSSES[name]
         if name in RELATED_LOSSES:
             return RELATED_LOSSES[name]
+        if name in ONLINE_LOSSES:
+            return ONLINE_LOSSES[name]
         if name.endswith(SFT_SUFFIX):
             base = name[: -len(SFT_SUFFIX)]
             if base in SFT_BASES:
@@ -134,7 +141,8 @@ def get_loss(name: str) -> Callable[..., torch.Tensor]:
                                  f"{SFT_SUFFIX!r} extends one of: {', '.join(SFT_BASES)}")
     raise ValueError(
         f"unknown loss {name!r}; expected one of: {', '.join([*LOSSES, *RELATED_LOSSES])}; "
-        f"or one of {', '.join(SFT_BASES)} with the suffix {SFT_SUFFIX!r} (e.g. 'ipo+sft')"
+        f"or one of {', '.join(SFT_BASES)} with the suffix {SFT_SUFFIX!r} (e.g. 'ipo+sft'); "
+        f"or, for a method with rounds, one of: {', '.join(ONLINE_LOSSES)}"
     )
 
 
@@ -154,7 +162,7 @@ def loss_hyperparameters(name: str) -> tuple[str, ...]:
     """Hyperparameter keyword names of loss `name`, in signature order
     (every keyword argument except the six tensors), e.g. ('beta', 'eta')."""
     params = inspect.signature(get_loss(name)).parameters
-    return tuple(p for p in params if p not in TENSOR_ARGS)
+    return tuple(p for p in params if p not in TENSOR_ARGS and p not in ONLINE_TENSOR_ARGS)
 
 
 def check_hyperparameters(name: str, params: dict, where: str) -> None:
@@ -184,5 +192,7 @@ def check_hyperparameters(name: str, params: dict, where: str) -> None:
             _check_hyperparameter(key, params[key])
         if "tau0" in expected and "tau_max" in expected:
             _check_tau_bounds(params["tau0"], params["tau_max"])
+        if name in ONLINE_LOSSES:
+            check_online_hyperparameters(name, params)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None

@@ -53,6 +53,10 @@ def _check_hyperparameter(name: str, value) -> None:
         raise ValueError(f"{name} must be > 0, got {value!r}")
     if name == "rho" and not value >= 0:
         raise ValueError(f"rho must be >= 0 (a KL radius), got {value!r}")
+    if name in ("kl_coef", "chi2_coef") and not value >= 0:
+        raise ValueError(f"{name} must be >= 0 (a regulariser's weight), got {value!r}")
+    if name == "ratio" and not 0 <= value <= 1:
+        raise ValueError(f"ratio (INPO's tau/eta) must be in [0, 1], got {value!r}")
 
 
 def _check_tau_bounds(tau0: float, tau_max: float) -> None:

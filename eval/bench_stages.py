@@ -40,7 +40,7 @@ def generate_mtbench(*, model_name, ref_dir, policy_dir, out, n_questions, max_n
         generate_mtbench_answers(engine, questions, out, model_id=model_name, max_new_tokens=max_new_tokens,
                                  seed=seed, limit=n_questions, fastchat_template=fastchat_template)
         return
-    tok, model = generation.load_hf(ref_dir, policy_dir, dtype)
+    tok, model = generation.load_local(backend, ref_dir, policy_dir, dtype)
     mtbench.generate_answers(model, tok, questions, out, model_id=model_name, max_new_tokens=max_new_tokens,
                              seed=seed, limit=n_questions, batch_size=batch_size, fastchat_template=fastchat_template)
 

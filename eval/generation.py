@@ -5,13 +5,16 @@
            from `<out>.partial` (the default; runs on CPU)
     vllm   eval.vllm_backend: one vLLM engine per job, LoRA served unmerged, the same prompt tokens, stop
            tokens and file format, written atomically at the end (pip install '.[vllm]', a CUDA GPU)
+    fusion eval.fusion: a fused model (ref_dir: its directory, rule make_fused_model), decoded by the hf
+           backend's sampler with log P̃ = log softmax(M_L + Σ α_t (M_S,t − M_S)) as its logits (proxy tuning,
+           Dynamic Logits Fusion); the model of each fused model's jobs, whatever generation.backend says
 
 A stage's `dtype` (table1.generation.dtype, benchmarks.<name>.dtype; null: the backend's own) is the precision its
 answers are computed in: vLLM's dtype (null: generation.vllm_dtype), or the HF backend's weights (null: float32).
 """
 from __future__ import annotations
 
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "fusion")
 
 
 def check_backend(backend: str, vllm_dtype: str | None) -> None:
@@ -30,6 +33,17 @@ def load_hf(ref_dir: str, policy_dir: str | None, dtype: str | None = None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_policy(ref_dir, policy_dir or ref_dir, device=device, dtype=dtype or "float32")
     return load_tokenizer(ref_dir), model.eval()
+
+
+def load_local(backend: str, ref_dir: str, policy_dir: str | None, dtype: str | None = None):
+    """(tokenizer, model) of the in-process backends: hf (load_hf), or fusion (eval.fusion.load_fused: ref_dir is
+    the fused model's directory)."""
+    if backend == "fusion":
+        if policy_dir is not None:
+            raise ValueError(f"generation backend fusion: {ref_dir} is a fused model; it takes no policy ({policy_dir})")
+        from eval.fusion import load_fused
+        return load_fused(ref_dir, dtype)
+    return load_hf(ref_dir, policy_dir, dtype)
 
 
 def vllm_engine(ref_dir: str, policy_dir: str | None, *, seed: int, vllm_dtype: str, dtype: str | None = None):
@@ -52,7 +66,7 @@ def answer_prompts(*, backend: str, ref_dir: str, policy_dir: str | None, prompt
         return engine.write_answers(prompts, out, max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_p=top_p, top_k=top_k, seed=seed, model_name=model_name, **text)
     from rpo.sampling import generate_answers
-    tok, model = load_hf(ref_dir, policy_dir, dtype)
+    tok, model = load_local(backend, ref_dir, policy_dir, dtype)
     return generate_answers(model, tok, prompts, out, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, top_k=top_k, batch_size=batch_size, seed=seed, model_name=model_name,
                             desc=desc, **text)

@@ -133,3 +133,18 @@ def fusion_sources(fused: dict[str, dict], methods: dict) -> dict[str, str]:
                     raise ValueError(f"fusion: model sources {found[key]!r} and {part!r} share the directory name {key!r}")
                 found[key] = part
     return found
+
+
+def configured_sources(config: dict) -> list[tuple[str, str]]:
+    """(config key, model source) of every fused model's part that is a model source, when fusion.enabled: what
+    the preflight checks before any job (eval/preflight.py)."""
+    if not enabled(config):
+        return []
+    out = []
+    for name, spec in (config["fusion"].get("models") or {}).items():
+        experts = spec.get("experts") or []
+        roles = {"large": spec.get("large", "ref"), **({"small": spec.get("small", "base")} if experts else {}),
+                 **{f"experts[{i}]": e for i, e in enumerate(experts)}}
+        out += [(f"fusion.models.{name}.{role}", part) for role, part in roles.items()
+                if part_kind(part, config["methods"]) == "source"]
+    return out

@@ -229,3 +229,10 @@ def test_reference_reuse_smoke(tmp_path):
     by = {r["trainer"]: r for r in res["results"]}
     assert by["ours"]["reference_passes"] == 1.0
     assert by["trl"]["reference_passes"] == pytest.approx(4.0)  # once per method
+
+
+def test_fusion_cost_smoke(tmp_path):
+    rc, res = _run("fusion_cost", tmp_path, "--threads", "1")
+    assert rc == 0 and [r["decoder"] for r in res["results"]] == ["plain", "proxy", "dynamic"]
+    assert all(r["tokens"] == 36 and r["ms_per_token"] > 0 for r in res["results"])  # 6 prompts x 6 tokens each
+    assert res["results"][0]["x_plain"] == 1 and set(res["search_ms_per_step"]) == {"fixed", "dynamic"}

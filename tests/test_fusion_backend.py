@@ -291,3 +291,24 @@ def test_make_fused_model_checks(parts, tmp_path):
         fusion.load_fused(broken)
     with pytest.raises(ValueError, match="is a fused model; it takes no policy"):
         generation.load_local("fusion", d, parts["expert1"])
+
+
+def test_run_lm_eval_with_the_fusion_backend_is_hflm_on_the_large_model_at_alpha_zero(parts, tmp_path):
+    """The stage itself (simple_evaluate on the offline IFEval task): the fused model with α = 0 gives the answers
+    of the harness's HF model on the large model; with the dynamic α it runs and writes the harness's files."""
+    from test_harness import make_task, read_samples
+
+    from eval import harness
+    make_task(tmp_path)
+    common = {"tasks": [{"name": "ifeval_heldout", "num_fewshot": None}], "include_path": str(tmp_path / "task"),
+              "limit": 2, "batch_size": 2, "max_gen_toks": 6, "seed": 0}
+    harness.run_lm_eval(model_name="large", ref_dir=parts["large"], policy_dir=None, out_dir=str(tmp_path / "hf"),
+                        **common)
+    harness.run_lm_eval(model_name="a0", ref_dir=fused_dir(parts, "lm0", alpha=0.0), policy_dir=None,
+                        out_dir=str(tmp_path / "a0"), backend="fusion", **common)
+    results = harness.run_lm_eval(model_name="dyn", ref_dir=fused_dir(parts, "lmd"), policy_dir=None,
+                                  out_dir=str(tmp_path / "dyn"), backend="fusion", **common)
+    hf, a0 = read_samples(tmp_path / "hf"), read_samples(tmp_path / "a0")
+    assert [s["resps"] for s in a0] == [s["resps"] for s in hf] and len(hf) == 2
+    assert results["rpo_model"] == "dyn" and len(read_samples(tmp_path / "dyn")) == 2
+    assert harness.score_lm_eval(model_name="dyn", results_dir=str(tmp_path / "dyn"), out=str(tmp_path / "d.json"))

@@ -2,7 +2,8 @@
 the fused models checked against the DAG's models (errors name the key), their Table 1 pairs; and the quickstart's
 opt-in block as Snakemake plans it.
 
-Run: pytest tests/test_fusion_config.py -q      (about 30 s: one Snakemake dry run)
+Run: pytest tests/test_fusion_config.py -q      (about 40 s: one Snakemake dry run)
+     pytest -m slow tests/test_fusion_config.py -q      (config/fusion-gemma.yaml's dry run, ~1.5 min)
 """
 from __future__ import annotations
 
@@ -141,3 +142,26 @@ def test_the_preflight_checks_a_fused_models_source_parts(tmp_path):
     assert any(p.startswith("fusion.models.local.large:") and "is not a model directory" for p in problems), problems
     # no source job, no question
     assert not any("fusion.models" in p for p in preflight.check(cfg, rules={"make_table1"}, dryrun=True))
+
+
+@pytest.mark.slow  # 94 s on the shared 2-core machine (the preflight's offline hub checks of every lm-eval task)
+def test_the_gemma_weak_to_strong_config_plans_on_slurm(tmp_path):
+    """config/fusion-gemma.yaml resolves its whole DAG (offline dry run, as tests/test_paper_configs.py): the 2B SFT
+    model and its DPO/RPO experts trained on 8 GPUs, the 7B materialised once as a hub pointer, four fused models
+    (one the 7B alone) answered on one GPU by the fusion backend, the other models by vLLM."""
+    from test_paper_configs import dry_run, jobs
+    out = dry_run(tmp_path, "config/fusion-gemma.yaml", "profiles/slurm")
+    js = jobs(out)
+    count = {}
+    for j in js:
+        count[j["rule"]] = count.get(j["rule"], 0) + 1
+    assert count["train_sft"] == 1 and count["train_preference"] == 2 and count["materialise_fusion_source"] == 1
+    assert count["make_fused_model"] == 4 and count["generate_table1"] == 7 and count["run_lm_eval"] == 7
+    source = next(j for j in js if j["rule"] == "materialise_fusion_source")
+    assert source["output"] == ["results/models/fusion_sources/hf_HuggingFaceH4_zephyr-7b-gemma-sft-v0.1"]
+    fused = {j["wildcards"]: j for j in js if j["rule"] == "generate_table1"}
+    assert '"backend": "fusion"' in fused["model=rpo_w2s"]["shell"].replace('\\"', '"')
+    assert "vllm" in fused["model=rpo"]["shell"]
+    assert fused["model=rpo_w2s"]["resources"]["gpu"] == "1"
+    assert "fusion.models.rpo_w2s.large: the hub model 'HuggingFaceH4/zephyr-7b-gemma-sft-v0.1' is not in the hub " \
+           "cache" in out  # the preflight names it (a dry run: a warning)

@@ -5,6 +5,7 @@
     resolve_fusion        the fused models {name: {large, small, experts, alpha, vocab_check}}, each part named
                           as a model of the DAG ("ref", "base", a method) or a model source (hf:..., a local
                           directory, pypi:...); errors name the key. Adds each fused model's Table 1 pairs.
+    fused_dirs            the directories of a fused model's parts (rule make_fused_model's inputs)
     source_key            the directory name of a model source's materialised copy (rule
                           materialise_fusion_source)
 
@@ -148,3 +149,21 @@ def configured_sources(config: dict) -> list[tuple[str, str]]:
         out += [(f"fusion.models.{name}.{role}", part) for role, part in roles.items()
                 if part_kind(part, config["methods"]) == "source"]
     return out
+
+
+def fused_dirs(spec: dict, methods: dict, dag_dirs, source_dir: str) -> dict:
+    """The directories of a fused model's parts in the shape of its spec ({"large", "small", "experts"}, each
+    {"ref_dir", "policy_dir"}): `dag_dirs(name)` for a model of the DAG (workflow/rules/common.smk's layout),
+    `source_dir`/<source_key> for a model source (rule materialise_fusion_source)."""
+    def one(part):
+        if part_kind(part, methods) == "source":
+            return {"ref_dir": f"{source_dir}/{source_key(part)}", "policy_dir": None}
+        return dag_dirs(part)
+    return {"large": one(spec["large"]), "small": one(spec["small"]) if spec["experts"] else None,
+            "experts": [one(e) for e in spec["experts"]]}
+
+
+def input_dirs(dirs: dict) -> list[str]:
+    """Every directory a fused model reads (fused_dirs), once: rule make_fused_model's inputs."""
+    parts = [dirs["large"], *([dirs["small"]] if dirs["small"] else []), *dirs["experts"]]
+    return sorted({d for p in parts for d in (p["ref_dir"], p.get("policy_dir")) if d})

@@ -3,33 +3,16 @@
 #   make_fused_model            the fused model's directory: fusion.json naming its parts, alpha and the grid
 # Everything after is the rules every model goes through (generate_*, judge_*, score_*, run_lm_eval): a fused
 # model's answers come from the `fusion` backend (common.smk: get_base_dir, generation_backend).
-from eval.fusion_config import fusion_sources, part_kind, source_key
+from eval.fusion_config import fused_dirs, fusion_sources, input_dirs
 
 FUSION_SOURCES = fusion_sources(FUSED, config["methods"])  # {directory name: model source}
 FUSION_SOURCE_DIR = f"{RESULTS}/models/fusion_sources"
-
-
-def fusion_part_dirs(name):
-    """{"ref_dir", "policy_dir"} of one part: a model of the DAG (ref, base, a method) or a source's copy."""
-    if part_kind(name, config["methods"]) == "source":
-        return {"ref_dir": f"{FUSION_SOURCE_DIR}/{source_key(name)}", "policy_dir": None}
-    if name == "base":
-        return {"ref_dir": f"{RESULTS}/models/base", "policy_dir": None}
-    return {"ref_dir": get_base_dir(name), "policy_dir": get_policy_dir(name)}
-
-
-def fused_part_dirs(model):
-    """The directories of a fused model's parts, in the shape of its spec (eval.fusion.make_fused_model)."""
-    spec = FUSED[model]
-    return {"large": fusion_part_dirs(spec["large"]),
-            "small": fusion_part_dirs(spec["small"]) if spec["experts"] else None,
-            "experts": [fusion_part_dirs(e) for e in spec["experts"]]}
-
-
-def fused_inputs(wildcards):
-    dirs = fused_part_dirs(wildcards.fused)
-    parts = [dirs["large"], *([dirs["small"]] if dirs["small"] else []), *dirs["experts"]]
-    return sorted({d for p in parts for d in (p["ref_dir"], p["policy_dir"]) if d})
+# each fused model's parts as directories: a model of the DAG where the DAG keeps it (a method: its reference and
+# its adapter), a model source where materialise_fusion_source puts it
+FUSED_DIRS = {m: fused_dirs(spec, config["methods"], lambda name: {"ref_dir": f"{RESULTS}/models/base", "policy_dir": None}
+                            if name == "base" else {"ref_dir": get_base_dir(name), "policy_dir": get_policy_dir(name)},
+                            FUSION_SOURCE_DIR)
+              for m, spec in FUSED.items()}
 
 
 rule materialise_fusion_source:
@@ -53,7 +36,7 @@ rule make_fused_model:
     # A fused model is a directory naming its parts (their directories are this rule's inputs, so a retrained
     # expert re-makes it and, through it, every answer of the fused model); loading them is the answer jobs' work.
     input:
-        fused_inputs,
+        lambda w: input_dirs(FUSED_DIRS[w.fused]),
     output:
         directory(f"{RESULTS}/models/fused/{{fused}}"),
     wildcard_constraints:
@@ -63,7 +46,7 @@ rule make_fused_model:
             lambda w: {"name": w.fused, "alpha": FUSED[w.fused]["alpha"], "vocab_check": FUSED[w.fused]["vocab_check"],
                        "parts": {k: FUSED[w.fused][k] for k in ("large", "small", "experts")},
                        "alpha_grid": config["fusion"]["alpha_grid"]},
-            lambda w, input, output: {"dirs": fused_part_dirs(w.fused), "out": output[0]}),
+            lambda w, input, output: {"dirs": FUSED_DIRS[w.fused], "out": output[0]}),
     resources:
         **res("cpu"),
     log:

@@ -28,8 +28,8 @@ expert transfers at each step): the candidates are α = g·e_t for every expert 
 evaluations instead of 21^T, each scored by the objective summed over all T experts. A candidate replaces the
 best only when its L is strictly smaller (the algorithm's `if L < m`), so ties go to the first candidate in
 the order expert 1, ..., T and, within an expert, ascending α. (The paper's appendix proof restates the
-multi-expert objective with the two KL pairings swapped; we follow eq. 3 and the algorithm, whose pairing is
-also the one the issue and docs/fusion.md write.) The authors' repository (github.com/Facico/Dynamic-Logit-Fusion)
+multi-expert objective with the two KL pairings swapped; we follow eq. 3 and the algorithm, as docs/fusion.md
+writes it.) The authors' repository (github.com/Facico/Dynamic-Logit-Fusion)
 holds a README only ("Coming Soon", commit dc44066), so this follows the paper's text.
 
 How it runs (docs/fusion.md): `FusedLM` is an nn.Module that answers rpo.sampling's model call (input ids,

@@ -186,6 +186,19 @@ def test_alpha_zero_is_the_large_model_on_the_hf_backend(parts, tmp_path, temper
         assert [r["responses"] for r in other] != [r["responses"] for r in fused]
 
 
+def test_several_samples_per_prompt_share_one_prefill(parts, tmp_path):
+    """num_return_sequences repeats every part's KV cache (FusedCache): α = 0 samples as the large model does."""
+    from rpo.models import load_policy, load_tokenizer
+    _, fused = fusion.load_fused(fused_dir(parts, "n2", alpha=0.0))
+    tok = load_tokenizer(parts["large"])
+    kw = dict(max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0, batch_size=2, seed=1, num_return_sequences=3)
+    a = sampling.generate_answers(fused, tok, PROMPTS, tmp_path / "a.jsonl", **kw)
+    b = sampling.generate_answers(load_policy(parts["large"], parts["large"]).eval(), tok, PROMPTS,
+                                  tmp_path / "b.jsonl", **kw)
+    assert [r["responses"] for r in a] == [r["responses"] for r in b] and len(a[0]["responses"]) == 3
+    assert len({tuple(r["responses"]) for r in a}) > 1 and any(len(set(r["responses"])) > 1 for r in a)
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (0.9, 20, 0.9)])
 def test_alpha_one_with_large_equal_to_small_is_the_expert(parts, tmp_path, temperature, top_k, top_p):
     d = fused_dir(parts, "a1", alpha=1.0, large="small", small="small")

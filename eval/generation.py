@@ -14,10 +14,13 @@ answers are computed in: vLLM's dtype (null: generation.vllm_dtype), or the HF b
 """
 from __future__ import annotations
 
-BACKENDS = ("hf", "vllm", "fusion")
+BACKENDS = ("hf", "vllm")  # generation.backend's values
+FUSION = "fusion"  # a fused model's backend, which the DAG picks per model (workflow/rules/common.smk)
 
 
 def check_backend(backend: str, vllm_dtype: str | None) -> None:
+    if backend == FUSION:
+        return
     if backend not in BACKENDS:
         raise ValueError(f"generation.backend: unknown backend {backend!r}; expected one of {list(BACKENDS)}")
     if backend == "vllm" and vllm_dtype is None:
@@ -38,7 +41,7 @@ def load_hf(ref_dir: str, policy_dir: str | None, dtype: str | None = None):
 def load_local(backend: str, ref_dir: str, policy_dir: str | None, dtype: str | None = None):
     """(tokenizer, model) of the in-process backends: hf (load_hf), or fusion (eval.fusion.load_fused: ref_dir is
     the fused model's directory)."""
-    if backend == "fusion":
+    if backend == FUSION:
         if policy_dir is not None:
             raise ValueError(f"generation backend fusion: {ref_dir} is a fused model; it takes no policy ({policy_dir})")
         from eval.fusion import load_fused

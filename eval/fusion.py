@@ -83,8 +83,10 @@ def grid_values(max_alpha: float = 2.0, step: float = 0.1) -> list[float]:
 
 
 def kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p‖q) = Σ_x p(x) (log p(x) − log q(x)) over the last dimension, from log-probabilities."""
-    return (logp.exp() * (logp - logq)).sum(-1)
+    """KL(p‖q) = Σ_x p(x) (log p(x) − log q(x)) over the last dimension, from log-probabilities; a token with
+    p(x) = 0 adds nothing (also where log p is −inf)."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
 
 
 def fused_logprobs(lp_large: torch.Tensor, deltas: list[torch.Tensor], alpha) -> torch.Tensor:
@@ -161,7 +163,10 @@ def fuse(m_large: torch.Tensor, m_small: torch.Tensor | None, m_experts: list[to
             a = lp_large.new_full((lp_large.shape[0], n_exp), float(alpha))
         out.append(fused_logprobs(lp_large, [lp_t - lp_small for lp_t in lp_experts], a))
         alphas.append(a)
-    return torch.cat(out).reshape(*lead, vocab), torch.cat(alphas).reshape(*lead, n_exp)
+    lp = torch.cat(out)
+    if not torch.isfinite(lp).all():  # a part's logits held inf or NaN: never sample from that
+        raise ValueError("fusion: the fused log-probabilities are not finite (a part's logits hold inf or NaN)")
+    return lp.reshape(*lead, vocab), torch.cat(alphas).reshape(*lead, n_exp)
 
 
 def check_alpha(alpha, where: str = "alpha"):

@@ -157,3 +157,12 @@ def test_search_objective_decreases_towards_the_expert_shift():
     assert values[10] == pytest.approx(0.0, abs=1e-24)
     assert all(a > b for a, b in itertools.pairwise(values[:11]))  # falls to α = 1, then rises
     assert all(a < b for a, b in itertools.pairwise(values[10:]))
+
+
+def test_zero_probabilities_and_non_finite_logits():
+    logp = torch.log(torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64))  # log 0 = -inf
+    logq = torch.log(torch.tensor([[0.25, 0.25, 0.5]], dtype=torch.float64))
+    assert fusion.kl(logp, logq).item() == pytest.approx(entropy([0.5, 0.5, 0.0], [0.25, 0.25, 0.5]))
+    bad = torch.tensor([[0.0, float("nan"), 1.0]])
+    with pytest.raises(ValueError, match="fused log-probabilities are not finite"):
+        fusion.fuse(bad, torch.zeros(1, 3), [torch.ones(1, 3)], 1.0, GRID)

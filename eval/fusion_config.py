@@ -75,6 +75,9 @@ def resolve_fusion(config: dict, where: str = "config") -> dict[str, dict]:
     if len(config.get("seeds") or []) > 1:
         raise ValueError(f"{where}: fusion.enabled with several `seeds`: a fused model is built from the first seed's "
                          "runs only and its Table 1 pairs are not replicated per seed; use one seed")
+    if "base" in methods:
+        raise ValueError(f"{where}: a method named 'base' is ambiguous in fusion.models, where 'base' is the base "
+                         "model; rename the method")
     taken = set(methods) | set(DAG_MODELS) | {"soup"}
     out = {}
     for name, spec in models.items():

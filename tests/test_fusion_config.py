@@ -81,6 +81,13 @@ def test_errors_name_the_key(change, message):
         resolve(quickstart(**change))
 
 
+def test_a_method_named_base_is_refused():
+    cfg = quickstart()
+    cfg["methods"]["base"] = {"loss": "dpo", "beta": 0.1}
+    with pytest.raises(ValueError, match="a method named 'base' is ambiguous in fusion.models"):
+        resolve(cfg)
+
+
 def test_several_seeds_are_refused():
     cfg = quickstart()
     cfg["seeds"] = [1, 2]

@@ -46,6 +46,11 @@ def _best_of_n(**kw):
     make_bon(**kw)
 
 
+def _make_fused_model(**kw):
+    from eval.fusion import make_fused_model
+    make_fused_model(**kw)
+
+
 def _bench(name):
     def run(**kw):
         from eval import bench_stages
@@ -62,7 +67,7 @@ def _harness(name):
 
 COMMANDS = {"generate-table1": _generate_table1, "judge-table1": _judge_pair, "make-table1": _make_table1,
             "table1-variance": _table1_variance, "overoptimization": _overoptimization, "online": _online,
-            "judge-validity": _judge_validity, "best-of-n": _best_of_n,
+            "judge-validity": _judge_validity, "best-of-n": _best_of_n, "make-fused-model": _make_fused_model,
             **{f"{stage}-{b}": _bench(f"{stage}_{b}") for stage in ("generate", "judge", "score")
                for b in ("mtbench", "alpacaeval", "arenahard")},
             "make-lm-eval-ifeval": _harness("make_ifeval_task"), "check-lm-eval": _harness("check_datasets"),

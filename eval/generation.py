@@ -8,6 +8,9 @@
     llamacpp  rpo.sampling.generate_answers on an rpo.llamacpp.Engine: llama.cpp's forward passes on the
            models' GGUF files (workflow/rules/gguf.smk writes them; LoRA applied unmerged), the hf
            backend's prompt tokens, stop tokens, seeded next-token choice, batches and resumable files (CPU)
+    fusion eval.fusion: a fused model (ref_dir: its directory, rule make_fused_model), decoded by the hf
+           backend's sampler with log P̃ = log softmax(M_L + Σ α_t (M_S,t − M_S)) as its logits (proxy tuning,
+           Dynamic Logits Fusion); the model of each fused model's jobs, whatever generation.backend says
 
 A stage's `dtype` (table1.generation.dtype, benchmarks.<name>.dtype; null: the backend's own) is the precision its
 answers are computed in: vLLM's dtype (null: generation.vllm_dtype), or the HF backend's weights (null: float32);
@@ -15,10 +18,13 @@ the llamacpp backend computes in its GGUF's type (generation.llamacpp_dtype).
 """
 from __future__ import annotations
 
-BACKENDS = ("hf", "vllm", "llamacpp")
+BACKENDS = ("hf", "vllm", "llamacpp")  # generation.backend's values
+FUSION = "fusion"  # a fused model's backend, which the DAG picks per model (workflow/rules/common.smk)
 
 
 def check_backend(backend: str, vllm_dtype: str | None, gguf: dict | None = None) -> None:
+    if backend == FUSION:
+        return
     if backend not in BACKENDS:
         raise ValueError(f"generation.backend: unknown backend {backend!r}; expected one of {list(BACKENDS)}")
     if backend == "vllm" and vllm_dtype is None:
@@ -30,8 +36,14 @@ def check_backend(backend: str, vllm_dtype: str | None, gguf: dict | None = None
 
 def load_sampler(backend: str, ref_dir: str, policy_dir: str | None, gguf: dict | None = None,
                  dtype: str | None = None):
-    """(tokenizer, sampler) of the hf backend (a transformers model, in `dtype`) or of llamacpp (an
-    rpo.llamacpp.Engine); rpo.sampling.generate_answers takes either."""
+    """(tokenizer, sampler) of the hf backend (a transformers model, in `dtype`), of llamacpp (an
+    rpo.llamacpp.Engine) or of fusion (eval.fusion.load_fused: ref_dir is the fused model's directory);
+    rpo.sampling.generate_answers takes each."""
+    if backend == FUSION:
+        if policy_dir is not None:
+            raise ValueError(f"generation backend fusion: {ref_dir} is a fused model; it takes no policy ({policy_dir})")
+        from eval.fusion import load_fused
+        return load_fused(ref_dir, dtype)
     if backend == "llamacpp":
         from rpo.llamacpp import engine_for
         from rpo.models import load_tokenizer

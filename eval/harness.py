@@ -259,10 +259,15 @@ def check_datasets(*, tasks: list[dict], out: str) -> None:
 # One model through simple_evaluate
 # ---------------------------------------------------------------------------------------------------
 
-def harness_model(*, ref_dir: str, policy_dir: str | None, backend: str, dtype: str, seed: int) -> tuple[str, dict]:
+def harness_model(*, ref_dir: str, policy_dir: str | None, backend: str, dtype: str, seed: int,
+                  batch_size: int = 8) -> tuple:
     """The harness's model type and model_args: a LoRA policy is its reference plus the adapter, never
-    merged (HF: `peft=`; vLLM: `lora_local_path=`); a fully fine-tuned policy is a model of its own."""
+    merged (HF: `peft=`; vLLM: `lora_local_path=`); a fully fine-tuned policy is a model of its own; a fused
+    model (backend fusion, ref_dir its directory) the harness's HFLM around it (eval.fusion_harness)."""
     from rpo.models import resolve_model_dir
+    if backend == "fusion":
+        from eval.fusion_harness import FusedHFLM
+        return FusedHFLM(ref_dir, dtype=dtype, batch_size=batch_size, seed=seed), {"fused": ref_dir}
     adapter = policy_dir is not None and (Path(policy_dir) / "adapter_config.json").is_file()
     pretrained = str(resolve_model_dir(ref_dir if adapter or policy_dir is None else policy_dir))
     if backend == "hf":
@@ -278,7 +283,7 @@ def harness_model(*, ref_dir: str, policy_dir: str | None, backend: str, dtype: 
             rank = json.loads((Path(policy_dir) / "adapter_config.json").read_text())["r"]
             args.update(lora_local_path=str(Path(policy_dir).resolve()), max_lora_rank=max(8, rank))
         return "vllm", args
-    raise ValueError(f"lm_eval backend {backend!r}: expected 'hf' or 'vllm'")
+    raise ValueError(f"lm_eval backend {backend!r}: expected 'hf', 'vllm' or 'fusion'")
 
 
 def run_lm_eval(*, model_name: str, ref_dir: str, policy_dir: str | None, tasks: list[dict], out_dir: str,
@@ -301,7 +306,7 @@ def run_lm_eval(*, model_name: str, ref_dir: str, policy_dir: str | None, tasks:
                                        seed=seed), None
     else:
         model, model_args = harness_model(ref_dir=ref_dir, policy_dir=policy_dir, backend=backend, dtype=dtype,
-                                          seed=seed)
+                                          seed=seed, batch_size=batch_size)
     out, tmp = Path(out_dir), Path(f"{out_dir}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     # A path ending in .json: the harness writes results_<date>.json and samples_<task>_<date>.jsonl

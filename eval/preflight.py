@@ -8,8 +8,8 @@ config key and its fix.
                    its endpoint answers one cheap request (eval.judge_client.OpenAIClient.probe: GET
                    /models, the key sent to the configured base URL only); a `llamacpp` judge's GGUF and
                    llama.cpp's server; `constrain` refused for an official GPT-4 judge
-    hub sources    the base model and the data (`hf:`) are in the hub cache or reachable; `file` sources
-                   and local model directories exist
+    hub sources    the base model, the data and the fused models' model-source parts (`hf:`) are in the hub
+                   cache or reachable; `file` sources and local model directories exist
     benchmark data MT-Bench's files; Arena-Hard's (v0.1 from the hub: fetched into the hub cache now, on
                    the submitting host, so that no compute node needs the network for them); AlpacaEval's
                    LC file df_gamed.csv when `lc_win_rate: required` (fetched likewise)
@@ -394,6 +394,9 @@ def check(config: dict, *, rules: Iterable[str] | None = None, online: bool = Fa
         problems += model_problems("base_model.source", config["base_model"]["source"], online=online)
     if _needs(rules, "make_data"):
         problems += data_problems("data", config["data"], online=online)
+    if _needs(rules, "materialise_fusion_source"):  # a fused model's part given as a model source
+        from eval.fusion_config import configured_sources
+        problems += [p for key, source in configured_sources(config) for p in model_problems(key, source, online=online)]
     if rules is not None and "study_data" in rules:
         from rpo.config import deep_merge
         problems += data_problems("overoptimization.data", deep_merge(config["data"], config["overoptimization"]["data"]),

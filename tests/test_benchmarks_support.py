@@ -247,3 +247,10 @@ def test_saved_sizes_counts_the_paper_models_parameters(tmp_path, monkeypatch):
     # gemma-7b: 8.54B with its 256k-token embeddings tied to the head (counted once, as saved)
     assert rows["zephyr-7b-gemma-sft"]["parameters"] == 8_537_680_896
     assert (tmp_path / "saved_sizes.json").is_file()
+
+
+def test_fusion_cost_smoke(tmp_path):
+    rc, res = _run("fusion_cost", tmp_path, "--threads", "1")
+    assert rc == 0 and [r["decoder"] for r in res["results"]] == ["plain", "proxy", "dynamic"]
+    assert all(r["tokens"] == 36 and r["ms_per_token"] > 0 for r in res["results"])  # 6 prompts x 6 tokens each
+    assert res["results"][0]["x_plain"] == 1 and set(res["search_ms_per_step"]) == {"fixed", "dynamic"}

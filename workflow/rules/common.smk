@@ -4,6 +4,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from eval.fusion_config import fold_fusion_methods, resolve_fusion  # noqa: E402
 from rpo.config import check_config, resolve_extends, resolve_methods  # noqa: E402
 from rpo.trunk import top_layers_of as trunk_top_layers  # noqa: E402
 
@@ -13,12 +14,16 @@ config.clear()
 config.update(_resolved)
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 
+fold_fusion_methods(config)  # fusion.methods (experts of the fused models) train as methods, when fusion.enabled
 resolve_methods(config)
 check_config(config)
+# Fused models (eval/fusion.py, workflow/rules/fusion.smk): decoded by the `fusion` backend, then models of Table 1
+# and the benchmarks like the trained ones; {} unless fusion.enabled
+FUSED = resolve_fusion(config)
 
 RESULTS = "results"
 METHODS = sorted(config["methods"])
-MODELS = ["ref"] + METHODS
+MODELS = ["ref"] + METHODS + sorted(FUSED)
 
 # Seed replicates (`seeds`): every method is trained once per seed (data order, LoRA init, sampling). The
 # first seed's run keeps the method's name (and is the one the benchmarks, lm-eval and figures evaluate);
@@ -121,7 +126,7 @@ def reference_name(method):
 
 
 def reference_dir(name):
-    return SOUP_DIR if name == "soup" else get_ref_dir()
+    return {"soup": SOUP_DIR, "base": f"{RESULTS}/models/base"}.get(name) or get_ref_dir()
 
 
 def reference_cache(name):
@@ -138,12 +143,19 @@ def reference_trunk(name):
 
 
 def get_base_dir(model):
-    """The model a policy's LoRA adapter sits on: its reference (Ref for the "ref" model itself)."""
+    """The model a policy's LoRA adapter sits on: its reference (Ref for the "ref" model itself); a fused model's
+    directory (its fusion.json)."""
+    if model in FUSED:
+        return fused_dir(model)
     return get_ref_dir() if model == "ref" else reference_dir(reference_name(model))
 
 
 def get_policy_dir(model):
-    return None if model == "ref" else f"{RESULTS}/train/{model}/model"
+    return None if model == "ref" or model in FUSED else f"{RESULTS}/train/{model}/model"
+
+
+def fused_dir(model):
+    return f"{RESULTS}/models/fused/{model}"
 
 
 def get_table1_pairs():
@@ -161,7 +173,7 @@ def seed_pairs():
 
 
 RUN_NAMES = "|".join(re.escape(r) for r in RUNS)
-MODEL_NAMES = "|".join(["ref", RUN_NAMES])
+MODEL_NAMES = "|".join(["ref", RUN_NAMES, *(re.escape(m) for m in sorted(FUSED))])
 
 wildcard_constraints:
     method=RUN_NAMES,
@@ -215,9 +227,12 @@ def job_params(settings, paths):
             "paths": lambda w, input, output: as_json(paths(w, input, output))}
 
 
-def generation_backend():
+def generation_backend(model=None):
     """The answer backend of every generation job (config `generation`, eval/generation.py): vllm_dtype only
-    with vllm, so that changing it re-runs no hf job (llamacpp's GGUFs are inputs: workflow/rules/gguf.smk)."""
+    with vllm, so that changing it re-runs no hf job (llamacpp's GGUFs are inputs: workflow/rules/gguf.smk); a
+    fused model's is `fusion` (its parts are decoded in process, whatever generation.backend says)."""
+    if model in FUSED:
+        return {"backend": "fusion"}
     g = config["generation"]
     return {"backend": "vllm", "vllm_dtype": g["vllm_dtype"]} if g["backend"] == "vllm" else {"backend": g["backend"]}
 
@@ -228,7 +243,7 @@ def bench_gen_params(benchmark, **extra):
     def settings(w):
         b = config["benchmarks"][benchmark]
         return {"model_name": w.model, "n_questions": b["n_questions"], "max_new_tokens": b["max_new_tokens"],
-                "batch_size": b["batch_size"], "seed": config["seed"], **generation_backend(),
+                "batch_size": b["batch_size"], "seed": config["seed"], **generation_backend(w.model),
                 **({"dtype": b["dtype"]} if b["dtype"] else {}), **extra}
 
     return job_params(settings, lambda w, input, output: {"ref_dir": input.ref, "policy_dir": policy_of(input),
@@ -386,7 +401,7 @@ def gguf_of(model_dir):
 
 def gguf_inputs(wildcards):
     """A generation job's GGUF inputs (with unpack): its reference's, and the policy's unless it is Ref."""
-    if not LLAMACPP:
+    if not LLAMACPP or wildcards.model in FUSED:  # a fused model is decoded by the fusion backend
         return {}
     out = {"gguf_model": gguf_of(get_base_dir(wildcards.model))}
     if wildcards.model != "ref":
@@ -401,9 +416,9 @@ def gguf_base_input(model_dir):
 
 def gguf_paths(input):
     """The `gguf` argument of a generation job (eval.generation.answer_prompts), from its GGUF inputs."""
-    if not LLAMACPP:
-        return {}
     named = dict(input.items())
+    if not LLAMACPP or "gguf_model" not in named:
+        return {}
     return {"gguf": {"model": named["gguf_model"], "policy": named.get("gguf_policy")}}
 
 

@@ -13,7 +13,7 @@ rule generate_table1:
                        "protocol": config["table1"]["protocol"],  # which prompts: paper = the first n_prompts
                        "prompt": config["table1"]["prompt"],  # which question of each: the judge is shown the same
                        **{k: v for k, v in config["table1"]["generation"].items() if k != "threads"},
-                       **generation_backend()},
+                       **generation_backend(w.model)},
             lambda w, input, output: {"ref_dir": input.ref, "policy_dir": policy_of(input),
                                       "prompts_path": input.prompts, "out": output[0], **gguf_paths(input)}),
     threads: config["table1"]["generation"]["threads"]

@@ -66,7 +66,7 @@ rule run_lm_eval:
         **job_params(
             lambda w: {"model_name": w.model, "tasks": LM_EVAL_TASKS,
                        "include_path": LM_EVAL_TASK_DIR if LM_EVAL_LOCAL else None,
-                       "backend": config["generation"]["backend"], "seed": config["seed"],
+                       "backend": generation_backend(w.model)["backend"], "seed": config["seed"],
                        **{k: LM_EVAL[k] for k in ("limit", "batch_size", "max_gen_toks", "apply_chat_template",
                                                   "fewshot_as_multiturn", "bootstrap_iters", "dtype")}},
             lambda w, input, output: {"ref_dir": input.ref, "policy_dir": policy_of(input), "out_dir": output[0],

@@ -74,7 +74,7 @@ rule reference_logps:
         logps=reference_cache("{refname}"),
         **({"trunk": reference_trunk("{refname}")} if TRUNK_TOP else {}),
     wildcard_constraints:
-        refname="ref|soup",
+        refname="ref|soup|base",
     params:
         **job_params(
             lambda w: {"max_length": config["training"]["max_length"],

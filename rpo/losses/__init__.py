@@ -54,8 +54,6 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
-import torch
-
 from rpo.losses._common import TENSOR_ARGS, _check_hyperparameter, _check_tau_bounds
 from rpo.losses.paper import dpo, rewards, rpo, rpo_mean, rpo_seqmean
 from rpo.losses.online import ONLINE_LOSSES, ONLINE_TENSOR_ARGS, check_online_hyperparameters

@@ -8,22 +8,22 @@
 
 rule study_data:
     input:
-        **(gguf_base_input(f"{RESULTS}/models/base") if STUDY["data"]["source"] == "synthetic:verifiable" else {}),
+        **(gguf_base_input(f"{RESULTS}/models/base") if STUDY.data["source"] == "synthetic:verifiable" else {}),
         base=f"{RESULTS}/models/base",
-        **(STUDY["data"]["splits"] if STUDY["data"]["source"] == "file" else {}),
+        **(STUDY.data["splits"] if STUDY.data["source"] == "file" else {}),
     output:
         train=f"{STUDY_DIR}/data/train.jsonl",
         test=f"{STUDY_DIR}/data/test.jsonl",
         prompts=f"{STUDY_DIR}/data/prompts_test.jsonl",
         summary=f"{STUDY_DIR}/data/summary.json",
-        **({"samples": f"{STUDY_DIR}/data/samples.jsonl"} if STUDY["data"]["source"] == "synthetic:verifiable" else {}),
+        **({"samples": f"{STUDY_DIR}/data/samples.jsonl"} if STUDY.data["source"] == "synthetic:verifiable" else {}),
     params:
         # the study scores every answer with the gold verifier: every held-out prompt must carry its instructions
-        **job_params(lambda w: {**data_settings(STUDY["data"]), "seed": config["seed"],
-                                "check_gold_meta": STUDY["data"]["source"] != "synthetic:verifiable",
-                                **(sampler_backend() if STUDY["data"]["source"] == "synthetic:verifiable" else {})},
+        **job_params(lambda w: {**data_settings(STUDY.data), "seed": config["seed"],
+                                "check_gold_meta": STUDY.data["source"] != "synthetic:verifiable",
+                                **(sampler_backend() if STUDY.data["source"] == "synthetic:verifiable" else {})},
                      lambda w, input, output: {"base_dir": input.base, **dict(output.items()), **gguf_arg(input)}),
-    threads: STUDY["data"]["synthetic"]["threads"]
+    threads: STUDY.data["synthetic"]["threads"]
     resources:
         **res("data"),
     log:
@@ -38,16 +38,16 @@ rule study_reference_logps:
         train=f"{STUDY_DIR}/data/train.jsonl",
     output:
         logps=f"{STUDY_DIR}/reference/train_logps.pt",
-        **({"trunk": f"{STUDY_DIR}/reference/train_trunk.f32"} if STUDY_TRUNK_TOP else {}),
+        **({"trunk": f"{STUDY_DIR}/reference/train_trunk.f32"} if STUDY.trunk_top else {}),
     params:
         **job_params(
-            lambda w: {"max_length": STUDY["training"]["max_length"],
-                       "max_prompt_length": STUDY["training"]["max_prompt_length"],
-                       "batch_size": config["reference"]["batch_size"], "dtype": STUDY["training"]["precision"],
-                       "attention": STUDY["training"]["attention"], "top_layers": STUDY_TRUNK_TOP,
-                       **chat_format_param(w, STUDY["data"])},
+            lambda w: {"max_length": STUDY.training["max_length"],
+                       "max_prompt_length": STUDY.training["max_prompt_length"],
+                       "batch_size": config["reference"]["batch_size"], "dtype": STUDY.training["precision"],
+                       "attention": STUDY.training["attention"], "top_layers": STUDY.trunk_top,
+                       **chat_format_param(w, STUDY.data)},
             lambda w, input, output: {"model_dir": input.ref, "pairs_path": input.train, "out_path": output.logps,
-                                      **({"trunk_path": output.trunk} if STUDY_TRUNK_TOP else {})}),
+                                      **({"trunk_path": output.trunk} if STUDY.trunk_top else {})}),
     threads: config["reference"]["threads"]
     resources:
         **res("reference"),
@@ -84,7 +84,7 @@ rule study_train:
         ref=f"{RESULTS}/models/base",
         train=f"{STUDY_DIR}/data/train.jsonl",
         cache=f"{STUDY_DIR}/reference/train_logps.pt",
-        **({"trunk": f"{STUDY_DIR}/reference/train_trunk.f32"} if STUDY_TRUNK_TOP else {}),
+        **({"trunk": f"{STUDY_DIR}/reference/train_trunk.f32"} if STUDY.trunk_top else {}),
     output:
         model=directory(f"{STUDY_RUN}/model"),
         snapshots=directory(f"{STUDY_RUN}/snapshots"),
@@ -95,14 +95,14 @@ rule study_train:
         seed=r"\d+",
     params:
         **job_params(
-            lambda w: {"ckpt_dir": f"{STUDY_DIR}/checkpoints/{w.run}-seed{w.seed}", "cfg": study_train_cfg(w.seed),
-                       "method": {"name": w.run, **STUDY["runs"][w.run]}, **chat_format_param(w, STUDY["data"])},
+            lambda w: {"ckpt_dir": f"{STUDY_DIR}/checkpoints/{w.run}-seed{w.seed}", "cfg": PLAN.study_cfg(w.seed),
+                       "method": {"name": w.run, **STUDY.runs[w.run]}, **chat_format_param(w, STUDY.data)},
             lambda w, input, output: {"ref_dir": input.ref, "pairs_path": input.train, "reference_cache": input.cache,
-                                      **({"trunk_path": input.trunk} if STUDY_TRUNK_TOP else {}),
+                                      **({"trunk_path": input.trunk} if STUDY.trunk_top else {}),
                                       "out_dir": output.model, "snapshots_path": output.snapshots,
                                       "metrics_path": output.metrics, "summary_path": output.summary}),
         launch=launcher("training"),
-    threads: STUDY["training"]["threads"]
+    threads: STUDY.training["threads"]
     # every training before any measurement: measurements become ready one at a time as trainings end, and
     # the last training alone would leave a core idle (docs/overoptimization.md: its cost)
     priority: 1
@@ -129,9 +129,9 @@ rule study_evaluate:
         seed=r"\d+",
     params:
         **job_params(
-            lambda w: {"beta": STUDY["runs"][w.run]["beta"], "max_length": STUDY["training"]["max_length"],
-                       "max_prompt_length": STUDY["training"]["max_prompt_length"], "seed": int(w.seed),
-                       **chat_format_param(w, STUDY["data"]),
+            lambda w: {"beta": STUDY.runs[w.run]["beta"], "max_length": STUDY.training["max_length"],
+                       "max_prompt_length": STUDY.training["max_prompt_length"], "seed": int(w.seed),
+                       **chat_format_param(w, STUDY.data),
                        **{k: v for k, v in config["overoptimization"]["eval"].items() if k != "threads"},
                        **sampler_backend()},
             lambda w, input, output: {"ref_dir": input.ref, "snapshots": input.snapshots,
@@ -153,7 +153,7 @@ rule overoptimization:
         csv=f"{RESULTS}/overoptimization.csv",
         figure=report(f"{RESULTS}/figures/overoptimization.png", category="Figures"),
     params:
-        **job_params(lambda w: {"specs": study_specs(w), **config["overoptimization"]["bootstrap"]},
+        **job_params(lambda w: {"specs": STUDY.specs(), **config["overoptimization"]["bootstrap"]},
                      lambda w, input, output: {"records": list(input), "csv_path": output.csv,
                                                "figure": output.figure}),
     resources:

@@ -244,10 +244,72 @@ def train_params(stage_cfg, ckpt_dir, extra=None, **inputs):
         return {"ckpt_dir": value(ckpt_dir, w), "cfg": value(stage_cfg, w), **(extra(w) if extra else {})}
 
     def paths(w, input, output):
+        snapshots = dict(output.items()).get("snapshots")  # the study's runs keep snapshots
         return {**{k: input[v] for k, v in inputs.items()}, "out_dir": output.model,
+                **({"snapshots_path": snapshots} if snapshots else {}),
                 "metrics_path": output.metrics, "summary_path": output.summary}
 
     return job_params(settings, paths)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One set of rules for the main pipeline and the overoptimization study: make_data, reference_logps and
+# train_preference (data.smk, train.smk) serve the study too (overopt.smk: `use rule ... as study_* with:`), each
+# given its data and training configs through these functions, so a change to either is made once.
+# ---------------------------------------------------------------------------------------------------
+
+def synthetic(data):
+    return data["source"] == "synthetic:verifiable"
+
+
+def data_inputs(data):
+    """make_data's inputs for the data config `data`: the base model (and, with the llamacpp backend, its GGUF:
+    the synthetic source samples its responses from it); a file source's train/test files, so that editing one in
+    place re-runs the rule."""
+    return {**(gguf_base_input(f"{RESULTS}/models/base") if synthetic(data) else {}), "base": f"{RESULTS}/models/base",
+            **(data["splits"] if data["source"] == "file" else {})}
+
+
+def data_outputs(directory, data):
+    """make_data's outputs in `directory`; the synthetic source also keeps every sampled response (resumable while
+    it is samples.jsonl.partial)."""
+    return {"train": f"{directory}/train.jsonl", "test": f"{directory}/test.jsonl",
+            "prompts": f"{directory}/prompts_test.jsonl", "summary": f"{directory}/summary.json",
+            **({"samples": f"{directory}/samples.jsonl"} if synthetic(data) else {})}
+
+
+def data_params(data, *, gold_judge, dataset_prompt):
+    """make_data's job_params. check_gold_meta: a gold judge (`gold_judge`) needs every test prompt's verifiable
+    instructions; only a hub/file source can lack them, and only there is it a parameter, so switching the judge of
+    the synthetic data re-runs nothing. require_dataset_prompt (`dataset_prompt`: Table 1 asks the dataset's prompt
+    string, which every held-out row must then carry) only when asked, so the default's make_data keeps its
+    parameters."""
+    return job_params(
+        lambda w: {**data_settings(data), "seed": config["seed"],
+                   **({"require_dataset_prompt": True} if dataset_prompt else {}),
+                   "check_gold_meta": gold_judge and not synthetic(data),
+                   **(sampler_backend() if synthetic(data) else {})},
+        lambda w, input, output: {"base_dir": input.base, **dict(output.items()), **gguf_arg(input)})
+
+
+def reference_params(training, data, top):
+    """reference_logps' job_params: the tokenisation and precision of the training config `training`, the chat
+    format of the data config `data`, and the trunk's `top` layers (0: no trunk)."""
+    return job_params(
+        lambda w: {"max_length": training["max_length"], "max_prompt_length": training["max_prompt_length"],
+                   "batch_size": config["reference"]["batch_size"], "dtype": training["precision"],
+                   "attention": training["attention"], "top_layers": top, **chat_format_param(w, data)},
+        lambda w, input, output: {"model_dir": input.ref, "pairs_path": input.train, "out_path": output.logps,
+                                  **({"trunk_path": output.trunk} if top else {})})
+
+
+def preference_params(cfg, ckpt_dir, method, data, top):
+    """train_preference's job_params: the run's training config `cfg(w)`, checkpoint directory `ckpt_dir(w)` and
+    method `method(w)` (its name, loss and hyperparameters), the chat format of the data config `data`, the trunk
+    input when `top`."""
+    return train_params(cfg, ckpt_dir, extra=lambda w: {"method": method(w), **chat_format_param(w, data)},
+                        ref_dir="ref", pairs_path="train", reference_cache="cache",
+                        **({"trunk_path": "trunk"} if top else {}))
 
 
 # the harness's task files, inputs of run_lm_eval (the LM_EVAL_* names are lm_eval.smk's)

@@ -6,33 +6,22 @@
 # (KL to the reference, gold score and win rate, the implicit-reward proxy), then one tidy CSV and a figure.
 
 
-rule study_data:
+# The study's data, reference log-probs and training are the main pipeline's rules (data.smk, train.smk) with the
+# study's paths and configs (rpo.plan.Study): a change to those rules is a change to the study's too.
+use rule make_data as study_data with:
     input:
-        **(gguf_base_input(f"{RESULTS}/models/base") if STUDY.data["source"] == "synthetic:verifiable" else {}),
-        base=f"{RESULTS}/models/base",
-        **(STUDY.data["splits"] if STUDY.data["source"] == "file" else {}),
+        **data_inputs(STUDY.data),
     output:
-        train=f"{STUDY_DIR}/data/train.jsonl",
-        test=f"{STUDY_DIR}/data/test.jsonl",
-        prompts=f"{STUDY_DIR}/data/prompts_test.jsonl",
-        summary=f"{STUDY_DIR}/data/summary.json",
-        **({"samples": f"{STUDY_DIR}/data/samples.jsonl"} if STUDY.data["source"] == "synthetic:verifiable" else {}),
+        **data_outputs(f"{STUDY_DIR}/data", STUDY.data),
     params:
         # the study scores every answer with the gold verifier: every held-out prompt must carry its instructions
-        **job_params(lambda w: {**data_settings(STUDY.data), "seed": config["seed"],
-                                "check_gold_meta": STUDY.data["source"] != "synthetic:verifiable",
-                                **(sampler_backend() if STUDY.data["source"] == "synthetic:verifiable" else {})},
-                     lambda w, input, output: {"base_dir": input.base, **dict(output.items()), **gguf_arg(input)}),
+        **data_params(STUDY.data, gold_judge=True, dataset_prompt=False),
     threads: STUDY.data["synthetic"]["threads"]
-    resources:
-        **res("data"),
     log:
         "logs/study_data/data.log",
-    shell:
-        "python -m rpo make-data --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
-rule study_reference_logps:
+use rule reference_logps as study_reference_logps with:
     input:
         ref=f"{RESULTS}/models/base",
         train=f"{STUDY_DIR}/data/train.jsonl",
@@ -40,21 +29,9 @@ rule study_reference_logps:
         logps=f"{STUDY_DIR}/reference/train_logps.pt",
         **({"trunk": f"{STUDY_DIR}/reference/train_trunk.f32"} if STUDY.trunk_top else {}),
     params:
-        **job_params(
-            lambda w: {"max_length": STUDY.training["max_length"],
-                       "max_prompt_length": STUDY.training["max_prompt_length"],
-                       "batch_size": config["reference"]["batch_size"], "dtype": STUDY.training["precision"],
-                       "attention": STUDY.training["attention"], "top_layers": STUDY.trunk_top,
-                       **chat_format_param(w, STUDY.data)},
-            lambda w, input, output: {"model_dir": input.ref, "pairs_path": input.train, "out_path": output.logps,
-                                      **({"trunk_path": output.trunk} if STUDY.trunk_top else {})}),
-    threads: config["reference"]["threads"]
-    resources:
-        **res("reference"),
+        **reference_params(STUDY.training, STUDY.data, STUDY.trunk_top),
     log:
         "logs/study_reference_logps/ref.log",
-    shell:
-        "python -m rpo reference-logps --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule study_reference_answers:
@@ -79,7 +56,7 @@ rule study_reference_answers:
         "python -m rpo reference-answers --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
-rule study_train:
+use rule train_preference as study_train with:
     input:
         ref=f"{RESULTS}/models/base",
         train=f"{STUDY_DIR}/data/train.jsonl",
@@ -94,24 +71,14 @@ rule study_train:
         run=STUDY_RUN_NAMES,
         seed=r"\d+",
     params:
-        **job_params(
-            lambda w: {"ckpt_dir": f"{STUDY_DIR}/checkpoints/{w.run}-seed{w.seed}", "cfg": PLAN.study_cfg(w.seed),
-                       "method": {"name": w.run, **STUDY.runs[w.run]}, **chat_format_param(w, STUDY.data)},
-            lambda w, input, output: {"ref_dir": input.ref, "pairs_path": input.train, "reference_cache": input.cache,
-                                      **({"trunk_path": input.trunk} if STUDY.trunk_top else {}),
-                                      "out_dir": output.model, "snapshots_path": output.snapshots,
-                                      "metrics_path": output.metrics, "summary_path": output.summary}),
-        launch=launcher("training"),
+        **preference_params(lambda w: PLAN.study_cfg(w.seed), lambda w: f"{STUDY_DIR}/checkpoints/{w.run}-seed{w.seed}",
+                            lambda w: {"name": w.run, **STUDY.runs[w.run]}, STUDY.data, STUDY.trunk_top),
     threads: STUDY.training["threads"]
     # every training before any measurement: measurements become ready one at a time as trainings end, and
     # the last training alone would leave a core idle (docs/overoptimization.md: its cost)
     priority: 1
-    resources:
-        **res("training"),
     log:
         "logs/study_train/{run}-seed{seed}.log",
-    shell:
-        "{params.launch} train-preference --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule study_evaluate:

@@ -254,7 +254,7 @@ def train_params(stage_cfg, ckpt_dir, extra=None, **inputs):
 
 # ---------------------------------------------------------------------------------------------------
 # One set of rules for the main pipeline and the overoptimization study: make_data, reference_logps and
-# train_preference (data.smk, train.smk) serve the study too (overopt.smk: `use rule ... as study_* with:`), each
+# train_preference (data.smk, train.smk) serve the study too (overopt.smk reuses each with the study's paths), each
 # given its data and training configs through these functions, so a change to either is made once.
 # ---------------------------------------------------------------------------------------------------
 

@@ -9,7 +9,15 @@ from rpo import launch, losses
 from rpo.models import parse_source
 
 
-HPARAM_EXCLUDE = ("loss", "name", "reference", "sampling", "rounds")  # method keys that are not loss hyperparameters
+# A method's keys that say what it trains on and how (its loss, run name, reference, RSO's sampling, online
+# rounds); every other key is a hyperparameter of its loss. The one such rule: the config check, the trainers
+# and the study's table read it through `hyperparameters`.
+HPARAM_EXCLUDE = ("loss", "name", "reference", "sampling", "rounds")
+
+
+def hyperparameters(method: dict) -> dict:
+    """The loss hyperparameters of a method (a value of `methods`, of a study grid's runs or of online.methods)."""
+    return {k: v for k, v in method.items() if k not in HPARAM_EXCLUDE}
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -61,8 +69,7 @@ def check_method(method: dict, where: str) -> None:
         losses.get_loss(method["loss"])
     except ValueError as e:
         raise ValueError(f"{where}.loss: {e}") from None
-    losses.check_hyperparameters(method["loss"], {k: v for k, v in method.items() if k not in HPARAM_EXCLUDE},
-                                 where=where)
+    losses.check_hyperparameters(method["loss"], hyperparameters(method), where=where)
 
 
 def check_config(config: dict, where: str = "config") -> None:

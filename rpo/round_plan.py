@@ -12,6 +12,7 @@ Two kinds of runs:
 from __future__ import annotations
 
 from rpo import losses
+from rpo.config import hyperparameters
 from rpo.losses import online as ol
 from rpo.rounds import SELECTIONS
 
@@ -55,6 +56,9 @@ def check_rounds(method: dict, where: str) -> None:
     loss relies on hold in every round. Errors name `where` and the key."""
     loss = method["loss"]
     rounds = method["rounds"]
+    if "sampling" in method:
+        raise ValueError(f"{where}.sampling: RSO's rejection sampling draws one fixed set of pairs from Ref; a method "
+                         "with rounds samples its own in every round (rounds.sampling)")
     want = ol.ONLINE_DATA.get(loss, "pairs")
     for r in range(1, rounds["n"] + 1):
         s = round_settings(method, r)
@@ -107,8 +111,7 @@ def check_study(config: dict) -> None:
         if not m.get("rounds"):
             raise ValueError(f"{where}: the online study's methods need `rounds`")
         losses.get_loss(m["loss"])
-        losses.check_hyperparameters(m["loss"], {k: v for k, v in m.items() if k not in ("loss", "reference", "rounds")},
-                                     where=where)
+        losses.check_hyperparameters(m["loss"], hyperparameters(m), where=where)
         check_rounds(m, where)
 
 

@@ -31,6 +31,7 @@ from rpo import distributed as dist_
 from rpo import trunk as trunk_
 from rpo.batching import Truncation, collate, fit, summed_logps
 from rpo.chat_format import check_format, pair_ids
+from rpo.config import hyperparameters
 from rpo.losses import online as ol
 from rpo.loop import run_loop
 from rpo.models import load_model, load_tokenizer
@@ -290,7 +291,7 @@ def train_round(*, ref_dir, selected, out_dir, metrics_path, summary_path, ckpt_
     rounds = method["rounds"]
     loss_name = method["loss"]
     kind = data_kind(loss_name)
-    hparams = {k: v for k, v in method.items() if k not in ("loss", "name", "reference", "rounds")}
+    hparams = hyperparameters(method)
     losses.check_hyperparameters(loss_name, hparams, where=f"method {method.get('name', loss_name)}")
     alpha = float(rounds.get("extrapolation", 0.0))
     reference = rounds.get("reference", "initial")

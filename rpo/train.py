@@ -35,7 +35,7 @@ from rpo import distributed as dist_
 from rpo import trunk as trunk_
 from rpo.batching import Truncation, collate, fit, flex_attention_problem, summed_logps
 from rpo.chat_format import check_format, pair_ids
-from rpo.config import HPARAM_EXCLUDE
+from rpo.config import hyperparameters
 from rpo.data import read_pairs
 from rpo.loop import SNAPSHOTS, run_loop, snapshot_steps
 from rpo.models import load_model, load_tokenizer, torch_dtype
@@ -440,7 +440,7 @@ def train_preference(*, ref_dir, pairs_path, reference_cache, out_dir, metrics_p
         raise ValueError(f"method {method.get('name')!r} has rounds: it trains round by round (rpo.round_train)")
     loss_name = method["loss"]
     loss_fn = losses.get_loss(loss_name)
-    hparams = {k: v for k, v in method.items() if k not in HPARAM_EXCLUDE}
+    hparams = hyperparameters(method)
     losses.check_hyperparameters(loss_name, hparams, where=f"method {method.get('name', loss_name)}")
     tok = load_tokenizer(ref_dir)
     items, tok_summary = tokenize_pairs(tok, read_pairs(pairs_path), max_length=cfg["max_length"],

@@ -24,6 +24,7 @@ import torch
 
 from rpo import io
 from rpo.distributed import unwrap
+from rpo.plan import top_layers_of  # noqa: F401  (the plan's, torch-free: the workflow reads it)
 
 DTYPE = np.float32
 
@@ -38,14 +39,6 @@ def decoder_layers(model) -> torch.nn.ModuleList:
         raise ValueError(f"{type(base).__name__}: no model.layers of config.num_hidden_layers decoder layers; "
                          "the trunk cache needs a llama-family model (training.trunk_cache false)")
     return layers
-
-
-def top_layers_of(cfg: dict) -> int:
-    """The LoRA top layers a training config's reference pass writes the trunk for; 0: no trunk (off, full
-    fine-tuning, or LoRA on every layer: then no layer is frozen and shared)."""
-    if not cfg.get("trunk_cache") or cfg.get("finetuning") != "lora":
-        return 0
-    return cfg["lora"].get("top_layers") or 0
 
 
 def check_frozen(model, layer: int) -> None:

@@ -285,7 +285,7 @@ def test_win_rate_interval_stays_inside_0_100():
 def test_lc_required_is_fetched_through_the_hub_cache_or_stops(tmp_path, monkeypatch):
     """check_lc_available (the run's start-up check) and locate_glm_files on a hub cache written here."""
     import huggingface_hub.constants
-    from conftest import _hub_repo
+    from helpers.hub import hub_repo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cache = tmp_path / "hub"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
@@ -293,7 +293,7 @@ def test_lc_required_is_fetched_through_the_hub_cache_or_stops(tmp_path, monkeyp
     with pytest.raises(ValueError, match=r"lc_win_rate is 'required'.*df_gamed.csv.*tatsu-lab/alpaca_eval"):
         am.check_lc_available({"enabled": True, "lc_win_rate": "required", "precomputed_dir": None})
     am.check_lc_available({"enabled": True, "lc_win_rate": "if_available", "precomputed_dir": None})  # no check
-    snap = _hub_repo(cache, "dataset", "tatsu-lab/alpaca_eval")
+    snap = hub_repo(cache, "dataset", "tatsu-lab/alpaca_eval")
     (snap / "df_gamed.csv").write_text("model,index\n")
     am.check_lc_available({"enabled": True, "lc_win_rate": "required", "precomputed_dir": None})
     files, reason = am.locate_glm_files(fetch=True)

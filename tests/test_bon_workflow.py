@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_workflow import REPO, snakemake, tiny_config
+from helpers.workflow import REPO, snakemake, tiny_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

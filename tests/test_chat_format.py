@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import jinja2
 import pytest
-from conftest import chat_tokenizer
+from helpers.models import chat_tokenizer
 from transformers import AutoTokenizer
 
 from rpo.chat_format import authors_texts, pair_ids

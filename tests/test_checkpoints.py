@@ -14,11 +14,12 @@ import shutil
 
 import pytest
 import torch
-from conftest import build_tiny_model, run_paths, tiny_pairs, write_jsonl
+from helpers.data import run_paths, tiny_pairs, write_jsonl
+from helpers.models import build_tiny_model
 from safetensors.torch import load_file
 
 from rpo import train
-from test_train import CFG
+from helpers.training import TRAIN_CFG as CFG
 
 CFG = {**CFG, "epochs": 4, "global_batch_size": 4, "micro_batch_size": 2, "checkpoint_every": 2}
 METHOD = {"name": "rpo", "loss": "rpo", "beta": 0.5, "eta": 0.5}

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import write_hub_dataset, write_jsonl
+from helpers.data import write_jsonl
+from helpers.hub import write_hub_dataset
 
 from rpo import decontamination as dc
 from rpo.data import DataError

@@ -12,27 +12,25 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_paths, tiny_pairs, write_jsonl
+from helpers.data import run_paths, tiny_pairs, write_jsonl
+from helpers.distributed import TOL_2RANKS, env, ok, run_ranks
+from helpers.training import TRAIN_CFG
 from safetensors.torch import load_file
 
 from rpo import launch, train
-from test_train import CFG as TRAIN_CFG
 
-WORKER = Path(__file__).parent / "helpers" / "dist_worker.py"
 # test_train's tiny LoRA config, with 9 pairs in global batches of 4: steps of 4, 4 and 1 example
 # (in the last, rank 1 has none: a zero-weight pass)
 CFG = {**TRAIN_CFG, "epochs": 1, "micro_batch_size": 1, "global_batch_size": 4, "max_grad_norm": 100.0,
        "checkpoint_every": 100}
 METHOD = {"name": "rpo", "loss": "rpo", "beta": 0.5, "eta": 0.5}
-TIMEOUT = 300  # seconds; a hung collective fails the test here
+
 
 
 def test_accumulation_keeps_the_global_batch():
@@ -60,7 +58,7 @@ def test_launch_prefix_forms():
     assert eight.endswith(" --main_process_port $(python -m rpo.launch free-port) -m rpo")
     assert "--main_process_port $((20000 + SLURM_JOB_ID % 30000))" in multi
     ports = [subprocess.run([sys.executable, "-m", "rpo.launch", "free-port"], capture_output=True, text=True,
-                            env=_env(), check=True).stdout for _ in range(2)]
+                            env=env(), check=True).stdout for _ in range(2)]
     assert all(1024 < int(p) < 65536 for p in ports)
     assert launch.launch_prefix(gpus=2, main_process_port=29517).endswith("--main_process_port 29517 -m rpo")
 
@@ -107,34 +105,9 @@ def test_world_size_mismatch_is_refused(tiny_model_dir, tmp_path):
 # helpers
 # ---------------------------------------------------------------------------------------------------
 
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-
-
-_PORT = [29517]
-
-
-def run_ranks(kwargs: dict, world: int) -> subprocess.CompletedProcess:
-    """The worker on `world` CPU processes through `accelerate launch` (world 1: a plain process)."""
-    if world == 1:
-        cmd = f"{shlex.quote(sys.executable)} {shlex.quote(str(WORKER))} {shlex.quote(json.dumps(kwargs))}"
-    else:
-        _PORT[0] += 1
-        prefix = launch.launch_prefix(gpus=world, cpu=True, main_process_port=_PORT[0]).removesuffix(" -m rpo")
-        assert prefix.startswith(f"env ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {world}")
-        cmd = f"{prefix} {shlex.quote(str(WORKER))} {shlex.quote(json.dumps(kwargs))}"
-    return subprocess.run(cmd, shell=True, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
-
-
 def paths(run_dir) -> dict:
     """run_paths as JSON-ready strings, for the worker's command line."""
     return {k: str(v) for k, v in run_paths(run_dir).items()}
-
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture()
@@ -175,8 +148,6 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-# 2 ranks against 1 process: fp32 sums in another order (gloo's all-reduce / reduce-scatter).
-TOL_2RANKS = {"rtol": 1e-4, "atol": 1e-5}
 
 
 # ---------------------------------------------------------------------------------------------------

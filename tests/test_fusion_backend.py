@@ -20,7 +20,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_model
+from helpers.models import build_tiny_model
 from scipy.special import softmax as np_softmax
 from scipy.stats import entropy
 
@@ -309,7 +309,7 @@ def test_make_fused_model_checks(parts, tmp_path):
 def test_run_lm_eval_with_the_fusion_backend_is_hflm_on_the_large_model_at_alpha_zero(parts, tmp_path):
     """The stage itself (simple_evaluate on the offline IFEval task): the fused model with α = 0 gives the answers
     of the harness's HF model on the large model; with the dynamic α it runs and writes the harness's files."""
-    from test_harness import make_task, read_samples
+    from helpers.harness import make_task, read_samples
 
     from eval import harness
     make_task(tmp_path)

@@ -116,6 +116,7 @@ def test_sources_and_the_ref_alias_without_sft():
     assert resolve(cfg)["f"]["experts"] == ["rpo"]
 
 
+@pytest.mark.workflow
 def test_the_quickstart_plans_the_fused_models(tmp_path):
     """snakemake -n on config/config.yaml with fusion.enabled: two expert trainings from the base model (its own
     reference pass), two fused models, each answered, judged and scored like every model."""
@@ -128,7 +129,7 @@ def test_the_quickstart_plans_the_fused_models(tmp_path):
                           str(tmp), "--configfile", str(path), "--cores", "2", "-n", "results/table1.csv"],
                          cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    from test_workflow import job_counts
+    from helpers.workflow import job_counts
     counts = job_counts(run.stdout + run.stderr)
     assert counts["train_preference"] == 4 and counts["reference_logps"] == 2 and counts["make_fused_model"] == 2
     for rule in ("generate_table1", "generate_mtbench", "generate_alpacaeval", "generate_arenahard", "run_lm_eval"):
@@ -151,12 +152,13 @@ def test_the_preflight_checks_a_fused_models_source_parts(tmp_path):
     assert not any("fusion.models" in p for p in preflight.check(cfg, rules={"make_table1"}, dryrun=True))
 
 
+@pytest.mark.workflow
 @pytest.mark.slow  # 94 s on the shared 2-core machine (the preflight's offline hub checks of every lm-eval task)
 def test_the_gemma_weak_to_strong_config_plans_on_slurm(tmp_path):
     """config/fusion-gemma.yaml resolves its whole DAG (offline dry run, as tests/test_paper_configs.py): the 2B SFT
     model and its DPO/RPO experts trained on 8 GPUs, the 7B materialised once as a hub pointer, four fused models
     (one the 7B alone) answered on one GPU by the fusion backend, the other models by vLLM."""
-    from test_paper_configs import dry_run, jobs
+    from helpers.workflow import dry_run, jobs
     out = dry_run(tmp_path, "config/fusion-gemma.yaml", "profiles/slurm")
     js = jobs(out)
     count = {}

@@ -19,7 +19,9 @@ import sys
 
 import pytest
 import yaml
-from test_workflow import REPO, job_counts, tiny_config
+from helpers.workflow import REPO, job_counts, tiny_config
+
+pytestmark = pytest.mark.workflow  # every test here starts Snakemake
 
 FUSION = {"enabled": True,
           "methods": {"rpo_base": {"loss": "rpo", "beta": 0.1, "eta": 0.5, "reference": "base"}},

@@ -96,7 +96,7 @@ def test_one_temperature_per_response_equals_separate_decodes(tiny_model_dir):
 def test_the_authors_prompt_text_bos_stops_and_raw_text(tiny_model_dir, tmp_path):
     """A prompt row's own text (an AlpacaEval template, FastChat's conversation) tokenized as a string prompt is
     (the BOS in front), the stage's extra stop ids, and answers left unstripped (answer_text raw)."""
-    from conftest import with_bos_tokenizer
+    from helpers.models import with_bos_tokenizer
     model_dir = with_bos_tokenizer(tiny_model_dir, tmp_path / "bos_model")
     tok, model = load_tokenizer(model_dir), load_model(model_dir).eval()
     prompts = [{**p, "text": f"<|im_start|>user\nhello world {i}<|im_end|>\n<|im_start|>assistant\n"}

@@ -14,51 +14,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import build_tiny_model, make_adapter, write_jsonl
+from helpers.data import write_jsonl
+from helpers.harness import HELDOUT, TRAIN_KEYS, ifeval_rows, make_task, pair_row, read_samples, write_split
+from helpers.models import build_tiny_model, make_adapter
 
 from eval import harness, results_table
 from rpo import verifiable
 
 REPO = Path(__file__).resolve().parents[1]
-# Held-out IFEval keys: 1001 and 1162 ask only for no commas, 1019 only for lowercase, 1174 for a number of
-# sentences (a punkt_tab type: excluded and counted), 2245 for no commas again.
-HELDOUT = ["1001", "1019", "1162", "1174", "2245"]
-TRAIN_KEYS = ["1051", "1087"]
 METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
-
-
-def ifeval_rows() -> dict[str, dict]:
-    return {r["key"]: r for r in verifiable.load_prompts()}
-
-
-def pair_row(row: dict) -> dict:
-    """A preference pair on an IFEval prompt, as rpo.data writes them (the key in meta)."""
-    return {"id": f"ifeval-{row['key']}", "prompt": [{"role": "user", "content": row["prompt"]}],
-            "chosen": [{"role": "assistant", "content": "yes"}], "rejected": [{"role": "assistant", "content": "no"}],
-            "meta": {"source": "synthetic:verifiable", "key": row["key"],
-                     "instruction_id_list": row["instruction_id_list"], "kwargs": row["kwargs"]}}
-
-
-def write_split(tmp: Path) -> tuple[Path, Path]:
-    rows = ifeval_rows()
-    prompts = tmp / "prompts_test.jsonl"
-    write_jsonl([{"id": f"ifeval-{k}", "messages": [{"role": "user", "content": rows[k]["prompt"]}],
-                  "meta": {"key": k}} for k in HELDOUT], prompts)
-    train = write_jsonl([pair_row(rows[k]) for k in TRAIN_KEYS], tmp / "train.jsonl")
-    return prompts, Path(train)
-
-
-def make_task(tmp: Path) -> dict:
-    prompts, train = write_split(tmp)
-    return harness.make_ifeval_task(prompts_test=str(prompts), train=str(train),
-                                    out_yaml=str(tmp / "task/ifeval_heldout.yaml"),
-                                    out_data=str(tmp / "task/ifeval_heldout.jsonl"),
-                                    out_summary=str(tmp / "task/summary.json"))
-
-
-def read_samples(out_dir: Path) -> list[dict]:
-    (path,) = out_dir.glob("samples_ifeval_heldout_*.jsonl")
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +264,7 @@ def snakemake(tmp: Path, configfile: Path, target: str, *extra: str) -> subproce
     return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.workflow
 def test_dag_runs_the_stage_for_ref_offline(tmp_path):
     """materialise_base -> make_data (file source of IFEval pairs) -> make_lm_eval_ifeval -> run_lm_eval ->
     score_lm_eval, through Snakemake and `python -m eval`."""
@@ -329,6 +294,7 @@ def test_dag_runs_the_stage_for_ref_offline(tmp_path):
     assert len(list((tmp_path / "results/lm_eval/ref").glob("samples_ifeval_heldout_*.jsonl"))) == 1
 
 
+@pytest.mark.workflow
 def test_quickstart_dry_run_has_the_harness_jobs(tmp_path):
     run = snakemake(tmp_path, REPO / "config/config.yaml", "results/table1.csv", "-n", "-p")
     out = run.stdout + run.stderr
@@ -341,6 +307,7 @@ def test_quickstart_dry_run_has_the_harness_jobs(tmp_path):
         assert f"results/scores/lm_eval/{m}.json" in out.split("rule make_table1:")[1].split("\n")[1]
 
 
+@pytest.mark.workflow
 def test_the_offline_ifeval_with_hub_preference_data_is_refused_up_front(tmp_path):
     # paper-beta (it extends paper-common) with the held-out task instead of the hub's: its preference data has
     # no IFEval prompts. A dry run plans it and warns; a real run stops in its preflight (tests/test_preflight.py)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import HUB_COMMIT, tiny_pairs, ultrafeedback_rows, write_hub_dataset, write_hub_model
+from helpers.data import tiny_pairs
+from helpers.hub import HUB_COMMIT, ultrafeedback_rows, write_hub_dataset, write_hub_model
 
 from rpo.data import DataError, load_source_splits
 from rpo.models import materialise_model
@@ -64,6 +65,7 @@ def test_missing_split_and_uncached_repo_are_clear_errors(hub):
         load_source_splits({"source": "hf:tiny-org/absent", "splits": {"train": "a", "test": "b"}})
 
 
+@pytest.mark.workflow
 def test_dag_from_hub_sources_offline(hub, tmp_path):
     train = {"learning_rate": 1e-2, "epochs": 1, "micro_batch_size": 4, "global_batch_size": 4, "max_length": 64,
              "max_prompt_length": 32, "checkpoint_every": 2, "threads": 1,

@@ -20,7 +20,7 @@ from eval.judge_cache import cache_key
 from eval.judge_constraint import gbnf_choice, is_official_gpt4
 from eval.judges import JudgeConstraintError, get_judge
 from eval.pairwise_judge import judge_both_orders, llm_pairwise
-from test_workflow import REPO
+from helpers.workflow import REPO
 
 PAIRWISE = ["[[A]]", "[[B]]", "[[C]]"]
 RATINGS = ["[[1]]", "[[2]]", "[[3]]", "[[4]]", "[[5]]", "[[6]]", "[[7]]", "[[8]]", "[[9]]", "[[10]]"]

@@ -19,7 +19,7 @@ from helpers.fake_openai import FakeOpenAIServer, completion
 from sklearn.metrics import cohen_kappa_score
 
 from eval import judge_validity as jv
-from test_workflow import REPO, job_counts, snakemake, tiny_config
+from helpers.workflow import REPO, job_counts, snakemake, tiny_config
 
 # ----------------------------------------------------------------------------- kappa and agreement by hand
 
@@ -233,6 +233,7 @@ def validity_run_dir(tmp_path, server, *, whole_dag: bool = False) -> Path:
     return path
 
 
+@pytest.mark.workflow
 def test_rule_judges_the_table1_answer_files(tmp_path):
     with FakeOpenAIServer() as server:
         server.behave = fake_judge
@@ -248,6 +249,7 @@ def test_rule_judges_the_table1_answer_files(tmp_path):
     assert (results / "judge_validity.jsonl").is_file() and (tmp_path / "logs/judge_validity/judge_validity.log").is_file()
 
 
+@pytest.mark.workflow
 @pytest.mark.slow
 def test_enabled_adds_it_to_rule_all(tmp_path):
     with FakeOpenAIServer() as server:

@@ -15,6 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.workflow  # every test here starts Snakemake
+
 REPO = Path(__file__).resolve().parents[1]
 ALLOWED = "Specify a conda environment or container for each rule."
 

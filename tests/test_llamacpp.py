@@ -12,7 +12,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import build_tiny_model, make_adapter, write_jsonl
+from helpers.data import write_jsonl
+from helpers.models import build_tiny_model, make_adapter
 
 from rpo import io
 from rpo.gguf import export, source_digest, write_adapter, write_model
@@ -213,7 +214,7 @@ def test_make_data_samples_on_llamacpp_like_hf(tiny, tmp_path):
     """make_data's synthetic sampling with backend llamacpp: the same samples file as the hf backend's (the
     same draws on agreeing logits), bound to the base model's GGUF."""
     from rpo.data import build_synthetic
-    from test_resume_identity import SYNTHETIC
+    from helpers.data import SYNTHETIC
     cfg = {**SYNTHETIC, "synthetic": {**SYNTHETIC["synthetic"], "n_train_prompts": 6, "n_test_prompts": 2,
                                       "max_new_tokens": 6, "batch_size": 4}}
     tok = load_tokenizer(tiny["model"])
@@ -234,11 +235,12 @@ def test_study_snapshots_decode_on_llamacpp(tiny_model_dir, tmp_path):
     """The overoptimization study's measurement with backend llamacpp: each snapshot's adapter is written as
     GGUF and decoded on llama.cpp; the records equal the hf backend's (greedy answers, KL samples and their
     log π agree on the tiny model; log π_ref and the pairs come from the same transformers forwards)."""
-    from test_overoptimization import _prompts, _train_with_snapshots
+    from helpers.data import lowercase_prompts
+    from helpers.training import train_with_snapshots
 
     from rpo import overopt
-    _, pairs = _train_with_snapshots(tiny_model_dir, tmp_path)
-    prompts = write_jsonl(_prompts(4), tmp_path / "prompts.jsonl")
+    _, pairs = train_with_snapshots(tiny_model_dir, tmp_path)
+    prompts = write_jsonl(lowercase_prompts(4), tmp_path / "prompts.jsonl")
     gguf = str(write_model(tiny_model_dir, tmp_path / "base.gguf"))
     args = dict(ref_dir=tiny_model_dir, snapshots=tmp_path / "snaps", prompts_path=prompts, pairs_path=pairs,
                 beta=0.5, max_length=64, max_prompt_length=32, kl_samples_per_prompt=2, max_new_tokens=6,
@@ -264,7 +266,7 @@ def test_study_snapshots_decode_on_llamacpp(tiny_model_dir, tmp_path):
 def test_lm_eval_generation_task_on_llamacpp_answers_as_the_harness_hf_model(tiny, tmp_path):
     """The harness's ifeval on the held-out prompts through eval.lm_eval_llamacpp (as Ref and as a LoRA
     policy): the harness's own files, and generated texts equal to its HF model's (greedy, 12 tokens)."""
-    from test_harness import make_task, read_samples
+    from helpers.harness import make_task, read_samples
 
     from eval import harness
     make_task(tmp_path)
@@ -286,13 +288,14 @@ def test_lm_eval_generation_task_on_llamacpp_answers_as_the_harness_hf_model(tin
         lm.loglikelihood([])
 
 
+@pytest.mark.workflow
 @pytest.mark.slow  # the whole tiny DAG: a few minutes on 2 cores
 def test_tiny_workflow_with_the_llamacpp_backend(tmp_path):
     """snakemake results/table1.csv on the tiny .test config with generation.backend llamacpp: every answer
     stage samples on llama.cpp from GGUFs written once per model (the reference and each policy's adapter);
     the answer files keep their format; Ref's answers equal the HF backend's; a second run has nothing to do."""
     import yaml
-    from test_workflow import snakemake, tiny_config
+    from helpers.workflow import snakemake, tiny_config
     cfg_path = tiny_config(tmp_path)
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["generation"] = {"backend": "llamacpp"}

@@ -15,8 +15,8 @@ import types
 
 import pytest
 import torch
-from test_losses import (ALL_HYPERS, HYPERS, LOG2, ada_objective, batch, call, f64, grads, random_batch,
-                         reference_loss)
+from helpers.losses import (ALL_HYPERS, HYPERS, LOG2, ada_objective, batch, call, f64, grads, random_batch,
+                            reference_loss)
 
 from rpo.losses import RELATED_LOSSES, TENSOR_ARGS, dpo, get_loss, rpo
 

@@ -442,7 +442,7 @@ def test_our_fastchat_prompts_equal_fastchats(name, a1):
 
 
 def test_fastchat_prompts_read_back_as_the_authors_models_saw_them(tmp_path):
-    from conftest import chat_tokenizer
+    from helpers.models import chat_tokenizer
 
     from eval import fastchat
     first = [{"role": "user", "content": "hi"}]
@@ -481,7 +481,7 @@ def test_fastchat_answer_cut():
 
 
 def test_generate_answers_with_fastchats_template(tiny_model_dir, tmp_path, monkeypatch):
-    from conftest import with_bos_tokenizer
+    from helpers.models import with_bos_tokenizer
 
     from eval import fastchat
     model_dir = with_bos_tokenizer(tiny_model_dir, tmp_path / "bos_model")

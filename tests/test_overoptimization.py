@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import LOWERCASE_META, run_paths, tiny_pairs, write_jsonl
+from helpers.data import lowercase_prompts, run_paths, tiny_pairs, write_jsonl
+from helpers.training import SNAPSHOT_CFG, train_with_snapshots
 
 from eval import overoptimization as ov
 from eval.bootstrap import hierarchical_bootstrap
@@ -21,17 +22,6 @@ from rpo.config import expand_grid, resolve_study
 from rpo.models import load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-CFG = {"finetuning": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "top_layers": None,
-                                      "target_modules": ["q_proj", "v_proj"]},
-       "learning_rate": 5e-2, "lr_scheduler": "constant", "warmup_ratio": 0.0, "epochs": 5, "max_steps": None,
-       "micro_batch_size": 4, "global_batch_size": 8, "max_length": 64, "max_prompt_length": 32,
-       "weight_decay": 0.0, "max_grad_norm": 10.0, "precision": "float32", "checkpoint_every": 2,
-       "snapshot_every": 2, "seed": 0, "threads": 1}
-
-
-def _prompts(n):
-    return [{"id": f"q{i}", "messages": [{"role": "user", "content": f"write a short answer in lowercase {i}"}],
-             "meta": LOWERCASE_META} for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -57,7 +47,7 @@ def test_kl_of_a_model_against_itself_is_zero(tiny_model_dir):
     # an untrained LoRA adapter (B = 0): the policy is the reference, so every sample's log-ratio is 0, up to
     # the float rounding between the sampler's cached decode (log π) and the reference's full forward pass
     policy = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj"])).eval()
-    rows = overopt.kl_samples(policy, overopt.Reference(), tok, _prompts(5), n=3, max_new_tokens=8, seed=0,
+    rows = overopt.kl_samples(policy, overopt.Reference(), tok, lowercase_prompts(5), n=3, max_new_tokens=8, seed=0,
                               batch_size=4)
     assert [r["id"] for r in rows] == [f"q{i}" for i in range(5)]
     assert max(abs(v) for r in rows for v in r["values"]) < 1e-4
@@ -82,7 +72,7 @@ def test_kl_estimate_matches_the_closed_form_of_a_known_logit_shift(tiny_model_d
     kl_tok = float((p * torch.log(p * v)).sum())
     t = 6
     expected = kl_tok * sum((1 - q) ** (i - 1) for i in range(1, t + 1))
-    rows = overopt.kl_samples(policy, ref, tok, _prompts(60), n=8, max_new_tokens=t, seed=1, batch_size=30)
+    rows = overopt.kl_samples(policy, ref, tok, lowercase_prompts(60), n=8, max_new_tokens=t, seed=1, batch_size=30)
     vals = np.array([x for r in rows for x in r["values"]])
     se = vals.std(ddof=1) / math.sqrt(vals.size)
     assert abs(vals.mean() - expected) < 4 * se, (vals.mean(), expected, se)
@@ -100,7 +90,7 @@ def test_decode_scores_exactly_the_sampled_tokens(tiny_model_dir):
     v = load_model(tiny_model_dir).config.vocab_size
     s = torch.randn(v, generator=torch.Generator().manual_seed(3))
     policy = _constant_head(load_model(tiny_model_dir), s)
-    d = overopt.decode(policy, tok, _prompts(3), n=2, max_new_tokens=5, temperature=1.0, seed=4, batch_size=3)
+    d = overopt.decode(policy, tok, lowercase_prompts(3), n=2, max_new_tokens=5, temperature=1.0, seed=4, batch_size=3)
     logp = torch.log_softmax(s.double(), 0)
     seqs = [(r["prompt_ids"], ids) for r in d for ids in r["response_ids"]]
     got = overopt._logps(policy, seqs, tok.pad_token_id, batch_size=4)
@@ -137,18 +127,8 @@ def test_pair_logps_run_each_prompt_once_and_equal_separate_passes(tiny_model_di
 # Snapshots in training, and their measurements
 # ---------------------------------------------------------------------------------------------------
 
-def _train_with_snapshots(tiny_model_dir, tmp_path, cfg=CFG):
-    pairs = write_jsonl(tiny_pairs(8), tmp_path / "train.jsonl")
-    cache = tmp_path / "ref.pt"
-    train.reference_logps(tiny_model_dir, pairs, cache, max_length=64, max_prompt_length=32, batch_size=4)
-    summary = train.train_preference(ref_dir=tiny_model_dir, pairs_path=pairs, reference_cache=cache,
-                                     **run_paths(tmp_path / "run"), ckpt_dir=tmp_path / "ckpt", cfg=cfg,
-                                     method={"loss": "dpo", "beta": 0.5}, snapshots_path=tmp_path / "snaps")
-    return summary, pairs
-
-
 def test_training_keeps_snapshots_every_k_steps_and_the_last(tiny_model_dir, tmp_path):
-    summary, pairs = _train_with_snapshots(tiny_model_dir, tmp_path)
+    summary, pairs = train_with_snapshots(tiny_model_dir, tmp_path)
     assert loop.snapshot_steps(tmp_path / "snaps") == [2, 4, 5] == summary["snapshot_steps"]
     from safetensors.torch import load_file
     last = load_file(tmp_path / "snaps" / "step-000005" / "adapter_model.safetensors")
@@ -160,7 +140,7 @@ def test_training_keeps_snapshots_every_k_steps_and_the_last(tiny_model_dir, tmp
     assert not (tmp_path / "ckpt").exists()  # moved out, then the checkpoints cleared
 
     # measured: step 0 is the reference; later steps move the chosen log-ratio and the margins
-    prompts = write_jsonl(_prompts(4), tmp_path / "prompts.jsonl")
+    prompts = write_jsonl(lowercase_prompts(4), tmp_path / "prompts.jsonl")
     overopt.reference_answers(ref_dir=tiny_model_dir, prompts_path=prompts, out=tmp_path / "ref_answers.jsonl",
                               max_new_tokens=6, batch_size=4)
     from benchmarks.study_eval import timed
@@ -201,7 +181,7 @@ def test_snapshot_every_without_a_snapshot_path_is_refused(tiny_model_dir, tmp_p
     pairs = write_jsonl(tiny_pairs(4), tmp_path / "train.jsonl")
     with pytest.raises(ValueError, match="snapshot_every > 0 and snapshots_path go together"):
         train.train_preference(ref_dir=tiny_model_dir, pairs_path=pairs, reference_cache=tmp_path / "x.pt",
-                               **run_paths(tmp_path / "run"), ckpt_dir=tmp_path / "ckpt", cfg=CFG,
+                               **run_paths(tmp_path / "run"), ckpt_dir=tmp_path / "ckpt", cfg=SNAPSHOT_CFG,
                                method={"loss": "dpo", "beta": 0.1})
 
 
@@ -285,13 +265,14 @@ def test_resolve_study_names_a_misspelt_key():
 # The DAG
 # ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.workflow
 def test_study_eval_benchmark_runs_the_jobs_own_settings(tmp_path):
     """benchmarks.study_eval takes its settings, paths and threads from the study_evaluate job Snakemake would
     run (a dry run of the tiny config), not from defaults of its own."""
     import inspect
 
     from benchmarks.study_eval import job_command
-    from test_workflow import tiny_config
+    from helpers.workflow import tiny_config
     job = job_command("dpo-beta0.5", 2, tiny_config(tmp_path), tmp_path)
     s, paths = job["settings"], job["paths"]
     # the tiny config's grid entry, seed and eval block (.test/config/config.yaml)
@@ -302,10 +283,11 @@ def test_study_eval_benchmark_runs_the_jobs_own_settings(tmp_path):
     assert job["threads"] >= 1
 
 
+@pytest.mark.workflow
 @pytest.mark.slow  # a dozen Snakemake jobs: it would take the default run past 10 minutes
 def test_study_dag_end_to_end(tmp_path):
     """snakemake results/overoptimization.csv on the tiny config: 2 runs x 2 seeds, snapshots at 2 and 4."""
-    from test_workflow import snakemake, tiny_config
+    from helpers.workflow import snakemake, tiny_config
     cfg = tiny_config(tmp_path)
     res = snakemake(tmp_path, cfg, target="results/overoptimization.csv")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -15,9 +15,9 @@ import json
 
 import pytest
 import torch
-from conftest import run_paths, tiny_pairs, write_jsonl
-from test_benchmarks_support import pair_batch, plain
-from test_train import CFG
+from helpers.data import run_paths, tiny_pairs, write_jsonl
+from helpers.logps import pair_batch, plain
+from helpers.training import TRAIN_CFG as CFG
 
 import rpo.batching as batching
 from rpo import train

@@ -7,64 +7,16 @@ Run:  pytest -q tests/test_paper_configs.py        (about a minute)
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers.workflow import REPO, args_of, dry_run, jobs
 
-REPO = Path(__file__).resolve().parents[1]
-SLURM_ENV = {"RPO_SLURM_ACCOUNT": "acct42", "RPO_CPU_PARTITION": "cpuq", "RPO_GPU_PARTITION": "gpuq"}
-
-
-def glm_hub_cache(cache: Path) -> Path:
-    """A hub cache holding tatsu-lab/alpaca_eval's df_gamed.csv (a stand-in: only its presence is checked here)."""
-    from conftest import _hub_repo
-    snap = _hub_repo(cache, "dataset", "tatsu-lab/alpaca_eval")
-    (snap / "df_gamed.csv").write_text("model,index,preference\n")
-    return cache
-
-
-def dry_run(tmp_path, configfile, profile, *extra, hub_cache=None, check=True):
-    hub_cache = glm_hub_cache(tmp_path / "hub") if hub_cache is None else hub_cache
-    env = {**os.environ, **SLURM_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache)}
-    cmd = [sys.executable, "-m", "snakemake", "-n", "-p", "--snakefile", str(REPO / "Snakefile"),
-           "--directory", str(tmp_path), "--configfile", str(REPO / configfile), "--profile",
-           str(REPO / profile), "--cores", "all", *extra, "results/table1.csv"]
-    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return run.stdout + run.stderr
-
-
-def jobs(out: str) -> list[dict]:
-    """Each job of a dry run: rule, wildcards, resources (dict) and shell command."""
-    found = []
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
-        m = re.match(r"(?:local)?rule (\w+):", block)
-        if not m:
-            continue
-        res = re.search(r"^\s+resources: (.*)$", block, re.M)
-        resources = dict(kv.split("=", 1) for kv in res.group(1).split(", ")) if res else {}
-        wc = re.search(r"^\s+wildcards: (.*)$", block, re.M)
-        output = re.search(r"^\s+output: (.*)$", block, re.M)
-        shell = re.search(r"^Shell command: (.*)$", block, re.M)
-        found.append({"rule": m.group(1), "wildcards": wc.group(1) if wc else "", "resources": resources,
-                      "output": output.group(1).split(", ") if output else [],
-                      "shell": shell.group(1) if shell else ""})
-    return found
-
-
-def args_of(job) -> dict:
-    """The keyword arguments a job's command passes: its --args and its --paths (from input/output)."""
-    out = json.loads(re.search(r"--args '(\{.*?\})'", job["shell"]).group(1))
-    paths = re.search(r"--paths '(\{.*?\})'", job["shell"])
-    return {**out, **(json.loads(paths.group(1)) if paths else {})}
+pytestmark = pytest.mark.workflow  # every test here starts Snakemake
 
 
 @pytest.mark.parametrize("series,accum_file", [("beta", "paper-beta.yaml"), ("gemma", "paper-gemma.yaml")])

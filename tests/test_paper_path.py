@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-paper-path-test"
 JUDGE_MODELS = ["gpt-4", "gpt-4-0613", "gpt-4-1106-preview"]  # the paper configs' judges
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 
 def config(tmp: Path, url: str, **changes) -> Path:

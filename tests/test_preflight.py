@@ -12,12 +12,12 @@ import sys
 
 import pytest
 import yaml
-from conftest import _hub_repo, write_hub_dataset, write_hub_model
+from helpers.hub import hub_repo, write_hub_dataset, write_hub_model
 from helpers.fake_openai import FakeOpenAIServer
 from snakemake.utils import validate
 
 from eval import arenahard, harness, preflight
-from test_workflow import REPO, snakemake, tiny_config
+from helpers.workflow import REPO, snakemake, tiny_config
 
 SCHEMA = str(REPO / "workflow/schemas/config.schema.yaml")
 OPENAI = {"kind": "openai", "model": "judge-x", "base_url": "http://127.0.0.1:9/v1",
@@ -196,7 +196,7 @@ def test_hub_models_and_data_in_the_cache_pass_offline_and_missing_ones_name_the
 
 
 def _arena_v01_cache(hub):
-    snap = _hub_repo(hub, "dataset", arenahard.HUB_REPO)
+    snap = hub_repo(hub, "dataset", arenahard.HUB_REPO)
     (snap / "data/arena-hard-v0.1/model_answer").mkdir(parents=True)
     (snap / arenahard.HUB_V01_QUESTIONS).write_text("".join(
         json.dumps({"question_id": f"q{i}", "category": "arena-hard-v0.1", "turns": [{"content": f"p{i}"}]}) + "\n"
@@ -224,7 +224,7 @@ def test_the_lc_file_is_checked_at_the_start_not_while_parsing(hub):
     cfg = resolved(benchmarks={"alpacaeval": {"lc_win_rate": "required", "n_questions": None}})
     (problem,) = preflight.check(cfg, rules={"score_alpacaeval"}, dryrun=True)
     assert "lc_win_rate is 'required' but the LC win rate cannot be computed" in problem and "df_gamed.csv" in problem
-    snap = _hub_repo(hub, "dataset", "tatsu-lab/alpaca_eval")
+    snap = hub_repo(hub, "dataset", "tatsu-lab/alpaca_eval")
     (snap / "df_gamed.csv").write_text("model,index,preference\n")
     assert preflight.check(cfg, rules={"score_alpacaeval"}) == []
 
@@ -255,6 +255,7 @@ def test_dry_run_flags():
         assert preflight.dry_run_requested(W, argv) is dry, argv
 
 
+@pytest.mark.workflow
 def test_the_workflow_stops_before_any_job(tmp_path, monkeypatch):
     monkeypatch.delenv("RPO_TEST_PREFLIGHT_KEY", raising=False)
     cfg = yaml.safe_load(tiny_config(tmp_path).read_text())

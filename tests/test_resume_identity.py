@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_model
+from helpers.data import SYNTHETIC
+from helpers.models import build_tiny_model
 
 from eval.bench_stages import generate_mtbench
 from eval.table1 import generate_table1_answers
@@ -166,10 +167,6 @@ def test_mtbench_turn_files_of_another_model_are_not_reused(tiny_model_dir, othe
 
 # ------------------------------------------------------------------------------- synthetic sampling
 
-SYNTHETIC = {"source": "synthetic:verifiable", "synthetic": {
-    "n_train_prompts": 60, "n_test_prompts": 8, "responses_per_prompt": 2, "max_new_tokens": 40,
-    "temperature": 1.0, "top_p": 1.0, "top_k": 0, "batch_size": 1, "label_noise": 0.0, "prompts_file": None,
-    "threads": 1}}
 
 
 def test_synthetic_samples_of_a_killed_run_with_other_settings_are_discarded(tiny_model_dir, tmp_path):

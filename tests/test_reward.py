@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model, run_paths, tiny_pairs, write_jsonl
+from helpers.data import run_paths, tiny_pairs, write_jsonl
+from helpers.models import build_tiny_model
 
 from rpo import candidates, reward, train
 from rpo.data import read_pairs
@@ -243,7 +244,7 @@ def test_members_on_the_top_layers_share_the_layers_below(data, tmp_path):
 def test_two_ranks_train_the_member_one_process_trains(tiny_model_dir, data, tmp_path, sharding):
     """DDP (sharding none) and FSDP2 (full) over 2 CPU ranks: the global batch and its gradient are one
     process's, so the saved member is one process's within fp32 reduction-order rounding."""
-    from test_distributed import TOL_2RANKS, ok, run_ranks
+    from helpers.distributed import TOL_2RANKS, ok, run_ranks
     cfg = {**CFG, "epochs": 2, "micro_batch_size": 1, "max_grad_norm": 100.0, "learning_rate": 1e-2}
     train_member(tiny_model_dir, data, tmp_path / "one", cfg={**cfg, "world_size": 1})
     ok(run_ranks({"stage": "reward", "base_dir": str(tiny_model_dir), **{k: str(v) for k, v in data.items()},

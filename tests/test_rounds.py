@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import LOWERCASE_META
+from helpers.data import LOWERCASE_META
 
 from rpo import io, oracle, round_plan, rounds
 from rpo.config import check_config
@@ -236,7 +236,7 @@ def test_every_tournament_size_returns_a_strictly_preferred_pair():
 
 
 def test_round_prompts_from_ifeval_rows_and_from_pairs(tmp_path):
-    from conftest import tiny_pairs, write_jsonl
+    from helpers.data import tiny_pairs, write_jsonl
     summary = rounds.round_prompts(out=tmp_path / "pool.jsonl", heldout=tmp_path / "heldout.jsonl", source="ifeval",
                                    seed=1, n_train=10, n_test=4, prompts_file=str(REPO / ".test/data/ifeval_prompts.jsonl"))
     pool, held = io.read_jsonl(tmp_path / "pool.jsonl"), io.read_jsonl(tmp_path / "heldout.jsonl")

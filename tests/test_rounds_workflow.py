@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_workflow import REPO, job_counts, snakemake, tiny_config
+from helpers.workflow import REPO, job_counts, snakemake, tiny_config
+
+pytestmark = pytest.mark.workflow  # every test here starts Snakemake
 
 ROUND_DIR = "results/rounds"
 

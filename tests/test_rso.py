@@ -84,7 +84,7 @@ def _write(rows, path):
 
 @pytest.fixture()
 def rso_files(tmp_path):
-    from conftest import tiny_pairs
+    from helpers.data import tiny_pairs
     pairs = tiny_pairs(2)
     texts = [["a0", "b0", "a0", "", "c0", "d0"], ["a1", "b1", "c1", "d1", "e1", "f1"]]
     samples = [{"id": p["id"], "messages": p["prompt"], "responses": t, "n_tokens": [1] * 6, "finished": [True] * 6}

@@ -1,12 +1,12 @@
-"""Seed replicates (issue 12.3, config `seeds`): the DAG trains and judges every seed's runs, and Table 1's
-pooled rows on hand-made judgments."""
+"""Seed replicates (issue 12.3, config `seeds`): Table 1's pooled rows on hand-made judgments. Which runs the seeds
+add and which pairs are judged per seed: the plan's (tests/test_plan.py).
+
+Run: pytest -q tests/test_seeds.py      (a few seconds)
+"""
 from __future__ import annotations
 
 import csv
 import json
-import re
-
-import yaml
 
 from eval.bootstrap import hierarchical_bootstrap
 from eval.table1 import make_table1
@@ -39,25 +39,3 @@ def test_pooled_win_rate_is_the_mean_of_the_seeds_with_a_bootstrap_over_both(tmp
     assert float(reverse["value"]) == 100 - 81.25 and float(reverse["ci_low"]) == 100 * (1 - hi)
     md = (tmp_path / "t.md").read_text()
     assert "pooled over training seeds" in md and "81.2" in md
-
-
-def test_seeds_replicate_every_training_and_table1_pair(tmp_path):
-    """A dry run of the tiny config with seeds [1, 2]: each method trained twice (seed 2 as <m>-seed2 with
-    training seed 2), Table 1's pairs judged for both seeds, the benchmarks on the first seed's models."""
-    from test_workflow import job_counts, snakemake, tiny_config
-    cfg_path = tiny_config(tmp_path)
-    cfg = yaml.safe_load(cfg_path.read_text())
-    cfg["seeds"] = [1, 2]
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    run = snakemake(tmp_path, cfg_path, "-n", "-p")
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    counts = job_counts(run.stdout)
-    assert counts["train_preference"] == 4 and counts["generate_table1"] == 5
-    assert counts["judge_table1"] == 2 * 3  # the default pairs rpo-ref, rpo-dpo, dpo-ref, per seed
-    assert counts["generate_mtbench"] == 3  # ref, dpo, rpo: the first seed's models
-    for m in ("dpo", "rpo"):
-        assert f"results/train/{m}-seed2/model" in run.stdout
-    args = [json.loads(a) for a in re.findall(r"train-preference --threads \d+ --args '(\{.*?\})' --paths", run.stdout)]
-    seeds = {a["method"]["name"]: a["cfg"]["seed"] for a in args}
-    assert seeds == {"dpo": 1, "rpo": 1, "dpo-seed2": 2, "rpo-seed2": 2}, seeds
-    assert "results/judgments/table1/rpo-seed2_vs_dpo-seed2.jsonl" in run.stdout

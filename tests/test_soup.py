@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from helpers.models import build_tiny_model
 
 from rpo.models import load_model
 from rpo.soup import average_state_dicts, make_soup
@@ -36,11 +36,12 @@ def test_average_state_dicts_three_and_errors():
         average_state_dicts([s[0], {"v": torch.zeros(2)}], ["x", "y"])
 
 
+@pytest.mark.workflow
 def test_soup_reference_in_the_dag(tmp_path):
     """A method with `reference: soup` trains against the mean of two SFT models (seeds 1 and 7): the DAG
     trains the second SFT model, averages, caches the soup's reference log-probs, and trains on top."""
     import yaml
-    from test_workflow import snakemake, tiny_config
+    from helpers.workflow import snakemake, tiny_config
 
     cfg = yaml.safe_load(tiny_config(tmp_path).read_text())
     cfg["sft"]["train"]["seed"] = 1

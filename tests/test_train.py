@@ -8,18 +8,12 @@ import json
 
 import pytest
 import torch
-from conftest import run_paths, tiny_pairs, write_jsonl
+from helpers.data import run_paths, tiny_pairs, write_jsonl
+from helpers.training import TRAIN_CFG as CFG
 
 from rpo import train
 from rpo.batching import collate, summed_logps
 from rpo.models import load_model, load_policy, load_tokenizer
-
-CFG = {"finetuning": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "top_layers": None,
-                                      "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]},
-       "learning_rate": 5e-2, "lr_scheduler": "constant", "warmup_ratio": 0.0, "epochs": 6, "max_steps": None,
-       "micro_batch_size": 4, "global_batch_size": 8, "max_length": 64, "max_prompt_length": 32,
-       "weight_decay": 0.0, "max_grad_norm": 10.0, "precision": "float32", "checkpoint_every": 2,
-       "seed": 0, "threads": 1}
 
 
 @pytest.fixture()

@@ -11,8 +11,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_model, run_paths, tiny_pairs, write_jsonl
-from test_train import CFG
+from helpers.data import run_paths, tiny_pairs, write_jsonl
+from helpers.models import build_tiny_model
+from helpers.training import TRAIN_CFG as CFG
 
 from rpo import train, trunk
 from rpo.batching import summed_logps

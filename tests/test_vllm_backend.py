@@ -16,7 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import make_adapter, tiny_pairs, write_jsonl
+from helpers.data import tiny_pairs, write_jsonl
+from helpers.models import make_adapter
 from helpers import fake_vllm
 
 from eval import bench_stages, generation, mtbench, vllm_backend
@@ -102,7 +103,7 @@ def test_table1_answers_through_vllm_equal_the_hf_file(tiny_model_dir, adapter, 
 def test_table1_the_authors_way_through_vllm(tiny_model_dir, fake, tmp_path):
     """gen_eval*.py: one question per prompt (here the dataset's prompt string), the chat template's text as a
     string prompt (vLLM puts the BOS in front), extra stop ids, vLLM's own text unstripped, the configured dtype."""
-    from conftest import with_bos_tokenizer
+    from helpers.models import with_bos_tokenizer
     model_dir = with_bos_tokenizer(tiny_model_dir, tmp_path / "bos_model")
     rows = [{**p, "meta": {"dataset_prompt": f"hello world {i}"}} for i, p in enumerate(PROMPTS)]
     prompts = write_jsonl(rows, tmp_path / "prompts.jsonl")
@@ -216,7 +217,7 @@ def test_alpacaeval_and_arenahard_through_vllm_equal_the_hf_files(tiny_model_dir
 def test_alpacaeval_and_mtbench_the_authors_way_through_vllm(tiny_model_dir, fake, tmp_path, monkeypatch):
     """AlpacaEval: the authors' prompt_template with {instruction}, a string prompt (BOS), sampled at 0.7 / 1.0;
     MT-Bench: FastChat's conversation (eval/fastchat.py) with the BOS, its stops, the answer cut as FastChat cuts."""
-    from conftest import with_bos_tokenizer
+    from helpers.models import with_bos_tokenizer
 
     from eval import alpacaeval, fastchat
     model_dir = with_bos_tokenizer(tiny_model_dir, tmp_path / "bos_model")
@@ -262,8 +263,9 @@ def test_alpacaeval_and_mtbench_the_authors_way_through_vllm(tiny_model_dir, fak
 # The setting, through the workflow
 # ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.workflow
 def test_one_setting_sends_every_generation_job_to_vllm(tiny_model_dir, fake, tmp_path, monkeypatch):
-    from test_paper_configs import REPO, args_of, dry_run, jobs
+    from helpers.workflow import REPO, args_of, dry_run, jobs
     cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
     cfg["generation"] = {"backend": "vllm", "vllm_dtype": "float16"}
     (tmp_path / "vllm.yaml").write_text(yaml.safe_dump(cfg))

@@ -9,47 +9,15 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import build_tiny_model
+from helpers.workflow import REPO, job_counts, snakemake, tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(tmp: Path, eta: float = 0.5) -> Path:
-    """The committed tiny config (.test/config/config.yaml) ready to run in `tmp`: .test/ copied there with
-    the tiny random model built into .test/model; RPO's eta set to `eta`."""
-    shutil.copytree(REPO / ".test", tmp / ".test", dirs_exist_ok=True)
-    if not (tmp / ".test" / "model").exists():
-        build_tiny_model(tmp / ".test" / "model")
-    cfg = yaml.safe_load((REPO / ".test" / "config" / "config.yaml").read_text())
-    cfg["methods"]["rpo"]["eta"] = eta
-    path = tmp / f"config-eta{eta}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def snakemake(tmp: Path, configfile: Path, *extra: str, target: str = "results/table1.csv") -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp),
-           "--configfile", str(configfile), "--cores", "2", *extra, target]
-    return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
-
-
-def job_counts(out: str) -> dict[str, int]:
-    """Parse the 'Job stats' table of a dry run."""
-    counts = {}
-    for line in out.split("Job stats:")[-1].splitlines():
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if m and m.group(1) != "total":
-            counts[m.group(1)] = int(m.group(2))
-    return counts
+pytestmark = pytest.mark.workflow  # every test here starts Snakemake
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_pairs, write_jsonl
+from helpers.data import tiny_pairs, write_jsonl
+
+pytestmark = pytest.mark.workflow  # every test here starts Snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = {"learning_rate": 1e-2, "epochs": 1, "micro_batch_size": 4, "global_batch_size": 4, "max_length": 64,

@@ -18,14 +18,14 @@ import os
 import pytest
 import yaml
 from helpers.fake_openai import FakeOpenAIServer
-from test_workflow import snakemake, tiny_config
+from helpers.workflow import snakemake, tiny_config
 
 KEY_VAR = "RPO_WORKFLOW_JUDGE_KEY"
 SECRET = "sk-workflow-test-7d1e"
 LABEL = "openai:fake-judge"
 
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -52,14 +52,15 @@ hyperparameters before training.
 from __future__ import annotations
 
 import inspect
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from rpo.losses._common import TENSOR_ARGS, _check_hyperparameter, _check_tau_bounds
 from rpo.losses.paper import dpo, rewards, rpo, rpo_mean, rpo_seqmean
 from rpo.losses.online import ONLINE_LOSSES, ONLINE_TENSOR_ARGS, check_online_hyperparameters
 from rpo.losses.related import ada_dpo, exo_pair, hinge, ipo, minor_dpo
+
+if TYPE_CHECKING:  # annotations only: torch is imported at a loss's first call (rpo.losses._common)
+    import torch
 
 __all__ = ["TENSOR_ARGS", "LOSSES", "RELATED_LOSSES", "ONLINE_LOSSES", "SFT_BASES", "SFT_SUFFIX", "dpo", "rpo", "rpo_mean",
            "rpo_seqmean", "ipo", "exo_pair", "hinge", "minor_dpo", "ada_dpo", "rewards", "get_loss",

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import math
 
-import torch
-import torch.nn.functional as F
+
+class _Deferred:
+    """A module imported at its first attribute access. The registry (names, signatures, hyperparameter checks)
+    is read when the workflow is parsed (rpo.config.check_config), and parsing imports no torch (every cluster
+    job re-parses it); the losses touch torch only when they are called."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+torch = _Deferred("torch")
+F = _Deferred("torch.nn.functional")
 
 # The six per-example tensor arguments every loss takes, in this order.
 TENSOR_ARGS: tuple[str, ...] = (

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+from rpo.losses._common import torch
 
 # The tensors an online loss takes besides rpo.losses.TENSOR_ARGS (not hyperparameters).
 PREVIOUS_ARGS = ("previous_chosen_logps", "previous_rejected_logps")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
-from rpo.losses._common import _check_hyperparameter, _check_lengths_positive, _dpo, _reciprocal, checked
+from rpo.losses._common import _check_hyperparameter, _check_lengths_positive, _dpo, _reciprocal, checked, torch
 
 # --------------------------------------------------------------------------
 # losses

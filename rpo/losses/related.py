@@ -5,10 +5,7 @@ from __future__ import annotations
 import functools
 import math
 
-import torch
-import torch.nn.functional as F
-
-from rpo.losses._common import _check_lengths_positive, _check_tau_bounds, _margin, _reciprocal, checked
+from rpo.losses._common import F, _check_lengths_positive, _check_tau_bounds, _margin, _reciprocal, checked, torch
 
 # --------------------------------------------------------------------------
 # related methods (paper.md, "Related methods"): same inputs, other objectives

@@ -16,7 +16,8 @@ import json
 import random
 from pathlib import Path
 
-from conftest import CORPUS, _hub_repo, write_hub_dataset, write_hub_model
+from helpers.hub import hub_repo, write_hub_dataset, write_hub_model
+from helpers.models import CORPUS
 
 # HuggingFaceH4/mistral-7b-sft-beta's chat template (its tokenizer_config.json), the zephyr format
 ZEPHYR_TEMPLATE = (
@@ -73,7 +74,7 @@ def write_hub(cache: Path) -> Path:
     write_hub_dataset(cache, "HuggingFaceH4/ultrafeedback_binarized",
                       {"train_prefs": _pairs(range(N_TRAIN)), "test_prefs": _pairs(range(100, 100 + N_TEST))})
     write_hub_dataset(cache, "openai/openai_humaneval", {"test": HUMANEVAL})
-    snap = _hub_repo(cache, "dataset", "lmarena-ai/arena-hard-auto")
+    snap = hub_repo(cache, "dataset", "lmarena-ai/arena-hard-auto")
     (snap / "data/arena-hard-v0.1/model_answer").mkdir(parents=True, exist_ok=True)
     (snap / "data/arena-hard-v0.1/question.jsonl").write_text("".join(
         json.dumps({"question_id": f"q{i}", "category": "arena-hard-v0.1", "cluster": "c",
@@ -81,7 +82,7 @@ def write_hub(cache: Path) -> Path:
     (snap / "data/arena-hard-v0.1/model_answer/gpt-4-0314.jsonl").write_text("".join(
         json.dumps({"question_id": f"q{i}", "model_id": "gpt-4-0314",
                     "choices": [{"index": 0, "turns": [{"content": f"the answer {i}"}]}]}) + "\n" for i in range(500)))
-    snap = _hub_repo(cache, "dataset", "tatsu-lab/alpaca_eval")
+    snap = hub_repo(cache, "dataset", "tatsu-lab/alpaca_eval")
     rng = random.Random(0)
     lines = ["model,index,preference,std_delta_len,instruction_difficulty,not_gamed_baseline"]
     for m in ("gamed_concise", "gamed_verbose"):

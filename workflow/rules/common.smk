@@ -2,11 +2,13 @@ import json
 import re
 from pathlib import Path
 
+import yaml as _yaml
 from snakemake.utils import validate
 
 from eval.fusion_config import fold_fusion_methods, resolve_fusion  # noqa: E402
+from rpo import launch  # noqa: E402
+from rpo import plan as _plan  # noqa: E402
 from rpo.config import check_config, resolve_extends, resolve_methods  # noqa: E402
-from rpo.trunk import top_layers_of as trunk_top_layers  # noqa: E402
 
 # `extends: <file>` (the paper configs share config/paper-common.yaml): that file's keys under this one's
 _resolved = resolve_extends(dict(config), workflow.basedir)
@@ -18,35 +20,26 @@ fold_fusion_methods(config)  # fusion.methods (experts of the fused models) trai
 resolve_methods(config)
 check_config(config)
 # Fused models (eval/fusion.py, workflow/rules/fusion.smk): decoded by the `fusion` backend, then models of Table 1
-# and the benchmarks like the trained ones; {} unless fusion.enabled
+# and the benchmarks like the trained ones; {} unless fusion.enabled (their Table 1 pairs are added to table1.pairs)
 FUSED = resolve_fusion(config)
 
+# What will run and with which settings (rpo/plan.py, tested by tests/test_plan.py): the runs and their seeds,
+# each method's reference, Table 1's pairs, the study's runs, each training stage's config. This file keeps the
+# paths and input functions.
+SCHEMA = _yaml.safe_load(Path(workflow.basedir, "workflow/schemas/config.schema.yaml").read_text())
+PLAN = _plan.make_plan(config, SCHEMA)
+
 RESULTS = "results"
-METHODS = sorted(config["methods"])
+METHODS = PLAN.methods
 MODELS = ["ref"] + METHODS + sorted(FUSED)
 
-# Seed replicates (`seeds`): every method is trained once per seed (data order, LoRA init, sampling). The
-# first seed's run keeps the method's name (and is the one the benchmarks, lm-eval and figures evaluate);
-# the others are <method>-seed<s>, answered and judged for Table 1, whose pairs get per-seed rows and a row
-# pooled over the seeds. Without `seeds`, one run per method with training.seed, as before.
-SEEDS = [int(s) for s in (config["seeds"] or [config["training"]["seed"]])]
-REPLICAS = {f"{m}-seed{s}": (m, s) for m in METHODS for s in SEEDS[1:]}
-RUNS = METHODS + sorted(REPLICAS)  # every trained policy
-
-
-def run_method(run):
-    """The method (a key of `methods`) a trained run replicates."""
-    return REPLICAS[run][0] if run in REPLICAS else run
-
-
-def run_seed(run):
-    """The training seed of a run (the first seed for the method's own run, and for ref)."""
-    return REPLICAS[run][1] if run in REPLICAS else SEEDS[0]
-
-
-def replica(model, seed):
-    """The run of `model` with `seed` (ref is one model, whatever the seed)."""
-    return model if model == "ref" or seed == SEEDS[0] else f"{model}-seed{seed}"
+# Seed replicates (`seeds`, rpo.plan.Plan): every method is trained once per seed; <method>-seed<s> for the
+# seeds after the first
+SEEDS = PLAN.seeds
+RUNS = PLAN.runs  # every trained policy
+run_method = PLAN.run_method
+run_seed = PLAN.run_seed
+replica = PLAN.replica
 
 
 def as_json(obj):
@@ -55,24 +48,12 @@ def as_json(obj):
 
 
 def train_cfg(stage):
-    """A training stage's config ("sft" or "training") with the world size of its resources and the
-    gradient accumulation that keeps the configured global batch (rpo.launch, checked by the trainer)."""
-    from rpo import launch
-
-    cfg = config["sft"]["train"] if stage == "sft" else config["training"]
-    r = config["resources"][stage]
-    world = launch.world_size(r["gpus"], r["nodes"])
-    accum = launch.accumulation_steps(cfg["global_batch_size"], cfg["micro_batch_size"], world, where=stage)
-    # threads reach the job as `threads:` (--threads), not as a parameter: a thread count changes no result
-    # and must not re-run training
-    return {**{k: v for k, v in cfg.items() if k != "threads"}, "world_size": world,
-            "gradient_accumulation_steps": accum}
+    """A training stage's config ("sft" or "training") as its job gets it (rpo.plan.Plan.train_cfg)."""
+    return PLAN.train_cfg(stage)
 
 
 def launcher(stage):
     """`python -m rpo`, or `accelerate launch ... -m rpo` when the stage has several GPUs or nodes."""
-    from rpo import launch
-
     r = config["resources"][stage]
     return launch.launch_prefix(gpus=r["gpus"], nodes=r["nodes"])
 
@@ -83,8 +64,6 @@ def res(stage):
     be the job's total), nodes, memory and runtime in minutes. Placement follows from them: a stage that asks
     for GPUs goes to $RPO_GPU_PARTITION when that is set (profiles/slurm); every other job to the profile's
     default partition. CPUs per task are the rule's threads."""
-    from rpo import launch
-
     r = config["resources"][stage]
     out = {"mem_mb": r["mem_mb"], "runtime": r["runtime"]}
     if r["gpus"]:
@@ -120,9 +99,7 @@ def sft_dir(seed):
     return f"{RESULTS}/models/sft/model" if int(seed) == main else f"{RESULTS}/models/sft_seed{seed}/model"
 
 
-def reference_name(method):
-    """The reference a method trains against: "ref" (Table 1's Ref model) or "soup" (SALSA)."""
-    return config["methods"][run_method(method)].get("reference", "ref")
+reference_name = PLAN.reference  # a run's reference: "ref" (Table 1's Ref model), "soup" (SALSA) or "base"
 
 
 def reference_dir(name):
@@ -135,7 +112,7 @@ def reference_cache(name):
 
 # The frozen trunk (rpo.trunk): with LoRA on the top layers only, the reference pass also writes the input of
 # the first LoRA layer, and training starts there. TRUNK_TOP: those top layers, 0 when there is no trunk.
-TRUNK_TOP = trunk_top_layers(config["training"])
+TRUNK_TOP = PLAN.trunk_top
 
 
 def reference_trunk(name):
@@ -159,17 +136,13 @@ def fused_dir(model):
 
 
 def get_table1_pairs():
-    """Table 1's pairs, each also for every further seed's runs (replica)."""
-    pairs = [tuple(p) for p in config["table1"]["pairs"]]
-    return pairs + [(replica(a, s), replica(b, s)) for s in SEEDS[1:] for a, b in pairs]
+    """Table 1's pairs, each also for every further seed's runs (rpo.plan.Plan.table1_pairs)."""
+    return PLAN.table1_pairs
 
 
 def seed_pairs():
-    """Each configured pair's runs per seed, {"a_vs_b": [[a_s, b_s] for each seed]}: make_table1 pools them
-    (empty with one seed)."""
-    if len(SEEDS) == 1:
-        return {}
-    return {f"{a}_vs_{b}": [[replica(a, s), replica(b, s)] for s in SEEDS] for a, b in config["table1"]["pairs"]}
+    """Each configured pair's runs per seed, pooled by make_table1 (empty with one seed)."""
+    return PLAN.seed_pairs
 
 
 RUN_NAMES = "|".join(re.escape(r) for r in RUNS)
@@ -208,8 +181,8 @@ def validity_judge():
 
 
 # judge_validity's model pairs and the models whose Table 1 answers it reads; rule all's extra target
-VALIDITY_PAIRS = [list(p) for p in (config["judge_validity"]["pairs"] or get_table1_pairs())]
-VALIDITY_MODELS = sorted({m for p in VALIDITY_PAIRS for m in p})
+VALIDITY_PAIRS = PLAN.validity_pairs
+VALIDITY_MODELS = PLAN.validity_models
 VALIDITY = [f"{RESULTS}/judge_validity.csv"] if config["judge_validity"]["enabled"] else []
 
 
@@ -271,10 +244,72 @@ def train_params(stage_cfg, ckpt_dir, extra=None, **inputs):
         return {"ckpt_dir": value(ckpt_dir, w), "cfg": value(stage_cfg, w), **(extra(w) if extra else {})}
 
     def paths(w, input, output):
+        snapshots = dict(output.items()).get("snapshots")  # the study's runs keep snapshots
         return {**{k: input[v] for k, v in inputs.items()}, "out_dir": output.model,
+                **({"snapshots_path": snapshots} if snapshots else {}),
                 "metrics_path": output.metrics, "summary_path": output.summary}
 
     return job_params(settings, paths)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One set of rules for the main pipeline and the overoptimization study: make_data, reference_logps and
+# train_preference (data.smk, train.smk) serve the study too (overopt.smk reuses each with the study's paths), each
+# given its data and training configs through these functions, so a change to either is made once.
+# ---------------------------------------------------------------------------------------------------
+
+def synthetic(data):
+    return data["source"] == "synthetic:verifiable"
+
+
+def data_inputs(data):
+    """make_data's inputs for the data config `data`: the base model (and, with the llamacpp backend, its GGUF:
+    the synthetic source samples its responses from it); a file source's train/test files, so that editing one in
+    place re-runs the rule."""
+    return {**(gguf_base_input(f"{RESULTS}/models/base") if synthetic(data) else {}), "base": f"{RESULTS}/models/base",
+            **(data["splits"] if data["source"] == "file" else {})}
+
+
+def data_outputs(directory, data):
+    """make_data's outputs in `directory`; the synthetic source also keeps every sampled response (resumable while
+    it is samples.jsonl.partial)."""
+    return {"train": f"{directory}/train.jsonl", "test": f"{directory}/test.jsonl",
+            "prompts": f"{directory}/prompts_test.jsonl", "summary": f"{directory}/summary.json",
+            **({"samples": f"{directory}/samples.jsonl"} if synthetic(data) else {})}
+
+
+def data_params(data, *, gold_judge, dataset_prompt):
+    """make_data's job_params. check_gold_meta: a gold judge (`gold_judge`) needs every test prompt's verifiable
+    instructions; only a hub/file source can lack them, and only there is it a parameter, so switching the judge of
+    the synthetic data re-runs nothing. require_dataset_prompt (`dataset_prompt`: Table 1 asks the dataset's prompt
+    string, which every held-out row must then carry) only when asked, so the default's make_data keeps its
+    parameters."""
+    return job_params(
+        lambda w: {**data_settings(data), "seed": config["seed"],
+                   **({"require_dataset_prompt": True} if dataset_prompt else {}),
+                   "check_gold_meta": gold_judge and not synthetic(data),
+                   **(sampler_backend() if synthetic(data) else {})},
+        lambda w, input, output: {"base_dir": input.base, **dict(output.items()), **gguf_arg(input)})
+
+
+def reference_params(training, data, top):
+    """reference_logps' job_params: the tokenisation and precision of the training config `training`, the chat
+    format of the data config `data`, and the trunk's `top` layers (0: no trunk)."""
+    return job_params(
+        lambda w: {"max_length": training["max_length"], "max_prompt_length": training["max_prompt_length"],
+                   "batch_size": config["reference"]["batch_size"], "dtype": training["precision"],
+                   "attention": training["attention"], "top_layers": top, **chat_format_param(w, data)},
+        lambda w, input, output: {"model_dir": input.ref, "pairs_path": input.train, "out_path": output.logps,
+                                  **({"trunk_path": output.trunk} if top else {})})
+
+
+def preference_params(cfg, ckpt_dir, method, data, top):
+    """train_preference's job_params: the run's training config `cfg(w)`, checkpoint directory `ckpt_dir(w)` and
+    method `method(w)` (its name, loss and hyperparameters), the chat format of the data config `data`, the trunk
+    input when `top`."""
+    return train_params(cfg, ckpt_dir, extra=lambda w: {"method": method(w), **chat_format_param(w, data)},
+                        ref_dir="ref", pairs_path="train", reference_cache="cache",
+                        **({"trunk_path": "trunk"} if top else {}))
 
 
 # the harness's task files, inputs of run_lm_eval (the LM_EVAL_* names are lm_eval.smk's)
@@ -296,46 +331,16 @@ def lm_eval_task_inputs(wildcards):
 
 # ---------------------------------------------------------------------------------------------------
 # The overoptimization study (workflow/rules/overopt.smk): runs of overoptimization.grid x seeds, from the
-# base model on the study's own data (rpo.config.resolve_study: data and training with its keys on top)
+# base model on the study's own data (rpo.plan.Study: data and training with its keys on top)
 # ---------------------------------------------------------------------------------------------------
-import yaml as _yaml  # noqa: E402
-
-from rpo.config import resolve_study  # noqa: E402
-
-STUDY = resolve_study(config, _yaml.safe_load(Path(workflow.basedir, "workflow/schemas/config.schema.yaml").read_text()))
+STUDY = PLAN.study
 STUDY_DIR = f"{RESULTS}/overopt"
-STUDY_TRUNK_TOP = trunk_top_layers(STUDY["training"])
-STUDY_RUNS = sorted(STUDY["runs"])
+STUDY_RUNS = STUDY.run_names
 STUDY_RUN_NAMES = "|".join(re.escape(r) for r in STUDY_RUNS) or "^$"  # names hold "." and "-"
-STUDY_SEEDS = [int(s) for s in config["overoptimization"]["seeds"]]
-
-
-def study_train_cfg(seed):
-    """A study run's training config: the study's training keys, its seed, its snapshots, and the world
-    size and accumulation of resources.training (as train_cfg)."""
-    from rpo import launch
-
-    cfg = STUDY["training"]
-    r = config["resources"]["training"]
-    world = launch.world_size(r["gpus"], r["nodes"])
-    accum = launch.accumulation_steps(cfg["global_batch_size"], cfg["micro_batch_size"], world,
-                                      where="overoptimization.training")
-    return {**{k: v for k, v in cfg.items() if k != "threads"}, "seed": int(seed),
-            "snapshot_every": config["overoptimization"]["snapshot_every"], "world_size": world,
-            "gradient_accumulation_steps": accum}
-
 
 # one run of the study with one seed: its model, snapshots, metrics and measurements
 STUDY_RUN = f"{STUDY_DIR}/runs/{{run}}/seed{{seed}}"
 STUDY_EVAL = f"{STUDY_RUN}/snapshot_eval.jsonl"  # its measurements, the input of results/overoptimization.csv
-
-
-def study_specs(w):
-    """What eval.overoptimization needs to know of each run and seed, in the order of study_records."""
-    return [{"name": run, "loss": STUDY["runs"][run]["loss"], "seed": seed,
-             "hparams": {k: v for k, v in STUDY["runs"][run].items() if k not in ("loss", "reference")},
-             "label_noise": STUDY["data"]["synthetic"]["label_noise"] if STUDY["data"]["source"] == "synthetic:verifiable" else None}
-            for run in STUDY_RUNS for seed in STUDY_SEEDS]
 
 
 def study_records(w):
@@ -343,7 +348,7 @@ def study_records(w):
     if not STUDY_RUNS:
         raise ValueError("results/overoptimization.csv: overoptimization.grid is empty; give the study its runs "
                          "(config/config.yaml has the quickstart's grid)")
-    return [STUDY_EVAL.format(run=run, seed=seed) for run in STUDY_RUNS for seed in STUDY_SEEDS]
+    return [STUDY_EVAL.format(run=run, seed=seed) for run in STUDY_RUNS for seed in STUDY.seeds]
 
 
 # ---------------------------------------------------------------------------------------------------

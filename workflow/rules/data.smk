@@ -15,31 +15,12 @@ rule materialise_base:
 
 rule make_data:
     input:
-        # the llamacpp backend samples the synthetic source's responses from the base model's GGUF
-        **(gguf_base_input(f"{RESULTS}/models/base") if config["data"]["source"] == "synthetic:verifiable" else {}),
-        base=f"{RESULTS}/models/base",
-        # A file source's train/test files are inputs, so editing one in place re-runs this rule.
-        **(config["data"]["splits"] if config["data"]["source"] == "file" else {}),
+        **data_inputs(config["data"]),
     output:
-        train=f"{RESULTS}/data/train.jsonl",
-        test=f"{RESULTS}/data/test.jsonl",
-        prompts=f"{RESULTS}/data/prompts_test.jsonl",
-        summary=f"{RESULTS}/data/summary.json",
-        # every sampled response of the synthetic source (resumable while it is samples.jsonl.partial)
-        **({"samples": f"{RESULTS}/data/samples.jsonl"} if config["data"]["source"] == "synthetic:verifiable" else {}),
+        **data_outputs(f"{RESULTS}/data", config["data"]),
     params:
-        # check_gold_meta: Table 1's gold judge needs every test prompt's verifiable instructions; only a
-        # hub/file source can lack them, and only there is it a parameter, so switching the judge of the
-        # synthetic data does not re-run this rule (and with it every training job).
-        **job_params(
-            lambda w: {**data_settings(config["data"]), "seed": config["seed"],
-                       # Table 1 asks the dataset's prompt string: every held-out row must carry one (only then a
-                       # parameter, so the default's make_data keeps its parameters)
-                       **({"require_dataset_prompt": True} if config["table1"]["prompt"] == "dataset_prompt" else {}),
-                       "check_gold_meta": config["table1"]["judge"]["kind"] == "gold"
-                                          and config["data"]["source"] != "synthetic:verifiable",
-                       **(sampler_backend() if config["data"]["source"] == "synthetic:verifiable" else {})},
-            lambda w, input, output: {"base_dir": input.base, **dict(output.items()), **gguf_arg(input)}),
+        **data_params(config["data"], gold_judge=config["table1"]["judge"]["kind"] == "gold",
+                      dataset_prompt=config["table1"]["prompt"] == "dataset_prompt"),
     threads: config["data"]["synthetic"]["threads"]
     resources:
         **res("data"),

@@ -6,55 +6,32 @@
 # (KL to the reference, gold score and win rate, the implicit-reward proxy), then one tidy CSV and a figure.
 
 
-rule study_data:
+# The study's data, reference log-probs and training are the main pipeline's rules (data.smk, train.smk) with the
+# study's paths and configs (rpo.plan.Study): a change to those rules is a change to the study's too.
+use rule make_data as study_data with:
     input:
-        **(gguf_base_input(f"{RESULTS}/models/base") if STUDY["data"]["source"] == "synthetic:verifiable" else {}),
-        base=f"{RESULTS}/models/base",
-        **(STUDY["data"]["splits"] if STUDY["data"]["source"] == "file" else {}),
+        **data_inputs(STUDY.data),
     output:
-        train=f"{STUDY_DIR}/data/train.jsonl",
-        test=f"{STUDY_DIR}/data/test.jsonl",
-        prompts=f"{STUDY_DIR}/data/prompts_test.jsonl",
-        summary=f"{STUDY_DIR}/data/summary.json",
-        **({"samples": f"{STUDY_DIR}/data/samples.jsonl"} if STUDY["data"]["source"] == "synthetic:verifiable" else {}),
+        **data_outputs(f"{STUDY_DIR}/data", STUDY.data),
     params:
         # the study scores every answer with the gold verifier: every held-out prompt must carry its instructions
-        **job_params(lambda w: {**data_settings(STUDY["data"]), "seed": config["seed"],
-                                "check_gold_meta": STUDY["data"]["source"] != "synthetic:verifiable",
-                                **(sampler_backend() if STUDY["data"]["source"] == "synthetic:verifiable" else {})},
-                     lambda w, input, output: {"base_dir": input.base, **dict(output.items()), **gguf_arg(input)}),
-    threads: STUDY["data"]["synthetic"]["threads"]
-    resources:
-        **res("data"),
+        **data_params(STUDY.data, gold_judge=True, dataset_prompt=False),
+    threads: STUDY.data["synthetic"]["threads"]
     log:
         "logs/study_data/data.log",
-    shell:
-        "python -m rpo make-data --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
-rule study_reference_logps:
+use rule reference_logps as study_reference_logps with:
     input:
         ref=f"{RESULTS}/models/base",
         train=f"{STUDY_DIR}/data/train.jsonl",
     output:
         logps=f"{STUDY_DIR}/reference/train_logps.pt",
-        **({"trunk": f"{STUDY_DIR}/reference/train_trunk.f32"} if STUDY_TRUNK_TOP else {}),
+        **({"trunk": f"{STUDY_DIR}/reference/train_trunk.f32"} if STUDY.trunk_top else {}),
     params:
-        **job_params(
-            lambda w: {"max_length": STUDY["training"]["max_length"],
-                       "max_prompt_length": STUDY["training"]["max_prompt_length"],
-                       "batch_size": config["reference"]["batch_size"], "dtype": STUDY["training"]["precision"],
-                       "attention": STUDY["training"]["attention"], "top_layers": STUDY_TRUNK_TOP,
-                       **chat_format_param(w, STUDY["data"])},
-            lambda w, input, output: {"model_dir": input.ref, "pairs_path": input.train, "out_path": output.logps,
-                                      **({"trunk_path": output.trunk} if STUDY_TRUNK_TOP else {})}),
-    threads: config["reference"]["threads"]
-    resources:
-        **res("reference"),
+        **reference_params(STUDY.training, STUDY.data, STUDY.trunk_top),
     log:
         "logs/study_reference_logps/ref.log",
-    shell:
-        "python -m rpo reference-logps --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule study_reference_answers:
@@ -79,12 +56,12 @@ rule study_reference_answers:
         "python -m rpo reference-answers --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
-rule study_train:
+use rule train_preference as study_train with:
     input:
         ref=f"{RESULTS}/models/base",
         train=f"{STUDY_DIR}/data/train.jsonl",
         cache=f"{STUDY_DIR}/reference/train_logps.pt",
-        **({"trunk": f"{STUDY_DIR}/reference/train_trunk.f32"} if STUDY_TRUNK_TOP else {}),
+        **({"trunk": f"{STUDY_DIR}/reference/train_trunk.f32"} if STUDY.trunk_top else {}),
     output:
         model=directory(f"{STUDY_RUN}/model"),
         snapshots=directory(f"{STUDY_RUN}/snapshots"),
@@ -94,24 +71,14 @@ rule study_train:
         run=STUDY_RUN_NAMES,
         seed=r"\d+",
     params:
-        **job_params(
-            lambda w: {"ckpt_dir": f"{STUDY_DIR}/checkpoints/{w.run}-seed{w.seed}", "cfg": study_train_cfg(w.seed),
-                       "method": {"name": w.run, **STUDY["runs"][w.run]}, **chat_format_param(w, STUDY["data"])},
-            lambda w, input, output: {"ref_dir": input.ref, "pairs_path": input.train, "reference_cache": input.cache,
-                                      **({"trunk_path": input.trunk} if STUDY_TRUNK_TOP else {}),
-                                      "out_dir": output.model, "snapshots_path": output.snapshots,
-                                      "metrics_path": output.metrics, "summary_path": output.summary}),
-        launch=launcher("training"),
-    threads: STUDY["training"]["threads"]
+        **preference_params(lambda w: PLAN.study_cfg(w.seed), lambda w: f"{STUDY_DIR}/checkpoints/{w.run}-seed{w.seed}",
+                            lambda w: {"name": w.run, **STUDY.runs[w.run]}, STUDY.data, STUDY.trunk_top),
+    threads: STUDY.training["threads"]
     # every training before any measurement: measurements become ready one at a time as trainings end, and
     # the last training alone would leave a core idle (docs/overoptimization.md: its cost)
     priority: 1
-    resources:
-        **res("training"),
     log:
         "logs/study_train/{run}-seed{seed}.log",
-    shell:
-        "{params.launch} train-preference --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
 rule study_evaluate:
@@ -129,9 +96,9 @@ rule study_evaluate:
         seed=r"\d+",
     params:
         **job_params(
-            lambda w: {"beta": STUDY["runs"][w.run]["beta"], "max_length": STUDY["training"]["max_length"],
-                       "max_prompt_length": STUDY["training"]["max_prompt_length"], "seed": int(w.seed),
-                       **chat_format_param(w, STUDY["data"]),
+            lambda w: {"beta": STUDY.runs[w.run]["beta"], "max_length": STUDY.training["max_length"],
+                       "max_prompt_length": STUDY.training["max_prompt_length"], "seed": int(w.seed),
+                       **chat_format_param(w, STUDY.data),
                        **{k: v for k, v in config["overoptimization"]["eval"].items() if k != "threads"},
                        **sampler_backend()},
             lambda w, input, output: {"ref_dir": input.ref, "snapshots": input.snapshots,
@@ -153,7 +120,7 @@ rule overoptimization:
         csv=f"{RESULTS}/overoptimization.csv",
         figure=report(f"{RESULTS}/figures/overoptimization.png", category="Figures"),
     params:
-        **job_params(lambda w: {"specs": study_specs(w), **config["overoptimization"]["bootstrap"]},
+        **job_params(lambda w: {"specs": STUDY.specs(), **config["overoptimization"]["bootstrap"]},
                      lambda w, input, output: {"records": list(input), "csv_path": output.csv,
                                                "figure": output.figure}),
     resources:

@@ -1,6 +1,7 @@
 # What the rules of rounds.smk compute from the config and the wildcards (the rounds' plan itself is
 # rpo/round_plan.py): the runs with rounds, each round's settings, paths and inputs.
 from rpo import round_plan  # noqa: E402
+from rpo.config import hyperparameters  # noqa: E402
 
 ROUND_DIR = f"{RESULTS}/rounds"
 ROUND = f"{ROUND_DIR}/{{run}}/round{{r}}"
@@ -16,10 +17,9 @@ def _online_study_cfg():
     import jsonschema
     from rpo.config import deep_merge
 
-    schema = _yaml.safe_load(Path(workflow.basedir, "workflow/schemas/config.schema.yaml").read_text())
     merged = deep_merge(config["training"], ONLINE["training"])
     try:
-        jsonschema.validate(merged, {"$defs": schema["$defs"], "$ref": "#/$defs/train"})
+        jsonschema.validate(merged, {"$defs": SCHEMA["$defs"], "$ref": "#/$defs/train"})
     except jsonschema.ValidationError as e:
         where = "".join(f".{p}" for p in e.absolute_path)
         raise ValueError(f"online.training{where}: {e.message}") from None
@@ -63,18 +63,12 @@ def round_settings(w):
 
 def round_train_cfg(w):
     """Round training's config: the stage's training config with the run's seed (train_cfg's world size and
-    accumulation; the study's keys on top for its runs)."""
-    from rpo import launch
-
+    accumulation; the study's keys on top for its runs; rpo.plan.stage_cfg)."""
     run = round_run(w)
     if not run["study"]:
         return {**train_cfg("training"), "seed": run["seed"]}
-    cfg = ONLINE_TRAINING
-    r = config["resources"]["training"]
-    world = launch.world_size(r["gpus"], r["nodes"])
-    accum = launch.accumulation_steps(cfg["global_batch_size"], cfg["micro_batch_size"], world, where="online.training")
-    return {**{k: v for k, v in cfg.items() if k != "threads"}, "seed": run["seed"], "snapshot_every": 0,
-            "world_size": world, "gradient_accumulation_steps": accum}
+    return _plan.stage_cfg(ONLINE_TRAINING, config["resources"]["training"], "online.training", seed=run["seed"],
+                           snapshot_every=0)
 
 
 def needs_reference_samples(w):
@@ -118,7 +112,7 @@ def online_specs(w):
     for run, v in sorted(online_runs().items()):
         m = ONLINE["methods"][v["method"]]
         out.append({"run": run, "name": v["method"], "seed": v["seed"], "loss": m["loss"],
-                    "hparams": {k: x for k, x in m.items() if k not in ("loss", "reference", "rounds")},
+                    "hparams": hyperparameters(m),
                     "rounds": m["rounds"]})
     return out
 

@@ -76,14 +76,7 @@ rule reference_logps:
     wildcard_constraints:
         refname="ref|soup|base",
     params:
-        **job_params(
-            lambda w: {"max_length": config["training"]["max_length"],
-                       "max_prompt_length": config["training"]["max_prompt_length"],
-                       "batch_size": config["reference"]["batch_size"], "dtype": config["training"]["precision"],
-                       "attention": config["training"]["attention"], "top_layers": TRUNK_TOP,
-                       **chat_format_param(w)},
-            lambda w, input, output: {"model_dir": input.ref, "pairs_path": input.train, "out_path": output.logps,
-                                      **({"trunk_path": output.trunk} if TRUNK_TOP else {})}),
+        **reference_params(config["training"], config["data"], TRUNK_TOP),
     threads: config["reference"]["threads"]
     resources:
         **res("reference"),
@@ -105,12 +98,8 @@ rule train_preference:
         metrics=TRAIN_METRICS,
         summary=f"{RESULTS}/train/{{method}}/train_summary.json",
     params:
-        **train_params(lambda w: {**train_cfg("training"), "seed": run_seed(w.method)},
-                       lambda w: f"{RESULTS}/checkpoints/{w.method}",
-                       extra=lambda w: {"method": {"name": w.method, **config["methods"][run_method(w.method)]},
-                                        **chat_format_param(w)},
-                       ref_dir="ref", pairs_path="train", reference_cache="cache",
-                       **({"trunk_path": "trunk"} if TRUNK_TOP else {})),
+        **preference_params(lambda w: PLAN.run_cfg(w.method), lambda w: f"{RESULTS}/checkpoints/{w.method}",
+                            lambda w: {"name": w.method, **PLAN.method(w.method)}, config["data"], TRUNK_TOP),
         launch=launcher("training"),
     threads: config["training"]["threads"]
     resources:

@@ -16,14 +16,15 @@ import json
 import logging
 from pathlib import Path
 
-from eval import figures, judge_config, results_table
+from eval import figures, results_table
+from eval.judging import config as judge_config
 from eval.generation import answer_prompts
-from eval.judges import get_judge, is_empty, write_calls
+from eval.judging.judges import get_judge, is_empty, write_calls
 from eval.pairwise_judge import PROTOCOLS, judge_items
 
 
 def get_judge_label(cfg: dict, judge) -> str:
-    return judge_config.judge_label(cfg)  # the one label function (eval/judge_config.py)
+    return judge_config.judge_label(cfg)  # the one label function (eval/judging/config.py)
 from eval.pairwise import win_rate
 from rpo import io
 
@@ -109,7 +110,7 @@ def judge_pair(*, model_a: str, model_b: str, answers_a: str, answers_b: str, pr
                judge: dict, out: str, calls_out: str, protocol: str = "both_orders",
                judge_max_tokens: int = 1024, prompt: str = "history") -> None:
     """Both models' answers judged prompt by prompt (`out`), and what judging them asked (`calls_out`,
-    eval.judges.write_calls); the judge is shown the question the models were asked (`prompt`,
+    eval.judging.judges.write_calls); the judge is shown the question the models were asked (`prompt`,
     table1.prompt: question_prompts)."""
     prompts = question_prompts(_read_jsonl(prompts_path), prompt)
     a = {r["id"]: r for r in _read_jsonl(answers_a)}
@@ -196,7 +197,7 @@ def judge_trust_markdown(rows: list[dict], validity: str | None) -> str:
 
 
 def calls_markdown(records: list[dict], labels: dict[str, str]) -> str:
-    """table1.md's note on the judge calls behind its numbers (eval.judges.write_calls records): per
+    """table1.md's note on the judge calls behind its numbers (eval.judging.judges.write_calls records): per
     benchmark, the items judged, the requests they needed, how many identical ones were answered once
     (judge.reuse_identical), and the empty answers judged."""
     if not records:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import build_tiny_model
 
-from eval.bench_stages import generate_mtbench
+from eval.mtbench.stages import generate_mtbench
 from eval.table1 import generate_table1_answers
 from rpo import sampling
 from rpo.models import load_model, load_tokenizer

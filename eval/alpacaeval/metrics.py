@@ -20,7 +20,8 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from eval.alpacaeval import REFERENCE_GENERATOR, load_eval_set
+from eval.alpacaeval.data import REFERENCE_GENERATOR, load_eval_set
+from eval.results_table import make_row
 
 HUB_REPO = "tatsu-lab/alpaca_eval"
 # what get_length_controlled_winrate(baseline=None, save_weights_dir=None) downloads (glm_winrate._get_featurized_data)
@@ -213,7 +214,6 @@ def lc_win_rate(annotations, *, eval_set: Sequence[dict] | None = None, precompu
 def table_rows(model: str, wr: dict, lc: dict | None, *, judge: str,
                baseline: str = REFERENCE_GENERATOR) -> list[dict]:
     """eval.results_table rows (alpacaeval_wr with its bootstrap interval, alpacaeval_lc); LC is NaN when unavailable."""
-    from eval.results_table import make_row
     rows = [make_row(model_a=model, model_b=baseline, metric="alpacaeval_wr", value=wr["value"], n=wr["n"],
                      ci_low=wr["ci_low"], ci_high=wr["ci_high"], judge=judge,
                      note=f"0/{wr['n_missing']} preferences parsable" if math.isnan(wr["value"]) else None)]

@@ -1,9 +1,9 @@
 """Judge validity: an LLM judge's pairwise verdicts against the exact gold verdicts of the same pairs.
 
 On the held-out prompts of the synthetic:verifiable data every answer has a gold score (the IFEval
-verifiers, eval.judges.GoldJudge), so Table 1's answer pairs have a known right verdict. The LLM judge is
+verifiers, eval.judging.judges.GoldJudge), so Table 1's answer pairs have a known right verdict. The LLM judge is
 asked about the same pairs under Table 1's `both_orders` protocol (eval.pairwise_judge.judge_both_orders:
-answer A shown first, then answer B shown first), once per `constrain` setting (eval.judge_constraint).
+answer A shown first, then answer B shown first), once per `constrain` setting (eval.judging.constraint).
 
 Definitions (per pair = one prompt answered by model_a and model_b; "A" is model_a's answer):
 
@@ -29,7 +29,7 @@ Each value comes with a percentile bootstrap interval over PROMPTS (a prompt's p
 resampled together, Table 1's bootstrap settings and seed; a replicate where the statistic is undefined,
 nothing counted or kappa's p_e = 1, is left out of its interval) and its `n`: the calls, pairs or verdicts
 the statistic counts. Rates are in percent, kappa in [-1, 1]; an undefined value is an empty cell.
-The constrained judge answers with the verdict alone (eval.judge_constraint), so its rows measure what
+The constrained judge answers with the verdict alone (eval.judging.constraint), so its rows measure what
 the constraint buys a judge that cannot keep to the format, against the same judge in free text.
 
     python -m eval judge-validity --args '<json settings>' --paths '<json paths>'   (workflow/rules/judge.smk)
@@ -43,8 +43,8 @@ import time
 
 import numpy as np
 
-from eval.judge_config import GOLD_LABEL, judge_label
-from eval.judges import GoldJudge, get_judge
+from eval.judging.config import GOLD_LABEL, judge_label
+from eval.judging.judges import GoldJudge, get_judge
 from eval.pairwise_judge import judge_both_orders
 
 log = logging.getLogger(__name__)

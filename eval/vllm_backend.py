@@ -37,6 +37,7 @@ import logging
 from pathlib import Path
 
 from rpo import io, sampling
+from rpo.models import load_tokenizer, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,6 @@ class Engine:
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
-        from rpo.models import load_tokenizer, resolve_model_dir
 
         self.tok = load_tokenizer(ref_dir)
         adapter = policy_dir is not None and (Path(policy_dir) / "adapter_config.json").is_file()

@@ -495,8 +495,8 @@ def test_generate_answers_with_fastchats_template(tiny_model_dir, tmp_path, monk
         return real_generate(model, tok, prompts, out, **kw)
 
     monkeypatch.setattr(gen, "generate_answers", spy_generate)
-    rows = mtbench_answers.generate_answers(model, tok, QUESTIONS, tmp_path / "a.jsonl", model_id="tiny", max_new_tokens=6,
-                                    seed=1, batch_size=2, fastchat_template="zephyr")
+    rows = mtbench_answers.generate_answers(model, tok, QUESTIONS, tmp_path / "a.jsonl", model_id="tiny",
+                                            max_new_tokens=6, seed=1, batch_size=2, fastchat_template="zephyr")
     zephyr = fastchat.get_template("zephyr")
     answers = {r["question_id"]: r["choices"][0]["turns"] for r in rows}
     questions = {q["question_id"]: q for q in QUESTIONS}

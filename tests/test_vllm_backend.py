@@ -186,7 +186,8 @@ def test_mtbench_through_vllm_two_turns_per_category_temperatures(tiny_model_dir
                                         {"role": "assistant", "content": answers[q["question_id"]][0]},
                                         {"role": "user", "content": q["turns"][1]}]) for q in QUESTIONS]
     assert shape(vl) == shape(hf) and [r["question_id"] for r in vl] == [3, 5, 7]  # FastChat's rows, sorted
-    assert all(r["answer_id"] == mtbench_answers.answer_id("dpo", r["question_id"], r["choices"][0]["turns"]) for r in vl)
+    assert all(r["answer_id"] == mtbench_answers.answer_id("dpo", r["question_id"], r["choices"][0]["turns"])
+               for r in vl)
     assert vl[2]["choices"] == hf[2]["choices"]  # the greedy (math) question: the HF path's answers
     assert any(a[0] for a in answers.values())
     assert not (tmp_path / "vllm.jsonl.work").exists()
@@ -219,7 +220,8 @@ def test_alpacaeval_and_arenahard_through_vllm_equal_the_hf_files(tiny_model_dir
 
 def test_alpacaeval_and_mtbench_the_authors_way_through_vllm(tiny_model_dir, fake, tmp_path, monkeypatch):
     """AlpacaEval: the authors' prompt_template with {instruction}, a string prompt (BOS), sampled at 0.7 / 1.0;
-    MT-Bench: FastChat's conversation (eval/mtbench/fastchat.py) with the BOS, its stops, the answer cut as FastChat cuts."""
+    MT-Bench: FastChat's conversation (eval/mtbench/fastchat.py) with the BOS, its stops, the answer cut as FastChat
+    cuts."""
     from conftest import with_bos_tokenizer
 
     from eval.alpacaeval import data as alpacaeval

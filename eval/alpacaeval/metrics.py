@@ -20,6 +20,8 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from eval.alpacaeval.data import REFERENCE_GENERATOR, load_eval_set
 from eval.results_table import make_row
 
@@ -64,7 +66,6 @@ def _check_one_pair(annotations: Sequence[dict]) -> None:
 
 def _bootstrap_interval(values: Sequence[float], *, n_boot: int, seed: int, ci: float) -> tuple[float, float]:
     """Seeded percentile bootstrap of the mean of `values` (each in [0, 100]), so the bounds stay in [0, 100]."""
-    import numpy as np
     if n_boot < 1 or not 0.0 < ci < 1.0:
         raise ValueError(f"bootstrap: need n >= 1 and 0 < ci < 1, got n={n_boot}, ci={ci}")
     arr = np.asarray(values, dtype=float)

@@ -3,7 +3,7 @@
 Game 1 shows the baseline as assistant A and the model as B; game 2 swaps them. System prompt and
 user template are upstream's (the creative-writing system prompt drops the "generate your own answer
 first" paragraph). Each version's judgment attempts and verdict rule are eval.arenahard.protocol's
-(`judge_games`). Rows are written in upstream's `model_judgment` format (see eval.arenahard).
+(`judge_games`). Rows are written in upstream's `model_judgment` format (see eval.arenahard.data).
 """
 from __future__ import annotations
 

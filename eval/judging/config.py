@@ -15,7 +15,9 @@ from pathlib import Path
 
 import yaml
 
-SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+from eval.judging.constraint import check_constrain
+
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 GOLD_LABEL = "gold (IFEval verifiers)"
 CONSTRAINED = " (constrained)"
 
@@ -54,7 +56,6 @@ def resolve_judge(cfg: dict, where: str = "judge") -> dict:
     errors = sorted(_default_filling_validator(schema).iter_errors(out), key=lambda e: list(e.path))
     if errors:
         raise ValueError(f"{where}: " + "; ".join(_explain(e) for e in errors))
-    from eval.judging.constraint import check_constrain
     check_constrain(out, where)
     return out
 

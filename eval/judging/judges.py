@@ -30,10 +30,13 @@ from pathlib import Path
 
 from eval.judging.cache import JudgeCache, cache_key  # noqa: F401  (re-exported)
 from eval.judging.client import (JudgeAuthError, JudgeConstraintError, JudgeError,  # noqa: F401
-                               JudgeNotFoundError, JudgeRetriesExhausted, JudgeUnreachableError, OpenAIClient)
+                                JudgeNotFoundError, JudgeRetriesExhausted, JudgeUnreachableError, OpenAIClient)
 from eval.judging.config import GOLD_LABEL, judge_label, resolve_judge
 from eval.judging.llamacpp_server import LlamaCppServer, LlamaCppServerError, free_loopback_port  # noqa: F401
 from eval.pairwise import outcome
+from rpo import verifiable
+from rpo.io import write_json
+from rpo.models import find_packaged_gguf
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,6 @@ class GoldJudge(Judge):
     name = GOLD_LABEL
 
     def compare(self, prompt_row, answer_a, answer_b):
-        from rpo import verifiable
         meta = prompt_row.get("meta") or {}
         if "instruction_id_list" not in meta:
             raise ValueError(f"prompt {prompt_row.get('id')!r}: the gold judge needs verifiable "
@@ -147,7 +149,6 @@ class LlamaCppJudge(OpenAIJudge):
 def resolve_gguf(model: str) -> Path:
     """'pypi:<module>[/<file>.gguf]' (a GGUF shipped in an installed package) or a path."""
     if model.startswith("pypi:"):
-        from rpo.models import find_packaged_gguf
         module, _, filename = model[len("pypi:"):].partition("/")
         return find_packaged_gguf(module, filename or None)
     path = Path(model).expanduser()
@@ -185,7 +186,6 @@ def write_calls(out: str, judge: Judge, *, benchmark: str, models: list[str], ju
     `unit`s were judged, what the judge client was asked and did (OpenAIClient.accounting: requests,
     distinct ones, identical ones reused, completions received in this run, cache answers) and how many
     judged answers were empty (`empty`: model or side -> count). make_table1 shows them under the tables."""
-    from rpo.io import write_json
     rec = {"benchmark": benchmark, "models": models, "judge": judge.name, "judged": judged, "unit": unit,
            "empty_answers": empty}
     rec.update(judge.accounting() if hasattr(judge, "accounting") else {"llm_calls": False})

@@ -46,6 +46,8 @@ import numpy as np
 from eval.judging.config import GOLD_LABEL, judge_label
 from eval.judging.judges import GoldJudge, get_judge
 from eval.pairwise_judge import judge_both_orders
+from rpo.data import read_records
+from rpo.io import atomic_open, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +160,6 @@ def statistics(items: list[dict], constrain: bool | None, *, n_boot: int, seed: 
 
 
 def _read_answers(path) -> dict[str, dict]:
-    from rpo.data import read_records
     return {r["id"]: r for r in read_records(path)}
 
 
@@ -196,9 +197,7 @@ def judge_validity(*, answers: dict[str, str], prompts_path: str, pairs: list[li
     """results/judge_validity.csv (COLUMNS; one row per statistic and judge setting, and gold's length
     row) and the pairs' verdicts as judge_validity.jsonl. `answers`: model -> Table 1 answer file; `prompt`:
     table1.prompt, so the judge sees the question the models were asked (eval.table1.question_prompts)."""
-    from eval.table1 import question_prompts
-    from rpo.data import read_records
-    from rpo.io import atomic_open, write_jsonl
+    from eval.table1 import question_prompts  # table1 imports matplotlib (eval.figures)
     items = validity_items(question_prompts(read_records(prompts_path), prompt),
                            {m: _read_answers(p) for m, p in answers.items()}, pairs, n_prompts)
     boot = {"n_boot": bootstrap["n"], "seed": bootstrap["seed"], "ci": bootstrap["ci"]}

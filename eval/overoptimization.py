@@ -131,6 +131,6 @@ def make_study(*, specs: list[dict], records: list[str], csv_path, figure, n: in
     loaded = [{"spec": spec, "records": io.read_jsonl(path)} for spec, path in zip(specs, records)]
     rows = study_rows(loaded, n_boot=n, seed=seed, ci=ci)
     write_rows(rows, csv_path)
-    from eval.figures import plot_overoptimization
+    from eval.figures import plot_overoptimization  # matplotlib
     plot_overoptimization(rows, figure)
     return rows

@@ -1,4 +1,4 @@
-"""Table 1's pairwise LLM judging: two protocols over one judge client (`eval.judges`).
+"""Table 1's pairwise LLM judging: two protocols over one judge client (`eval.judging.judges`).
 
 `both_orders` (the default outside the paper configs)
     Each prompt is judged twice, answer A shown first and then answer B shown first, with a system
@@ -21,10 +21,14 @@ served from the judge cache.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
 from collections.abc import Sequence
+
+from eval.mtbench.data import load_judge_prompts
+from rpo.io import read_json_objects
 
 PROTOCOLS = ("both_orders", "paper")
 PAPER_SEED = 0  # gpt_eval.py: random.seed(0), one randint(0, 1) per prompt
@@ -45,7 +49,7 @@ PAIRWISE_USER = (
     "[The Start of Assistant B's Answer]\n{answer_b}\n[The End of Assistant B's Answer]")
 
 _VERDICT = re.compile(r"\[\[([ABC])\]\]")
-# what a constrained judge may answer (eval.judge_constraint): the verdict alone
+# what a constrained judge may answer (eval.judging.constraint): the verdict alone
 VERDICTS = ("[[A]]", "[[B]]", "[[C]]")
 # outcome for the answer shown first ("A") given the verdict
 _SHOWN_FIRST = {"A": 1.0, "B": 0.0, "C": 0.5}
@@ -136,7 +140,6 @@ def paper_template() -> str:
     with the three changes of gpt_eval.py's EVAL_PROMPT: the quotes around "[[A]]", "[[B]]", "[[C]]" in the
     system prompt removed; `[User Question]` replaced by `[Instruction]`; the system prompt, a blank line,
     the template, one final newline. Placeholders: {question}, {answer_a}, {answer_b}."""
-    from eval.mtbench import load_judge_prompts
     pair = load_judge_prompts()["pair-v2"]
     system = pair["system_prompt"]
     for label in "ABC":
@@ -243,7 +246,6 @@ def read_order_outcomes(path) -> tuple[list[tuple[float, float]], int]:
     judgment file: ours (`outcome_ab`, `outcome_ba`, from table1.protocol both_orders) or FastChat's pair
     mode (`g1_winner` with model_1 shown first, `g2_winner` with model_2 shown first; model_1 is A).
     A row without a valid verdict in both orders is left out and counted."""
-    from rpo.io import read_json_objects
     winner = {"model_1": 1.0, "model_2": 0.0, "tie": 0.5}
     out, left_out = [], 0
     for lineno, row in read_json_objects(path):
@@ -263,7 +265,6 @@ def read_order_outcomes(path) -> tuple[list[tuple[float, float]], int]:
 
 def variance_report(*, judgments: list[str], seed: int = PAPER_SEED) -> list[dict]:
     """`python -m eval table1-variance`: protocol_variance of each both-order judgment file, printed as JSON."""
-    import json
     rows = []
     for path in judgments:
         pairs, left_out = read_order_outcomes(path)

@@ -5,7 +5,7 @@ config key and its fix.
     settings       combinations the scorers require: Arena-Hard v2.0 needs a category; AlpacaEval's LC
                    win rate needs all 805 instructions; the offline IFEval task needs IFEval prompts
     judges         every LLM judge a judging job will call: an `openai` judge's key variable is set and
-                   its endpoint answers one cheap request (eval.judge_client.OpenAIClient.probe: GET
+                   its endpoint answers one cheap request (eval.judging.client.OpenAIClient.probe: GET
                    /models, the key sent to the configured base URL only); a `llamacpp` judge's GGUF and
                    llama.cpp's server; `constrain` refused for an official GPT-4 judge
     hub sources    the base model, the data and the fused models' model-source parts (`hf:`) are in the hub
@@ -30,12 +30,24 @@ import os
 import sys
 import time
 from collections.abc import Iterable
+from pathlib import Path
+
+from eval import harness, registry
+from eval.harness import LOCAL_IFEVAL, PACKAGED_IFEVAL
+from eval.fusion_config import configured_sources
+from eval.judging.client import OpenAIClient
+from eval.judging.config import resolve_judge
+from eval.judging.constraint import check_constrain
+from eval.judging.judges import resolve_gguf
+from rpo.data import gold_meta_problem, read_records
+from rpo.decontamination import HUMANEVAL_SOURCE
+from rpo.models import find_packaged_gguf, parse_source
 
 log = logging.getLogger(__name__)
 
-BENCHMARKS = ("mtbench", "alpacaeval", "arenahard")
+BENCHMARKS = registry.NAMES
 JUDGE_RULES = {"judge_table1": "table1", "judge_validity": "judge_validity",
-               **{f"judge_{b}": b for b in BENCHMARKS}}
+               **{b.rule("judge"): b.name for b in registry.BENCHMARKS}}
 HUB_TIMEOUT_S = 10.0
 
 
@@ -59,22 +71,12 @@ def _offline(online: bool) -> bool:
 
 def settings_problems(config: dict, rules: set[str] | None = None) -> list[str]:
     out = []
-    bench = config["benchmarks"]
-    ah = bench["arenahard"]
-    if ah["enabled"] and ah["version"] == "v2.0" and not ah["category"] and _needs(
-            rules, "generate_arenahard", "judge_arenahard", "score_arenahard"):
-        out.append("benchmarks.arenahard.category: Arena-Hard v2.0 scores each category against its own baseline "
-                   "(hard_prompt: o3-mini, creative_writing: gemini-2.0-flash), so it needs one; set category: "
-                   "hard_prompt, or version: v0.1 (the paper configs' version)")
-    ae = bench["alpacaeval"]
-    if ae["enabled"] and ae["lc_win_rate"] == "required" and ae["n_questions"] is not None and _needs(
-            rules, "generate_alpacaeval", "score_alpacaeval"):
-        out.append(f"benchmarks.alpacaeval: lc_win_rate 'required' needs all 805 instructions (alpaca_eval's GLM "
-                   f"indexes them by position), but n_questions is {ae['n_questions']}; set n_questions: null, "
-                   "or lc_win_rate: if_available")
+    # each benchmark's own (eval/<name>/checks.py); a benchmark that is off asks nothing
+    for b in registry.BENCHMARKS:
+        if config["benchmarks"][b.name]["enabled"]:
+            out += b.checks().settings_problems(config["benchmarks"][b.name], functools.partial(_needs, rules))
     lm = config["lm_eval"]
     if lm["enabled"] and _needs(rules, "make_lm_eval_ifeval", "run_lm_eval"):
-        from eval.harness import LOCAL_IFEVAL, PACKAGED_IFEVAL
         synthetic = config["data"]["source"] == "synthetic:verifiable"
         for i, t in enumerate(lm["tasks"]):
             problem = None if t["name"] != LOCAL_IFEVAL or synthetic else heldout_ifeval_problem(config["data"])
@@ -89,7 +91,6 @@ def settings_problems(config: dict, rules: set[str] | None = None) -> list[str]:
                            f"{LOCAL_IFEVAL!r} (the held-out ones)")
     if config["data"]["source"] != "synthetic:verifiable":
         # the gold scorer (the IFEval verifiers) needs verifiable instructions in the rows it scores
-        from rpo.data import gold_meta_problem
 
         def no_gold(row):
             return gold_meta_problem(row) is not None
@@ -119,9 +120,6 @@ def test_rows_problem(data: dict, lacks, what: str, split: str = "test") -> str 
     first such row of a file (1-based); None when every row has it."""
     if data["source"].startswith("hf:"):
         return f"data.source is {data['source']!r}, a hub preference set without {what}"
-    from pathlib import Path
-
-    from rpo.data import read_records
     path = data["splits"].get(split)
     if not path or not Path(path).is_file():
         return None  # data_problems names the missing file
@@ -159,7 +157,6 @@ def used_judges(config: dict, rules: set[str] | None = None) -> list[tuple[str, 
 
 
 def judge_problems(key: str, judge: dict, *, online: bool = False) -> list[str]:
-    from eval.judge_constraint import check_constrain
     try:
         check_constrain(judge, key)
     except ValueError as e:
@@ -176,7 +173,6 @@ def judge_problems(key: str, judge: dict, *, online: bool = False) -> list[str]:
                 return [f"{key}: {problem} (judge {judge['model']!r}; fix {key}.base_url / {key}.model, "
                         "or start the server)"]
     elif kind == "llamacpp":
-        from eval.judges import resolve_gguf
         problems = []
         try:
             resolve_gguf(judge["model"])
@@ -191,7 +187,6 @@ def judge_problems(key: str, judge: dict, *, online: bool = False) -> list[str]:
 def openai_probe(judge: dict) -> str | None:
     """OpenAIClient.probe of one `openai` judge block (its defaults filled from the schema); asked once per
     endpoint, model and key variable, however many config keys name that judge."""
-    from eval.judge_config import resolve_judge
     cfg = resolve_judge(judge)
     return _probe(cfg["base_url"], cfg["model"], cfg["api_key_env"], float(cfg["timeout_s"]), cfg["constrain_request"])
 
@@ -199,7 +194,6 @@ def openai_probe(judge: dict) -> str | None:
 @functools.lru_cache(maxsize=None)
 def _probe(base_url: str, model: str, api_key_env: str | None, timeout_s: float, constrain_request: str) -> str | None:
     """(cleared by every `check`, so a new run asks again)"""
-    from eval.judge_client import OpenAIClient
     client = OpenAIClient(base_url, model, api_key_env, max_concurrency=1, max_retries=0, timeout_s=timeout_s,
                           cache_dir=None, backoff_base_s=1.0, backoff_max_s=1.0, constrain=False,
                           constrain_request=constrain_request)
@@ -240,7 +234,6 @@ def hub_problem(key: str, repo: str, *, repo_type: str, revision: str | None, on
 
 
 def model_problems(key: str, source: str, *, online: bool) -> list[str]:
-    from rpo.models import find_packaged_gguf, parse_source
     kind, name, extra = parse_source(source)
     if kind == "hf":
         problem = hub_problem(key, name, repo_type="model", revision=extra, online=online)
@@ -251,7 +244,6 @@ def model_problems(key: str, source: str, *, online: bool) -> list[str]:
         except (FileNotFoundError, ModuleNotFoundError) as e:
             return [f"{key}: {e}"]
         return []
-    from pathlib import Path
     if not (Path(name).expanduser() / "config.json").is_file():
         return [f"{key}: {source!r} is not a model directory (no config.json)"]
     return []
@@ -260,7 +252,6 @@ def model_problems(key: str, source: str, *, online: bool) -> list[str]:
 def data_problems(key: str, data: dict, *, online: bool) -> list[str]:
     out = []
     if data.get("humaneval_decontamination") == "required":  # the authors' run_rpo.py filter (rpo.decontamination)
-        from rpo.decontamination import HUMANEVAL_SOURCE
         problem = hub_problem(f"{key}.humaneval_decontamination 'required'", HUMANEVAL_SOURCE[len("hf:"):],
                               repo_type="dataset", revision=None, online=online)
         out += [problem] if problem else []
@@ -274,7 +265,6 @@ def _source_problems(key: str, data: dict, *, online: bool) -> list[str]:
         problem = hub_problem(f"{key}.source", repo, repo_type="dataset", revision=revision or None, online=online)
         return [problem] if problem else []
     if source == "file":
-        from pathlib import Path
         return [f"{key}.splits.{split}: no file {path!r}" for split, path in data["splits"].items()
                 if not Path(path).is_file()]
     return []
@@ -285,41 +275,19 @@ def _source_problems(key: str, data: dict, *, online: bool) -> list[str]:
 # ---------------------------------------------------------------------------------------------------
 
 def benchmark_data_problems(config: dict, rules: set[str] | None, *, online: bool) -> list[str]:
-    bench = config["benchmarks"]
-    out = []
-    if bench["mtbench"]["enabled"] and _needs(rules, "generate_mtbench", "judge_mtbench"):
-        from eval import fetch, mtbench
-        try:
-            if online:
-                mtbench.data_dir()  # fetched once into $RPO_CACHE when not installed
-            elif fetch.installed_dir(mtbench.DATA_PACKAGE, mtbench._DATA_SUBDIR) is None and not \
-                    (fetch.cache_root() / f"{mtbench.DATA_DIST}-{mtbench.DATA_VERSION}").is_dir():
-                out.append(f"benchmarks.mtbench: MT-Bench's data files are neither installed nor in {fetch.cache_root()} "
-                           "(a real run downloads them once: pip must reach the package index)")
-        except FileNotFoundError as e:
-            out.append(f"benchmarks.mtbench: {e}")
-    ah = bench["arenahard"]
-    if ah["enabled"] and _needs(rules, "generate_arenahard", "judge_arenahard", "score_arenahard"):
-        from eval import arenahard
-        try:
-            arenahard.prefetch(ah["version"], fetch=not _offline(online))
-        except FileNotFoundError as e:
-            out.append(str(e) if str(e).startswith("benchmarks.arenahard") else f"benchmarks.arenahard: {e}")
-    ae = bench["alpacaeval"]
-    if ae["enabled"] and ae["lc_win_rate"] == "required" and _needs(rules, "score_alpacaeval"):
-        from eval.alpacaeval_metrics import locate_glm_files
-        files, reason = locate_glm_files(ae["precomputed_dir"], fetch=not _offline(online))
-        if files is None:
-            out.append(f"benchmarks.alpacaeval.lc_win_rate is 'required' but the LC win rate cannot be computed: "
-                       f"{reason}. Or set lc_win_rate: if_available (the LC cell then stays empty with this reason)")
-    return out
+    """Each enabled benchmark's data (eval/<name>/checks.py: data_problems)."""
+    enabled = [b for b in registry.BENCHMARKS if config["benchmarks"][b.name]["enabled"]]
+    if not enabled:
+        return []
+    hub_offline = _offline(online)
+    return [p for b in enabled for p in b.checks().data_problems(
+        config["benchmarks"][b.name], functools.partial(_needs, rules), online=online, hub_offline=hub_offline)]
 
 
 def lm_eval_problems(config: dict, rules: set[str] | None, *, online: bool) -> list[str]:
     lm = config["lm_eval"]
     if not lm["enabled"] or not _needs(rules, "run_lm_eval", "check_lm_eval_datasets"):
         return []
-    from eval import harness
     hub_tasks = [(i, t["name"]) for i, t in enumerate(lm["tasks"]) if t["name"] not in harness.LOCAL_TASKS]
     if not hub_tasks:
         return []
@@ -395,10 +363,9 @@ def check(config: dict, *, rules: Iterable[str] | None = None, online: bool = Fa
     if _needs(rules, "make_data"):
         problems += data_problems("data", config["data"], online=online)
     if _needs(rules, "materialise_fusion_source"):  # a fused model's part given as a model source
-        from eval.fusion_config import configured_sources
         problems += [p for key, source in configured_sources(config) for p in model_problems(key, source, online=online)]
     if rules is not None and "study_data" in rules:
-        from rpo.config import deep_merge
+        from rpo.config import deep_merge  # rpo.config imports torch (rpo.losses)
         problems += data_problems("overoptimization.data", deep_merge(config["data"], config["overoptimization"]["data"]),
                                   online=online)
     problems += benchmark_data_problems(config, rules, online=online)

@@ -18,6 +18,7 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
+from eval import registry
 from eval.harness import LOCAL_IFEVAL, METRIC_PREFIX as LM_EVAL_PREFIX, PACKAGED_IFEVAL
 from rpo.io import atomic_open
 
@@ -27,15 +28,9 @@ WIN_RATE = "win_rate"
 # a pair's win rate pooled over training seeds (config `seeds`): the mean of the per-seed win rates, its
 # interval a bootstrap over seeds and prompts together (eval.bootstrap.hierarchical_bootstrap)
 POOLED_WIN_RATE = "win_rate_pooled"
-# Table 2 column order follows the paper; unknown metrics come after these.
-BENCH_ORDER = (
-    "mtbench",
-    "mtbench_turn1",
-    "mtbench_turn2",
-    "alpacaeval_lc",
-    "alpacaeval_wr",
-    "arenahard",
-)
+# Table 2 column order follows the paper (the benchmark registry's order and each benchmark's metrics); unknown
+# metrics come after these.
+BENCH_ORDER = registry.TABLE_ORDER
 _FLOATS = ("value", "ci_low", "ci_high")
 NOTE = "note"  # optional key of a row: why its value is NaN (rendered in the Markdown cell only)
 _STRINGS = ("model_a", "model_b", "metric", "judge")

@@ -11,27 +11,31 @@
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
 from pathlib import Path
 
-from eval import figures, judge_config, results_table
+from eval import figures, results_table
+from eval.bootstrap import hierarchical_bootstrap
 from eval.generation import answer_prompts
-from eval.judges import get_judge, is_empty, write_calls
-from eval.pairwise_judge import PROTOCOLS, judge_items
-
-
-def get_judge_label(cfg: dict, judge) -> str:
-    return judge_config.judge_label(cfg)  # the one label function (eval/judge_config.py)
+from eval.judging import config as judge_config
+from eval.judging.judges import get_judge, is_empty, write_calls
 from eval.pairwise import win_rate
+from eval.pairwise_judge import PROTOCOLS, judge_items
+from eval.paper import write_comparison
 from rpo import io
+from rpo.data import read_records, write_jsonl
 
 log = logging.getLogger(__name__)
 
 
+def get_judge_label(cfg: dict, judge) -> str:
+    return judge_config.judge_label(cfg)  # the one label function (eval/judging/config.py)
+
+
 def _read_jsonl(path) -> list[dict]:
-    from rpo.data import read_records
     return read_records(path)
 
 
@@ -109,7 +113,7 @@ def judge_pair(*, model_a: str, model_b: str, answers_a: str, answers_b: str, pr
                judge: dict, out: str, calls_out: str, protocol: str = "both_orders",
                judge_max_tokens: int = 1024, prompt: str = "history") -> None:
     """Both models' answers judged prompt by prompt (`out`), and what judging them asked (`calls_out`,
-    eval.judges.write_calls); the judge is shown the question the models were asked (`prompt`,
+    eval.judging.judges.write_calls); the judge is shown the question the models were asked (`prompt`,
     table1.prompt: question_prompts)."""
     prompts = question_prompts(_read_jsonl(prompts_path), prompt)
     a = {r["id"]: r for r in _read_jsonl(answers_a)}
@@ -141,14 +145,12 @@ def judge_pair(*, model_a: str, model_b: str, answers_a: str, answers_b: str, pr
     if n_invalid:
         log.warning("%s vs %s: %d of %d judgments without a valid verdict (%s protocol); they stay in the "
                     "judgment file and are left out of the win rate", model_a, model_b, n_invalid, len(rows), used)
-    from rpo.data import write_jsonl
     write_jsonl(rows, out)
 
 
 def _pooled_rows(seed_pairs: dict, outcomes: dict, rows: list[dict], bootstrap: dict) -> list[dict]:
     """One POOLED_WIN_RATE row per pair of `seed_pairs`: the mean over seeds of the per-seed win rates, with
     a hierarchical bootstrap over seeds and prompts (eval.bootstrap)."""
-    from eval.bootstrap import hierarchical_bootstrap
 
     judge = {(r["model_a"], r["model_b"]): r["judge"] for r in rows if r["metric"] == results_table.WIN_RATE}
     out = []
@@ -177,7 +179,6 @@ def judge_trust_markdown(rows: list[dict], validity: str | None) -> str:
         return ""
     kappa = {}
     if validity:
-        import csv
         with open(validity, newline="") as f:
             kappa = {r["judge"]: r for r in csv.DictReader(f) if r["statistic"] == "kappa"}
     lines = [""]
@@ -196,7 +197,7 @@ def judge_trust_markdown(rows: list[dict], validity: str | None) -> str:
 
 
 def calls_markdown(records: list[dict], labels: dict[str, str]) -> str:
-    """table1.md's note on the judge calls behind its numbers (eval.judges.write_calls records): per
+    """table1.md's note on the judge calls behind its numbers (eval.judging.judges.write_calls records): per
     benchmark, the items judged, the requests they needed, how many identical ones were answered once
     (judge.reuse_identical), and the empty answers judged."""
     if not records:
@@ -265,7 +266,6 @@ def make_table1(*, judgments: list[str], out_csv: str, out_md: str, metrics: dic
         # every method: the chosen log-ratio over training and its final win rate against Ref
         figures.plot_methods(methods_metrics, rows, methods_figure, labels=labels)
     if paper_series:
-        from eval.paper import write_comparison
         write_comparison(out_csv, paper_series, *comparison)
     if metrics:
         # Paper Fig. 1 (right). Each step's batch holds other examples, so the raw batch mean of

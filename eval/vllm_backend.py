@@ -5,7 +5,8 @@ generates, Table 1's, MT-Bench's, AlpacaEval's and Arena-Hard's, when `generatio
     Engine                     one vLLM engine per job: built once, reused for every call of the job
                                (MT-Bench's two turns and all its categories included)
     Engine.write_answers       answers to prompts -> the HF backend's answer file (rpo.sampling.generate_answers)
-    generate_mtbench_answers   MT-Bench's two turns -> FastChat's model_answer file (as mtbench.generate_answers)
+    Engine.generate            answer rows, one temperature per prompt (MT-Bench's two turns and its categories:
+                               eval.mtbench.answers.generate_answers_vllm)
 
 The same as the HF backend, by construction:
 * the prompts: rpo.sampling.encode_row (the tokenizer's chat template with the assistant turn opened, or the
@@ -35,8 +36,8 @@ import json
 import logging
 from pathlib import Path
 
-from eval import fastchat, mtbench
 from rpo import io, sampling
+from rpo.models import load_tokenizer, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,6 @@ class Engine:
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
-        from rpo.models import load_tokenizer, resolve_model_dir
 
         self.tok = load_tokenizer(ref_dir)
         adapter = policy_dir is not None and (Path(policy_dir) / "adapter_config.json").is_file()
@@ -132,24 +132,3 @@ class Engine:
         io.write_jsonl(rows, out_path)
         return rows
 
-
-def generate_mtbench_answers(engine: Engine, questions: list[dict], out_path, *, model_id: str,
-                             max_new_tokens: int, seed: int, limit: int | None = None,
-                             fastchat_template: str | None = None) -> list[dict]:
-    """MT-Bench's answers as eval.mtbench.generate_answers writes them (its prompts, its per-category
-    temperatures, FastChat's file; with `fastchat_template`, FastChat's conversation, stops and cut), with one
-    engine call per turn: turn 2's prompts hold the turn-1 answers."""
-    questions = mtbench.select_questions(questions, limit)
-    temperatures = [mtbench.temperature_for(q["category"]) for q in questions]
-    template = fastchat.get_template(fastchat_template) if fastchat_template else None
-    text = mtbench.text_settings(engine.tok, template)
-    answers: dict[object, list[str]] = {q["question_id"]: [] for q in questions}
-    cut = 0
-    for turn in (1, 2):
-        rows = engine.generate(mtbench.turn_prompts(questions, turn, answers, template), temperatures=temperatures,
-                               max_new_tokens=max_new_tokens, top_p=mtbench.SAMPLED_TOP_P,
-                               top_k=mtbench.SAMPLED_TOP_K, seed=seed, model_name=model_id, **text)
-        for q, r in zip(questions, rows):
-            answers[q["question_id"]].append(mtbench.answer_of(r, template))
-            cut += not r["finished"][0]
-    return mtbench.write_answer_file(out_path, model_id, answers, n_cut=cut, max_new_tokens=max_new_tokens)

@@ -1,4 +1,5 @@
-"""Tests for eval.alpacaeval and eval.alpacaeval_metrics: offline data, alpaca_eval annotation through a local fake judge, metrics.
+"""Tests for eval/alpacaeval/ (data, metrics, judge): offline data, alpaca_eval annotation through a local fake
+judge, metrics.
 
 Run:  cd /work/main && PYTHONPATH=. /work/venv/bin/python -m pytest tests/test_alpacaeval.py -q -p no:cacheprovider
 
@@ -19,9 +20,9 @@ import pytest
 
 pytest.importorskip("alpaca_eval")
 
-from eval import alpacaeval as ae  # noqa: E402
-from eval import alpacaeval_metrics as am  # noqa: E402
-from eval import alpacaeval_judge as aej  # noqa: E402
+from eval.alpacaeval import data as ae  # noqa: E402
+from eval.alpacaeval import metrics as am  # noqa: E402
+from eval.alpacaeval import judge as aej  # noqa: E402
 
 KEY_ENV = "RPO_TEST_JUDGE_KEY"
 KEY = "sk-test-not-a-real-key-7f3a"
@@ -120,7 +121,7 @@ def _tiny_set():
 
 
 def _judge(url, cache_dir, **kw):
-    from eval.judges import get_judge
+    from eval.judging.judges import get_judge
     return get_judge({"kind": "openai", "base_url": url, "model": "local/judge-7b", "api_key_env": KEY_ENV,
                       "max_concurrency": 2, "max_retries": 1, "cache_dir": str(cache_dir), **kw})
 

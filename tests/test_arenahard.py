@@ -10,9 +10,9 @@ import json
 
 import pytest
 
-from eval import arenahard as ah
-from eval import arenahard_protocol as ap
-from eval import arenahard_judge as ahj
+from eval.arenahard import data as ah
+from eval.arenahard import judge as ahj
+from eval.arenahard import protocol as ap
 
 BASE = "o3-mini-2025-01-31"
 
@@ -174,11 +174,11 @@ def test_judge_answers_writes_upstream_rows(tmp_path):
 
 
 def test_judge_answers_through_the_judge_client_key_from_env(tmp_path, monkeypatch):
-    """The one judge client (eval.judge_client) sends the key from the environment and the version's
+    """The one judge client (eval.judging.client) sends the key from the environment and the version's
     decoding settings; a re-run is answered by the judge cache."""
     from helpers.fake_openai import FakeOpenAIServer
 
-    from eval.judges import JudgeAuthError, get_judge
+    from eval.judging.judges import JudgeAuthError, get_judge
     q = {"uid": "u", "category": "hard_prompt", "prompt": "p"}
     with FakeOpenAIServer() as server:
         cfg = {"kind": "openai", "base_url": server.url, "model": "judge-x", "api_key_env": "RPO_TEST_AH_KEY",

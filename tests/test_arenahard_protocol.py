@@ -1,4 +1,4 @@
-"""Arena-Hard's verdicts, judgment attempts and score per version (eval/arenahard_protocol.py), against
+"""Arena-Hard's verdicts, judgment attempts and score per version (eval/arenahard/protocol.py), against
 arena-hard-auto's own rules: v0.1 (gen_judgment.get_score, show_result.get_battles_from_row, utils_math's
 seeded Bradley-Terry bootstrap) and v2.0 (gen_judgment.get_score, show_result.load_judgments/print_leaderboard).
 
@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from eval import arenahard_protocol as ap
+from eval.arenahard import protocol as ap
 
 BASE = "o3-mini-2025-01-31"
 # upstream passes penalty=None, which scikit-learn >= 1.8 deprecates
@@ -236,21 +236,21 @@ class _Chat(BaseHTTPRequestHandler):
 
 
 def test_judge_arenahard_uses_the_versions_max_tokens_and_scores_it(tmp_path):
-    from eval import bench_stages
+    from eval.arenahard import stages as arenahard_stages
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Chat)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        qs, _ = bench_stages._arena_questions("v2.0", 1, "hard_prompt")
+        qs, _ = arenahard_stages._questions("v2.0", 1, "hard_prompt")
         answers = tmp_path / "answers.jsonl"
         answers.write_text(json.dumps({"id": qs[0]["uid"], "responses": ["an answer"]}) + "\n")
         judge = {"kind": "openai", "base_url": f"http://127.0.0.1:{srv.server_address[1]}/v1", "model": "fake",
                  "api_key_env": None, "max_retries": 0, "cache_dir": str(tmp_path / "cache")}
         out = tmp_path / "judgment.jsonl"
-        bench_stages.judge_arenahard(model_name="rpo", answers=str(answers), out=str(out), judge=judge,
+        arenahard_stages.judge_arenahard(model_name="rpo", answers=str(answers), out=str(out), judge=judge,
                                    calls_out=str(tmp_path / "calls.json"),
                                    version="v2.0", category="hard_prompt", n_questions=1, judge_max_tokens=None)
         assert _Chat.seen == [16000, 16000]  # null -> v2.0's own max_tokens, both games
-        bench_stages.score_arenahard(model_name="rpo", judgments=str(out), out=str(tmp_path / "s.json"),
+        arenahard_stages.score_arenahard(model_name="rpo", judgments=str(out), out=str(tmp_path / "s.json"),
                                    judge_label="openai:fake", version="v2.0", category="hard_prompt",
                                    bootstrap={"n": 1000, "seed": 0, "ci": 0.95})
         (row,) = json.loads((tmp_path / "s.json").read_text())
@@ -287,8 +287,8 @@ class _V01Chat(BaseHTTPRequestHandler):
 
 
 def test_v01_judging_through_an_openai_judge_continues_and_scores(tmp_path):
-    from eval import arenahard_judge
-    from eval.judges import get_judge
+    from eval.arenahard import judge as arenahard_judge
+    from eval.judging.judges import get_judge
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _V01Chat)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:

@@ -242,10 +242,11 @@ def test_answer_files_are_bound_to_every_part_and_alpha(parts, tmp_path, caplog)
 
 
 def test_mtbench_two_turns_through_the_fused_model(parts, tmp_path):
-    from eval import bench_stages, mtbench
+    from eval.mtbench import data as mtbench
+    from eval.mtbench.stages import generate_mtbench
     d = fused_dir(parts, "mt", alpha="dynamic")
     out = tmp_path / "model_answer" / "fused.jsonl"
-    bench_stages.generate_mtbench(model_name="fused", ref_dir=d, policy_dir=None, out=str(out), n_questions=2,
+    generate_mtbench(model_name="fused", ref_dir=d, policy_dir=None, out=str(out), n_questions=2,
                                   max_new_tokens=4, batch_size=2, seed=0, backend="fusion")
     rows = mtbench.load_answers(out)
     assert len(rows) == 2 and all(len(r["choices"][0]["turns"]) == 2 for r in rows.values())

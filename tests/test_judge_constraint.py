@@ -1,4 +1,4 @@
-"""Constrained verdicts (`judge.constrain: true`, eval/judge_constraint.py): the request field each server
+"""Constrained verdicts (`judge.constrain: true`, eval/judging/constraint.py): the request field each server
 kind gets, the cache key, an answer outside the verdicts, the GPT-4 refusal, and (slow) the packaged
 SmolLM2 GGUF judge really held to the grammar by llama-cpp-python's server.
 
@@ -15,10 +15,12 @@ import yaml
 from helpers.fake_openai import FakeOpenAIServer, completion
 from snakemake.utils import validate
 
-from eval import arenahard_judge, arenahard_protocol, mtbench_judge, preflight
-from eval.judge_cache import cache_key
-from eval.judge_constraint import gbnf_choice, is_official_gpt4
-from eval.judges import JudgeConstraintError, get_judge
+from eval import preflight
+from eval.arenahard import judge as arenahard_judge, protocol as arenahard_protocol
+from eval.mtbench import judge as mtbench_judge
+from eval.judging.cache import cache_key
+from eval.judging.constraint import gbnf_choice, is_official_gpt4
+from eval.judging.judges import JudgeConstraintError, get_judge
 from eval.pairwise_judge import judge_both_orders, llm_pairwise
 from helpers.workflow import REPO
 

@@ -1,4 +1,4 @@
-"""Judge validity (eval/judge_validity.py, rule judge_validity): the statistics on small hand-made tables,
+"""Judge validity (eval/judging/validity.py, rule judge_validity): the statistics on small hand-made tables,
 the stage through a fake OpenAI-compatible judge and the real IFEval gold verifiers, and the Snakemake
 rule run from Table 1's answer files.
 
@@ -18,7 +18,7 @@ import yaml
 from helpers.fake_openai import FakeOpenAIServer, completion
 from sklearn.metrics import cohen_kappa_score
 
-from eval import judge_validity as jv
+from eval.judging import validity as jv
 from helpers.workflow import REPO, job_counts, snakemake, tiny_config
 
 # ----------------------------------------------------------------------------- kappa and agreement by hand

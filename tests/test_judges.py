@@ -1,4 +1,4 @@
-"""LLM judges (eval/judges.py): the OpenAI-compatible client, its on-disk cache, the llama.cpp server
+"""LLM judges (eval/judging/judges.py): the OpenAI-compatible client, its on-disk cache, the llama.cpp server
 it can start (the Table-1 pairwise protocols are tested in tests/test_pairwise_judge.py).
 
 Run:
@@ -27,7 +27,7 @@ import pytest
 
 from helpers.fake_openai import FakeOpenAIServer, completion
 
-from eval.judges import (GoldJudge, JudgeAuthError, JudgeError, JudgeNotFoundError, JudgeRetriesExhausted,
+from eval.judging.judges import (GoldJudge, JudgeAuthError, JudgeError, JudgeNotFoundError, JudgeRetriesExhausted,
                          JudgeUnreachableError, LlamaCppJudge, LlamaCppServer, LlamaCppServerError,
                          free_loopback_port, get_judge)
 
@@ -205,7 +205,7 @@ def test_batch_failing_halfway_repeats_no_finished_call(server, tmp_path):
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys
-    from eval.judges import get_judge
+    from eval.judging.judges import get_judge
     j = get_judge({"kind": "openai", "base_url": sys.argv[1], "model": "fake-model", "cache_dir": sys.argv[2],
                    "max_concurrency": 1, "max_retries": 0, "timeout_s": 30})
     j.complete_many([[{"role": "user", "content": f"question {i}"}] for i in range(10)])
@@ -385,7 +385,7 @@ def test_server_early_exit_reports_output():
 
 PARENT = textwrap.dedent("""
     import sys, threading, time
-    from eval.llamacpp_server import LlamaCppServer
+    from eval.judging.llamacpp_server import LlamaCppServer
 
     class StandIn(LlamaCppServer):  # the real spawning code; only the command is a stand-in server
         def command(self, port):

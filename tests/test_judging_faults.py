@@ -20,8 +20,8 @@ import pytest
 import yaml
 from helpers.fake_openai import FakeOpenAIServer, completion, judge_answer
 
-from eval.judge_cache import JudgeCache, cache_key, shard_name
-from eval.judges import JudgeRetriesExhausted, get_judge
+from eval.judging.cache import JudgeCache, cache_key, shard_name
+from eval.judging.judges import JudgeRetriesExhausted, get_judge
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "sk-test-ECHOED-SECRET-0042"
@@ -100,7 +100,7 @@ def test_malformed_answer_is_retried_then_named(tmp_path, bad, reason):
 
 WRITER = textwrap.dedent("""
     import sys
-    from eval.judge_cache import JudgeCache
+    from eval.judging.cache import JudgeCache
     cache = JudgeCache(sys.argv[1], "shared-model")
     tag, n = sys.argv[2], int(sys.argv[3])
     for i in range(n):
@@ -143,7 +143,7 @@ def test_cut_lines_are_skipped_and_the_next_record_starts_a_fresh_line(tmp_path)
 
 
 def _alpaca_inputs(tmp: Path) -> dict:
-    from eval import alpacaeval
+    from eval.alpacaeval import data as alpacaeval
     rows = alpacaeval.load_eval_set()[:6]
     outputs = alpacaeval.make_model_outputs(rows, [f"answer {i}" for i in range(6)], "rpo")
     alpacaeval.write_model_outputs(outputs, tmp / "model_outputs.json")
@@ -152,7 +152,7 @@ def _alpaca_inputs(tmp: Path) -> dict:
 
 
 def _mtbench_inputs(tmp: Path) -> dict:
-    from eval import mtbench
+    from eval.mtbench import data as mtbench
     qs = mtbench.load_questions()[:3]
     rows = [{"question_id": q["question_id"], "answer_id": "x", "model_id": "rpo",
              "choices": [{"index": 0, "turns": [f"first {q['question_id']}", f"second {q['question_id']}"]}],
@@ -163,7 +163,7 @@ def _mtbench_inputs(tmp: Path) -> dict:
 
 
 def _arenahard_inputs(tmp: Path) -> dict:
-    from eval import arenahard
+    from eval.arenahard import data as arenahard
     qs, _ = arenahard.load_benchmark("v2.0", categories=["hard_prompt"])
     rows = [{"id": q["uid"], "responses": [f"answer {i}"]} for i, q in enumerate(qs[:3])]
     (tmp / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -243,7 +243,7 @@ def test_alpacaeval_never_shows_an_echoed_key(tmp_path):
 
 
 def test_alpacaeval_retries_a_malformed_answer(tmp_path):
-    from eval import alpacaeval, alpacaeval_judge
+    from eval.alpacaeval import data as alpacaeval, judge as alpacaeval_judge
     with FakeOpenAIServer() as server:
         server.behave = lambda n, req, h: (200, {}, b"<html>bad gateway</html>" if n == 1 else judge_answer(req))
         judge = get_judge(openai_cfg(server.url, tmp_path / "cache"))

@@ -1,4 +1,4 @@
-"""MT-Bench (eval/mtbench.py): FastChat llm_judge semantics on hand-made files, real data, a tiny model.
+"""MT-Bench (eval/mtbench/): FastChat llm_judge semantics on hand-made files, real data, a tiny model.
 
 Run: pytest tests/test_mtbench.py -q
 
@@ -14,7 +14,9 @@ import re
 import pytest
 
 from rpo import sampling as gen
-from eval import fetch, mtbench, mtbench_judge
+from eval import fetch
+from eval.mtbench import answers as mtbench_answers, data as mtbench, judge as mtbench_judge
+from eval.mtbench import score as mtbench_score
 from rpo.models import load_model, load_tokenizer
 
 def _write(rows, path):
@@ -40,7 +42,7 @@ JUDGMENTS = [
 
 
 def test_score_drops_invalid_rows_and_averages_like_show_result(tmp_path):
-    s = mtbench.score(_write(JUDGMENTS, tmp_path / "gpt-4_single.jsonl"))
+    s = mtbench_score.score(_write(JUDGMENTS, tmp_path / "gpt-4_single.jsonl"))
     assert s["first_turn"] == pytest.approx(7.0)      # (8 + 9 + 4 + 7) / 4
     assert s["second_turn"] == pytest.approx(19 / 3)  # (6 + 3 + 10) / 3
     # all 7 valid rows, not the mean of the turn means (6.667): (28 + 19) / 7
@@ -53,35 +55,35 @@ def test_score_drops_invalid_rows_and_averages_like_show_result(tmp_path):
 def test_score_picks_one_model_of_several(tmp_path):
     path = _write(JUDGMENTS + [_judgment(81, 1, 2, model="other")], tmp_path / "j.jsonl")
     with pytest.raises(ValueError, match="several models"):
-        mtbench.score(path)
-    assert mtbench.score(path, model="other")["average"] == 2.0   # its only row
-    assert mtbench.score(path, model="m")["n"] == 7
+        mtbench_score.score(path)
+    assert mtbench_score.score(path, model="other")["average"] == 2.0   # its only row
+    assert mtbench_score.score(path, model="m")["n"] == 7
 
 
 def test_ci_is_seeded_and_brackets_the_average(tmp_path):
     path = _write(JUDGMENTS, tmp_path / "j.jsonl")
-    lo, hi = mtbench.ci(path, n_boot=500, seed=3)
-    assert (lo, hi) == mtbench.ci(path, n_boot=500, seed=3)
+    lo, hi = mtbench_score.ci(path, n_boot=500, seed=3)
+    assert (lo, hi) == mtbench_score.ci(path, n_boot=500, seed=3)
     assert lo <= 47 / 7 <= hi and lo < hi
     assert 3.5 <= lo and hi <= 10    # per-question means: 7, 9, 3.5, 10, 7; a replicate mixes them
-    assert mtbench.ci(path, n_boot=500, seed=4) != (lo, hi)
-    lo1, hi1 = mtbench.ci(path, n_boot=500, seed=3, turn=1)
+    assert mtbench_score.ci(path, n_boot=500, seed=4) != (lo, hi)
+    lo1, hi1 = mtbench_score.ci(path, n_boot=500, seed=3, turn=1)
     assert lo1 <= 7.0 <= hi1
     same = _write([_judgment(i, t, 5) for i in range(4) for t in (1, 2)], tmp_path / "same.jsonl")
-    assert mtbench.ci(same) == (5.0, 5.0)                     # every replicate averages 5
+    assert mtbench_score.ci(same) == (5.0, 5.0)                     # every replicate averages 5
 
 
 def test_table_rows(tmp_path):
-    rows = mtbench.table_rows(_write(JUDGMENTS, tmp_path / "j.jsonl"), model_id="rpo", judge="gpt-4",
+    rows = mtbench_score.table_rows(_write(JUDGMENTS, tmp_path / "j.jsonl"), model_id="rpo", judge="gpt-4",
                               n_boot=200)
     by = {r["metric"]: r for r in rows}
     assert by["mtbench"]["value"] == pytest.approx(47 / 7) and by["mtbench"]["n"] == 7
     assert by["mtbench_turn2"]["value"] == pytest.approx(19 / 3) and by["mtbench_turn2"]["n"] == 3
     assert all(r["ci_low"] <= r["value"] <= r["ci_high"] for r in rows)
     # benchmarks.bootstrap.ci reaches MT-Bench: the same bootstrap draws at level 0.5 give the inner quartiles
-    narrow = {r["metric"]: r for r in mtbench.table_rows(tmp_path / "j.jsonl", model_id="rpo", judge="gpt-4",
+    narrow = {r["metric"]: r for r in mtbench_score.table_rows(tmp_path / "j.jsonl", model_id="rpo", judge="gpt-4",
                                                          n_boot=200, level=0.5)}
-    lo, hi = mtbench.ci(tmp_path / "j.jsonl", 200, 0, level=0.5)
+    lo, hi = mtbench_score.ci(tmp_path / "j.jsonl", 200, 0, level=0.5)
     assert (narrow["mtbench"]["ci_low"], narrow["mtbench"]["ci_high"]) == (lo, hi)
     wide = by["mtbench"]["ci_high"] - by["mtbench"]["ci_low"]
     assert by["mtbench"]["ci_low"] <= lo <= hi <= by["mtbench"]["ci_high"] and hi - lo < wide
@@ -90,10 +92,10 @@ def test_table_rows(tmp_path):
 def test_a_score_without_a_parsable_rating_says_so(tmp_path):
     # 3 questions x 2 turns, no parsable rating at all (score -1): no number, and the cell says why
     path = _write([_judgment(q, t, -1) for q in (81, 82, 83) for t in (1, 2)], tmp_path / "j.jsonl")
-    by = {r["metric"]: r for r in mtbench.table_rows(path, model_id="rpo", judge="llamacpp:x")}
+    by = {r["metric"]: r for r in mtbench_score.table_rows(path, model_id="rpo", judge="llamacpp:x")}
     assert math.isnan(by["mtbench"]["value"]) and by["mtbench"]["note"] == "0/6 ratings parsable"
     assert by["mtbench_turn1"]["note"] == "0/3 ratings parsable"
-    assert "note" not in {r["metric"]: r for r in mtbench.table_rows(_write(JUDGMENTS, tmp_path / "k.jsonl"),
+    assert "note" not in {r["metric"]: r for r in mtbench_score.table_rows(_write(JUDGMENTS, tmp_path / "k.jsonl"),
                                                                    model_id="rpo", judge="gpt-4")}["mtbench"]
 
 
@@ -101,7 +103,7 @@ def test_bad_judgment_line_names_file_and_line(tmp_path):
     path = tmp_path / "j.jsonl"
     path.write_text(json.dumps(_judgment(81, 1, 8)) + "\n" + json.dumps({"question_id": 81, "turn": 1}) + "\n")
     with pytest.raises(ValueError, match=rf"{path}, line 2: missing key 'model'"):
-        mtbench.score(path)
+        mtbench_score.score(path)
 
 
 # ----------------------------------------------------------------------------- parse_rating
@@ -261,7 +263,7 @@ def test_write_judgments_fastchat_format_and_score(tmp_path):
     assert rows[0]["judge"] == ["fake-gpt-4", "single-v1"] and rows[0]["user_prompt"] == "q1a|x"
     assert [(r["question_id"], r["turn"], r["score"]) for r in rows] == [
         (1, 1, 8), (2, 1, 8), (1, 2, -1), (2, 2, -1)]
-    s = mtbench.score(out)
+    s = mtbench_score.score(out)
     assert (s["average"], s["n"], s["n_invalid"]) == (8.0, 2, 2) and math.isnan(s["second_turn"])
 
 
@@ -278,7 +280,7 @@ def test_unparsable_ratings_are_asked_again_up_to_attempts(tmp_path):
     rows = mtbench_judge.write_judgments(reqs, judge, out, model_id="rpo", attempts=3)
     assert [len(c) for c in judge.calls] == [4, 2, 2]
     assert [(r["score"], r["attempts"]) for r in rows][2:] == [(-1, 3), (-1, 3)]
-    assert mtbench.score(out)["n_invalid"] == 2
+    assert mtbench_score.score(out)["n_invalid"] == 2
 
 
 def test_reask_is_a_real_call_and_every_attempt_is_cached(tmp_path):
@@ -286,7 +288,7 @@ def test_reask_is_a_real_call_and_every_attempt_is_cached(tmp_path):
     a re-run is all cache."""
     from helpers.fake_openai import FakeOpenAIServer, completion
 
-    from eval.judges import get_judge
+    from eval.judging.judges import get_judge
     reqs = _two_questions()[:1]  # one judgment
     with FakeOpenAIServer() as server:
         # the first answer has no rating; the second (the re-ask of the same request) has one
@@ -328,7 +330,7 @@ def test_generate_answers_two_turns_in_fastchat_format(tiny_model_dir, tmp_path,
     monkeypatch.setattr(gen, "generate_answers", spy_generate)
     out = tmp_path / "model_answer" / "tiny.jsonl"
     kw = dict(model_id="tiny", max_new_tokens=6, seed=1, batch_size=2)
-    rows = mtbench.generate_answers(model, tok, QUESTIONS, out, **kw)
+    rows = mtbench_answers.generate_answers(model, tok, QUESTIONS, out, **kw)
 
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
     assert [r["question_id"] for r in rows] == [3, 5, 7]          # sorted, like reorg_answer_file
@@ -347,17 +349,17 @@ def test_generate_answers_two_turns_in_fastchat_format(tiny_model_dir, tmp_path,
     assert any(r["choices"][0]["turns"][0] for r in rows)          # not all empty, so the check has teeth
     assert not out.with_name(out.name + ".work").exists()
     # A rerun (here limited to the first two questions) writes the same answers and answer ids.
-    again = mtbench.generate_answers(model, tok, QUESTIONS, tmp_path / "again.jsonl", **kw)
+    again = mtbench_answers.generate_answers(model, tok, QUESTIONS, tmp_path / "again.jsonl", **kw)
     assert [{k: v for k, v in r.items() if k != "tstamp"} for r in again] == \
         [{k: v for k, v in r.items() if k != "tstamp"} for r in rows]
-    limited = mtbench.generate_answers(model, tok, QUESTIONS, tmp_path / "lim.jsonl", limit=2, **kw)
+    limited = mtbench_answers.generate_answers(model, tok, QUESTIONS, tmp_path / "lim.jsonl", limit=2, **kw)
     assert [r["question_id"] for r in limited] == [3, 7]
 
 
 def test_interrupted_generation_resumes_from_finished_groups(tiny_model_dir, tmp_path, monkeypatch):
     tok, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir).eval()
     kw = dict(model_id="tiny", max_new_tokens=5, seed=2, batch_size=2)
-    full = mtbench.generate_answers(model, tok, QUESTIONS, tmp_path / "full.jsonl", **kw)
+    full = mtbench_answers.generate_answers(model, tok, QUESTIONS, tmp_path / "full.jsonl", **kw)
     real, groups = gen.generate_answers, []
 
     def killed_at_turn2(model, tok, prompts, out, **k):
@@ -372,18 +374,18 @@ def test_interrupted_generation_resumes_from_finished_groups(tiny_model_dir, tmp
     out = tmp_path / "cut.jsonl"
     monkeypatch.setattr(gen, "generate_answers", killed_at_turn2)
     with pytest.raises(RuntimeError, match="killed"):
-        mtbench.generate_answers(model, tok, QUESTIONS, out, **kw)
+        mtbench_answers.generate_answers(model, tok, QUESTIONS, out, **kw)
     monkeypatch.setattr(gen, "generate_answers", counting)
-    rows = mtbench.generate_answers(model, tok, QUESTIONS, out, **kw)
+    rows = mtbench_answers.generate_answers(model, tok, QUESTIONS, out, **kw)
     assert all(i.endswith("turn2") for g in groups for i in g) and len(groups) == 3  # turn 1 reused
     assert [r["choices"] for r in rows] == [r["choices"] for r in full]
     # Other settings: the leftovers of the interrupted run are not reused.
     monkeypatch.setattr(gen, "generate_answers", killed_at_turn2)
     with pytest.raises(RuntimeError):
-        mtbench.generate_answers(model, tok, QUESTIONS, out, **kw)
+        mtbench_answers.generate_answers(model, tok, QUESTIONS, out, **kw)
     groups.clear()
     monkeypatch.setattr(gen, "generate_answers", counting)
-    mtbench.generate_answers(model, tok, QUESTIONS, out, **{**kw, "seed": 3})
+    mtbench_answers.generate_answers(model, tok, QUESTIONS, out, **{**kw, "seed": 3})
     assert len(groups) == 6
 
 
@@ -426,7 +428,7 @@ def fastchat_turn_prompts(conv: dict, q1: str, a1: str, q2: str) -> tuple[str, s
 @pytest.mark.parametrize("name", ["zephyr", "h4_gemma_zephyr"])
 @pytest.mark.parametrize("a1", ["four", ""])  # an empty first answer: FastChat writes the role alone
 def test_our_fastchat_prompts_equal_fastchats(name, a1):
-    from eval import fastchat
+    from eval.mtbench import fastchat
     conv = FASTCHAT_CONVERSATIONS[name]
     want1, want2 = fastchat_turn_prompts(conv, "what is 2+2?", a1, "and times 3?")
     ours = fastchat.get_template(name)
@@ -444,7 +446,7 @@ def test_our_fastchat_prompts_equal_fastchats(name, a1):
 def test_fastchat_prompts_read_back_as_the_authors_models_saw_them(tmp_path):
     from helpers.models import chat_tokenizer
 
-    from eval import fastchat
+    from eval.mtbench import fastchat
     first = [{"role": "user", "content": "hi"}]
     assert fastchat.prompt_text(fastchat.get_template("zephyr"), first) == \
         "<|system|>\n</s>\n<|user|>\nhi</s>\n<|assistant|>\n"
@@ -462,7 +464,7 @@ def test_fastchat_prompts_read_back_as_the_authors_models_saw_them(tmp_path):
 
 
 def test_fastchat_template_by_model_name_as_the_authors_adapters_pick_it():
-    from eval import fastchat
+    from eval.mtbench import fastchat
     for name, template in (("hf:HuggingFaceH4/mistral-7b-sft-beta", "zephyr"),          # the paper's Ref, beta
                            ("beta_ultra_rdpo_full_eta0.005_beta0.01_no_decay_new", "zephyr"),
                            ("hf:HuggingFaceH4/zephyr-7b-gemma-sft-v0.1@main", "h4_gemma_zephyr"),  # "gemma" first
@@ -473,7 +475,7 @@ def test_fastchat_template_by_model_name_as_the_authors_adapters_pick_it():
 
 
 def test_fastchat_answer_cut():
-    from eval import fastchat
+    from eval.mtbench import fastchat
     g = fastchat.get_template("h4_gemma_zephyr")
     assert fastchat.answer_text(g, " Paris.<|endoftext|>x<|im_end|>y ") == "Paris."  # the earliest stop string
     assert fastchat.answer_text(g, "<|im_end|>Paris ") == "<|im_end|>Paris"  # at index 0: not cut (find > 0)
@@ -483,7 +485,7 @@ def test_fastchat_answer_cut():
 def test_generate_answers_with_fastchats_template(tiny_model_dir, tmp_path, monkeypatch):
     from helpers.models import with_bos_tokenizer
 
-    from eval import fastchat
+    from eval.mtbench import fastchat
     model_dir = with_bos_tokenizer(tiny_model_dir, tmp_path / "bos_model")
     tok, model = load_tokenizer(model_dir), load_model(model_dir).eval()
     seen, real_generate = [], gen.generate_answers
@@ -493,8 +495,8 @@ def test_generate_answers_with_fastchats_template(tiny_model_dir, tmp_path, monk
         return real_generate(model, tok, prompts, out, **kw)
 
     monkeypatch.setattr(gen, "generate_answers", spy_generate)
-    rows = mtbench.generate_answers(model, tok, QUESTIONS, tmp_path / "a.jsonl", model_id="tiny", max_new_tokens=6,
-                                    seed=1, batch_size=2, fastchat_template="zephyr")
+    rows = mtbench_answers.generate_answers(model, tok, QUESTIONS, tmp_path / "a.jsonl", model_id="tiny",
+                                            max_new_tokens=6, seed=1, batch_size=2, fastchat_template="zephyr")
     zephyr = fastchat.get_template("zephyr")
     answers = {r["question_id"]: r["choices"][0]["turns"] for r in rows}
     questions = {q["question_id"]: q for q in QUESTIONS}

@@ -16,7 +16,8 @@ from helpers.hub import hub_repo, write_hub_dataset, write_hub_model
 from helpers.fake_openai import FakeOpenAIServer
 from snakemake.utils import validate
 
-from eval import arenahard, harness, preflight
+from eval import harness, preflight
+from eval.arenahard import data as arenahard
 from helpers.workflow import REPO, snakemake, tiny_config
 
 SCHEMA = str(REPO / "workflow/schemas/config.schema.yaml")
@@ -133,11 +134,12 @@ def test_settings_that_would_fail_after_judging_fail_first(tmp_path):
     cfg["data"] = {**cfg["data"], "source": "file", "splits": {"train": str(test), "test": str(test)}}
     cfg["judge_validity"]["enabled"] = True  # gold verdicts need verifiable instructions in the test rows
     problems = preflight.settings_problems(cfg)
-    assert [p.split(":")[0] for p in problems] == ["benchmarks.arenahard.category", "benchmarks.alpacaeval",
+    # the benchmarks' own in the registry's order (eval/registry.py), then the rest
+    assert [p.split(":")[0] for p in problems] == ["benchmarks.alpacaeval", "benchmarks.arenahard.category",
                                                    "lm_eval.tasks[0]", "judge_validity"]
     assert f"and row 1 of {test} (data.splits.test) has none; set judge_validity.enabled: false" in problems[3]
-    assert "set category: hard_prompt, or version: v0.1" in problems[0]
-    assert "n_questions is 4; set n_questions: null, or lc_win_rate: if_available" in problems[1]
+    assert "set category: hard_prompt, or version: v0.1" in problems[1]
+    assert "n_questions is 4; set n_questions: null, or lc_win_rate: if_available" in problems[0]
     assert f"'ifeval_heldout' evaluates the held-out prompts by their IFEval key (meta.key, which data.source " \
            f"synthetic:verifiable writes), and row 1 of {test} (data.splits.test) has none; use 'ifeval_packaged'" \
            in problems[2]

@@ -21,7 +21,7 @@ import pytest
 from helpers.data import SYNTHETIC
 from helpers.models import build_tiny_model
 
-from eval.bench_stages import generate_mtbench
+from eval.mtbench.stages import generate_mtbench
 from eval.table1 import generate_table1_answers
 from rpo import sampling
 from rpo.models import load_model, load_tokenizer

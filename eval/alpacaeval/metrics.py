@@ -20,7 +20,10 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from eval.alpacaeval import REFERENCE_GENERATOR, load_eval_set
+import numpy as np
+
+from eval.alpacaeval.data import REFERENCE_GENERATOR, load_eval_set
+from eval.results_table import make_row
 
 HUB_REPO = "tatsu-lab/alpaca_eval"
 # what get_length_controlled_winrate(baseline=None, save_weights_dir=None) downloads (glm_winrate._get_featurized_data)
@@ -63,7 +66,6 @@ def _check_one_pair(annotations: Sequence[dict]) -> None:
 
 def _bootstrap_interval(values: Sequence[float], *, n_boot: int, seed: int, ci: float) -> tuple[float, float]:
     """Seeded percentile bootstrap of the mean of `values` (each in [0, 100]), so the bounds stay in [0, 100]."""
-    import numpy as np
     if n_boot < 1 or not 0.0 < ci < 1.0:
         raise ValueError(f"bootstrap: need n >= 1 and 0 < ci < 1, got n={n_boot}, ci={ci}")
     arr = np.asarray(values, dtype=float)
@@ -213,7 +215,6 @@ def lc_win_rate(annotations, *, eval_set: Sequence[dict] | None = None, precompu
 def table_rows(model: str, wr: dict, lc: dict | None, *, judge: str,
                baseline: str = REFERENCE_GENERATOR) -> list[dict]:
     """eval.results_table rows (alpacaeval_wr with its bootstrap interval, alpacaeval_lc); LC is NaN when unavailable."""
-    from eval.results_table import make_row
     rows = [make_row(model_a=model, model_b=baseline, metric="alpacaeval_wr", value=wr["value"], n=wr["n"],
                      ci_low=wr["ci_low"], ci_high=wr["ci_high"], judge=judge,
                      note=f"0/{wr['n_missing']} preferences parsable" if math.isnan(wr["value"]) else None)]

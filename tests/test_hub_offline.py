@@ -65,6 +65,7 @@ def test_missing_split_and_uncached_repo_are_clear_errors(hub):
         load_source_splits({"source": "hf:tiny-org/absent", "splits": {"train": "a", "test": "b"}})
 
 
+@pytest.mark.slow  # a whole DAG from hub sources (default run: < 10 min)
 @pytest.mark.workflow
 def test_dag_from_hub_sources_offline(hub, tmp_path):
     train = {"learning_rate": 1e-2, "epochs": 1, "micro_batch_size": 4, "global_batch_size": 4, "max_length": 64,

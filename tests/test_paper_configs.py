@@ -100,6 +100,7 @@ def test_paper_config_on_slurm_resolves_the_whole_dag(tmp_path, series, accum_fi
     assert "sk-" not in out  # only the variable's name travels
 
 
+@pytest.mark.slow  # several dry runs of the paper configs (default run: < 10 min)
 def test_two_nodes_keep_the_global_batch(tmp_path):
     cfg = yaml.safe_load((REPO / "config/paper-beta.yaml").read_text())
     cfg["resources"]["training"]["nodes"] = 2  # 16 ranks: 128 = 2 x 16 x 4
@@ -141,6 +142,7 @@ def test_single_gpu_config_with_the_local_gpu_profile(tmp_path):
     assert {args_of(j)["backend"] for j in js if j["rule"] == "run_lm_eval"} == {"vllm"}
 
 
+@pytest.mark.slow  # several dry runs of the paper configs (default run: < 10 min)
 def test_the_local_gpu_profile_books_the_gpus_a_training_launches(tmp_path):
     cfg = yaml.safe_load((REPO / "config/single-gpu.yaml").read_text())
     cfg["resources"]["training"]["gpus"] = 2  # 128 = 8 x 2 x 8

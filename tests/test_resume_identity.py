@@ -95,6 +95,7 @@ def test_kill_then_changed_max_new_tokens_keeps_no_old_answer(tiny_model_dir, tm
                      caplog.text)
 
 
+@pytest.mark.slow  # a generation killed and rerun twice over (default run: < 10 min)
 def test_kill_then_changed_model_keeps_no_old_answer(tiny_model_dir, other_model_dir, tmp_path, caplog):
     out = tmp_path / "ref.jsonl"
     kill_during_generation(tmp_path, tiny_model_dir, out, max_new_tokens=24)
@@ -148,6 +149,7 @@ def test_model_fingerprint_follows_the_weights(tiny_model_dir):
 
 # --------------------------------------------------------------------------------------- MT-Bench
 
+@pytest.mark.slow  # a generation killed and rerun twice over (default run: < 10 min)
 def test_mtbench_turn_files_of_another_model_are_not_reused(tiny_model_dir, other_model_dir, tmp_path):
     """A two-turn run killed during turn 2 leaves its finished turn-1 answers in `<out>.work/`; a re-run
     with another model under the same name and settings (a retrained policy) must not build on them."""

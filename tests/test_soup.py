@@ -36,6 +36,7 @@ def test_average_state_dicts_three_and_errors():
         average_state_dicts([s[0], {"v": torch.zeros(2)}], ["x", "y"])
 
 
+@pytest.mark.slow  # SFT twice, a soup and its reference pass through Snakemake (default run: < 10 min)
 @pytest.mark.workflow
 def test_soup_reference_in_the_dag(tmp_path):
     """A method with `reference: soup` trains against the mean of two SFT models (seeds 1 and 7): the DAG

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from rpo.gguf import DIGEST_KEY
-from rpo.sampling import next_tokens, temperature_groups
+from rpo.sampling import sample_step, temperature_groups
 
 log = logging.getLogger(__name__)
 
@@ -205,13 +205,9 @@ class Engine:
             new, logps = [], []
             for step in range(max_new_tokens):
                 # every row, finished or not, draws as in rpo.sampling.sample (the same generator stream)
-                nxt = next_tokens(logits, groups, top_k, top_p, generator)
-                if return_logps:
-                    lp = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
-                    logps.append(lp.masked_fill(done, 0.0))
-                nxt = nxt.masked_fill(done, pad_id)
+                nxt, done = sample_step(logits, done, groups=groups, top_k=top_k, top_p=top_p, generator=generator,
+                                        pad_id=pad_id, stop=stop, logps=logps if return_logps else None)
                 new.append(nxt)
-                done |= torch.isin(nxt, stop)
                 if bool(done.all()):
                     break
                 # every sequence, a finished one fed its pad token as in rpo.sampling.sample: llama.cpp

@@ -211,6 +211,18 @@ def next_tokens(logits: torch.Tensor, groups: list, top_k: int, top_p: float, ge
     return nxt
 
 
+def sample_step(logits: torch.Tensor, done: torch.Tensor, *, groups: list, top_k: int, top_p: float, generator,
+                pad_id: int, stop: torch.Tensor, logps: list | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step of every row, finished or not (so the generator's stream does not depend on which rows
+    finished): (the tokens, pad where a row had finished; the rows finished after it). With `logps`, appends each
+    chosen token's log-probability (0 for finished rows)."""
+    nxt = next_tokens(logits, groups, top_k, top_p, generator)
+    if logps is not None:
+        logps.append(torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None]).squeeze(-1).masked_fill(done, 0.0))
+    nxt = nxt.masked_fill(done, pad_id)
+    return nxt, done | torch.isin(nxt, stop)
+
+
 @torch.inference_mode()
 def sample(model, input_ids, attention_mask, *, max_new_tokens: int, num_return_sequences: int = 1,
            temperature: float | list[float] = 0.0, top_p: float = 1.0, top_k: int = 0, stop_ids=(),
@@ -243,13 +255,9 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens: int, num_return_
     position = attention_mask.sum(dim=1, keepdim=True)
     new, logps = [], []
     for _ in range(max_new_tokens):
-        nxt = next_tokens(logits, groups, top_k, top_p, generator)
-        if return_logps:
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
-            logps.append(lp.masked_fill(done, 0.0))
-        nxt = nxt.masked_fill(done, pad_id)
+        nxt, done = sample_step(logits, done, groups=groups, top_k=top_k, top_p=top_p, generator=generator,
+                                pad_id=pad_id, stop=stop, logps=logps if return_logps else None)
         new.append(nxt)
-        done |= torch.isin(nxt, stop)
         if bool(done.all()):
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)

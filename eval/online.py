@@ -15,9 +15,7 @@ Metrics of a round (held-out prompts):
 """
 from __future__ import annotations
 
-import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -56,15 +54,6 @@ def online_rows(loaded: list[dict], *, n_boot: int, seed: int, ci: float) -> lis
                     "round": row["step"], **{k: row[k] for k in ("kl", "kl_se", "metric", "value", "ci_low",
                                                                  "ci_high", "n")}})
     return out
-
-
-def write_rows(rows: list[dict], path) -> None:
-    with io.atomic_open(path, newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) and not math.isnan(r[k]) else
-                            "" if isinstance(r[k], float) else r[k]) for k in COLUMNS})
 
 
 def series(rows: list[dict]) -> dict[str, dict]:
@@ -133,6 +122,6 @@ def make_online(*, specs: list[dict], records: list[list[str]], csv_path, figure
                              f"from {json.dumps([str(p) for p in paths])}")
         loaded.append({"spec": spec, "records": recs})
     rows = online_rows(loaded, n_boot=n, seed=seed, ci=ci)
-    write_rows(rows, csv_path)
+    ov.write_rows(rows, csv_path, COLUMNS)
     plot_online(rows, figure)
     return rows

@@ -113,13 +113,14 @@ def _items(step_values: dict, metric: str) -> list[float]:
     return list(step_values[metric].values())
 
 
-def write_rows(rows: list[dict], path) -> None:
+def write_rows(rows: list[dict], path, columns: list[str] = COLUMNS) -> None:
+    """The rows as CSV (floats to 6 significant digits, NaN as an empty cell), written atomically."""
     with io.atomic_open(path, newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) and not math.isnan(r[k]) else
-                            "" if isinstance(r[k], float) else r[k]) for k in COLUMNS})
+                            "" if isinstance(r[k], float) else r[k]) for k in columns})
 
 
 def make_study(*, specs: list[dict], records: list[str], csv_path, figure, n: int, seed: int,

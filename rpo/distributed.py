@@ -16,6 +16,7 @@ writes while the others wait at a barrier).
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -73,6 +74,10 @@ def setup(sharding: str = "none") -> World:
             os.environ.setdefault("RANK", "0")
         dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT,
                                 rank=int(os.environ.get("RANK", "0")), world_size=size)
+        # The group this process created is destroyed before the interpreter finalises, however the
+        # process ends: left to finalisation, gloo's worker threads can abort the rank (SIGABRT,
+        # "terminate called without an active exception") after its work is done and saved.
+        atexit.register(teardown)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return World(rank=rank, size=size, device=device, sharding=sharding)
 

@@ -289,3 +289,18 @@ def test_fsdp_bf16_computes_in_bf16_over_fp32_shards(tiny_model_dir):
         assert q.weight.grad is not None and q.weight.grad.dtype == torch.float32
     finally:
         dist_.teardown()
+
+
+def test_the_group_a_process_created_is_destroyed_before_it_exits():
+    # Left to interpreter finalisation, gloo's threads can abort a rank that finished its work (SIGABRT);
+    # the group setup() created is destroyed at exit. An atexit handler registered before setup() runs
+    # after setup's (last in, first out), so it sees whether the group is still there.
+    code = ("import atexit, torch.distributed as dist\n"
+            "atexit.register(lambda: print('initialized at exit:', dist.is_initialized()))\n"
+            "from rpo import distributed\n"
+            "world = distributed.setup('full')\n"
+            "assert world.distributed\n")
+    alone = {k: v for k, v in env().items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-c", code], env=alone, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "initialized at exit: False"

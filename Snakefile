@@ -38,6 +38,7 @@ include: "workflow/rules/overopt.smk"
 include: "workflow/rules/reward_common.smk"
 include: "workflow/rules/reward.smk"
 include: "workflow/rules/rso.smk"
+include: "workflow/rules/overopt_rso.smk"
 include: "workflow/rules/rounds.smk"
 
 

@@ -174,7 +174,7 @@ def plot_methods(runs: dict, rows: list[dict], out_png, *, labels: dict[str, str
 
 
 def plot_overoptimization(rows: list[dict], out_png) -> dict:
-    """The overoptimization study (eval.overoptimization rows): top, per loss, the gold win rate against
+    """The overoptimization study (eval.overoptimization rows): top, per loss (RSO runs apart), the gold win rate against
     the reference vs √KL(π‖π_ref), one line per run (β and the method's knob), points in step order with
     the interval of each; bottom, the proxy (held-out implicit-reward accuracy) vs the same gold win rate.
     Pooled rows are drawn where a run has several seeds, else its one seed's rows.
@@ -184,7 +184,8 @@ def plot_overoptimization(rows: list[dict], out_png) -> dict:
     keep = [r for r in rows if (r["seed"] == "pooled") == (r["method"] in pooled)]
     series: dict[str, dict] = {}
     for r in keep:
-        s = series.setdefault(r["method"], {"loss": r["loss"], "beta": r["beta"], "knob": r["knob"],
+        panel = r["loss"] + (", RSO pairs" if r.get("pairs") == "rso" else "")
+        s = series.setdefault(r["method"], {"loss": panel, "beta": r["beta"], "knob": r["knob"],
                                             "knob_value": r["knob_value"], "points": {}})
         s["points"].setdefault(r["step"], {"snapshot_kl": r["kl"]})[r["metric"]] = (r["value"], r["ci_low"], r["ci_high"])
     losses = sorted({s["loss"] for s in series.values()})

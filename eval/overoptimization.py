@@ -30,8 +30,9 @@ import numpy as np
 from eval.bootstrap import bootstrap_mean, hierarchical_bootstrap
 from rpo import io
 
-COLUMNS = ("method", "loss", "beta", "knob", "knob_value", "label_noise", "seed", "step", "kl", "kl_se",
+COLUMNS = ("method", "loss", "beta", "knob", "knob_value", "label_noise", "pairs", "seed", "step", "kl", "kl_se",
            "metric", "value", "ci_low", "ci_high", "n")
+# `pairs`: what a run trained on: "study" (the study's pairs) or "rso" (its RSO family's rejection-sampled pairs)
 POOLED = "pooled"
 
 
@@ -83,7 +84,7 @@ def study_rows(runs: list[dict], *, n_boot: int, seed: int, ci: float, metrics=M
         spec = reps[0]["spec"]
         knob, knob_value = _knob(spec)
         base = {"method": name, "loss": spec["loss"], "beta": spec["hparams"].get("beta", ""), "knob": knob,
-                "knob_value": knob_value, "label_noise": spec["label_noise"]}
+                "knob_value": knob_value, "label_noise": spec["label_noise"], "pairs": spec.get("pairs", "study")}
         values = [item_values(r["records"]) for r in reps]
         steps = sorted(set.intersection(*(set(v) for v in values)))
         for step in steps:
@@ -125,7 +126,7 @@ def write_rows(rows: list[dict], path, columns: list[str] = COLUMNS) -> None:
 
 def make_study(*, specs: list[dict], records: list[str], csv_path, figure, n: int, seed: int,
                ci: float) -> list[dict]:
-    """specs[i] describes the run whose records file is records[i] (name, loss, hparams, label_noise, seed);
+    """specs[i] describes the run whose records file is records[i] (name, loss, hparams, label_noise, pairs, seed);
     writes the CSV and the figure."""
     if len(specs) != len(records):
         raise ValueError(f"overoptimization: {len(specs)} run specs for {len(records)} record files")

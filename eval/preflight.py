@@ -89,12 +89,21 @@ def settings_problems(config: dict, rules: set[str] | None = None) -> list[str]:
                 out.append(f"lm_eval.tasks[{i}]: {PACKAGED_IFEVAL!r} evaluates every packaged IFEval prompt, and "
                            "data.source synthetic:verifiable trains on some of them; use "
                            f"{LOCAL_IFEVAL!r} (the held-out ones)")
-    if config["data"]["source"] != "synthetic:verifiable":
-        # the gold scorer (the IFEval verifiers) needs verifiable instructions in the rows it scores
+    # the gold scorer (the IFEval verifiers) needs verifiable instructions in the rows it scores
 
-        def no_gold(row):
-            return gold_meta_problem(row) is not None
-        what = "verifiable instructions (meta.instruction_id_list and kwargs)"
+    def no_gold(row):
+        return gold_meta_problem(row) is not None
+    what = "verifiable instructions (meta.instruction_id_list and kwargs)"
+    if rules is not None and "study_rso_gold" in rules:
+        from rpo.config import deep_merge  # rpo.config imports torch (rpo.losses)
+        study_data = deep_merge(config["data"], config["overoptimization"]["data"])
+    if rules is not None and "study_rso_gold" in rules and study_data["source"] != "synthetic:verifiable":
+        problem = test_rows_problem(study_data, no_gold, what, split="train")
+        if problem:
+            out.append(f"overoptimization.grid.<rso>.sampling: the gold verifiers score the study's training prompts' "
+                       f"samples (sampling.reward or labeller gold), which need {what} (data.source "
+                       f"synthetic:verifiable has them), and {problem}; use reward and labeller of the reward models")
+    if config["data"]["source"] != "synthetic:verifiable":
         validity = config["judge_validity"]["enabled"] if rules is None else "judge_validity" in rules
         for needed, split, key, fix in (
                 (validity, "test", "judge_validity", "set judge_validity.enabled: false"),

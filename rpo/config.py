@@ -129,6 +129,15 @@ def expand_grid(grid: dict, where: str = "overoptimization.grid") -> dict[str, d
     """A study grid, family -> {loss, hyperparameter: value or [values]}, as runs: one per combination of the
     listed values, named <family>-<key><value>... over the listed keys (in the order written), e.g.
     {"rpo": {"loss": "rpo", "beta": [0.05, 0.2], "eta": 1.0}} -> rpo-beta0.05, rpo-beta0.2."""
+    return {name: method for name, (_, method) in _grid_runs(grid, where).items()}
+
+
+def grid_families(grid: dict, where: str = "overoptimization.grid") -> dict[str, str]:
+    """Each run of expand_grid(grid) -> the family (the grid's key) it comes from."""
+    return {name: family for name, (family, _) in _grid_runs(grid, where).items()}
+
+
+def _grid_runs(grid: dict, where: str) -> dict[str, tuple[str, dict]]:
     import itertools
 
     runs = {}
@@ -143,7 +152,7 @@ def expand_grid(grid: dict, where: str = "overoptimization.grid") -> dict[str, d
             if name in runs:
                 raise ValueError(f"{where}: run name {name!r} comes out twice")
             check_method(method, f"{where}.{family}")
-            runs[name] = method
+            runs[name] = (family, method)
     return runs
 
 
@@ -154,7 +163,7 @@ def resolve_study(config: dict, schema: dict) -> dict:
     import jsonschema
 
     study = config["overoptimization"]
-    out = {"runs": expand_grid(study["grid"])}
+    out = {"runs": expand_grid(study["grid"]), "families": grid_families(study["grid"])}
     for key, part in (("data", schema["properties"]["data"]), ("training", {"$ref": "#/$defs/train"})):
         merged = deep_merge(config[key], study[key])
         try:
@@ -165,15 +174,18 @@ def resolve_study(config: dict, schema: dict) -> dict:
         out[key] = merged
     if out["training"]["max_prompt_length"] >= out["training"]["max_length"]:
         raise ValueError("overoptimization.training: max_prompt_length must be < max_length")
+    # RSO runs that score their candidates with reward models: the study's own members, trained like
+    # reward_models' on the study's pairs, so reward_models.training's keys go on top of the study's training
+    out["reward_training"] = resolve_reward_models(config, schema, training=out["training"])
     return out
 
 
-def resolve_reward_models(config: dict, schema: dict) -> dict:
-    """The reward models' training config: `training` with reward_models.training's keys on top, checked
-    against the schema's training part (a misspelt key fails here, naming reward_models.training)."""
+def resolve_reward_models(config: dict, schema: dict, training: dict | None = None) -> dict:
+    """The reward models' training config: `training` (default: config's) with reward_models.training's keys on
+    top, checked against the schema's training part (a misspelt key fails here, naming reward_models.training)."""
     import jsonschema
 
-    merged = deep_merge(config["training"], config["reward_models"]["training"])
+    merged = deep_merge(config["training"] if training is None else training, config["reward_models"]["training"])
     try:
         jsonschema.validate(merged, {"$defs": schema["$defs"], "$ref": "#/$defs/train"})
     except jsonschema.ValidationError as e:

@@ -46,6 +46,8 @@ class Study:
     training: dict
     snapshot_every: int
     eval: dict
+    family: dict = field(default_factory=dict)  # run name -> the grid key it comes from
+    reward_training: dict | None = None  # the training config of the study's reward models (RSO runs)
 
     @property
     def run_names(self) -> list[str]:
@@ -55,6 +57,33 @@ class Study:
     def trunk_top(self) -> int:
         return top_layers_of(self.training)
 
+    # RSO in the study (issue 26): a grid family with `sampling` trains on pairs rejection-sampled from the study's
+    # reference (the base model) for the study's training prompts, one set per family (a family's runs differ in
+    # their loss's hyperparameters only, so they share its candidates and pairs; the seeds vary the training).
+
+    @property
+    def rso(self) -> dict[str, dict]:
+        """The RSO families -> their `sampling`."""
+        return {self.family[r]: self.runs[r]["sampling"] for r in self.run_names if "sampling" in self.runs[r]}
+
+    def rso_family(self, run: str) -> str | None:
+        """The RSO family of a run (None: the run trains on the study's pairs)."""
+        return self.family[run] if "sampling" in self.runs[run] else None
+
+    @property
+    def needs_reward_models(self) -> bool:
+        """Whether an RSO family scores its candidates with the study's reward models (a reward other than gold)."""
+        return any(s["reward"] != "gold" for s in self.rso.values())
+
+    @property
+    def reward_trunk_top(self) -> int:
+        """The LoRA top layers of the study's reward models when they start from the study reference pass's trunk
+        (the same cut: top layers and lengths equal to the study's training), else 0."""
+        top = top_layers_of(self.reward_training or {})
+        same = top == self.trunk_top and all(self.reward_training[k] == self.training[k]
+                                             for k in ("max_length", "max_prompt_length"))
+        return top if top and same else 0
+
     @property
     def label_noise(self):
         """The synthetic data's label noise (None for a hub or file source)."""
@@ -63,7 +92,8 @@ class Study:
     def specs(self) -> list[dict]:
         """What eval.overoptimization needs of each run and seed, runs in name order, then seeds."""
         return [{"name": run, "loss": self.runs[run]["loss"], "seed": seed,
-                 "hparams": hyperparameters(self.runs[run]), "label_noise": self.label_noise}
+                 "hparams": hyperparameters(self.runs[run]), "label_noise": self.label_noise,
+                 "pairs": "rso" if self.rso_family(run) else "study"}
                 for run in self.run_names for seed in self.seeds]
 
 
@@ -164,13 +194,20 @@ class Plan:
         return stage_cfg(self.study.training, self.config["resources"]["training"], "overoptimization.training",
                          seed=int(seed), snapshot_every=self.study.snapshot_every)
 
+    def study_reward_cfg(self, seed: int) -> dict:
+        """A study reward model's training config: the study's training with reward_models.training's keys on
+        top, its seed, and the world size and accumulation of resources.training."""
+        return stage_cfg(self.study.reward_training, self.config["resources"]["training"],
+                         "overoptimization: reward_models.training", seed=int(seed))
+
 
 def make_study(config: dict, schema: dict) -> Study:
     """The study of a resolved config; `schema` (the loaded config.schema.yaml) checks its data and training."""
     study = resolve_study(config, schema)
     o = config["overoptimization"]
     return Study(runs=study["runs"], seeds=[int(s) for s in o["seeds"]], data=study["data"],
-                 training=study["training"], snapshot_every=o["snapshot_every"], eval=o["eval"])
+                 training=study["training"], snapshot_every=o["snapshot_every"], eval=o["eval"],
+                 family=study["families"], reward_training=study["reward_training"])
 
 
 def make_plan(config: dict, schema: dict) -> Plan:

@@ -233,6 +233,31 @@ def test_study_rows_hand_made():
     assert (r["method"], r["loss"], r["beta"], r["knob"], r["knob_value"], r["label_noise"], r["n"]) == \
         ("rpo-eta1", "rpo", 0.1, "eta", 1.0, 0.2, 8)
     assert r["ci_low"] <= r["value"] <= r["ci_high"]
+    assert r["pairs"] == "study"  # a spec without `pairs`: the study's own
+
+
+def test_rso_runs_are_their_own_panel_of_the_figure(tmp_path, monkeypatch):
+    # a hinge run on the study's pairs and one on an RSO family's: the same loss and beta, two panels
+    base = {"loss": "hinge", "hparams": {"beta": 0.1}, "label_noise": 0.2, "seed": 1}
+    runs = [{"spec": {**base, "name": "hinge", "pairs": "study"}, "records": _records(0.0)},
+            {"spec": {**base, "name": "rso", "pairs": "rso"}, "records": _records(1.0)}]
+    rows = ov.study_rows(runs, n_boot=50, seed=0, ci=0.9)
+    assert {(r["method"], r["pairs"]) for r in rows} == {("hinge", "study"), ("rso", "rso")}
+    ov.write_rows(rows, tmp_path / "s.csv")
+    read = list(csv.DictReader((tmp_path / "s.csv").open()))
+    assert list(read[0]) == list(ov.COLUMNS) and {r["pairs"] for r in read} == {"study", "rso"}
+    import matplotlib.figure
+
+    from eval.figures import plot_overoptimization
+    titles = []
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *a, **k):  # the panels' titles as saved
+        titles.extend(ax.get_title() for ax in fig.axes if ax.get_title())
+        return save(fig, *a, **k)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    drawn = plot_overoptimization(rows, tmp_path / "f.png")
+    assert titles == ["hinge", "hinge, RSO pairs"] and set(drawn) == {"hinge", "rso"}
 
 
 def test_expand_grid_names_each_combination_and_checks_the_loss():

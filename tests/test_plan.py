@@ -101,7 +101,36 @@ def test_the_study_expands_its_grid_over_its_own_data_and_training():
     specs = s.specs()
     assert [(x["name"], x["seed"]) for x in specs] == [(r, seed) for r in s.run_names for seed in (3, 4)]
     assert specs[-1] == {"name": "rpo-eta1", "loss": "rpo", "seed": 4, "hparams": {"beta": 0.1, "eta": 1.0},
-                         "label_noise": 0.2}
+                         "label_noise": 0.2, "pairs": "study"}
+    assert s.rso == {} and not s.needs_reward_models
+
+
+def test_an_rso_family_of_the_study_shares_its_pairs_and_gets_its_own_reward_models():
+    rso = {"loss": "hinge", "beta": [0.05, 0.2], "sampling": {"n_candidates": 8, "m_accepted": 2, "beta": 0.5,
+                                                              "labeller": "reward"}}
+    p = plan_of(training={"lora": {"top_layers": 4}, "trunk_cache": True},
+                reward_models={"training": {"epochs": 3, "learning_rate": 5e-4}},
+                overoptimization={"grid": {"dpo": {"loss": "dpo", "beta": 0.1}, "rso": rso},
+                                  "seeds": [1], "training": {"epochs": 7}})
+    s = p.study
+    assert s.run_names == ["dpo", "rso-beta0.05", "rso-beta0.2"]
+    # one family, one sampling (the schema's defaults filled in), shared by its runs; dpo trains on the study's pairs
+    assert list(s.rso) == ["rso"] and s.rso["rso"]["reward"] == "mean" and s.rso["rso"]["max_new_tokens"] == 64
+    assert [s.rso_family(r) for r in s.run_names] == [None, "rso", "rso"]
+    assert [x["pairs"] for x in s.specs()] == ["study", "rso", "rso"]
+    assert s.specs()[1]["hparams"] == {"beta": 0.05}  # the sampling is not a loss hyperparameter
+    assert s.needs_reward_models
+    # the study's reward models: the study's training with reward_models.training on top, from the study's trunk
+    assert (s.reward_training["epochs"], s.reward_training["learning_rate"]) == (3, 5e-4)
+    assert s.reward_trunk_top == 4 == s.trunk_top
+    cfg = p.study_reward_cfg(2)
+    assert (cfg["seed"], cfg["epochs"], cfg["world_size"], cfg["snapshot_every"]) == (2, 3, 1, 0)  # no snapshots
+    # reward models cut elsewhere than the study's trunk start from the bottom
+    other = plan_of(training={"lora": {"top_layers": 4}, "trunk_cache": True},
+                    reward_models={"training": {"lora": {"top_layers": 2}}}, overoptimization={"grid": {"rso": rso}})
+    assert other.study.trunk_top == 4 and other.study.reward_trunk_top == 0
+    gold = {**rso, "sampling": {**rso["sampling"], "reward": "gold", "labeller": "gold"}}
+    assert not plan_of(overoptimization={"grid": {"rso": gold}}).study.needs_reward_models
 
 
 def test_hyperparameters_are_a_methods_keys_but_what_it_trains_on():

@@ -151,6 +151,11 @@ def test_settings_that_would_fail_after_judging_fail_first(tmp_path):
     assert bon.startswith("best_of_n: the gold verifiers score these prompts") and "data.splits.test" in bon
     (rso,) = preflight.settings_problems(cfg, {"rso_gold"})
     assert rso.startswith("methods.<rso>.sampling.labeller:") and "data.splits.train" in rso
+    # the study's RSO gold: the study's own data (overoptimization.data over data)
+    (study,) = preflight.settings_problems(cfg, {"study_rso_gold"})
+    assert study.startswith("overoptimization.grid.<rso>.sampling:") and f"row 1 of {test} (data.splits.train)" in study
+    cfg["overoptimization"]["data"] = {"source": "synthetic:verifiable"}
+    assert preflight.settings_problems(cfg, {"study_rso_gold"}) == []
 
 
 def test_a_stage_with_more_gpus_than_the_run_may_use_is_refused():

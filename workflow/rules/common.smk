@@ -347,6 +347,29 @@ STUDY_RUN = f"{STUDY_DIR}/runs/{{run}}/seed{{seed}}"
 STUDY_EVAL = f"{STUDY_RUN}/snapshot_eval.jsonl"  # its measurements, the input of results/overoptimization.csv
 
 
+# RSO in the study (workflow/rules/overopt_rso.smk): a grid family with `sampling` trains on pairs rejection-sampled
+# from the base model's candidates for the study's training prompts, with the base model's log-probs of them
+STUDY_RSO_DIR = f"{STUDY_DIR}/rso"
+STUDY_RSO_NAMES = "|".join(re.escape(f) for f in STUDY.rso) or "^$"
+STUDY_RM_DIR = f"{STUDY_DIR}/reward_models"  # the study's reward models (an RSO family's ensemble reward)
+
+
+def study_pairs(w):
+    """The pairs a study run trains on: its RSO family's, or the study's."""
+    family = STUDY.rso_family(w.run)
+    return f"{STUDY_RSO_DIR}/{family}/train.jsonl" if family else f"{STUDY_DIR}/data/train.jsonl"
+
+
+def study_reference_cache(w):
+    family = STUDY.rso_family(w.run)
+    return f"{STUDY_RSO_DIR}/{family}/train_logps.pt" if family else f"{STUDY_DIR}/reference/train_logps.pt"
+
+
+def study_reference_trunk(w):
+    family = STUDY.rso_family(w.run)
+    return f"{STUDY_RSO_DIR}/{family}/train_trunk.f32" if family else f"{STUDY_DIR}/reference/train_trunk.f32"
+
+
 def study_records(w):
     """Every run's and seed's measurements (the input of rule overoptimization)."""
     if not STUDY_RUNS:

@@ -59,9 +59,10 @@ rule study_reference_answers:
 use rule train_preference as study_train with:
     input:
         ref=f"{RESULTS}/models/base",
-        train=f"{STUDY_DIR}/data/train.jsonl",
-        cache=f"{STUDY_DIR}/reference/train_logps.pt",
-        **({"trunk": f"{STUDY_DIR}/reference/train_trunk.f32"} if STUDY.trunk_top else {}),
+        # the study's pairs and their reference log-probs, or an RSO family's own (overopt_rso.smk)
+        train=study_pairs,
+        cache=study_reference_cache,
+        **({"trunk": study_reference_trunk} if STUDY.trunk_top else {}),
     output:
         model=directory(f"{STUDY_RUN}/model"),
         snapshots=directory(f"{STUDY_RUN}/snapshots"),

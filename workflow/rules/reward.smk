@@ -18,14 +18,7 @@ rule train_reward_model:
     wildcard_constraints:
         seed=r"\d+",
     params:
-        **job_params(
-            lambda w: {"ckpt_dir": f"{RESULTS}/checkpoints/reward_model_seed{w.seed}", "cfg": rm_train_cfg(w.seed),
-                       "l2": config["reward_models"]["l2"],
-                       "eval_batch_size": config["reward_models"]["eval_batch_size"]},
-            lambda w, input, output: {"base_dir": input.base, "pairs_path": input.train, "test_path": input.test,
-                                      **({"reference_cache": input.cache, "trunk_path": input.trunk} if RM_TRUNK else {}),
-                                      "out_dir": output.model, "metrics_path": output.metrics,
-                                      "summary_path": output.summary}),
+        **reward_model_params(rm_train_cfg, lambda w: f"{RESULTS}/checkpoints/reward_model_seed{w.seed}", RM_TRUNK),
         launch=launcher("training"),
     threads: RM_TRAIN["threads"]
     resources:

@@ -22,6 +22,18 @@ def rm_train_cfg(seed):
     return _plan.stage_cfg(RM_TRAIN, config["resources"]["training"], "reward_models.training", seed=int(seed))
 
 
+def reward_model_params(cfg_of, ckpt_of, trunk):
+    """train_reward_model's job_params: a member's training config `cfg_of(seed)` and checkpoint directory
+    `ckpt_of(w)`, the reference pass's log-probs and trunk as inputs when `trunk`."""
+    return job_params(
+        lambda w: {"ckpt_dir": ckpt_of(w), "cfg": cfg_of(w.seed), "l2": config["reward_models"]["l2"],
+                   "eval_batch_size": config["reward_models"]["eval_batch_size"]},
+        lambda w, input, output: {"base_dir": input.base, "pairs_path": input.train, "test_path": input.test,
+                                  **({"reference_cache": input.cache, "trunk_path": input.trunk} if trunk else {}),
+                                  "out_dir": output.model, "metrics_path": output.metrics,
+                                  "summary_path": output.summary})
+
+
 BON_SCORES = [f"{BON_DIR}/scores/seed{s}.jsonl" for s in RM_SEEDS]  # each member's scores of the samples
 
 
@@ -50,17 +62,50 @@ def method_reference_trunk(method):
     return f"{RSO_DIR}/{m}/train_trunk.f32" if m in RSO_METHODS else reference_trunk(reference_name(method))
 
 
-def rso_reward_inputs(w):
-    """What an RSO method's pairs need: the candidates' gold scores (gold reward or labeller) and the members'
-    scores (an ensemble reward)."""
-    s = config["methods"][w.rso]["sampling"]
-    out = {}
-    if "gold" in (s["reward"], s["labeller"]):
-        out["gold"] = f"{RSO_DIR}/{w.rso}/gold.jsonl"
-    if s["reward"] != "gold":
-        out["scores"] = rso_score_files(w)
-    return out
+def method_sampling(w):
+    """The `sampling` of RSO method w.rso (rso.smk); the study's RSO families have theirs (overopt_rso.smk)."""
+    return config["methods"][w.rso]["sampling"]
 
 
-def rso_score_files(w):
-    return [f"{RSO_DIR}/{w.rso}/scores/seed{seed}.jsonl" for seed in RM_SEEDS]
+def rso_reward_inputs(sampling_of, rso_dir):
+    """What the pairs of RSO `{rso}` under `rso_dir` need (an input function): the candidates' gold scores (gold
+    reward or labeller) and the members' scores (an ensemble reward)."""
+    def inputs(w):
+        s = sampling_of(w)
+        out = {}
+        if "gold" in (s["reward"], s["labeller"]):
+            out["gold"] = f"{rso_dir}/{w.rso}/gold.jsonl"
+        if s["reward"] != "gold":
+            out["scores"] = [f"{rso_dir}/{w.rso}/scores/seed{seed}.jsonl" for seed in RM_SEEDS]
+        return out
+    return inputs
+
+
+def rso_candidates_params(sampling_of):
+    """rso_candidates' job_params: n_candidates samples per training prompt, as `sampling_of(w)` says."""
+    return job_params(lambda w: {"n": sampling_of(w)["n_candidates"],
+                                 **{k: sampling_of(w)[k] for k in ("max_new_tokens", "batch_size", "seed")}},
+                      lambda w, input, output: {"ref_dir": input.ref, "prompts_path": input.pairs, "out": output[0]})
+
+
+def rso_scores_params(rm_cfg):
+    """rso_scores' job_params: the members' tokenisation (their training config `rm_cfg`)."""
+    return job_params(lambda w: {"max_length": rm_cfg["max_length"], "max_prompt_length": rm_cfg["max_prompt_length"],
+                                 "batch_size": config["reward_models"]["eval_batch_size"]},
+                      lambda w, input, output: {"model_dirs": list(input.models), "base_dir": input.base,
+                                                "samples_path": input.samples, "outs": list(output)})
+
+
+def rso_pairs_params(sampling_of):
+    """rso_pairs' job_params: the rejection sampling and labelling `sampling_of(w)` says."""
+    return job_params(lambda w: {k: sampling_of(w)[k]
+                                 for k in ("reward", "labeller", "m_accepted", "beta", "seed", "uwo_lambda")},
+                      lambda w, input, output: {"samples_path": input.samples, "pairs_path": input.pairs,
+                                                "out": output.pairs, "summary_path": output.summary,
+                                                "gold_path": input.get("gold"),
+                                                "score_paths": list(input.scores) if "scores" in input.keys() else None})
+
+
+def study_sampling(w):
+    """The `sampling` of the study's RSO family w.rso (overopt_rso.smk)."""
+    return STUDY.rso[w.rso]

@@ -13,9 +13,7 @@ rule rso_candidates:
     wildcard_constraints:
         rso=RSO_NAMES,
     params:
-        **job_params(lambda w: {"n": config["methods"][w.rso]["sampling"]["n_candidates"],
-                                **{k: config["methods"][w.rso]["sampling"][k] for k in ("max_new_tokens", "batch_size", "seed")}},
-                     lambda w, input, output: {"ref_dir": input.ref, "prompts_path": input.pairs, "out": output[0]}),
+        **rso_candidates_params(method_sampling),
     threads: config["best_of_n"]["threads"]
     resources:
         **res("generation"),
@@ -55,10 +53,7 @@ rule rso_scores:
     wildcard_constraints:
         rso=RSO_NAMES,
     params:
-        **job_params(lambda w: {"max_length": RM_TRAIN["max_length"], "max_prompt_length": RM_TRAIN["max_prompt_length"],
-                                "batch_size": config["reward_models"]["eval_batch_size"]},
-                     lambda w, input, output: {"model_dirs": list(input.models), "base_dir": input.base,
-                                               "samples_path": input.samples, "outs": list(output)}),
+        **rso_scores_params(RM_TRAIN),
     # forward passes over fixed sequences, as the reference pass: its threads
     threads: config["reference"]["threads"]
     resources:
@@ -71,7 +66,7 @@ rule rso_scores:
 
 rule rso_pairs:
     input:
-        unpack(rso_reward_inputs),
+        unpack(rso_reward_inputs(method_sampling, RSO_DIR)),
         samples=f"{RSO_DIR}/{{rso}}/candidates.jsonl",
         pairs=f"{RESULTS}/data/train.jsonl",
     output:
@@ -80,12 +75,7 @@ rule rso_pairs:
     wildcard_constraints:
         rso=RSO_NAMES,
     params:
-        **job_params(lambda w: {k: config["methods"][w.rso]["sampling"][k]
-                                for k in ("reward", "labeller", "m_accepted", "beta", "seed", "uwo_lambda")},
-                     lambda w, input, output: {"samples_path": input.samples, "pairs_path": input.pairs,
-                                               "out": output.pairs, "summary_path": output.summary,
-                                               "gold_path": input.get("gold"),
-                                               "score_paths": list(input.scores) if "scores" in input.keys() else None}),
+        **rso_pairs_params(method_sampling),
     resources:
         **res("cpu"),
     log:
@@ -94,8 +84,9 @@ rule rso_pairs:
         "python -m rpo rso-pairs --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"
 
 
-rule rso_reference_logps:
-    # the Ref model's log-probs of the method's own pairs (and the trunk of its LoRA top layers)
+use rule reference_logps as rso_reference_logps with:
+    # the Ref model's log-probs of the method's own pairs (and the trunk of its LoRA top layers), tokenised as the
+    # training pairs' (reference_logps' params: the data's chat format too)
     input:
         ref=get_ref_dir(),
         train=f"{RSO_DIR}/{{rso}}/train.jsonl",
@@ -104,18 +95,5 @@ rule rso_reference_logps:
         **({"trunk": f"{RSO_DIR}/{{rso}}/train_trunk.f32"} if TRUNK_TOP else {}),
     wildcard_constraints:
         rso=RSO_NAMES,
-    params:
-        **job_params(
-            lambda w: {"max_length": config["training"]["max_length"],
-                       "max_prompt_length": config["training"]["max_prompt_length"],
-                       "batch_size": config["reference"]["batch_size"], "dtype": config["training"]["precision"],
-                       "attention": config["training"]["attention"], "top_layers": TRUNK_TOP},
-            lambda w, input, output: {"model_dir": input.ref, "pairs_path": input.train, "out_path": output.logps,
-                                      **({"trunk_path": output.trunk} if TRUNK_TOP else {})}),
-    threads: config["reference"]["threads"]
-    resources:
-        **res("reference"),
     log:
         "logs/rso_reference_logps/{rso}.log",
-    shell:
-        "python -m rpo reference-logps --threads {threads} --args {params.settings:q} --paths {params.paths:q} 2>&1 | tee {log}"

@@ -57,6 +57,13 @@ def first_round_pairs(accepted: list[int]) -> list[tuple[int, int]]:
     return [(accepted[j], accepted[j + 1]) for j in range(0, len(accepted) - 1, 2)]
 
 
+def _gold_order(rows: list[dict]) -> dict[str, int]:
+    """How many pairs the gold orders as they are (agree), ties, or orders the other way (disagree): with a
+    reward-model labeller, how often the proxy's pair labels are the gold's."""
+    g = [(r["meta"]["rso"]["chosen_gold"], r["meta"]["rso"]["rejected_gold"]) for r in rows]
+    return {"agree": sum(c > w for c, w in g), "tie": sum(c == w for c, w in g), "disagree": sum(c < w for c, w in g)}
+
+
 def make_rso_pairs(*, samples_path, pairs_path, out, summary_path, reward: str, labeller: str, m_accepted: int,
                    beta: float, seed: int, uwo_lambda: float = 0.5, gold_path=None, score_paths=None) -> dict:
     """RSO's preference pairs ("rso-sample-rank", their Sec. 3.1) for the prompts of `samples_path` (the
@@ -65,7 +72,9 @@ def make_rso_pairs(*, samples_path, pairs_path, out, summary_path, reward: str, 
     of the members' scores in `score_paths`, rpo.reward), `m_accepted` of them by rejection_sample with
     `beta`, paired by first_round_pairs and ranked by `labeller` ("gold", or "reward": r itself); a tie
     gives no pair. Each prompt's messages and meta come from its pair in `pairs_path` (the training pairs).
-    Writes the pairs (the normalised schema of rpo.data) to `out` and the counts to `summary_path`."""
+    Writes the pairs (the normalised schema of rpo.data) to `out` and the counts to `summary_path`. Gold scores
+    given with a reward and labeller that are not gold change no pair: they are only recorded (each pair's gold,
+    the mean gold of the candidates and of the accepted, and how the gold orders the pairs)."""
     import numpy as np
 
     from rpo import io
@@ -130,7 +139,8 @@ def make_rso_pairs(*, samples_path, pairs_path, out, summary_path, reward: str, 
         raise ValueError(f"RSO: no pairs from {samples_path} ({counts}); more candidates or a larger m_accepted")
     summary = {**counts, "reward": reward, "labeller": labeller, "m_accepted": m_accepted, "beta": beta,
                "seed": seed, **({"mean_gold_candidates": float(np.mean(gold_all)),
-                                 "mean_gold_accepted": float(np.mean(gold_accepted))} if gold_all else {})}
+                                 "mean_gold_accepted": float(np.mean(gold_accepted)),
+                                 "pairs_by_gold": _gold_order(out_rows)} if gold_all else {})}
     io.write_jsonl(out_rows, out)
     io.write_json(summary_path, summary, sort_keys=True)
     return summary

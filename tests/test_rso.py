@@ -126,6 +126,18 @@ def test_rso_pairs_by_an_ensemble_reward_ranked_by_the_reward(rso_files):
     assert got == [("b0", "a0"), ("f1", "e1")] and s["ties_dropped"] == 0
 
 
+def test_gold_scores_beside_a_proxy_labeller_change_no_pair_and_count_its_agreement(rso_files):
+    kw = {"reward": "mean", "labeller": "reward", "m_accepted": 4, "beta": 1e-9, "seed": 0}
+    without = rso.make_rso_pairs(**{**rso_files, "gold_path": None}, **kw)
+    plain = [(p["chosen"], p["rejected"]) for p in _pairs(rso_files["out"])]
+    s = rso.make_rso_pairs(**rso_files, **kw)
+    assert [(p["chosen"], p["rejected"]) for p in _pairs(rso_files["out"])] == plain
+    assert "pairs_by_gold" not in without
+    # mean of the members: p0 [a0 1, b0 3, c0 2, d0 0] -> (b0, c0) gold .9 > .5, (a0, d0) .1 < .7;
+    # p1 [.., c1 2, d1 3, e1 4, f1 5] -> (f1, e1) .3 > .2, (d1, c1) .5 = .5
+    assert s["pairs_by_gold"] == {"agree": 2, "tie": 1, "disagree": 1}
+
+
 def test_rso_pairs_drop_ties_of_the_labeller(rso_files):
     s = rso.make_rso_pairs(**rso_files, reward="mean", labeller="gold", m_accepted=6, beta=math.inf, seed=0)
     # beta = inf: the candidates in order; p1's (c1, d1) tie at gold .5

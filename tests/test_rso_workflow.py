@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import yaml
@@ -44,6 +45,9 @@ def test_the_study_rso_chain_reads_the_base_model_and_the_study_pairs(tmp_path):
         assert len(by_rule[rule]) == 1, rule
     assert "study_rso_gold" not in by_rule  # reward and labeller are the ensemble's: no gold enters RSO's training
     assert len(by_rule["study_train_reward_model"]) == 2  # .test's reward_models.seeds
+    # the family's chain (the study's longest) is scheduled before the other runs' trainings (priority 1)
+    first = {m.group(1) for m in re.finditer(r"rule (\w+):\n(?:    .*\n)*?    priority: 2\n", run.stdout)}
+    assert first == {"study_train_reward_model", "study_rso_candidates", "study_rso_scores"}
     # the main pipeline's RSO and reward models are not built
     assert not {"rso_candidates", "train_reward_model", "rso_pairs"} & set(by_rule)
 
@@ -78,6 +82,19 @@ def test_the_study_rso_chain_reads_the_base_model_and_the_study_pairs(tmp_path):
                                         else "results/overopt/reference/train_logps.pt")
         assert a["ref_dir"] == "results/models/base"
     assert {trained[wc]["method"]["beta"] for wc in trained if "run=rso-" in wc} == {0.1, 0.5}
+
+
+def test_on_synthetic_data_the_gold_only_records_how_it_orders_the_proxys_pairs(tmp_path):
+    # .test's data is files; on synthetic:verifiable data every prompt has its verifiers, so the candidates' gold
+    # goes to the pairs' job, whose pairs it does not change (rpo.rso: pairs_by_gold in the summary)
+    cfg = study_config(tmp_path, {"rso": {"loss": "hinge", "beta": 0.1, "sampling": SAMPLING}},
+                       data={"source": "synthetic:verifiable"})
+    run = snakemake(tmp_path, cfg, "-n", "-p", target="results/overopt/rso/rso/train.jsonl")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    by_rule = {j["rule"]: args_of(j) for j in jobs(run.stdout)}
+    assert by_rule["study_rso_gold"]["samples_path"] == "results/overopt/rso/rso/candidates.jsonl"
+    pairs = by_rule["study_rso_pairs"]
+    assert (pairs["reward"], pairs["labeller"], pairs["gold_path"]) == ("mean", "reward", "results/overopt/rso/rso/gold.jsonl")
 
 
 def test_a_gold_labelled_rso_family_needs_no_reward_model(tmp_path):

@@ -22,6 +22,8 @@ use rule train_reward_model as study_train_reward_model with:
                               STUDY.reward_trunk_top),
         launch=launcher("training"),
     threads: STUDY.reward_training["threads"]
+    # the RSO family's chain is the study's longest: before the other runs' trainings (priority 1)
+    priority: 2
     log:
         "logs/study_train_reward_model/seed{seed}.log",
 
@@ -36,6 +38,7 @@ use rule rso_candidates as study_rso_candidates with:
         rso=STUDY_RSO_NAMES,
     params:
         **rso_candidates_params(study_sampling),
+    priority: 2
     log:
         "logs/study_rso_candidates/{rso}.log",
 
@@ -63,13 +66,14 @@ use rule rso_scores as study_rso_scores with:
         rso=STUDY_RSO_NAMES,
     params:
         **rso_scores_params(STUDY.reward_training),
+    priority: 2
     log:
         "logs/study_rso_scores/{rso}.log",
 
 
 use rule rso_pairs as study_rso_pairs with:
     input:
-        unpack(rso_reward_inputs(study_sampling, STUDY_RSO_DIR)),
+        unpack(rso_reward_inputs(study_sampling, STUDY_RSO_DIR, STUDY.data)),
         samples=f"{STUDY_RSO_DIR}/{{rso}}/candidates.jsonl",
         pairs=f"{STUDY_DIR}/data/train.jsonl",
     output:

@@ -67,13 +67,14 @@ def method_sampling(w):
     return config["methods"][w.rso]["sampling"]
 
 
-def rso_reward_inputs(sampling_of, rso_dir):
+def rso_reward_inputs(sampling_of, rso_dir, data):
     """What the pairs of RSO `{rso}` under `rso_dir` need (an input function): the candidates' gold scores (gold
-    reward or labeller) and the members' scores (an ensemble reward)."""
+    reward or labeller; with data config `data` synthetic:verifiable always, to record how the gold orders the
+    pairs, rpo.rso) and the members' scores (an ensemble reward)."""
     def inputs(w):
         s = sampling_of(w)
         out = {}
-        if "gold" in (s["reward"], s["labeller"]):
+        if "gold" in (s["reward"], s["labeller"]) or data["source"] == "synthetic:verifiable":
             out["gold"] = f"{rso_dir}/{w.rso}/gold.jsonl"
         if s["reward"] != "gold":
             out["scores"] = [f"{rso_dir}/{w.rso}/scores/seed{seed}.jsonl" for seed in RM_SEEDS]

@@ -66,7 +66,7 @@ rule rso_scores:
 
 rule rso_pairs:
     input:
-        unpack(rso_reward_inputs(method_sampling, RSO_DIR)),
+        unpack(rso_reward_inputs(method_sampling, RSO_DIR, config["data"])),
         samples=f"{RSO_DIR}/{{rso}}/candidates.jsonl",
         pairs=f"{RESULTS}/data/train.jsonl",
     output:

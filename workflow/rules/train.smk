@@ -78,6 +78,9 @@ rule reference_logps:
     params:
         **reference_params(config["training"], config["data"], TRUNK_TOP),
     threads: config["reference"]["threads"]
+    # a short pass that every training waits for, on all of its threads: before the long one-thread jobs ready
+    # with it (a sampler), which would otherwise hold one core while it waits for two, leaving the other idle
+    priority: 3
     resources:
         **res("reference"),
     log:

@@ -39,6 +39,7 @@ from eval.judging.client import OpenAIClient
 from eval.judging.config import resolve_judge
 from eval.judging.constraint import check_constrain
 from eval.judging.judges import resolve_gguf
+from rpo.config import deep_merge
 from rpo.data import gold_meta_problem, read_records
 from rpo.decontamination import HUMANEVAL_SOURCE
 from rpo.models import find_packaged_gguf, parse_source
@@ -94,11 +95,10 @@ def settings_problems(config: dict, rules: set[str] | None = None) -> list[str]:
     def no_gold(row):
         return gold_meta_problem(row) is not None
     what = "verifiable instructions (meta.instruction_id_list and kwargs)"
-    if rules is not None and "study_rso_gold" in rules:
-        from rpo.config import deep_merge  # rpo.config imports torch (rpo.losses)
+    if rules is not None and "study_rso_gold" in rules:  # an RSO family of the study labelled or rewarded by gold
         study_data = deep_merge(config["data"], config["overoptimization"]["data"])
-    if rules is not None and "study_rso_gold" in rules and study_data["source"] != "synthetic:verifiable":
-        problem = test_rows_problem(study_data, no_gold, what, split="train")
+        problem = (study_data["source"] != "synthetic:verifiable"
+                   and test_rows_problem(study_data, no_gold, what, split="train"))
         if problem:
             out.append(f"overoptimization.grid.<rso>.sampling: the gold verifiers score the study's training prompts' "
                        f"samples (sampling.reward or labeller gold), which need {what} (data.source "
@@ -374,7 +374,6 @@ def check(config: dict, *, rules: Iterable[str] | None = None, online: bool = Fa
     if _needs(rules, "materialise_fusion_source"):  # a fused model's part given as a model source
         problems += [p for key, source in configured_sources(config) for p in model_problems(key, source, online=online)]
     if rules is not None and "study_data" in rules:
-        from rpo.config import deep_merge  # rpo.config imports torch (rpo.losses)
         problems += data_problems("overoptimization.data", deep_merge(config["data"], config["overoptimization"]["data"]),
                                   online=online)
     problems += benchmark_data_problems(config, rules, online=online)

@@ -80,9 +80,10 @@ class Study:
         """The LoRA top layers of the study's reward models when they start from the study reference pass's trunk
         (the same cut: top layers and lengths equal to the study's training), else 0."""
         top = top_layers_of(self.reward_training or {})
-        same = top == self.trunk_top and all(self.reward_training[k] == self.training[k]
-                                             for k in ("max_length", "max_prompt_length"))
-        return top if top and same else 0
+        if not top or top != self.trunk_top:
+            return 0
+        same = all(self.reward_training[k] == self.training[k] for k in ("max_length", "max_prompt_length"))
+        return top if same else 0
 
     @property
     def label_noise(self):

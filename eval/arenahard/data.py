@@ -74,6 +74,14 @@ def _nonempty_str(x) -> bool:
     return isinstance(x, str) and bool(x.strip())
 
 
+def _question_uid(row: dict, where: str) -> str:
+    """A row's question id: v2.0's uid or v0.1's question_id (else the error names `where`)."""
+    uid = row.get("uid", row.get("question_id"))
+    if not _nonempty_str(uid):
+        raise ValueError(f"{where}: missing question id ('uid' or 'question_id')")
+    return uid
+
+
 def load_questions(path=None, *, expected: int | None = None) -> list[dict]:
     """Questions as [{"uid", "category", "subcategory", "prompt"}] in file order.
 
@@ -87,9 +95,7 @@ def load_questions(path=None, *, expected: int | None = None) -> list[dict]:
     out, seen = [], {}
     for lineno, row in _read_jsonl(path):
         where = f"{path}, line {lineno}"
-        uid = row.get("uid", row.get("question_id"))
-        if not _nonempty_str(uid):
-            raise ValueError(f"{where}: missing question id ('uid' or 'question_id')")
+        uid = _question_uid(row, where)
         if uid in seen:
             raise ValueError(f"{where}: duplicate question id {uid!r} (first on line {seen[uid]})")
         if "prompt" in row:
@@ -139,9 +145,7 @@ def load_answers(path) -> tuple[str, dict[str, str]]:
     model, answers, seen = None, {}, {}
     for lineno, row in _read_jsonl(path):
         where = f"{path}, line {lineno}"
-        uid = row.get("uid", row.get("question_id"))
-        if not _nonempty_str(uid):
-            raise ValueError(f"{where}: missing question id ('uid' or 'question_id')")
+        uid = _question_uid(row, where)
         if uid in seen:
             raise ValueError(f"{where}: duplicate answer to {uid!r} (first on line {seen[uid]})")
         name = row.get("model", row.get("model_id"))

@@ -81,6 +81,14 @@ def _check_turns(path, lineno, turns, what: str, n: int = 2) -> None:
         _fail(path, lineno, f"{what} must be a list of {n} strings, got {turns!r:.200}")
 
 
+def _question_id(path, lineno, row) -> int:
+    """A row's question_id, an integer (else the error names the file and line)."""
+    qid = row.get("question_id")
+    if not _is_id(qid):
+        _fail(path, lineno, f"question_id must be an integer, got {qid!r}")
+    return qid
+
+
 def load_questions(path=None) -> list[dict]:
     """MT-Bench questions in file order: {"question_id": int, "category": str, "turns": [q1, q2], ...}.
 
@@ -89,9 +97,7 @@ def load_questions(path=None) -> list[dict]:
     path = _default_path(path, QUESTION_FILE)
     out, seen = [], {}
     for lineno, q in _read_jsonl(path):
-        qid = q.get("question_id")
-        if not _is_id(qid):
-            _fail(path, lineno, f"question_id must be an integer, got {qid!r}")
+        qid = _question_id(path, lineno, q)
         if qid in seen:
             _fail(path, lineno, f"duplicate question_id {qid} (first on line {seen[qid]})")
         seen[qid] = lineno
@@ -126,9 +132,7 @@ def load_reference_answers(path=None) -> dict[int, list[str]]:
     path = _default_path(path, REFERENCE_FILE)
     out = {}
     for lineno, row in _read_jsonl(path):
-        qid = row.get("question_id")
-        if not _is_id(qid):
-            _fail(path, lineno, f"question_id must be an integer, got {qid!r}")
+        qid = _question_id(path, lineno, row)
         if qid in out:
             _fail(path, lineno, f"duplicate reference answer for question {qid}")
         out[qid] = _answer_turns(path, lineno, row)
@@ -152,8 +156,7 @@ def load_answers(path) -> dict[int, dict]:
     path = Path(path)
     out = {}
     for lineno, row in _read_jsonl(path):
-        if not _is_id(row.get("question_id")):
-            _fail(path, lineno, f"question_id must be an integer, got {row.get('question_id')!r}")
+        _question_id(path, lineno, row)
         _answer_turns(path, lineno, row)
         out[row["question_id"]] = row
     return out

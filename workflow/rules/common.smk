@@ -354,20 +354,12 @@ STUDY_RSO_NAMES = "|".join(re.escape(f) for f in STUDY.rso) or "^$"
 STUDY_RM_DIR = f"{STUDY_DIR}/reward_models"  # the study's reward models (an RSO family's ensemble reward)
 
 
-def study_pairs(w):
-    """The pairs a study run trains on: its RSO family's, or the study's."""
-    family = STUDY.rso_family(w.run)
-    return f"{STUDY_RSO_DIR}/{family}/train.jsonl" if family else f"{STUDY_DIR}/data/train.jsonl"
-
-
-def study_reference_cache(w):
-    family = STUDY.rso_family(w.run)
-    return f"{STUDY_RSO_DIR}/{family}/train_logps.pt" if family else f"{STUDY_DIR}/reference/train_logps.pt"
-
-
-def study_reference_trunk(w):
-    family = STUDY.rso_family(w.run)
-    return f"{STUDY_RSO_DIR}/{family}/train_trunk.f32" if family else f"{STUDY_DIR}/reference/train_trunk.f32"
+def study_run_input(rso_file, study_file):
+    """An input function of a study run: `rso_file` of its RSO family's directory, or the study's own `study_file`."""
+    def path(w):
+        family = STUDY.rso_family(w.run)
+        return f"{STUDY_RSO_DIR}/{family}/{rso_file}" if family else study_file
+    return path
 
 
 def study_records(w):

@@ -60,9 +60,10 @@ use rule train_preference as study_train with:
     input:
         ref=f"{RESULTS}/models/base",
         # the study's pairs and their reference log-probs, or an RSO family's own (overopt_rso.smk)
-        train=study_pairs,
-        cache=study_reference_cache,
-        **({"trunk": study_reference_trunk} if STUDY.trunk_top else {}),
+        train=study_run_input("train.jsonl", f"{STUDY_DIR}/data/train.jsonl"),
+        cache=study_run_input("train_logps.pt", f"{STUDY_DIR}/reference/train_logps.pt"),
+        **({"trunk": study_run_input("train_trunk.f32", f"{STUDY_DIR}/reference/train_trunk.f32")}
+           if STUDY.trunk_top else {}),
     output:
         model=directory(f"{STUDY_RUN}/model"),
         snapshots=directory(f"{STUDY_RUN}/snapshots"),

@@ -3,7 +3,7 @@
 # Its reward r, when an ensemble objective, comes from the study's own reward models: reward_models' members
 # (seeds, l2, reward_models.training's keys) trained on the study's pairs from the base model, so the study's label
 # noise reaches RSO through them as it reaches the other runs through the pairs. The rules are reward.smk's and
-# rso.smk's with the study's paths; helpers: common.smk (study_pairs) and reward_common.smk.
+# rso.smk's with the study's paths; helpers: common.smk (study_run_input) and reward_common.smk.
 
 
 use rule train_reward_model as study_train_reward_model with:
